@@ -1,0 +1,146 @@
+// The Celo2 update rule on one tensor (spec/celo2.md §2–§3), on the CPU.
+//
+// Two implementations of the same function live here:
+//  - celo2_reference(): a literal transcription of the spec, in double precision, with
+//    explicit multi-indices. Slow and obviously correct; the fast path is tested against it.
+//  - the phase kernels (accumulate / update_factored / feature_sumsq / mlp / finish):
+//    the fast path. Each works on a contiguous slice [lo, hi) of the tensor's flat,
+//    row-major elements, so a sharded engine can run them on the slice it owns and sum the
+//    small per-tensor statistics between phases; celo2_update() runs them over the whole
+//    tensor with OpenMP.
+// Determinism: every reduction is split into a fixed number of lanes (kLanes), independent of
+// the thread count, and partial sums are combined in lane order, so results do not depend
+// on OMP_NUM_THREADS.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "celo2/config.h"
+#include "celo2/elementwise.h"
+
+namespace celo2 {
+
+inline constexpr int kMaxDims = 8;
+
+// Everything about a tensor's shape that the rule needs (factored axes, normalization
+// groups, Newton–Schulz matrices), computed once at registration.
+struct Geometry {
+  std::vector<int64_t> shape;  // as registered; empty for a 0-d tensor
+  int ndim = 0;
+  int64_t numel = 1;
+  bool factored = false;   // ndim >= 2
+  int d0 = -1, d1 = -1;    // spec §2: d0 = largest axis, d1 = the one before it in sorted order
+  int64_t row_count = 0;   // elements of v_row per decay: numel / shape[d0]
+  int64_t col_count = 0;   // elements of v_col per decay: numel / shape[d1]
+  int64_t rest_count = 0;  // numel / (shape[d0] * shape[d1]): groups of mean(v_row over d1')
+  int64_t norm_size = 1;   // elements per normalization group (last min(n,2) axes)
+  int64_t norm_groups = 1; // numel / norm_size
+  int64_t mat_rows = 0, mat_cols = 0;  // the matrices of the last two axes (Newton–Schulz)
+  // Per axis: how the row index (without d0), col index (without d1) and rest index move
+  // when that axis' index grows by one. Used by IndexWalker.
+  int64_t row_step[kMaxDims] = {}, col_step[kMaxDims] = {};
+  int64_t rest_of_row_div = 1, rest_of_row_mod = 1, rest_of_row_len = 1;
+
+  static Geometry of(std::span<const int64_t> shape);  // throws on bad shapes
+  int channels() const { return factored ? kChannels : kChannels1d; }
+  int64_t row_index(int64_t i) const;   // index into v_row of flat element i
+  int64_t col_index(int64_t i) const;   // index into v_col of flat element i
+  int64_t rest_index_of_row(int64_t r) const;  // which mean(v_row over d1') row r uses
+  std::string shape_str() const;
+};
+
+// Optimizer state of one tensor; planar layout (decay-major): m[k * numel + i].
+struct RuleState {
+  std::vector<float> m;       // kMom * numel
+  std::vector<float> rms;     // kRms * numel
+  std::vector<float> v_row;   // kFac * row_count (factored)
+  std::vector<float> v_col;   // kFac * col_count (factored)
+  std::vector<float> v_diag;  // kFac * numel (not factored)
+  int64_t iteration = 0;
+  static RuleState zeros(const Geometry& geo);
+};
+
+// Decay-dependent constants of one update: clipped decays and bias corrections.
+struct StepConstants {
+  float mom[kMom], rms[kRms], fac[kFac];
+  float bc_mom[kMom] = {1, 1, 1}, bc_rms[kRms] = {1}, bc_fac[kFac] = {1, 1, 1};
+  static StepConstants of(const RuleConfig& cfg, int64_t iteration /* after += 1 */);
+};
+
+// The reference: a literal, double-precision transcription of spec §3 (and §9–11).
+// Updates `state` and writes the raw step into u (numel floats).
+void celo2_reference(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
+                     RuleState& state, const float* g, const float* p, float* u);
+
+// ---------------------------------------------------------------------------------------
+// Fast path, phase by phase, on a slice [lo, hi) of one tensor.
+// ---------------------------------------------------------------------------------------
+
+// A rank's (or a lane's) view of one tensor slice. Per-element state pointers point at the
+// slice's first element and have plane stride `plane` (m[k * plane + (i - lo)]).
+struct Slice {
+  int64_t lo = 0, hi = 0;
+  const float* g = nullptr;
+  const float* p = nullptr;
+  float* m = nullptr;
+  float* rms = nullptr;
+  float* v_diag = nullptr;
+  int64_t plane = 0;
+  float* u = nullptr;  // the step (output), slice-local
+};
+
+// Tables the features of a factored tensor read, built from the (summed) row/col statistics.
+struct FacTables {
+  std::vector<ew::FacEntry> rows;  // row_count
+  std::vector<ew::FacEntry> cols;  // col_count
+};
+
+// Phase 1: clip g, update m, rms (and v_diag), and add q = g^2 + 1e-30 into row_sum/col_sum
+// (factored; row_count and col_count doubles). Also adds sum(p^2) into *p2_sum.
+void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
+                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum);
+
+// Phase 2 (small, replicated): fold the summed statistics into v_row / v_col and build the
+// feature tables.
+void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
+                           const double* row_sum, const double* col_sum, float* v_row,
+                           float* v_col, FacTables& tables);
+
+// Phase 3: add each channel's sum of squares into sumsq[(group - group_base) * channels + c]
+// for the normalization groups the slice touches.
+void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
+                         const Slice& s, const FacTables& tables, double* sumsq,
+                         int64_t group_base = 0);
+
+// Phase 4: normalize features with the summed sumsq, run the MLP, write direction*mag into
+// s.u (or the bare direction if aggregate_mag; mag is then added into *mag_sum).
+void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
+               const StepConstants& sc, const Slice& s, const FacTables& tables,
+               const double* sumsq, double* mag_sum);
+
+// Phase 5 helpers: u *= factor; the per-group sum of u^2; the final normalization.
+void phase_scale(const Slice& s, float factor);
+void phase_output_sumsq(const Geometry& geo, const Slice& s, double* group_sumsq,
+                        int64_t group_base = 0);
+void phase_finish(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
+                  const Slice& s, const double* group_sumsq);
+
+// Scratch memory reused across steps by celo2_update.
+struct Workspace {
+  std::vector<double> row_sum, col_sum, sumsq, out_sumsq;
+  std::vector<double> lane_buf;
+  FacTables tables;
+  std::vector<float> ns_buf;
+};
+
+// The whole rule on one tensor, fast path, single process (OpenMP inside).
+void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
+                  RuleState& state, const float* g, const float* p, float* u, Workspace& ws);
+
+// Number of fixed reduction lanes (see the header comment).
+inline constexpr int kLanes = 16;
+
+}  // namespace celo2

@@ -1,0 +1,109 @@
+// RuleConfig validation and the constructed thetas (adam_like, random).
+#include <cmath>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+
+#include "celo2/config.h"
+
+namespace celo2 {
+namespace {
+
+[[noreturn]] void bad(const std::string& what) {
+  throw std::invalid_argument("invalid Celo2 config: " + what);
+}
+
+void check_finite(const char* name, float v) {
+  if (!std::isfinite(v)) bad(std::string(name) + " is not finite");
+}
+
+}  // namespace
+
+void RuleConfig::validate() const {
+  if (ff_hidden_size < 1 || ff_hidden_size > 1024)
+    bad("ff_hidden_size must be in [1, 1024], got " + std::to_string(ff_hidden_size));
+  if (ff_hidden_layers < 1 || ff_hidden_layers > 16)
+    bad("ff_hidden_layers must be in [1, 16], got " + std::to_string(ff_hidden_layers));
+  for (float d : mom_decays) check_finite("mom_decays", d);
+  for (float d : rms_decays) check_finite("rms_decays", d);
+  for (float d : fac_decays) check_finite("fac_decays", d);
+  check_finite("exp_mult", exp_mult);
+  check_finite("rmsmult", rmsmult);
+  for (float c : ns_coeffs) check_finite("ns_coeffs", c);
+  if (ns_iters < 0 || ns_iters > 100) bad("ns_iters must be in [0, 100]");
+  if (!(ns_eps >= 0.0f) || !std::isfinite(ns_eps)) bad("ns_eps must be finite and >= 0");
+}
+
+void Theta::check_fits(const RuleConfig& cfg) const {
+  std::ostringstream err;
+  const int L = cfg.ff_hidden_layers, H = cfg.ff_hidden_size;
+  if (static_cast<int>(layers.size()) != L + 1) {
+    err << "theta has " << layers.size() << " layers, config wants " << L + 1;
+    throw std::invalid_argument(err.str());
+  }
+  for (int l = 0; l <= L; ++l) {
+    const DenseLayer& d = layers[l];
+    const int want_in = l == 0 ? kChannels : H;
+    const int want_out = l == L ? kOutputs : H;
+    if (d.in != want_in || d.out != want_out ||
+        d.w.size() != static_cast<size_t>(d.in) * d.out || d.b.size() != static_cast<size_t>(d.out)) {
+      err << "theta layer " << l << " is " << d.in << "x" << d.out << ", config wants "
+          << want_in << "x" << want_out;
+      throw std::invalid_argument(err.str());
+    }
+    for (float v : d.w)
+      if (!std::isfinite(v)) throw std::invalid_argument("theta layer " + std::to_string(l) + " has a non-finite weight");
+    for (float v : d.b)
+      if (!std::isfinite(v)) throw std::invalid_argument("theta layer " + std::to_string(l) + " has a non-finite bias");
+  }
+}
+
+Theta Theta::adam_like(const RuleConfig& cfg) {
+  // relu(x) - relu(-x) = x: layer 0 puts +x and -x of channel 7 (m̂·ρ, decay 0.9) on units
+  // 0 and 1, the hidden layers pass units 0 and 1 through (they are >= 0), and the output
+  // direction is unit 0 minus unit 1. Magnitude and the third output stay 0.
+  if (cfg.mlp_activation != Activation::kRelu)
+    throw std::invalid_argument("Theta::adam_like needs mlp_activation relu");
+  if (cfg.ff_hidden_size < 2) throw std::invalid_argument("Theta::adam_like needs hidden >= 2");
+  const int H = cfg.ff_hidden_size, L = cfg.ff_hidden_layers;
+  constexpr int kMomRhoChannel = 7;
+  Theta t;
+  for (int l = 0; l <= L; ++l) {
+    DenseLayer d;
+    d.in = l == 0 ? kChannels : H;
+    d.out = l == L ? kOutputs : H;
+    d.w.assign(static_cast<size_t>(d.in) * d.out, 0.0f);
+    d.b.assign(d.out, 0.0f);
+    if (l == 0) {
+      d.w[kMomRhoChannel * d.out + 0] = 1.0f;
+      d.w[kMomRhoChannel * d.out + 1] = -1.0f;
+    } else if (l < L) {
+      d.w[0 * d.out + 0] = 1.0f;
+      d.w[1 * d.out + 1] = 1.0f;
+    } else {
+      d.w[0 * d.out + 0] = 1.0f;
+      d.w[1 * d.out + 0] = -1.0f;
+    }
+    t.layers.push_back(std::move(d));
+  }
+  return t;
+}
+
+Theta Theta::random(const RuleConfig& cfg, uint64_t seed, float scale) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int H = cfg.ff_hidden_size, L = cfg.ff_hidden_layers;
+  Theta t;
+  for (int l = 0; l <= L; ++l) {
+    DenseLayer d;
+    d.in = l == 0 ? kChannels : H;
+    d.out = l == L ? kOutputs : H;
+    const float s = scale / std::sqrt(static_cast<float>(d.in));
+    for (int i = 0; i < d.in * d.out; ++i) d.w.push_back(nd(rng) * s);
+    for (int i = 0; i < d.out; ++i) d.b.push_back(nd(rng) * 0.1f);
+    t.layers.push_back(std::move(d));
+  }
+  return t;
+}
+
+}  // namespace celo2
