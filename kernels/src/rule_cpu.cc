@@ -432,7 +432,7 @@ void group_partials(const Geometry& geo, int lanes, int width, Workspace& ws, F 
     off[l + 1] = off[l] + (ghi[l] - glo[l]) * width;
   }
   ws.lane_buf.assign(off[lanes], 0.0);
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) fill(l, ws.lane_buf.data() + off[l], glo[l]);
   for (int l = 0; l < lanes; ++l)
     for (int64_t x = 0; x < (ghi[l] - glo[l]) * width; ++x)
@@ -454,7 +454,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   // Phase 1: accumulators and row/col statistics.
   const int64_t stat_w = geo.factored ? geo.row_count + geo.col_count : 0;
   ws.lane_buf.assign(static_cast<size_t>(lanes) * (stat_w + 1), 0.0);
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
     double* base = ws.lane_buf.data() + l * (stat_w + 1);
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
@@ -482,7 +482,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
 
   // Phase 4: MLP.
   std::vector<double> mag(lanes, 0.0);
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
     phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l]);
@@ -506,7 +506,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
         newton_schulz(cfg, geo.mat_rows, geo.mat_cols, u + grp * G, ws.ns_buf);
     } else {
       // Many small matrices (conv kernels): one per thread, BLAS single-threaded inside.
-#pragma omp parallel
+#pragma omp parallel if (geo.numel > 65536)
       {
         std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
@@ -522,7 +522,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
       phase_output_sumsq(geo, s, part, gbase);
     }, ws.out_sumsq.data());
   }
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
     phase_finish(cfg, geo, sc, s, ws.out_sumsq.data());

@@ -1,0 +1,206 @@
+// celo2-tool: operator utilities that need no running job.
+//   celo2-tool theta info FILE [--json]   what a theta.state holds, or why it is unusable
+//   celo2-tool golden FILE... [--engine local|reference] [--tol T] [--verbose]
+//                                         check an engine against golden vectors
+// Every failure is one line on stderr and a non-zero exit status, so scripts can rely on it.
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "celo2/flax_msgpack.h"
+#include "celo2/theta_io.h"
+#include "golden.h"
+
+namespace celo2 {
+namespace {
+
+struct ArrayStats {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string dtype;
+  double min = 0, max = 0, rms = 0;
+  int64_t numel = 0;
+};
+
+// "w" + 3 -> "w3" (spelled out: GCC 12 warns falsely on `"w" + std::to_string(i)`).
+std::string indexed_name(const char* prefix, int i) {
+  std::string s = prefix;
+  s += std::to_string(i);
+  return s;
+}
+
+// Array names in layer order: w0__0..w0__13, b0, w1, b1, ..., wL, bL.
+std::vector<std::string> names_in_layer_order(const RuleConfig& cfg) {
+  std::vector<std::string> names;
+  for (int g = 0; g < kFeatureGroups; ++g) names.push_back(indexed_name("w0__", g));
+  names.push_back("b0");
+  for (int l = 1; l <= cfg.ff_hidden_layers; ++l) {
+    names.push_back(indexed_name("w", l));
+    names.push_back(indexed_name("b", l));
+  }
+  return names;
+}
+
+ArrayStats stats_of(const std::string& name, const flax::NdArray& a) {
+  ArrayStats s;
+  s.name = name;
+  s.shape = a.shape;
+  s.dtype = a.dtype;
+  s.numel = static_cast<int64_t>(a.data.size());
+  if (a.data.empty()) return s;
+  s.min = std::numeric_limits<double>::infinity();
+  s.max = -s.min;
+  double sq = 0;
+  for (float x : a.data) {
+    s.min = std::min<double>(s.min, x);
+    s.max = std::max<double>(s.max, x);
+    sq += static_cast<double>(x) * x;
+  }
+  s.rms = std::sqrt(sq / static_cast<double>(a.data.size()));
+  return s;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::string json_string(const std::string& in) {
+  std::string out = "\"";
+  for (unsigned char c : in) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+std::string number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", x);
+  return buf;
+}
+
+int theta_info(const std::string& path, bool json) {
+  const std::vector<uint8_t> bytes = flax::read_file(path);
+  const std::string sha = sha256_hex(bytes);
+  RuleConfig cfg;
+  flax::Value root;
+  try {
+    root = flax::decode(bytes);
+    cfg = config_for_theta(root);
+    theta_from_value(root, cfg);  // full check: names, shapes, finiteness; v1 refused here
+  } catch (const flax::FormatError& e) {
+    throw flax::FormatError(path + ": " + e.what());
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(path + ": " + e.what());
+  }
+  const RuleConfig def;
+  const bool fits_default =
+      cfg.ff_hidden_size == def.ff_hidden_size && cfg.ff_hidden_layers == def.ff_hidden_layers;
+  const flax::Value& params = root.at("ff_mod_stack").at("~");
+  std::vector<ArrayStats> arrays;
+  int64_t total = 0;
+  for (const std::string& name : names_in_layer_order(cfg)) {
+    arrays.push_back(stats_of(name, params.at(name).as_array()));
+    total += arrays.back().numel;
+  }
+
+  if (json) {
+    std::string out = "{";
+    out += "\"file\": " + json_string(path);
+    out += ", \"bytes\": " + std::to_string(bytes.size());
+    out += ", \"sha256\": " + json_string(sha);
+    out += ", \"ff_hidden_size\": " + std::to_string(cfg.ff_hidden_size);
+    out += ", \"ff_hidden_layers\": " + std::to_string(cfg.ff_hidden_layers);
+    out += std::string(", \"fits_default_config\": ") + (fits_default ? "true" : "false");
+    out += ", \"total_parameters\": " + std::to_string(total);
+    out += ", \"arrays\": [";
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      const ArrayStats& a = arrays[i];
+      out += i ? ", " : "";
+      out += "{\"name\": " + json_string(a.name) + ", \"shape\": [";
+      for (size_t d = 0; d < a.shape.size(); ++d)
+        out += (d ? ", " : "") + std::to_string(a.shape[d]);
+      out += "], \"dtype\": " + json_string(a.dtype) + ", \"min\": " + number(a.min) +
+             ", \"max\": " + number(a.max) + ", \"rms\": " + number(a.rms) + "}";
+    }
+    out += "]}";
+    std::printf("%s\n", out.c_str());
+    return 0;
+  }
+
+  std::printf("file:    %s (%zu bytes)\n", path.c_str(), bytes.size());
+  std::printf("sha256:  %s\n", sha.c_str());
+  std::printf("fits:    ff_hidden_size %d, ff_hidden_layers %d%s\n", cfg.ff_hidden_size,
+              cfg.ff_hidden_layers,
+              fits_default ? " (the default Celo2 config)" : " (not the default config)");
+  std::printf("%-8s %-10s %-9s %13s %13s %13s\n", "array", "shape", "dtype", "min", "max", "rms");
+  for (const ArrayStats& a : arrays) {
+    std::printf("%-8s %-10s %-9s %13.6g %13.6g %13.6g\n", a.name.c_str(),
+                shape_text(a.shape).c_str(), a.dtype.c_str(), a.min, a.max, a.rms);
+  }
+  std::printf("total parameters: %lld\n", static_cast<long long>(total));
+  return 0;
+}
+
+}  // namespace
+}  // namespace celo2
+
+int main(int argc, char** argv) {
+  CLI::App app{"celo2-tool: inspect Celo2 weights and check the engine against golden vectors"};
+  app.require_subcommand(1);
+
+  CLI::App* theta = app.add_subcommand("theta", "Celo2 MLP weights (theta.state files)");
+  theta->require_subcommand(1);
+  CLI::App* info =
+      theta->add_subcommand("info", "Summarize a theta.state, or say why it is unusable");
+  std::string theta_file;
+  bool json = false;
+  info->add_option("FILE", theta_file, "theta.state file")->required();
+  info->add_flag("--json", json, "Print one JSON object instead of a table");
+
+  CLI::App* golden = app.add_subcommand("golden", "Check the engine against golden vector files");
+  std::vector<std::string> golden_files;
+  std::string engine = "local";
+  double tol = 1e-4;
+  bool verbose = false;
+  golden->add_option("FILE", golden_files, "rule_*.msgpack / optimizer_*.msgpack files")
+      ->required();
+  golden
+      ->add_option("--engine", engine,
+                   "local: the fast CPU engine; reference: the spec's reference rule")
+      ->check(CLI::IsMember({"local", "reference"}))
+      ->capture_default_str();
+  golden->add_option("--tol", tol, "Max |error| / RMS(expected) per tensor")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  golden->add_flag("--verbose", verbose, "Print every tensor's error");
+
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (info->parsed()) return celo2::theta_info(theta_file, json);
+    if (golden->parsed()) {
+      const auto which =
+          engine == "reference" ? celo2::GoldenEngine::kReference : celo2::GoldenEngine::kFast;
+      return celo2::run_golden_cli(golden_files, tol, verbose, which);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "celo2-tool: error: %s\n", e.what());
+    return 1;
+  }
+  return 2;
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs every dependency from Debian's packages (idempotent; apt-get as root) and
+# configures + builds celo2 into ${BUILD_DIR:-build}. Called by the README's commands.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="${BUILD_DIR:-$here/build}"
+BUILD_TYPE="${BUILD_TYPE:-Release}"
+
+packages=(
+  build-essential cmake pkg-config git
+  libopenblas-dev libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libopenmpi-dev openmpi-bin
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
+  dataset-fashion-mnist
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+jobs="${JOBS:-$(nproc)}"
+cmake -S "$here" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" ${CMAKE_ARGS:-} >/dev/null
+cmake --build "$BUILD_DIR" -j "$jobs"
