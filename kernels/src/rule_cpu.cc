@@ -219,7 +219,10 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
   alignas(64) float f[kChannels * kBlock];
   Walker w(geo, geo.factored ? s.lo : 0);
   int64_t cur = -1;
-  float acc[kChannels * kBlock];
+  // Squares of floats are exact in double and double sums of them round far below float
+  // resolution, so the per-group sums (rounded to float where used) do not depend on how
+  // the tensor is cut into slices: the sharded engine matches the single-process result.
+  alignas(64) double acc[kChannels * kBlock];
   auto flush = [&]() {
     if (cur < 0) return;
     for (int c = 0; c < C; ++c) {
@@ -228,21 +231,19 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
       sumsq[(cur - group_base) * C + c] += t;
     }
   };
-  // Float partials per block lane, flushed to double at group ends and every 4096 elements,
-  // so rounding stays far below the 1e-4 contract while the inner loop vectorizes.
-  int64_t since_flush = 0;
   for_blocks(geo, s, [&](int64_t grp, int64_t i0, int cnt) {
-    if (grp != cur || since_flush >= 4096) {
+    if (grp != cur) {
       flush();
       cur = grp;
-      since_flush = 0;
-      std::fill(acc, acc + C * kBlock, 0.0f);
+      std::fill(acc, acc + C * kBlock, 0.0);
     }
     block_features(geo, sc, s, tables, i0, cnt, &w, f);
     for (int c = 0; c < C; ++c)
 #pragma omp simd
-      for (int j = 0; j < kBlock; ++j) acc[c * kBlock + j] += f[c * kBlock + j] * f[c * kBlock + j];
-    since_flush += cnt;
+      for (int j = 0; j < kBlock; ++j) {
+        const double x = f[c * kBlock + j];
+        acc[c * kBlock + j] += x * x;
+      }
   });
   flush();
 }
@@ -321,6 +322,15 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
   (void)kMaxHidden;
 }
 
+float magnitude_factor(const RuleConfig& cfg, double mag_sum, double p2_sum, int64_t numel) {
+  float factor = 1.0f;
+  if (cfg.aggregate_mag)
+    factor *= std::exp(static_cast<float>(mag_sum / static_cast<double>(numel)) * cfg.exp_mult);
+  if (cfg.param_scale_mult)
+    factor *= static_cast<float>(std::sqrt(p2_sum / static_cast<double>(numel) + 1e-9));
+  return factor;
+}
+
 void phase_scale(const Slice& s, float factor) {
   if (factor == 1.0f) return;
   const int64_t n = s.hi - s.lo;
@@ -335,17 +345,13 @@ void phase_output_sumsq(const Geometry& geo, const Slice& s, double* group_sumsq
   while (i < s.hi) {
     const int64_t grp = i / G, end = std::min(s.hi, (grp + 1) * G);
     const float* u = s.u + (i - s.lo);
-    double acc = 0.0;
-    float part[kBlock] = {};
-    int64_t k = 0;
+    double part[kBlock] = {};
     const int64_t len = end - i;
-    for (; k + kBlock <= len; k += kBlock) {
+    int64_t k = 0;
+    for (; k + kBlock <= len; k += kBlock)
 #pragma omp simd
-      for (int j = 0; j < kBlock; ++j) part[j] += u[k + j] * u[k + j];
-      if ((k & 4095) == 4096 - kBlock) {
-        for (int j = 0; j < kBlock; ++j) { acc += part[j]; part[j] = 0.0f; }
-      }
-    }
+      for (int j = 0; j < kBlock; ++j) part[j] += static_cast<double>(u[k + j]) * u[k + j];
+    double acc = 0.0;
     for (int j = 0; j < kBlock; ++j) acc += part[j];
     for (; k < len; ++k) acc += static_cast<double>(u[k]) * u[k];
     group_sumsq[grp - group_base] += acc;
@@ -487,19 +493,24 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
     phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l]);
   }
-  float factor = 1.0f;
-  if (cfg.aggregate_mag) {
-    double m = 0.0;
-    for (double v : mag) m += v;
-    factor *= std::exp(static_cast<float>(m / static_cast<double>(n)) * cfg.exp_mult);
-  }
-  if (cfg.param_scale_mult)
-    factor *= static_cast<float>(std::sqrt(p2_sum / static_cast<double>(n) + 1e-9));
+  double mag_sum = 0.0;
+  for (double v : mag) mag_sum += v;
+  const float factor = magnitude_factor(cfg, mag_sum, p2_sum, n);
   Slice whole = make_slice(geo, st, g, p, u, 0, n);
-  phase_scale(whole, factor);
+  const bool ns = cfg.orthogonalize && geo.factored;
+  auto output_sumsq = [&]() {
+    ws.out_sumsq.assign(geo.norm_groups, 0.0);
+    if (!cfg.normalize_output) return;
+    group_partials(geo, lanes, 1, ws, [&](int l, double* part, int64_t gbase) {
+      Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
+      phase_output_sumsq(geo, s, part, gbase);
+    }, ws.out_sumsq.data());
+  };
 
-  // Phase 5: Newton–Schulz per matrix, output normalization, scale.
-  if (cfg.orthogonalize && geo.factored) {
+  // Phase 5: the magnitude factor, Newton–Schulz per matrix, output normalization. The
+  // order of operations here is the sharded engine's, so both give the same floats.
+  if (ns) {
+    phase_scale(whole, factor);
     const int64_t G = geo.norm_size;
     if (geo.norm_groups == 1 || G >= 256 * 256) {
       for (int64_t grp = 0; grp < geo.norm_groups; ++grp)
@@ -514,13 +525,12 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
           newton_schulz(cfg, geo.mat_rows, geo.mat_cols, u + grp * G, scratch);
       }
     }
-  }
-  ws.out_sumsq.assign(geo.norm_groups, 0.0);
-  if (cfg.normalize_output) {
-    group_partials(geo, lanes, 1, ws, [&](int l, double* part, int64_t gbase) {
-      Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-      phase_output_sumsq(geo, s, part, gbase);
-    }, ws.out_sumsq.data());
+    output_sumsq();
+  } else {
+    // Without Newton–Schulz the factor only scales the sums of squares.
+    output_sumsq();
+    for (double& v : ws.out_sumsq) v *= static_cast<double>(factor) * factor;
+    phase_scale(whole, factor);
   }
 #pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {

@@ -3,6 +3,7 @@
 
 #include <re2/re2.h>
 
+#include <iomanip>
 #include <sstream>
 #include <stdexcept>
 
@@ -168,6 +169,35 @@ std::string LabelRules::to_string() const {
   }
   if (rules_.empty() || rules_.back().match != Match::kAny)
     s << "(default) ndim<=1 or name contains 'embed' => adamw, else celo2\n";
+  return s.str();
+}
+
+std::string format_routing_table(const std::vector<TensorDesc>& tensors,
+                                 const std::vector<Label>& labels) {
+  std::ostringstream s;
+  size_t w = 4;
+  for (const auto& t : tensors) w = std::max(w, t.name.size());
+  auto shape_str = [](const std::vector<int64_t>& shape) {
+    std::string r = "(";
+    for (size_t i = 0; i < shape.size(); ++i) r += (i ? ", " : "") + std::to_string(shape[i]);
+    return r + (shape.size() == 1 ? ",)" : ")");
+  };
+  s << std::left << std::setw(static_cast<int>(w) + 2) << "name" << std::setw(20) << "shape"
+    << std::setw(8) << "label" << std::right << std::setw(12) << "elements" << std::setw(14)
+    << "bytes" << "\n";
+  int64_t total[3] = {}, count[3] = {};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    int64_t n = 1;
+    for (int64_t d : tensors[i].shape) n *= d;
+    s << std::left << std::setw(static_cast<int>(w) + 2) << tensors[i].name << std::setw(20)
+      << shape_str(tensors[i].shape) << std::setw(8) << label_name(labels[i]) << std::right
+      << std::setw(12) << n << std::setw(14) << 4 * n << "\n";
+    total[static_cast<int>(labels[i])] += n;
+    count[static_cast<int>(labels[i])] += 1;
+  }
+  for (int l = 0; l < 3; ++l)
+    s << "total " << label_name(static_cast<Label>(l)) << ": " << count[l] << " tensors, "
+      << total[l] << " elements\n";
   return s.str();
 }
 

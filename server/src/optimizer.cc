@@ -11,6 +11,7 @@
 
 #include "celo2/adamw.h"
 #include "celo2/flax_msgpack.h"
+#include "celo2/state_file.h"
 #include "celo2/theta_io.h"
 
 namespace celo2 {
@@ -215,172 +216,73 @@ void Optimizer::set_rules(const LabelRules& rules) {
 }
 
 std::string Optimizer::routing_table() const {
-  std::ostringstream s;
-  size_t w = 4;
-  for (const auto& e : entries_) w = std::max(w, e->name.size());
-  s << std::left << std::setw(static_cast<int>(w) + 2) << "name" << std::setw(20) << "shape"
-    << std::setw(8) << "label" << std::right << std::setw(12) << "elements" << "\n";
-  int64_t total[3] = {}, count[3] = {};
+  std::vector<TensorDesc> descs;
+  std::vector<Label> labels;
   for (const auto& e : entries_) {
-    s << std::left << std::setw(static_cast<int>(w) + 2) << e->name << std::setw(20)
-      << e->geo.shape_str() << std::setw(8) << label_name(e->label) << std::right
-      << std::setw(12) << e->geo.numel << "\n";
-    total[static_cast<int>(e->label)] += e->geo.numel;
-    count[static_cast<int>(e->label)] += 1;
+    descs.push_back({e->name, e->geo.shape});
+    labels.push_back(e->label);
   }
-  for (int l = 0; l < 3; ++l)
-    s << "total " << label_name(static_cast<Label>(l)) << ": " << count[l] << " tensors, "
-      << total[l] << " elements\n";
-  return s.str();
+  return format_routing_table(descs, labels);
 }
 
 // ---------------------------------------------------------------------------------------
-// State checkpoints: {"celo2_state": payload, "sha256": hex of encode(payload)}.
+// State checkpoints (state_file.h).
 // ---------------------------------------------------------------------------------------
-namespace {
-
-constexpr const char* kStateFormat = "celo2-optimizer-state/1";
-
-flax::Value list_of_ints(const std::vector<int64_t>& v) {
-  flax::Value out;
-  out.kind = flax::Value::Kind::kList;
-  for (int64_t x : v) out.list.push_back(flax::Value::of_int(x));
-  return out;
-}
-
-std::vector<int64_t> with_lead(int64_t lead, const std::vector<int64_t>& shape) {
-  std::vector<int64_t> s{lead};
-  s.insert(s.end(), shape.begin(), shape.end());
-  return s;
-}
-
-const flax::NdArray& expect_array(const flax::Value& m, const std::string& key,
-                                  const std::string& where, int64_t numel) {
-  const flax::NdArray& a = m.at(key).as_array();
-  if (a.numel() != numel)
-    throw flax::FormatError(where + "/" + key + ": expected " + std::to_string(numel) +
-                            " elements, got " + std::to_string(a.numel()));
-  for (float v : a.data)
-    if (!std::isfinite(v)) throw flax::FormatError(where + "/" + key + ": non-finite value");
-  return a;
-}
-
-}  // namespace
 
 void Optimizer::save_state(const std::string& path) const {
-  flax::Value payload = flax::Value::of_map();
-  payload.map["format"] = flax::Value::of_string(kStateFormat);
-  payload.map["step"] = flax::Value::of_int(step_);
-  payload.map["skipped"] = flax::Value::of_int(skipped_);
-  payload.map["theta_sha256"] = flax::Value::of_string(sha256_hex(theta_to_bytes(opts_.theta)));
-  flax::Value tensors = flax::Value::of_map();
+  StateFile f;
+  f.step = step_;
+  f.skipped = skipped_;
+  f.theta_sha256 = sha256_hex(theta_to_bytes(opts_.theta));
   for (const auto& ep : entries_) {
     const Entry& e = *ep;
-    flax::Value t = flax::Value::of_map();
-    t.map["shape"] = list_of_ints(e.geo.shape);
-    t.map["label"] = flax::Value::of_string(label_name(e.label));
-    if (e.label == Label::kCelo2) {
-      t.map["iteration"] = flax::Value::of_int(e.rule.iteration);
-      t.map["m"] = flax::Value::of_array(with_lead(kMom, e.geo.shape), e.rule.m);
-      t.map["rms"] = flax::Value::of_array(with_lead(kRms, e.geo.shape), e.rule.rms);
-      if (e.geo.factored) {
-        t.map["v_row"] = flax::Value::of_array({kFac, e.geo.row_count}, e.rule.v_row);
-        t.map["v_col"] = flax::Value::of_array({kFac, e.geo.col_count}, e.rule.v_col);
-      } else {
-        t.map["v_diag"] = flax::Value::of_array(with_lead(kFac, e.geo.shape), e.rule.v_diag);
-      }
-    } else if (e.label == Label::kAdamW) {
-      t.map["count"] = flax::Value::of_int(e.adam_count);
-      t.map["mu"] = flax::Value::of_array(e.geo.shape, e.mu);
-      t.map["nu"] = flax::Value::of_array(e.geo.shape, e.nu);
-    }
-    tensors.map[e.name] = std::move(t);
+    TensorStateRecord r;
+    r.name = e.name;
+    r.shape = e.geo.shape;
+    r.label = e.label;
+    r.iteration = e.rule.iteration;
+    r.m = e.rule.m;
+    r.rms = e.rule.rms;
+    r.v_row = e.rule.v_row;
+    r.v_col = e.rule.v_col;
+    r.v_diag = e.rule.v_diag;
+    r.count = e.adam_count;
+    r.mu = e.mu;
+    r.nu = e.nu;
+    f.tensors.push_back(std::move(r));
   }
-  payload.map["tensors"] = std::move(tensors);
-  const std::vector<uint8_t> body = flax::encode(payload);
-  flax::Value root = flax::Value::of_map();
-  root.map["celo2_state"] = std::move(payload);
-  root.map["sha256"] = flax::Value::of_string(sha256_hex(body));
-  flax::write_file_atomic(path, flax::encode(root));
+  write_state_file(path, f);
 }
 
 void Optimizer::load_state(const std::string& path) {
-  const std::vector<uint8_t> bytes = flax::read_file(path);
-  auto fail = [&](const std::string& m) -> void {
-    throw flax::FormatError("optimizer state " + path + ": " + m);
-  };
-  flax::Value root;
-  try {
-    root = flax::decode(bytes);
-  } catch (const flax::FormatError& e) {
-    fail(std::string("not a celo2 checkpoint (") + e.what() + ")");
+  StateFile f = read_state_file(path);
+  if (f.tensors.size() != entries_.size())
+    throw flax::FormatError("optimizer state " + path + ": holds " +
+                            std::to_string(f.tensors.size()) + " tensors, the optimizer has " +
+                            std::to_string(entries_.size()));
+  // Validate everything before changing anything.
+  std::vector<TensorStateRecord*> recs;
+  for (const auto& e : entries_) {
+    auto* r = const_cast<TensorStateRecord*>(find_record(f, e->name));
+    if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + e->name + "'");
+    check_state_record(path, *r, e->geo.shape, e->label);
+    recs.push_back(r);
   }
-  if (!root.is_map() || !root.find("celo2_state") || !root.find("sha256"))
-    fail("not a celo2 optimizer checkpoint (no celo2_state/sha256)");
-  const flax::Value& payload = root.at("celo2_state");
-  if (sha256_hex(flax::encode(payload)) != root.at("sha256").as_string())
-    fail("checksum mismatch: the file is corrupt");
-  try {
-    if (payload.at("format").as_string() != kStateFormat)
-      fail("format '" + payload.at("format").as_string() + "', expected " + kStateFormat);
-    const flax::Value& tensors = payload.at("tensors");
-    if (tensors.map.size() != entries_.size())
-      fail("holds " + std::to_string(tensors.map.size()) + " tensors, the optimizer has " +
-           std::to_string(entries_.size()));
-    // Build everything first; swap in only when every tensor validated.
-    std::vector<Entry> staged;
-    for (const auto& ep : entries_) {
-      const Entry& e = *ep;
-      const flax::Value* t = tensors.find(e.name);
-      if (!t) fail("no state for tensor '" + e.name + "'");
-      const std::string where = "tensors/" + e.name;
-      std::vector<int64_t> shape;
-      for (const auto& d : t->at("shape").list) shape.push_back(static_cast<int64_t>(d.as_number()));
-      if (shape != e.geo.shape)
-        fail(where + ": shape " + Geometry::of(shape).shape_str() + " in the file, " +
-             e.geo.shape_str() + " registered");
-      const Label label = parse_label(t->at("label").as_string());
-      if (label != e.label)
-        fail(where + ": labelled " + label_name(label) + " in the file, " + label_name(e.label) +
-             " by the current rules");
-      Entry s;
-      s.label = label;
-      s.geo = e.geo;
-      if (label == Label::kCelo2) {
-        s.rule.iteration = static_cast<int64_t>(t->at("iteration").as_number());
-        s.rule.m = expect_array(*t, "m", where, kMom * e.geo.numel).data;
-        s.rule.rms = expect_array(*t, "rms", where, kRms * e.geo.numel).data;
-        if (e.geo.factored) {
-          s.rule.v_row = expect_array(*t, "v_row", where, kFac * e.geo.row_count).data;
-          s.rule.v_col = expect_array(*t, "v_col", where, kFac * e.geo.col_count).data;
-        } else {
-          s.rule.v_diag = expect_array(*t, "v_diag", where, kFac * e.geo.numel).data;
-        }
-      } else if (label == Label::kAdamW) {
-        s.adam_count = static_cast<int64_t>(t->at("count").as_number());
-        s.mu = expect_array(*t, "mu", where, e.geo.numel).data;
-        s.nu = expect_array(*t, "nu", where, e.geo.numel).data;
-      }
-      staged.push_back(std::move(s));
-    }
-    const int64_t step = static_cast<int64_t>(payload.at("step").as_number());
-    const int64_t skipped = static_cast<int64_t>(payload.at("skipped").as_number());
-    if (step < 0 || skipped < 0) fail("negative step counter");
-    for (size_t i = 0; i < entries_.size(); ++i) {
-      entries_[i]->rule = std::move(staged[i].rule);
-      entries_[i]->mu = std::move(staged[i].mu);
-      entries_[i]->nu = std::move(staged[i].nu);
-      entries_[i]->adam_count = staged[i].adam_count;
-    }
-    step_ = step;
-    skipped_ = skipped;
-  } catch (const flax::FormatError& e) {
-    const std::string m = e.what();
-    if (m.rfind("optimizer state ", 0) == 0) throw;
-    fail(m);
-  } catch (const std::invalid_argument& e) {
-    fail(e.what());
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
+    TensorStateRecord& r = *recs[i];
+    e.rule.iteration = r.iteration;
+    e.rule.m = std::move(r.m);
+    e.rule.rms = std::move(r.rms);
+    e.rule.v_row = std::move(r.v_row);
+    e.rule.v_col = std::move(r.v_col);
+    e.rule.v_diag = std::move(r.v_diag);
+    e.adam_count = r.count;
+    e.mu = std::move(r.mu);
+    e.nu = std::move(r.nu);
   }
+  step_ = f.step;
+  skipped_ = f.skipped;
 }
 
 }  // namespace celo2

@@ -121,6 +121,10 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                const StepConstants& sc, const Slice& s, const FacTables& tables,
                const double* sumsq, double* mag_sum);
 
+// The tensor-wide factor of spec §3.8: exp(mean(mag)·exp_mult) if aggregate_mag, times
+// sqrt(mean(p²) + 1e-9) if param_scale_mult (mag_sum, p2_sum: sums over the whole tensor).
+float magnitude_factor(const RuleConfig& cfg, double mag_sum, double p2_sum, int64_t numel);
+
 // Phase 5 helpers: u *= factor; the per-group sum of u^2; the final normalization.
 void phase_scale(const Slice& s, float factor);
 void phase_output_sumsq(const Geometry& geo, const Slice& s, double* group_sumsq,

@@ -59,4 +59,8 @@ class LabelRules {
   std::vector<Rule> rules_;
 };
 
+// The routing table: name, shape, label, elements, bytes (float32), then totals per label.
+std::string format_routing_table(const std::vector<TensorDesc>& tensors,
+                                 const std::vector<Label>& labels);
+
 }  // namespace celo2

@@ -1,0 +1,86 @@
+// The collectives the sharded engine needs, behind one interface with one implementation
+// per transport: single-process (local), Open MPI, and (with CUDA) NCCL. The backend is
+// chosen in one place, make_communicator(). An operation a backend cannot do throws
+// UnsupportedError("backend X does not support Y") rather than doing something else.
+//
+// Counts are in elements; every call is accounted (calls and bytes sent by this rank) so the
+// engine and celo2-bench can report communication per phase.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace celo2 {
+
+class UnsupportedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class CommError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct CommCounter {
+  int64_t calls = 0;
+  int64_t bytes = 0;  // bytes this rank sent (payload), by the algorithm-independent count
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;
+
+  virtual void all_reduce_sum(double* data, int64_t n);
+  virtual void all_reduce_sum(float* data, int64_t n);
+  // recv (counts[rank()] elements) = sum over ranks of send[displ(rank) ...]; send holds
+  // sum(counts) elements laid out rank after rank.
+  virtual void reduce_scatter_sum(const float* send, float* recv,
+                                  const std::vector<int64_t>& counts);
+  // recv (sum(counts)) = concatenation of every rank's send (counts[r] elements).
+  virtual void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts);
+  virtual void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts,
+                            float* recv, const std::vector<int64_t>& recv_counts);
+  virtual void broadcast(void* data, int64_t bytes, int root);
+  virtual void barrier();
+
+  // name -> counter ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", ...).
+  const std::map<std::string, CommCounter>& counters() const { return counters_; }
+  void reset_counters() { counters_.clear(); }
+
+ protected:
+  void count(const char* op, int64_t bytes) {
+    CommCounter& c = counters_[op];
+    c.calls += 1;
+    c.bytes += bytes;
+  }
+  [[noreturn]] void unsupported(const char* op) const {
+    throw UnsupportedError("communicator backend '" + backend() + "' does not support " + op);
+  }
+
+ private:
+  std::map<std::string, CommCounter> counters_;
+};
+
+// One process: every collective is a copy.
+std::unique_ptr<Communicator> make_local_communicator();
+// MPI_COMM_WORLD (initializes MPI if needed, finalizes at exit). Throws CommError if MPI
+// support was not built.
+std::unique_ptr<Communicator> make_mpi_communicator();
+// The one place a backend is chosen: "local", "mpi", or "auto" (MPI when launched by
+// mpirun/srun with more than one rank — OMPI_COMM_WORLD_SIZE, PMIX_RANK or SLURM_NTASKS —
+// else local).
+std::unique_ptr<Communicator> make_communicator(const std::string& kind = "auto");
+
+// Seconds a collective may take before the process reports a dead or hung rank and exits
+// (environment CELO2_COMM_TIMEOUT_S, default 600; 0 disables).
+double comm_timeout_seconds();
+
+}  // namespace celo2

@@ -1,0 +1,123 @@
+// The sharded Celo2 engine (DESIGN.md "One step, sharded"): ZeRO-style optimizer state over
+// W ranks of a Communicator.
+//
+// Tensors are registered in a fixed order and laid out in one flat index space of N
+// elements. Rank r owns the contiguous slice [N·r/W, N·(r+1)/W) and keeps optimizer state
+// (m, rms, v_diag, AdamW moments) only for it; the factored vectors v_row/v_col are small
+// and replicated. One step:
+//   1. gradients reduce-scattered and averaged (GradMode::kLocal) or taken as already
+//      reduced (kReduced); non-finite entries counted and the NaN decision made globally;
+//   2. local accumulators; 3. summed row/col statistics (one all-reduce);
+//   4. local features; 5. summed per-channel squares (one all-reduce); 6. local MLP;
+//   7. one small all-reduce (tensor-wide magnitude, output sums of squares of tensors
+//      without Newton–Schulz); every matrix goes to one owner (chosen by Newton–Schulz cost,
+//      largest first onto the least-loaded rank) in one all-to-all, owners orthogonalize,
+//      a reverse all-to-all returns the slices, one small all-reduce of the matrices' sums
+//      of squares; 8. update applied locally; 9. parameters all-gathered (or left to the
+//      trainer).
+// Reductions are done in double over exact float squares, so the result is the same as
+// the single-process Optimizer's for any W (to the last bit in practice; tests bound it).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "celo2/communicator.h"
+#include "celo2/optimizer.h"
+
+namespace celo2 {
+
+enum class GradMode {
+  kLocal,    // each rank passes its own full gradients; the engine averages them
+  kReduced,  // every rank passes the same, already averaged, full gradients
+};
+
+struct EngineOptions {
+  OptimizerOptions opt;
+  GradMode grad_mode = GradMode::kLocal;
+  bool gather_params = true;  // all-gather parameters after the update (else: the trainer does)
+};
+
+// Seconds and bytes (sent by this rank) of each phase of the last step.
+struct PhaseStats {
+  std::map<std::string, double> seconds;
+  std::map<std::string, int64_t> bytes;
+};
+
+struct OwnerPlan {
+  std::vector<int> owner;             // per matrix (global order)
+  std::vector<double> load;           // Newton–Schulz FLOPs per rank
+  double imbalance = 1.0;             // max / mean load (1 = perfect)
+};
+
+class Engine {
+ public:
+  Engine(EngineOptions options, std::shared_ptr<Communicator> comm);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Same order on every rank. params/grads: the full tensor on every rank.
+  void add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
+                  const float* grads);
+
+  StepReport step();
+  StepReport step_with_lr(double lr);
+
+  // Collective. World-size-independent checkpoints (state_file.h); rank 0 writes. Load
+  // validates everything (on every rank) before changing anything.
+  void save_state(const std::string& path);
+  void load_state(const std::string& path);
+
+  void set_theta(Theta theta);
+  void set_schedule(const Schedule& s);
+  void set_rules(const LabelRules& rules);
+  void set_weight_decay(double wd) { opts_.opt.weight_decay = wd; }
+  void set_mult_1d(double m) { opts_.opt.mult_1d = m; }
+
+  int rank() const { return comm_->rank(); }
+  int world_size() const { return comm_->size(); }
+  int64_t step_count() const { return step_; }
+  int64_t skipped_steps() const { return skipped_; }
+  int64_t total_elements() const { return total_; }
+  const EngineOptions& options() const { return opts_; }
+  const OwnerPlan& owner_plan();
+  const PhaseStats& last_phase_stats() const { return stats_; }
+  std::string routing_table() const;
+  std::string plan_report();
+  Communicator& comm() { return *comm_; }
+  size_t num_tensors() const;
+  Label label_of(size_t i) const;
+
+ private:
+  struct Entry;
+  struct Matrix;
+  void relabel();
+  void build_plan();
+  void phase_begin(const char* name);
+  void phase_end();
+
+  EngineOptions opts_;
+  std::shared_ptr<Communicator> comm_;
+  std::vector<std::unique_ptr<Entry>> entries_;
+  int64_t total_ = 0;
+  int64_t my_lo_ = 0, my_hi_ = 0;  // this rank's flat slice
+  std::vector<int64_t> slice_counts_;
+  bool plan_ready_ = false;
+  std::vector<Matrix> matrices_;
+  OwnerPlan owners_;
+  // all-to-all layout
+  std::vector<int64_t> a2a_send_counts_, a2a_recv_counts_;
+  int64_t owned_floats_ = 0;
+  std::vector<float> grad_local_, u_local_, send_buf_, recv_buf_, mat_buf_, flat_buf_;
+  int64_t step_ = 0, skipped_ = 0;
+  PhaseStats stats_;
+  const char* cur_phase_ = nullptr;
+  double phase_t0_ = 0;
+  std::map<std::string, int64_t> phase_bytes0_;
+};
+
+}  // namespace celo2

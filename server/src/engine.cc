@@ -1,0 +1,710 @@
+// The sharded engine (engine.h). Each phase below is named as in DESIGN.md.
+#include "celo2/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <sstream>
+
+#include "celo2/adamw.h"
+#include "celo2/flax_msgpack.h"
+#include "celo2/newton_schulz.h"
+#include "celo2/rule.h"
+#include "celo2/state_file.h"
+#include "celo2/theta_io.h"
+
+namespace celo2 {
+
+struct Engine::Entry {
+  std::string name;
+  Geometry geo;
+  float* params = nullptr;
+  const float* grads = nullptr;
+  Label label = Label::kCelo2;
+  bool needs_reset = true;
+  int64_t offset = 0;          // first flat index
+  int64_t lo = 0, hi = 0;      // this rank's part, in tensor coordinates
+  int64_t local_off = 0;       // where [lo, hi) sits in this rank's flat slice
+  // celo2 (local slice; v_row/v_col whole and replicated)
+  int64_t iteration = 0;
+  std::vector<float> m, rms, v_diag, v_row, v_col;
+  FacTables tables;
+  int first_matrix = -1;       // Newton–Schulz matrices of this tensor start here
+  // adamw (local slice)
+  int64_t count = 0;
+  std::vector<float> mu, nu;
+  // offsets into the step's reduction buffers
+  int64_t stat_off = 0, sq_off = 0, small_off = 0;
+
+  int64_t len() const { return hi - lo; }
+  bool ns(const RuleConfig& cfg) const {
+    return label == Label::kCelo2 && cfg.orthogonalize && geo.factored;
+  }
+  Slice slice(float* g_local, float* u_local) {
+    Slice s;
+    s.lo = lo;
+    s.hi = hi;
+    s.g = g_local + local_off;
+    s.p = params + lo;
+    s.m = m.data();
+    s.rms = rms.data();
+    s.v_diag = v_diag.empty() ? nullptr : v_diag.data();
+    s.plane = len();
+    s.u = u_local + local_off;
+    return s;
+  }
+  void reset_state() {
+    iteration = 0;
+    count = 0;
+    m.clear(); rms.clear(); v_diag.clear(); v_row.clear(); v_col.clear(); mu.clear(); nu.clear();
+    if (label == Label::kCelo2) {
+      m.assign(kMom * len(), 0.0f);
+      rms.assign(kRms * len(), 0.0f);
+      if (geo.factored) {
+        v_row.assign(kFac * geo.row_count, 0.0f);
+        v_col.assign(kFac * geo.col_count, 0.0f);
+      } else {
+        v_diag.assign(kFac * len(), 0.0f);
+      }
+    } else if (label == Label::kAdamW) {
+      mu.assign(len(), 0.0f);
+      nu.assign(len(), 0.0f);
+    }
+    needs_reset = false;
+  }
+};
+
+struct Engine::Matrix {
+  int entry = 0;
+  int64_t group = 0;
+  int64_t flat_lo = 0, flat_hi = 0;
+  double cost = 0;
+  int owner = 0;
+  int64_t owned_off = -1;  // offset in mat_buf_ if this rank owns it
+};
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
+  *lo = std::max(a0, b0);
+  return std::max<int64_t>(0, std::min(a1, b1) - *lo);
+}
+
+}  // namespace
+
+Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
+    : opts_(std::move(options)), comm_(std::move(comm)) {
+  if (!comm_) throw std::invalid_argument("Engine: null communicator");
+  OptimizerOptions& o = opts_.opt;
+  o.rule.validate();
+  if (o.theta.layers.empty()) o.theta = Theta::adam_like(o.rule);
+  o.theta.check_fits(o.rule);
+  o.schedule.validate();
+  if (o.use_reference)
+    throw std::invalid_argument("Engine: use_reference is for the single-process Optimizer");
+}
+
+Engine::~Engine() = default;
+
+size_t Engine::num_tensors() const { return entries_.size(); }
+Label Engine::label_of(size_t i) const { return entries_.at(i)->label; }
+
+void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
+                        const float* grads) {
+  if (step_ > 0 || skipped_ > 0)
+    throw std::logic_error("add_tensor('" + name + "'): registration closed at the first step");
+  if (name.empty()) throw std::invalid_argument("add_tensor: empty tensor name");
+  for (const auto& e : entries_)
+    if (e->name == name) throw std::invalid_argument("add_tensor: duplicate tensor name '" + name + "'");
+  auto e = std::make_unique<Entry>();
+  e->name = name;
+  e->geo = Geometry::of(shape);
+  if (e->geo.numel > 0 && (params == nullptr || grads == nullptr))
+    throw std::invalid_argument("add_tensor('" + name + "'): null params or grads pointer");
+  e->params = params;
+  e->grads = grads;
+  e->offset = total_;
+  total_ += e->geo.numel;
+  entries_.push_back(std::move(e));
+  relabel();
+}
+
+void Engine::relabel() {
+  std::vector<TensorDesc> descs;
+  for (const auto& e : entries_) descs.push_back({e->name, e->geo.shape});
+  const std::vector<Label> labels = opts_.opt.rules.assign(descs);
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (entries_[i]->label != labels[i]) {
+      entries_[i]->label = labels[i];
+      entries_[i]->needs_reset = true;
+    }
+  plan_ready_ = false;
+}
+
+void Engine::build_plan() {
+  const int W = comm_->size(), r = comm_->rank();
+  auto cut = [&](int k) { return total_ * k / W; };
+  my_lo_ = cut(r);
+  my_hi_ = cut(r + 1);
+  slice_counts_.assign(W, 0);
+  for (int k = 0; k < W; ++k) slice_counts_[k] = cut(k + 1) - cut(k);
+  const int64_t mine = my_hi_ - my_lo_;
+  for (auto& ep : entries_) {
+    Entry& e = *ep;
+    int64_t lo = 0;
+    const int64_t n = overlap(e.offset, e.offset + e.geo.numel, my_lo_, my_hi_, &lo);
+    e.lo = n ? lo - e.offset : 0;
+    e.hi = e.lo + n;
+    e.local_off = n ? lo - my_lo_ : 0;
+    if (e.needs_reset) e.reset_state();
+  }
+  // Newton–Schulz matrices and their owners: largest first onto the least-loaded rank.
+  const RuleConfig& cfg = opts_.opt.rule;
+  matrices_.clear();
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
+    e.first_matrix = -1;
+    if (!e.ns(cfg) || e.geo.numel == 0) continue;
+    e.first_matrix = static_cast<int>(matrices_.size());
+    for (int64_t k = 0; k < e.geo.norm_groups; ++k) {
+      Matrix m;
+      m.entry = static_cast<int>(i);
+      m.group = k;
+      m.flat_lo = e.offset + k * e.geo.norm_size;
+      m.flat_hi = m.flat_lo + e.geo.norm_size;
+      m.cost = newton_schulz_flops(cfg, e.geo.mat_rows, e.geo.mat_cols);
+      matrices_.push_back(m);
+    }
+  }
+  std::vector<size_t> order(matrices_.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return matrices_[a].cost > matrices_[b].cost; });
+  owners_.load.assign(W, 0.0);
+  owners_.owner.assign(matrices_.size(), 0);
+  for (size_t idx : order) {
+    const int best = static_cast<int>(
+        std::min_element(owners_.load.begin(), owners_.load.end()) - owners_.load.begin());
+    matrices_[idx].owner = best;
+    owners_.owner[idx] = best;
+    owners_.load[best] += matrices_[idx].cost;
+  }
+  const double total_load = std::accumulate(owners_.load.begin(), owners_.load.end(), 0.0);
+  owners_.imbalance = total_load > 0
+      ? *std::max_element(owners_.load.begin(), owners_.load.end()) / (total_load / W)
+      : 1.0;
+  // All-to-all layout: send grouped by destination, then matrix order; receive grouped by
+  // source, then matrix order. The reverse exchange uses the same layouts swapped.
+  a2a_send_counts_.assign(W, 0);
+  a2a_recv_counts_.assign(W, 0);
+  owned_floats_ = 0;
+  for (auto& m : matrices_) {
+    int64_t lo = 0;
+    a2a_send_counts_[m.owner] += overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
+    m.owned_off = -1;
+    if (m.owner == r) {
+      m.owned_off = owned_floats_;
+      owned_floats_ += m.flat_hi - m.flat_lo;
+      for (int s = 0; s < W; ++s) a2a_recv_counts_[s] += overlap(m.flat_lo, m.flat_hi, cut(s), cut(s + 1), &lo);
+    }
+  }
+  grad_local_.assign(mine, 0.0f);
+  u_local_.assign(mine, 0.0f);
+  send_buf_.assign(std::accumulate(a2a_send_counts_.begin(), a2a_send_counts_.end(), int64_t{0}), 0.0f);
+  recv_buf_.assign(std::accumulate(a2a_recv_counts_.begin(), a2a_recv_counts_.end(), int64_t{0}), 0.0f);
+  mat_buf_.assign(owned_floats_, 0.0f);
+  plan_ready_ = true;
+}
+
+const OwnerPlan& Engine::owner_plan() {
+  if (!plan_ready_) build_plan();
+  return owners_;
+}
+
+void Engine::phase_begin(const char* name) {
+  cur_phase_ = name;
+  phase_t0_ = now_s();
+  phase_bytes0_.clear();
+  for (const auto& [op, c] : comm_->counters()) phase_bytes0_[op] = c.bytes;
+}
+
+void Engine::phase_end() {
+  stats_.seconds[cur_phase_] += now_s() - phase_t0_;
+  int64_t b = 0;
+  for (const auto& [op, c] : comm_->counters()) {
+    auto it = phase_bytes0_.find(op);
+    b += c.bytes - (it == phase_bytes0_.end() ? 0 : it->second);
+  }
+  stats_.bytes[cur_phase_] += b;
+}
+
+StepReport Engine::step() { return step_with_lr(opts_.opt.schedule.at(step_)); }
+
+StepReport Engine::step_with_lr(double lr) {
+  if (!std::isfinite(lr)) throw std::invalid_argument("step: learning rate is not finite");
+  if (!plan_ready_) build_plan();
+  stats_ = PhaseStats{};
+  const OptimizerOptions& o = opts_.opt;
+  const RuleConfig& cfg = o.rule;
+  const int W = comm_->size(), me = comm_->rank();
+  const int64_t mine = my_hi_ - my_lo_;
+  StepReport rep;
+  rep.lr = lr;
+
+  // 1. Gradients: reduce-scatter and average, or take this rank's part of reduced ones.
+  phase_begin("grads");
+  if (opts_.grad_mode == GradMode::kLocal && W > 1) {
+    flat_buf_.resize(total_);
+    for (auto& e : entries_)
+      if (e->geo.numel) std::memcpy(flat_buf_.data() + e->offset, e->grads, e->geo.numel * sizeof(float));
+    comm_->reduce_scatter_sum(flat_buf_.data(), grad_local_.data(), slice_counts_);
+    const float inv = 1.0f / static_cast<float>(W);
+    for (float& g : grad_local_) g *= inv;
+  } else {
+    for (auto& e : entries_)
+      if (e->len()) std::memcpy(grad_local_.data() + e->local_off, e->grads + e->lo, e->len() * sizeof(float));
+  }
+  // Non-finite entries and gradient norms, decided globally.
+  double red[4] = {0, 0, 0, 0};
+  for (auto& e : entries_) {
+    if (e->label == Label::kFrozen || !e->len()) continue;
+    const float* g = grad_local_.data() + e->local_off;
+    double s = 0, nb = 0;
+    for (int64_t i = 0; i < e->len(); ++i) {
+      if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
+      else nb += 1;
+    }
+    red[0] += nb;
+    red[1 + static_cast<int>(e->label)] += s;
+  }
+  comm_->all_reduce_sum(red, 4);
+  phase_end();
+  rep.nonfinite = static_cast<int64_t>(red[0]);
+  for (int l = 0; l < 3; ++l) rep.grad_norm[l] = std::sqrt(red[1 + l]);
+  if (rep.nonfinite > 0) {
+    if (o.nan_policy == NanPolicy::kError)
+      throw NonFiniteGradientError("non-finite gradient: " + std::to_string(rep.nonfinite) +
+                                   " entries are NaN or Inf across ranks (step " +
+                                   std::to_string(step_) + ")");
+    if (o.nan_policy == NanPolicy::kSkipStep) {
+      ++skipped_;
+      rep.skipped = true;
+      rep.step = step_;
+      return rep;
+    }
+    for (float& g : grad_local_)
+      if (!std::isfinite(g)) g = 0.0f;
+  }
+
+  // 2. Local accumulators and partial row/col statistics.
+  phase_begin("accumulate");
+  std::vector<Entry*> celo;
+  int64_t stat_w = 0, sq_w = 0, small_w = 0;
+  for (auto& ep : entries_) {
+    Entry& e = *ep;
+    if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
+    celo.push_back(&e);
+    e.iteration += 1;
+    e.stat_off = stat_w;
+    stat_w += (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0) + 1;
+    e.sq_off = sq_w;
+    if (cfg.normalize_input) sq_w += e.geo.norm_groups * e.geo.channels();
+    e.small_off = small_w;
+    small_w += 1 + (e.ns(cfg) ? 0 : e.geo.norm_groups);
+  }
+  std::vector<double> stat(stat_w, 0.0), sq(sq_w, 0.0), small(small_w, 0.0);
+  std::vector<StepConstants> sc(celo.size());
+  for (size_t k = 0; k < celo.size(); ++k) sc[k] = StepConstants::of(cfg, celo[k]->iteration);
+#pragma omp parallel for schedule(dynamic, 1) if (celo.size() > 1)
+  for (size_t k = 0; k < celo.size(); ++k) {
+    Entry& e = *celo[k];
+    if (!e.len()) continue;
+    double* base = stat.data() + e.stat_off;
+    phase_accumulate(cfg, e.geo, sc[k], e.slice(grad_local_.data(), u_local_.data()),
+                     e.geo.factored ? base : nullptr,
+                     e.geo.factored ? base + e.geo.row_count : nullptr,
+                     base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
+  }
+  phase_end();
+
+  // 3. Summed row/col statistics (and sum p² for param_scale_mult): one all-reduce.
+  phase_begin("stats_reduce");
+  comm_->all_reduce_sum(stat.data(), stat_w);
+  phase_end();
+
+  // 4. Feature tables and local features' sums of squares; 5. summed.
+  phase_begin("features");
+#pragma omp parallel for schedule(dynamic, 1) if (celo.size() > 1)
+  for (size_t k = 0; k < celo.size(); ++k) {
+    Entry& e = *celo[k];
+    if (e.geo.factored) {
+      const double* base = stat.data() + e.stat_off;
+      phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, e.v_row.data(),
+                            e.v_col.data(), e.tables);
+    }
+    if (cfg.normalize_input && e.len())
+      phase_feature_sumsq(cfg, e.geo, sc[k], e.slice(grad_local_.data(), u_local_.data()),
+                          e.tables, sq.data() + e.sq_off, 0);
+  }
+  if (cfg.normalize_input) comm_->all_reduce_sum(sq.data(), sq_w);
+  phase_end();
+
+  // 6. The MLP on local elements.
+  phase_begin("mlp");
+#pragma omp parallel for schedule(dynamic, 1) if (celo.size() > 1)
+  for (size_t k = 0; k < celo.size(); ++k) {
+    Entry& e = *celo[k];
+    if (!e.len()) continue;
+    Slice s = e.slice(grad_local_.data(), u_local_.data());
+    phase_mlp(cfg, o.theta, e.geo, sc[k], s, e.tables, sq.data() + e.sq_off,
+              &small[e.small_off]);
+    if (!e.ns(cfg) && cfg.normalize_output)
+      phase_output_sumsq(e.geo, s, &small[e.small_off + 1], 0);
+  }
+  // 7a. Tensor-wide magnitude and the output sums of squares of tensors without NS.
+  comm_->all_reduce_sum(small.data(), small_w);
+  std::vector<float> factor(celo.size());
+  for (size_t k = 0; k < celo.size(); ++k) {
+    Entry& e = *celo[k];
+    const double p2 = stat[e.stat_off + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0)];
+    factor[k] = magnitude_factor(cfg, small[e.small_off], p2, e.geo.numel);
+    if (!e.ns(cfg))
+      for (int64_t gi = 0; gi < e.geo.norm_groups; ++gi)
+        small[e.small_off + 1 + gi] *= static_cast<double>(factor[k]) * factor[k];
+    if (e.len()) phase_scale(e.slice(grad_local_.data(), u_local_.data()), factor[k]);
+  }
+  phase_end();
+
+  // 7b. Newton–Schulz at the owners.
+  std::vector<double> mat_sq(matrices_.size(), 0.0);
+  if (!matrices_.empty()) {
+    phase_begin("newton_schulz");
+    auto cut = [&](int k) { return total_ * k / W; };
+    // Pack: by destination, then matrix order.
+    {
+      std::vector<int64_t> pos(W, 0);
+      for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
+      for (const Matrix& m : matrices_) {
+        int64_t lo = 0;
+        const int64_t n = overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
+        if (!n) continue;
+        std::memcpy(send_buf_.data() + pos[m.owner], u_local_.data() + (lo - my_lo_), n * sizeof(float));
+        pos[m.owner] += n;
+      }
+    }
+    comm_->all_to_all_v(send_buf_.data(), a2a_send_counts_, recv_buf_.data(), a2a_recv_counts_);
+    // Unpack into whole matrices (by source, then matrix order), orthogonalize, pack back.
+    auto walk_owned = [&](auto fn) {
+      int64_t pos = 0;
+      for (int s = 0; s < W; ++s)
+        for (const Matrix& m : matrices_) {
+          if (m.owner != me) continue;
+          int64_t lo = 0;
+          const int64_t n = overlap(m.flat_lo, m.flat_hi, cut(s), cut(s + 1), &lo);
+          if (!n) continue;
+          fn(m, lo - m.flat_lo, n, pos);
+          pos += n;
+        }
+    };
+    walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
+      std::memcpy(mat_buf_.data() + m.owned_off + at, recv_buf_.data() + pos, n * sizeof(float));
+    });
+    std::vector<size_t> mine_idx;
+    for (size_t i = 0; i < matrices_.size(); ++i)
+      if (matrices_[i].owner == me) mine_idx.push_back(i);
+#pragma omp parallel if (mine_idx.size() > 1)
+    {
+      std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+      for (size_t t = 0; t < mine_idx.size(); ++t) {
+        const Matrix& m = matrices_[mine_idx[t]];
+        const Entry& e = *entries_[m.entry];
+        float* x = mat_buf_.data() + m.owned_off;
+        newton_schulz(cfg, e.geo.mat_rows, e.geo.mat_cols, x, scratch);
+        if (cfg.normalize_output) {
+          Slice s;
+          s.lo = 0;
+          s.hi = e.geo.norm_size;
+          s.u = x;
+          phase_output_sumsq(e.geo, s, &mat_sq[mine_idx[t]], 0);
+        }
+      }
+    }
+    walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
+      std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
+    });
+    comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
+    {
+      std::vector<int64_t> pos(W, 0);
+      for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
+      for (const Matrix& m : matrices_) {
+        int64_t lo = 0;
+        const int64_t n = overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
+        if (!n) continue;
+        std::memcpy(u_local_.data() + (lo - my_lo_), send_buf_.data() + pos[m.owner], n * sizeof(float));
+        pos[m.owner] += n;
+      }
+    }
+    if (cfg.normalize_output) comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
+    phase_end();
+  }
+
+  // 8. Output normalization and the update, locally.
+  phase_begin("apply");
+  double usq[3] = {0, 0, 0};
+  const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
+  for (size_t k = 0; k < celo.size(); ++k) {
+    Entry& e = *celo[k];
+    if (!e.len()) continue;
+    Slice s = e.slice(grad_local_.data(), u_local_.data());
+    const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
+    phase_finish(cfg, e.geo, sc[k], s, gsq);
+    float* p = e.params + e.lo;
+    const float* u = s.u;
+    double acc = 0;
+    for (int64_t i = 0; i < e.len(); ++i) {
+      const float d = flr * (u[i] + wd * p[i]);
+      p[i] -= d;
+      acc += static_cast<double>(d) * d;
+    }
+    usq[0] += acc;
+  }
+  for (auto& ep : entries_) {
+    Entry& e = *ep;
+    if (e.label != Label::kAdamW || e.geo.numel == 0) continue;
+    e.count += 1;
+    if (!e.len()) continue;
+    AdamWParams a;
+    a.b1 = o.adam_b1;
+    a.b2 = o.adam_b2;
+    a.eps = o.adam_eps;
+    a.lr = static_cast<float>(lr * o.mult_1d);
+    a.wd = static_cast<float>(o.weight_decay);
+    a.count = e.count;
+    float* p = e.params + e.lo;
+    std::vector<float> old(p, p + e.len());
+    adamw_update(a, e.len(), p, grad_local_.data() + e.local_off, e.mu.data(), e.nu.data());
+    double acc = 0;
+    for (int64_t i = 0; i < e.len(); ++i) {
+      const double d = static_cast<double>(old[i]) - p[i];
+      acc += d * d;
+    }
+    usq[1] += acc;
+  }
+  comm_->all_reduce_sum(usq, 3);
+  int64_t cnt[3] = {0, 0, 0};
+  for (auto& e : entries_) cnt[static_cast<int>(e->label)] += e->geo.numel;
+  for (int l = 0; l < 3; ++l) rep.update_rms[l] = cnt[l] ? std::sqrt(usq[l] / cnt[l]) : 0.0;
+  phase_end();
+
+  // 9. Parameters all-gathered.
+  if (opts_.gather_params && W > 1) {
+    phase_begin("gather");
+    send_buf_.resize(std::max<size_t>(send_buf_.size(), mine));
+    for (auto& e : entries_)
+      if (e->len()) std::memcpy(send_buf_.data() + e->local_off, e->params + e->lo, e->len() * sizeof(float));
+    flat_buf_.resize(total_);
+    comm_->all_gather(send_buf_.data(), flat_buf_.data(), slice_counts_);
+    for (auto& e : entries_)
+      if (e->geo.numel) std::memcpy(e->params, flat_buf_.data() + e->offset, e->geo.numel * sizeof(float));
+    phase_end();
+  }
+  ++step_;
+  rep.step = step_;
+  return rep;
+}
+
+void Engine::set_theta(Theta theta) {
+  theta.check_fits(opts_.opt.rule);
+  opts_.opt.theta = std::move(theta);
+}
+
+void Engine::set_schedule(const Schedule& s) {
+  s.validate();
+  opts_.opt.schedule = s;
+}
+
+void Engine::set_rules(const LabelRules& rules) {
+  opts_.opt.rules = rules;
+  relabel();
+}
+
+std::string Engine::routing_table() const {
+  std::vector<TensorDesc> descs;
+  std::vector<Label> labels;
+  for (const auto& e : entries_) {
+    descs.push_back({e->name, e->geo.shape});
+    labels.push_back(e->label);
+  }
+  return format_routing_table(descs, labels);
+}
+
+std::string Engine::plan_report() {
+  if (!plan_ready_) build_plan();
+  std::ostringstream s;
+  const int W = comm_->size();
+  s << "world size " << W << ", " << total_ << " elements, slice of rank " << comm_->rank()
+    << ": [" << my_lo_ << ", " << my_hi_ << ")\n";
+  s << "Newton–Schulz: " << matrices_.size() << " matrices, owner load imbalance (max/mean) "
+    << owners_.imbalance << "\n";
+  for (int r = 0; r < W; ++r) {
+    int n = 0;
+    for (int o : owners_.owner) n += o == r;
+    s << "  rank " << r << ": " << n << " matrices, " << owners_.load[r] / 1e9 << " GFLOP\n";
+  }
+  if (!stats_.seconds.empty()) {
+    s << "last step, per phase (seconds, bytes sent by this rank):\n";
+    for (const auto& [ph, t] : stats_.seconds)
+      s << "  " << ph << ": " << t << " s, " << stats_.bytes.at(ph) << " B\n";
+  }
+  return s.str();
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints: whole tensors by name, so W ranks save and W' ranks load.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+// Rank 0's outcome, shared with every rank so all throw the same error or none does.
+void agree_on_error(Communicator& comm, const std::string& local_error) {
+  int64_t len = static_cast<int64_t>(local_error.size());
+  comm.broadcast(&len, sizeof(len), 0);
+  if (len == 0) return;
+  std::string msg(static_cast<size_t>(len), '\0');
+  if (comm.rank() == 0) msg = local_error;
+  comm.broadcast(msg.data(), len, 0);
+  throw flax::FormatError(msg);
+}
+
+}  // namespace
+
+void Engine::save_state(const std::string& path) {
+  if (!plan_ready_) build_plan();
+  const bool root = comm_->rank() == 0;
+  StateFile f;
+  f.step = step_;
+  f.skipped = skipped_;
+  f.theta_sha256 = sha256_hex(theta_to_bytes(opts_.opt.theta));
+  for (auto& e : entries_) {
+    TensorStateRecord r;
+    r.name = e->name;
+    r.shape = e->geo.shape;
+    r.label = e->label;
+    r.iteration = e->iteration;
+    r.count = e->count;
+    r.v_row = e->v_row;
+    r.v_col = e->v_col;
+    f.tensors.push_back(std::move(r));
+  }
+  // Gather each per-element state plane over the flat index space.
+  std::vector<float> send(my_hi_ - my_lo_), full(total_);
+  auto gather_plane = [&](auto get, auto put) {
+    std::fill(send.begin(), send.end(), 0.0f);
+    for (auto& e : entries_)
+      if (const float* src = get(*e); src && e->len())
+        std::memcpy(send.data() + e->local_off, src, e->len() * sizeof(float));
+    comm_->all_gather(send.data(), full.data(), slice_counts_);
+    if (root)
+      for (size_t i = 0; i < entries_.size(); ++i) put(*entries_[i], f.tensors[i], full.data() + entries_[i]->offset);
+  };
+  for (int k = 0; k < kMom; ++k)
+    gather_plane([&](Entry& e) { return e.label == Label::kCelo2 ? e.m.data() + k * e.len() : nullptr; },
+                 [&](Entry& e, TensorStateRecord& r, const float* x) {
+                   if (e.label != Label::kCelo2) return;
+                   r.m.insert(r.m.end(), x, x + e.geo.numel);
+                 });
+  gather_plane([&](Entry& e) { return e.label == Label::kCelo2 ? e.rms.data() : nullptr; },
+               [&](Entry& e, TensorStateRecord& r, const float* x) {
+                 if (e.label == Label::kCelo2) r.rms.assign(x, x + e.geo.numel);
+               });
+  for (int k = 0; k < kFac; ++k)
+    gather_plane(
+        [&](Entry& e) {
+          return e.label == Label::kCelo2 && !e.geo.factored ? e.v_diag.data() + k * e.len() : nullptr;
+        },
+        [&](Entry& e, TensorStateRecord& r, const float* x) {
+          if (e.label == Label::kCelo2 && !e.geo.factored) r.v_diag.insert(r.v_diag.end(), x, x + e.geo.numel);
+        });
+  gather_plane([&](Entry& e) { return e.label == Label::kAdamW ? e.mu.data() : nullptr; },
+               [&](Entry& e, TensorStateRecord& r, const float* x) {
+                 if (e.label == Label::kAdamW) r.mu.assign(x, x + e.geo.numel);
+               });
+  gather_plane([&](Entry& e) { return e.label == Label::kAdamW ? e.nu.data() : nullptr; },
+               [&](Entry& e, TensorStateRecord& r, const float* x) {
+                 if (e.label == Label::kAdamW) r.nu.assign(x, x + e.geo.numel);
+               });
+  std::string err;
+  if (root) {
+    try {
+      write_state_file(path, f);
+    } catch (const std::exception& e) {
+      err = std::string("saving optimizer state: ") + e.what();
+      if (err.empty()) err = "saving optimizer state failed";
+    }
+  }
+  agree_on_error(*comm_, err);
+}
+
+void Engine::load_state(const std::string& path) {
+  if (!plan_ready_) build_plan();
+  // Rank 0 reads; every rank parses the same bytes and so reaches the same verdict.
+  std::vector<uint8_t> bytes;
+  std::string err;
+  if (comm_->rank() == 0) {
+    try {
+      bytes = flax::read_file(path);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  agree_on_error(*comm_, err);
+  int64_t n = static_cast<int64_t>(bytes.size());
+  comm_->broadcast(&n, sizeof(n), 0);
+  bytes.resize(n);
+  comm_->broadcast(bytes.data(), n, 0);
+  StateFile f = parse_state_file(bytes, path);
+  if (f.tensors.size() != entries_.size())
+    throw flax::FormatError("optimizer state " + path + ": holds " + std::to_string(f.tensors.size()) +
+                            " tensors, the engine has " + std::to_string(entries_.size()));
+  std::vector<const TensorStateRecord*> recs;
+  for (const auto& e : entries_) {
+    const TensorStateRecord* r = find_record(f, e->name);
+    if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + e->name + "'");
+    check_state_record(path, *r, e->geo.shape, e->label);
+    recs.push_back(r);
+  }
+  auto take = [](const std::vector<float>& whole, int planes, int64_t numel, int64_t lo, int64_t len) {
+    std::vector<float> out;
+    out.reserve(planes * len);
+    for (int k = 0; k < planes; ++k)
+      out.insert(out.end(), whole.begin() + k * numel + lo, whole.begin() + k * numel + lo + len);
+    return out;
+  };
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
+    const TensorStateRecord& r = *recs[i];
+    const int64_t N = e.geo.numel;
+    e.iteration = r.iteration;
+    e.count = r.count;
+    if (e.label == Label::kCelo2) {
+      e.m = take(r.m, kMom, N, e.lo, e.len());
+      e.rms = take(r.rms, kRms, N, e.lo, e.len());
+      e.v_row = r.v_row;
+      e.v_col = r.v_col;
+      e.v_diag = e.geo.factored ? std::vector<float>{} : take(r.v_diag, kFac, N, e.lo, e.len());
+    } else if (e.label == Label::kAdamW) {
+      e.mu = take(r.mu, 1, N, e.lo, e.len());
+      e.nu = take(r.nu, 1, N, e.lo, e.len());
+    }
+  }
+  step_ = f.step;
+  skipped_ = f.skipped;
+}
+
+}  // namespace celo2

@@ -1,0 +1,205 @@
+// The Open MPI backend. Every MPI call is checked (file and line in the error); errors
+// return instead of aborting (MPI_ERRORS_RETURN) so they surface as CommError. A watchdog
+// thread turns a collective that never completes (a dead or hung peer) into a clear message
+// and a non-zero exit within comm_timeout_seconds(), instead of a silent hang.
+// The C API only: the deprecated C++ bindings would need libmpi_cxx.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+#include "celo2/communicator.h"
+
+#define CELO2_MPI_CHECK(call)                                                          \
+  do {                                                                                 \
+    const int celo2_rc_ = (call);                                                      \
+    if (celo2_rc_ != MPI_SUCCESS) {                                                    \
+      char msg_[MPI_MAX_ERROR_STRING];                                                 \
+      int len_ = 0;                                                                    \
+      MPI_Error_string(celo2_rc_, msg_, &len_);                                        \
+      throw ::celo2::CommError(std::string("MPI error in ") + #call + " at " __FILE__ \
+                               ":" + std::to_string(__LINE__) + ": " +                 \
+                               std::string(msg_, len_));                               \
+    }                                                                                  \
+  } while (0)
+
+namespace celo2 {
+namespace {
+
+int to_int(int64_t n, const char* what) {
+  if (n < 0 || n > INT_MAX)
+    throw CommError(std::string("MPI backend: ") + what + " count " + std::to_string(n) +
+                    " exceeds INT_MAX elements");
+  return static_cast<int>(n);
+}
+
+std::vector<int> ints(const std::vector<int64_t>& v, const char* what) {
+  std::vector<int> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_int(v[i], what);
+  return out;
+}
+
+std::vector<int> displs_of(const std::vector<int>& counts) {
+  std::vector<int> d(counts.size(), 0);
+  int64_t acc = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    d[i] = to_int(acc, "displacement");
+    acc += counts[i];
+  }
+  return d;
+}
+
+// MPI is initialized once per process and finalized at exit if we initialized it.
+struct MpiRuntime {
+  bool owned = false;
+  MpiRuntime() {
+    int init = 0;
+    MPI_Initialized(&init);
+    if (!init) {
+      int provided = 0;
+      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+      owned = true;
+    }
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  }
+  ~MpiRuntime() {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (owned && !fin) MPI_Finalize();
+  }
+  static MpiRuntime& get() {
+    static MpiRuntime rt;
+    return rt;
+  }
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator() {
+    MpiRuntime::get();
+    CELO2_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+    CELO2_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    timeout_ = comm_timeout_seconds();
+    if (timeout_ > 0) watchdog_ = std::thread([this] { watch(); });
+  }
+  ~MpiCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  void all_reduce_sum(double* data, int64_t n) override {
+    Guard g(this, "all_reduce");
+    CELO2_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, to_int(n, "all_reduce"), MPI_DOUBLE,
+                                  MPI_SUM, MPI_COMM_WORLD));
+    count("all_reduce", ring_all_reduce_bytes(n * 8));
+  }
+  void all_reduce_sum(float* data, int64_t n) override {
+    Guard g(this, "all_reduce");
+    CELO2_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, to_int(n, "all_reduce"), MPI_FLOAT,
+                                  MPI_SUM, MPI_COMM_WORLD));
+    count("all_reduce", ring_all_reduce_bytes(n * 4));
+  }
+  void reduce_scatter_sum(const float* send, float* recv,
+                          const std::vector<int64_t>& counts) override {
+    Guard g(this, "reduce_scatter");
+    const std::vector<int> c = ints(counts, "reduce_scatter");
+    CELO2_MPI_CHECK(MPI_Reduce_scatter(send, recv, c.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    count("reduce_scatter", ring_bytes(total(counts) * 4));
+  }
+  void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts) override {
+    Guard g(this, "all_gather");
+    const std::vector<int> c = ints(counts, "all_gather");
+    const std::vector<int> d = displs_of(c);
+    CELO2_MPI_CHECK(MPI_Allgatherv(send, c[rank_], MPI_FLOAT, recv, c.data(), d.data(),
+                                   MPI_FLOAT, MPI_COMM_WORLD));
+    count("all_gather", ring_bytes(total(counts) * 4));
+  }
+  void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
+                    const std::vector<int64_t>& recv_counts) override {
+    Guard g(this, "all_to_all");
+    const std::vector<int> sc = ints(send_counts, "all_to_all"), rc = ints(recv_counts, "all_to_all");
+    const std::vector<int> sd = displs_of(sc), rd = displs_of(rc);
+    CELO2_MPI_CHECK(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_FLOAT, recv, rc.data(),
+                                  rd.data(), MPI_FLOAT, MPI_COMM_WORLD));
+    count("all_to_all", (total(send_counts) - send_counts[rank_]) * 4);
+  }
+  void broadcast(void* data, int64_t bytes, int root) override {
+    Guard g(this, "broadcast");
+    CELO2_MPI_CHECK(MPI_Bcast(data, to_int(bytes, "broadcast"), MPI_BYTE, root, MPI_COMM_WORLD));
+    count("broadcast", rank_ == root ? bytes : 0);
+  }
+  void barrier() override {
+    Guard g(this, "barrier");
+    CELO2_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+    count("barrier", 0);
+  }
+
+ private:
+  static int64_t total(const std::vector<int64_t>& v) {
+    int64_t s = 0;
+    for (int64_t x : v) s += x;
+    return s;
+  }
+  // Bytes each rank sends in a ring reduce-scatter or all-gather of `bytes` in all, and in a
+  // ring all-reduce (one of each): the usual algorithm-level volume.
+  int64_t ring_bytes(int64_t bytes) const { return bytes * (size_ - 1) / size_; }
+  int64_t ring_all_reduce_bytes(int64_t bytes) const { return 2 * ring_bytes(bytes); }
+
+  // Marks a collective in flight for the watchdog.
+  struct Guard {
+    MpiCommunicator* c;
+    Guard(MpiCommunicator* comm, const char* op) : c(comm) {
+      c->op_.store(op);
+      c->since_.store(now_s());
+    }
+    ~Guard() { c->since_.store(0.0); }
+  };
+  static double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  void watch() {
+    std::unique_lock<std::mutex> lk(mu_);
+    while (!stop_) {
+      cv_.wait_for(lk, std::chrono::milliseconds(500));
+      const double since = since_.load();
+      if (since > 0 && now_s() - since > timeout_) {
+        std::fprintf(stderr,
+                     "celo2: rank %d of %d: %s did not complete within %.0f s: a peer rank "
+                     "died or hung (CELO2_COMM_TIMEOUT_S). Exiting.\n",
+                     rank_, size_, op_.load(), timeout_);
+        std::fflush(stderr);
+        std::_Exit(75);
+      }
+    }
+  }
+
+  int rank_ = 0, size_ = 1;
+  double timeout_ = 0;
+  std::atomic<double> since_{0.0};
+  std::atomic<const char*> op_{""};
+  std::thread watchdog_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_mpi_communicator() { return std::make_unique<MpiCommunicator>(); }
+
+}  // namespace celo2

@@ -1,0 +1,255 @@
+// The sharded engine under mpirun -np W (W = 1..5): the same answer as the single-process
+// Optimizer, checkpoints across world sizes, global NaN decisions. Run by CTest through
+// mpirun; every rank runs every test and a failure on any rank fails the run.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+
+#include "celo2/engine.h"
+#include "celo2/flax_msgpack.h"
+
+namespace celo2 {
+namespace {
+
+std::shared_ptr<Communicator> g_comm;
+
+// A model where matrices cross slice boundaries, some ranks hold no element of a tensor,
+// tensors are smaller than W, and 3-d/4-d tensors are present.
+struct Model {
+  std::vector<std::string> names = {"embed/table", "layer0/attn/w", "layer0/attn/b", "scalar",
+                                    "layer0/mlp/w", "conv/k",       "norm/scale",    "tiny/w",
+                                    "head/w",       "cube"};
+  std::vector<std::vector<int64_t>> shapes = {{23, 8}, {8, 24}, {24}, {}, {24, 37},
+                                              {5, 3, 3, 4}, {8}, {2, 1}, {37, 23}, {3, 4, 5}};
+  std::vector<std::vector<float>> p, g;
+  explicit Model(uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd(0, 1);
+    for (auto& s : shapes) {
+      int64_t n = 1;
+      for (auto d : s) n *= d;
+      std::vector<float> v(n);
+      for (auto& x : v) x = nd(rng) * 0.5f;
+      p.push_back(v);
+      g.push_back(std::vector<float>(n, 0.0f));
+    }
+  }
+  template <class Opt>
+  void register_with(Opt& opt) {
+    for (size_t i = 0; i < names.size(); ++i) opt.add_tensor(names[i], shapes[i], p[i].data(), g[i].data());
+  }
+  void fill_grads(int step, int rank = -1) {
+    std::mt19937_64 rng(1000 + step + (rank + 1) * 7919);
+    std::normal_distribution<float> nd(0, 1);
+    for (auto& v : g)
+      for (auto& x : v) x = nd(rng) * (step % 2 ? 1e-2f : 1.0f);
+  }
+};
+
+OptimizerOptions options() {
+  OptimizerOptions o;
+  o.theta = Theta::random(o.rule, 11);
+  o.schedule = Schedule::parse("cosine:lr=1e-2,warmup=2,total=20,final=0.1");
+  o.weight_decay = 0.01;
+  o.rules = LabelRules::parse("re:^tiny => celo2; ndim<=1 => adamw; re:embed => adamw; * => celo2");
+  return o;
+}
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
+  double m = 0, s = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    m = std::max(m, std::fabs(static_cast<double>(got[i]) - want[i]));
+    s += static_cast<double>(want[i]) * want[i];
+  }
+  return m / std::max(std::sqrt(s / std::max<size_t>(1, want.size())), 1e-30);
+}
+
+void expect_same(const Model& a, const Model& b, double tol, const std::string& what) {
+  int identical = 0;
+  for (size_t i = 0; i < a.p.size(); ++i) {
+    // Compare the updates (params moved from the common start), the stricter measure.
+    EXPECT_LE(rel_err(a.p[i], b.p[i]), tol) << what << " tensor " << a.names[i];
+    identical += a.p[i] == b.p[i];
+  }
+  if (g_comm->rank() == 0)
+    std::printf("[W=%d] %s: %d of %zu tensors bitwise identical\n", g_comm->size(), what.c_str(),
+                identical, a.p.size());
+}
+
+OptimizerOptions with_rule(OptimizerOptions o, const RuleConfig& rule) {
+  o.rule = rule;
+  o.theta = Theta::random(rule, 11);
+  return o;
+}
+
+class EngineVsOptimizer : public ::testing::TestWithParam<int> {};
+
+TEST_P(EngineVsOptimizer, SameParametersEveryStep) {
+  RuleConfig rule;
+  switch (GetParam()) {
+    case 1: rule = RuleConfig::celo2_base(); break;
+    case 2: rule.aggregate_mag = true; rule.exp_mult = 0.3f; rule.param_scale_mult = true; break;
+    case 3: rule.bias_correction = true; rule.precondition_output = true; break;
+    default: break;
+  }
+  const OptimizerOptions o = with_rule(options(), rule);
+  Model ref(1), dist(1);
+  Optimizer opt(o);
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = o;
+  eo.grad_mode = GradMode::kReduced;
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  for (int s = 0; s < 4; ++s) {
+    ref.fill_grads(s);
+    dist.fill_grads(s);
+    opt.step();
+    eng.step();
+    // The spec's bound for a sharded step: max|err|/RMS <= 1e-6 per tensor.
+    expect_same(dist, ref, 1e-6, "variant " + std::to_string(GetParam()) + " step " + std::to_string(s));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, EngineVsOptimizer, ::testing::Values(0, 1, 2, 3));
+
+TEST(Engine, DataParallelGradientsAreAveraged) {
+  // Each rank passes its own gradients; the engine's average equals the Optimizer fed the
+  // mean of all ranks' gradients (summation order differs: a float-rounding bound).
+  const int W = g_comm->size();
+  Model ref(2), dist(2);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  for (int s = 0; s < 3; ++s) {
+    dist.fill_grads(s, g_comm->rank());
+    std::vector<std::vector<float>> mean(ref.g.size());
+    for (int r = 0; r < W; ++r) {
+      Model tmp(2);
+      tmp.fill_grads(s, r);
+      for (size_t i = 0; i < mean.size(); ++i) {
+        mean[i].resize(tmp.g[i].size(), 0.0f);
+        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
+      }
+    }
+    ref.g = mean;
+    opt.step();
+    eng.step();
+    expect_same(dist, ref, 1e-4, "data-parallel step " + std::to_string(s));
+  }
+}
+
+TEST(Engine, NanOnOneRankSkipsEverywhere) {
+  Model m(3);
+  EngineOptions eo;
+  eo.opt = options();
+  Engine eng(eo, g_comm);
+  m.register_with(eng);
+  m.fill_grads(0, g_comm->rank());
+  eng.step();
+  auto before = m.p;
+  m.fill_grads(1, g_comm->rank());
+  if (g_comm->rank() == g_comm->size() - 1) m.g[4][7] = std::nanf("");
+  const StepReport r = eng.step();
+  EXPECT_TRUE(r.skipped);
+  EXPECT_EQ(r.nonfinite, 1);
+  EXPECT_EQ(m.p, before);
+  EXPECT_EQ(eng.skipped_steps(), 1);
+}
+
+TEST(Engine, OwnersAreBalancedAndReported) {
+  Model m(4);
+  EngineOptions eo;
+  eo.opt = options();
+  Engine eng(eo, g_comm);
+  m.register_with(eng);
+  const OwnerPlan& plan = eng.owner_plan();
+  EXPECT_EQ(plan.load.size(), static_cast<size_t>(g_comm->size()));
+  EXPECT_GE(plan.imbalance, 1.0);
+  m.fill_grads(0);
+  eng.step();
+  const std::string rep = eng.plan_report();
+  EXPECT_NE(rep.find("imbalance"), std::string::npos);
+  if (g_comm->size() > 1) EXPECT_GT(eng.last_phase_stats().bytes.at("gather"), 0);
+}
+
+// Checkpoint across world sizes: CELO2_CKPT_PHASE=save writes after 3 steps;
+// CELO2_CKPT_PHASE=load (another W) resumes and must match an uninterrupted run.
+TEST(Engine, CheckpointAcrossWorldSizes) {
+  const char* phase = std::getenv("CELO2_CKPT_PHASE");
+  const char* path = std::getenv("CELO2_CKPT_PATH");
+  if (!phase || !path) GTEST_SKIP() << "CELO2_CKPT_PHASE/PATH not set (run by the CTest fixture)";
+  EngineOptions eo;
+  eo.opt = options();
+  eo.grad_mode = GradMode::kReduced;
+  Model dist(5);
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  if (std::string(phase) == "save") {
+    for (int s = 0; s < 3; ++s) {
+      dist.fill_grads(s);
+      eng.step();
+    }
+    eng.save_state(path);
+    // Parameters are the trainer's to checkpoint; this test stores them beside the state.
+    if (g_comm->rank() == 0) {
+      FILE* f = std::fopen((std::string(path) + ".params").c_str(), "wb");
+      ASSERT_NE(f, nullptr);
+      for (auto& v : dist.p) std::fwrite(v.data(), sizeof(float), v.size(), f);
+      std::fclose(f);
+    }
+    return;
+  }
+  FILE* f = std::fopen((std::string(path) + ".params").c_str(), "rb");
+  ASSERT_NE(f, nullptr);
+  for (auto& v : dist.p) ASSERT_EQ(std::fread(v.data(), sizeof(float), v.size(), f), v.size());
+  std::fclose(f);
+  eng.load_state(path);
+  EXPECT_EQ(eng.step_count(), 3);
+  Model ref(5);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  for (int s = 0; s < 6; ++s) {
+    ref.fill_grads(s);
+    opt.step();
+    if (s >= 3) {
+      dist.fill_grads(s);
+      eng.step();
+    }
+  }
+  expect_same(dist, ref, 1e-6, "resumed on a different world size");
+  // A corrupt checkpoint is refused on every rank and nothing changes.
+  const std::string bad = std::string(path) + ".bad";
+  if (g_comm->rank() == 0) {
+    std::vector<uint8_t> b = flax::read_file(path);
+    b[b.size() / 2] ^= 1;
+    flax::write_file_atomic(bad, b);
+  }
+  g_comm->barrier();
+  auto before = dist.p;
+  EXPECT_THROW(eng.load_state(bad), flax::FormatError);
+  EXPECT_EQ(eng.step_count(), 6);
+  EXPECT_EQ(dist.p, before);
+}
+
+}  // namespace
+}  // namespace celo2
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  celo2::g_comm = celo2::make_communicator("auto");
+  if (celo2::g_comm->rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  const int rc = RUN_ALL_TESTS();
+  celo2::g_comm->barrier();
+  celo2::g_comm.reset();
+  return rc;
+}
