@@ -1,6 +1,6 @@
 // celo2-tool: operator utilities that need no running job.
 //   celo2-tool theta info FILE [--json]   what a theta.state holds, or why it is unusable
-//   celo2-tool golden FILE... [--engine local|reference] [--tol T] [--verbose]
+//   celo2-tool golden FILE... [--engine local|reference|sharded] [--tol T] [--verbose]
 //                                         check an engine against golden vectors
 // Every failure is one line on stderr and a non-zero exit status, so scripts can rely on it.
 #include <CLI/CLI.hpp>
@@ -181,8 +181,9 @@ int main(int argc, char** argv) {
       ->required();
   golden
       ->add_option("--engine", engine,
-                   "local: the fast CPU engine; reference: the spec's reference rule")
-      ->check(CLI::IsMember({"local", "reference"}))
+                   "local: the fast CPU engine; reference: the spec's reference rule; "
+                   "sharded: the MPI-sharded engine (run under mpirun -np N)")
+      ->check(CLI::IsMember({"local", "reference", "sharded"}))
       ->capture_default_str();
   golden->add_option("--tol", tol, "Max |error| / RMS(expected) per tensor")
       ->check(CLI::PositiveNumber)
@@ -194,8 +195,9 @@ int main(int argc, char** argv) {
   try {
     if (info->parsed()) return celo2::theta_info(theta_file, json);
     if (golden->parsed()) {
-      const auto which =
-          engine == "reference" ? celo2::GoldenEngine::kReference : celo2::GoldenEngine::kFast;
+      const auto which = engine == "reference" ? celo2::GoldenEngine::kReference
+                         : engine == "sharded" ? celo2::GoldenEngine::kSharded
+                                               : celo2::GoldenEngine::kFast;
       return celo2::run_golden_cli(golden_files, tol, verbose, which);
     }
   } catch (const std::exception& e) {

@@ -94,12 +94,25 @@ int run(int argc, char** argv) {
   app.add_flag("--eval", eval, "report the test accuracy on t10k at the end");
   app.add_option("--layers", layers_text, "MLP sizes in,hidden...,classes (in: 64 or 784)")
       ->capture_default_str();
+  std::string comm_kind = "auto";
+  app.add_option("--comm", comm_kind,
+                 "none (single-process Optimizer) | auto | local | mpi (sharded Engine)")
+      ->capture_default_str();
   app.add_option("--data-dir", data_dir,
                  "Fashion-MNIST directory (default $CELO2_FASHION_MNIST_DIR or "
                  "/usr/share/datasets/fashion-mnist)");
   CLI11_PARSE(app, argc, argv);
 
   using namespace celo2;
+  // --comm none: the single-process Optimizer; otherwise the sharded Engine (one rank
+  // unless launched by mpirun/srun).
+  std::shared_ptr<Communicator> comm;
+  if (comm_kind != "none") comm = make_communicator(comm_kind);
+  const bool root = !comm || comm->rank() == 0;
+  if (!root && !std::freopen("/dev/null", "w", stdout)) return 1;  // rank 0 speaks
+  if (comm)
+    std::printf("engine: %s communicator, %d rank(s), data-parallel (each rank its own batches)\n",
+                comm->backend().c_str(), comm->size());
   train::Recipe recipe;
   recipe.kind = train::parse_optimizer_kind(optimizer);
   recipe.theta_path = theta_path;
@@ -142,8 +155,8 @@ int run(int argc, char** argv) {
   topts.seed = seed;
   topts.log_every = log_every;
   train::TrainHooks hooks;
-  hooks.on_ready = [](const Optimizer& opt) {
-    std::printf("routing table:\n%s\n", opt.routing_table().c_str());
+  hooks.on_ready = [](const std::string& table) {
+    std::printf("routing table:\n%s\n", table.c_str());
     std::fflush(stdout);
   };
   hooks.on_log = [](const train::LogEvent& e) {
@@ -156,7 +169,8 @@ int run(int argc, char** argv) {
                  static_cast<long long>(r.nonfinite));
   };
   const train::TrainResult res =
-      train::train_mlp(train_set, task, std::move(options), topts, hooks);
+      train::train_mlp(train_set, task, std::move(options), topts, hooks, comm);
+  if (!root) return 0;
 
   if (!csv_path.empty()) {
     std::ofstream csv(csv_path);

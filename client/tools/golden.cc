@@ -7,12 +7,63 @@
 #include <map>
 #include <stdexcept>
 
+#include "celo2/engine.h"
 #include "celo2/flax_msgpack.h"
 #include "celo2/optimizer.h"
 #include "celo2/rule.h"
 #include "celo2/theta_io.h"
 
 namespace celo2 {
+namespace {
+
+double rel_error(const float* got, const float* want, int64_t n);
+
+std::shared_ptr<Communicator>& golden_comm() {
+  static std::shared_ptr<Communicator> comm;
+  if (!comm) comm = make_communicator("auto");
+  return comm;
+}
+
+// The raw Celo2 step of every tensor through the sharded Engine: every tensor labelled
+// celo2, no weight decay, lr = 1024 (a power of two, so u = (p_before − p_after)/1024 loses
+// only the rounding of p_after, ~6e-8 relative to u).
+GoldenResult run_rule_sharded(const flax::Value& d, GoldenResult r) {
+  EngineOptions eo;
+  eo.opt.rule = config_from_value(d.at("config"));
+  eo.opt.theta = theta_from_value(d.at("theta"), eo.opt.rule);
+  eo.opt.rules = LabelRules::all_celo2();
+  eo.grad_mode = GradMode::kReduced;
+  Engine eng(eo, golden_comm());
+  std::map<std::string, std::vector<float>> params, grads;
+  for (const auto& [name, v] : d.at("initial_params").map) {
+    params[name] = v.as_array().data;
+    grads[name].assign(params[name].size(), 0.0f);
+    eng.add_tensor(name, v.as_array().shape, params[name].data(), grads[name].data());
+  }
+  constexpr double kLr = 1024.0;
+  const flax::Value& steps = d.at("steps");
+  for (size_t k = 0; k < steps.map.size(); ++k) {
+    const flax::Value& s = steps.at(std::to_string(k));
+    std::map<std::string, std::vector<float>> before = params;
+    for (auto& [name, g] : grads) g = s.at("grads").at(name).as_array().data;
+    if (eng.step_with_lr(kLr).skipped) throw std::runtime_error("step skipped");
+    for (auto& [name, p] : params) {
+      const flax::NdArray& want = s.at("celo2_step").at(name).as_array();
+      std::vector<float> u(p.size());
+      for (size_t i = 0; i < p.size(); ++i)
+        u[i] = static_cast<float>((static_cast<double>(before[name][i]) - p[i]) / kLr);
+      const double e = rel_error(u.data(), want.data.data(), static_cast<int64_t>(u.size()));
+      r.checks.push_back({name, static_cast<int>(k), e});
+      if (!(e <= r.worst)) r.worst = e;
+      for (size_t i = 0; i < p.size(); ++i)
+        p[i] = static_cast<float>(static_cast<double>(before[name][i]) - 0.01 * want.data[i]);
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
 namespace {
 
 double rel_error(const float* got, const float* want, int64_t n) {
@@ -80,15 +131,28 @@ GoldenResult run_optimizer(const flax::Value& d, GoldenEngine engine, GoldenResu
   for (const auto& [name, label] : d.at("labels").map)
     rules += "re:^" + RE2::QuoteMeta(name) + "$ => " + label.as_string() + "\n";
   o.rules = LabelRules::parse(rules);
-  Optimizer opt(o);
+  std::unique_ptr<Optimizer> single;
+  std::unique_ptr<Engine> sharded;
+  if (engine == GoldenEngine::kSharded) {
+    EngineOptions eo;
+    eo.opt = o;
+    eo.grad_mode = GradMode::kReduced;
+    sharded = std::make_unique<Engine>(eo, golden_comm());
+  } else {
+    single = std::make_unique<Optimizer>(o);
+  }
   std::map<std::string, std::vector<float>> params, grads;
   for (const auto& [name, v] : d.at("initial_params").map) {
     params[name] = v.as_array().data;
     grads[name].assign(params[name].size(), 0.0f);
   }
+  auto add = [&](const std::string& name, const std::vector<int64_t>& shape, float* p, const float* g) {
+    if (sharded) sharded->add_tensor(name, shape, p, g);
+    else single->add_tensor(name, shape, p, g);
+  };
   // Registration order: the file's (sorted) order; labels come from the file, not the order.
   for (const auto& [name, v] : d.at("initial_params").map)
-    opt.add_tensor(name, v.as_array().shape, params[name].data(), grads[name].data());
+    add(name, v.as_array().shape, params[name].data(), grads[name].data());
   const flax::Value& steps = d.at("steps");
   for (size_t k = 0; k < steps.map.size(); ++k) {
     const flax::Value& s = steps.at(std::to_string(k));
@@ -98,7 +162,8 @@ GoldenResult run_optimizer(const flax::Value& d, GoldenEngine engine, GoldenResu
       if (a.data.size() != g.size()) throw std::runtime_error(name + ": grads do not match params");
       g = a.data;
     }
-    const StepReport rep = opt.step_with_lr(s.at("lr").as_number());
+    const double lr = s.at("lr").as_number();
+    const StepReport rep = sharded ? sharded->step_with_lr(lr) : single->step_with_lr(lr);
     if (rep.skipped) throw std::runtime_error("step " + std::to_string(k) + " was skipped");
     for (auto& [name, p] : params) {
       const flax::NdArray& want = s.at("params_after").at(name).as_array();
@@ -124,7 +189,9 @@ GoldenResult run_golden_file(const std::string& path, GoldenEngine engine) {
   GoldenResult r;
   r.path = path;
   r.format = d.at("format").as_string();
-  if (r.format == "celo2-golden-rule/1") return run_rule(d, engine, std::move(r));
+  if (r.format == "celo2-golden-rule/1")
+    return engine == GoldenEngine::kSharded ? run_rule_sharded(d, std::move(r))
+                                            : run_rule(d, engine, std::move(r));
   if (r.format == "celo2-golden-optimizer/1") return run_optimizer(d, engine, std::move(r));
   throw std::runtime_error(path + ": unknown golden format '" + r.format + "'");
 }
@@ -132,6 +199,12 @@ GoldenResult run_golden_file(const std::string& path, GoldenEngine engine) {
 int run_golden_cli(const std::vector<std::string>& files, double tol, bool verbose,
                    GoldenEngine engine) {
   int failed = 0;
+  // Under mpirun every rank checks its own result; rank 0 prints.
+  const bool quiet = engine == GoldenEngine::kSharded && golden_comm()->rank() != 0;
+  if (quiet && !std::freopen("/dev/null", "w", stdout)) return 1;
+  if (engine == GoldenEngine::kSharded)
+    std::printf("sharded engine: %s communicator, %d rank(s)\n", golden_comm()->backend().c_str(),
+                golden_comm()->size());
   for (const std::string& f : files) {
     try {
       const GoldenResult r = run_golden_file(f, engine);

@@ -11,7 +11,9 @@
 
 namespace celo2 {
 
-enum class GoldenEngine { kFast, kReference };
+// kFast: the fused CPU rule / Optimizer; kReference: the plain double-precision reference;
+// kSharded: the sharded Engine over make_communicator("auto") (run it under mpirun -np N).
+enum class GoldenEngine { kFast, kReference, kSharded };
 
 struct GoldenCheck {
   std::string tensor;

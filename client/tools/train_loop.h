@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "celo2/engine.h"
 #include "celo2/optimizer.h"
 #include "celo2/theta_io.h"
 #include "fashion_mnist.h"
@@ -128,29 +129,44 @@ struct TrainResult {
 };
 
 struct TrainHooks {
-  std::function<void(const Optimizer&)> on_ready;  // tensors registered, before step 1
+  std::function<void(const std::string&)> on_ready;  // routing table, before step 1
   std::function<void(const LogEvent&)> on_log;     // every log_every steps and at the end
   std::function<void(const StepReport&)> on_skip;  // a step the optimizer skipped
 };
 
 // Trains `task` for t.steps updates on batches of `data` drawn with sampler_seed(t.seed).
+// Without a communicator: the single-process Optimizer. With one: the sharded Engine,
+// data-parallel — every rank draws its own batches (sampler seed + rank), the engine
+// averages the gradients, and the losses reported are the mean over ranks.
 inline TrainResult train_mlp(const data::Dataset& data, data::MlpTask& task,
                              OptimizerOptions options, const TrainOptions& t,
-                             const TrainHooks& hooks = {}) {
+                             const TrainHooks& hooks = {},
+                             std::shared_ptr<Communicator> comm = nullptr) {
   if (data.dim != task.input_dim()) {
     throw std::invalid_argument("train_mlp: data has dim " + std::to_string(data.dim) +
                                 ", the model's input is " + std::to_string(task.input_dim()));
   }
   if (t.steps < 0) throw std::invalid_argument("train_mlp: steps must be >= 0");
-  Optimizer opt(std::move(options));
+  std::unique_ptr<Optimizer> single;
+  std::unique_ptr<Engine> engine;
+  if (comm) {
+    EngineOptions eo;
+    eo.opt = std::move(options);
+    eo.grad_mode = GradMode::kLocal;
+    engine = std::make_unique<Engine>(std::move(eo), comm);
+  } else {
+    single = std::make_unique<Optimizer>(std::move(options));
+  }
   for (int i = 0; i < task.num_tensors(); ++i) {
-    opt.add_tensor(task.name(i), task.shape(i), task.params(i), task.grads(i));
+    if (engine) engine->add_tensor(task.name(i), task.shape(i), task.params(i), task.grads(i));
+    else single->add_tensor(task.name(i), task.shape(i), task.params(i), task.grads(i));
   }
   TrainResult result;
-  result.routing_table = opt.routing_table();
-  if (hooks.on_ready) hooks.on_ready(opt);
+  result.routing_table = engine ? engine->routing_table() : single->routing_table();
+  if (hooks.on_ready) hooks.on_ready(result.routing_table);
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
 
-  data::BatchSampler sampler(data.n, t.batch, sampler_seed(t.seed));
+  data::BatchSampler sampler(data.n, t.batch, sampler_seed(t.seed) + static_cast<uint64_t>(rank));
   std::vector<float> x(static_cast<size_t>(t.batch) * data.dim);
   std::vector<int> y(static_cast<size_t>(t.batch));
   result.losses.reserve(static_cast<size_t>(t.steps));
@@ -161,7 +177,7 @@ inline TrainResult train_mlp(const data::Dataset& data, data::MlpTask& task,
     sampler.next(data, x.data(), y.data());
     const float loss = task.loss_and_grad(x.data(), y.data(), t.batch);
     result.losses.push_back(loss);
-    const StepReport rep = opt.step();
+    const StepReport rep = engine ? engine->step() : single->step();
     result.nonfinite_entries += rep.nonfinite;
     if (rep.skipped) {
       ++result.skipped_steps;
@@ -170,12 +186,20 @@ inline TrainResult train_mlp(const data::Dataset& data, data::MlpTask& task,
     window_sum += loss;
     ++window_n;
     if (hooks.on_log && t.log_every > 0 && (s % t.log_every == 0 || s == t.steps)) {
+      if (comm && world > 1) {
+        comm->all_reduce_sum(&window_sum, 1);
+        window_sum /= world;
+      }
       hooks.on_log({s, window_sum / static_cast<double>(window_n), rep.lr, result.skipped_steps});
       window_sum = 0.0;
       window_n = 0;
     }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (comm && world > 1) {  // report the mean loss over ranks
+    comm->all_reduce_sum(result.losses.data(), static_cast<int64_t>(result.losses.size()));
+    for (float& l : result.losses) l /= static_cast<float>(world);
+  }
   return result;
 }
 
