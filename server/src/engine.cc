@@ -98,6 +98,46 @@ int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
 
 }  // namespace
 
+OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
+                      const std::vector<double>& cost, int64_t total, int W) {
+  auto cut = [&](int k) { return total * k / W; };
+  std::vector<size_t> order(flat.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost[a] > cost[b]; });
+  double total_cost = 0, max_cost = 0;
+  for (double c : cost) {
+    total_cost += c;
+    max_cost = std::max(max_cost, c);
+  }
+  constexpr double kOwnerSlack = 1.10;
+  const double capacity = std::max(kOwnerSlack * total_cost / W, max_cost);
+  OwnerPlan plan;
+  plan.load.assign(W, 0.0);
+  plan.owner.assign(flat.size(), 0);
+  for (size_t idx : order) {
+    // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
+    const int first = static_cast<int>(std::min<int64_t>(W - 1, flat[idx].first * W / std::max<int64_t>(total, 1)));
+    int best = -1;
+    int64_t best_overlap = 0;
+    for (int k = std::max(0, first - 1); k < W && cut(k) < flat[idx].second; ++k) {
+      int64_t lo = 0;
+      const int64_t ov = overlap(flat[idx].first, flat[idx].second, cut(k), cut(k + 1), &lo);
+      if (ov > best_overlap && plan.load[k] + cost[idx] <= capacity) {
+        best = k;
+        best_overlap = ov;
+      }
+    }
+    if (best < 0)
+      best = static_cast<int>(std::min_element(plan.load.begin(), plan.load.end()) - plan.load.begin());
+    plan.owner[idx] = best;
+    plan.load[best] += cost[idx];
+  }
+  plan.imbalance = total_cost > 0
+      ? *std::max_element(plan.load.begin(), plan.load.end()) / (total_cost / W)
+      : 1.0;
+  return plan;
+}
+
 Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
     : opts_(std::move(options)), comm_(std::move(comm)) {
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
@@ -182,23 +222,16 @@ void Engine::build_plan() {
       matrices_.push_back(m);
     }
   }
-  std::vector<size_t> order(matrices_.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return matrices_[a].cost > matrices_[b].cost; });
-  owners_.load.assign(W, 0.0);
-  owners_.owner.assign(matrices_.size(), 0);
-  for (size_t idx : order) {
-    const int best = static_cast<int>(
-        std::min_element(owners_.load.begin(), owners_.load.end()) - owners_.load.begin());
-    matrices_[idx].owner = best;
-    owners_.owner[idx] = best;
-    owners_.load[best] += matrices_[idx].cost;
+  {
+    std::vector<std::pair<int64_t, int64_t>> flat;
+    std::vector<double> cost;
+    for (const auto& m : matrices_) {
+      flat.emplace_back(m.flat_lo, m.flat_hi);
+      cost.push_back(m.cost);
+    }
+    owners_ = plan_owners(flat, cost, total_, W);
+    for (size_t i = 0; i < matrices_.size(); ++i) matrices_[i].owner = owners_.owner[i];
   }
-  const double total_load = std::accumulate(owners_.load.begin(), owners_.load.end(), 0.0);
-  owners_.imbalance = total_load > 0
-      ? *std::max_element(owners_.load.begin(), owners_.load.end()) / (total_load / W)
-      : 1.0;
   // All-to-all layout: send grouped by destination, then matrix order; receive grouped by
   // source, then matrix order. The reverse exchange uses the same layouts swapped.
   a2a_send_counts_.assign(W, 0);
@@ -213,6 +246,30 @@ void Engine::build_plan() {
       owned_floats_ += m.flat_hi - m.flat_lo;
       for (int s = 0; s < W; ++s) a2a_recv_counts_[s] += overlap(m.flat_lo, m.flat_hi, cut(s), cut(s + 1), &lo);
     }
+  }
+  // Parameter all-gather pieces: each rank's slice without the Newton–Schulz matrices, plus
+  // the whole matrices it owns (merged path), or simply its slice.
+  merged_ = opts_.gather_params && !cfg.precondition_output;
+  gather_pieces_.assign(W, {});
+  gather_counts_.assign(W, 0);
+  std::vector<int> matrix_at_entry(entries_.size(), -1);
+  for (int k = 0; k < W; ++k) {
+    auto add_piece = [&](int entry, int64_t lo, int64_t n) {
+      if (n <= 0) return;
+      gather_pieces_[k].push_back({entry, lo, n});
+      gather_counts_[k] += n;
+    };
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = *entries_[i];
+      int64_t lo = 0;
+      const int64_t n = overlap(e.offset, e.offset + e.geo.numel, cut(k), cut(k + 1), &lo);
+      if (!n) continue;
+      if (merged_ && e.first_matrix >= 0) continue;  // matrices come from their owners
+      add_piece(static_cast<int>(i), lo - e.offset, n);
+    }
+    if (merged_)
+      for (const Matrix& m : matrices_)
+        if (m.owner == k) add_piece(m.entry, m.flat_lo - entries_[m.entry]->offset, m.flat_hi - m.flat_lo);
   }
   grad_local_.assign(mine, 0.0f);
   u_local_.assign(mine, 0.0f);
@@ -383,6 +440,7 @@ StepReport Engine::step_with_lr(double lr) {
 
   // 7b. Newton–Schulz at the owners.
   std::vector<double> mat_sq(matrices_.size(), 0.0);
+  double celo_usq_from_owners = 0.0;
   if (!matrices_.empty()) {
     phase_begin("newton_schulz");
     auto cut = [&](int k) { return total_ * k / W; };
@@ -418,7 +476,12 @@ StepReport Engine::step_with_lr(double lr) {
     std::vector<size_t> mine_idx;
     for (size_t i = 0; i < matrices_.size(); ++i)
       if (matrices_[i].owner == me) mine_idx.push_back(i);
-#pragma omp parallel if (mine_idx.size() > 1)
+    // Owners orthogonalize. On the merged path they also finish the step and update the
+    // parameters of the whole matrix (parameters are replicated), which reach every rank
+    // through the parameter all-gather.
+    const float flr_ns = static_cast<float>(lr), wd_ns = static_cast<float>(o.weight_decay);
+    double owner_usq = 0.0;
+#pragma omp parallel if (mine_idx.size() > 1) reduction(+ : owner_usq)
     {
       std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
@@ -427,20 +490,29 @@ StepReport Engine::step_with_lr(double lr) {
         const Entry& e = *entries_[m.entry];
         float* x = mat_buf_.data() + m.owned_off;
         newton_schulz(cfg, e.geo.mat_rows, e.geo.mat_cols, x, scratch);
-        if (cfg.normalize_output) {
-          Slice s;
-          s.lo = 0;
-          s.hi = e.geo.norm_size;
-          s.u = x;
-          phase_output_sumsq(e.geo, s, &mat_sq[mine_idx[t]], 0);
+        Slice s;
+        s.lo = 0;
+        s.hi = e.geo.norm_size;
+        s.u = x;
+        if (cfg.normalize_output) phase_output_sumsq(e.geo, s, &mat_sq[mine_idx[t]], 0);
+        if (merged_) {
+          const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
+          phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
+          float* p = e.params + m.group * e.geo.norm_size;
+          for (int64_t i = 0; i < e.geo.norm_size; ++i) {
+            const float d = flr_ns * (x[i] + wd_ns * p[i]);
+            p[i] -= d;
+            owner_usq += static_cast<double>(d) * d;
+          }
         }
       }
     }
-    walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
-      std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
-    });
-    comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
-    {
+    celo_usq_from_owners = owner_usq;
+    if (!merged_) {
+      walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
+        std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
+      });
+      comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
       std::vector<int64_t> pos(W, 0);
       for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
       for (const Matrix& m : matrices_) {
@@ -450,18 +522,19 @@ StepReport Engine::step_with_lr(double lr) {
         std::memcpy(u_local_.data() + (lo - my_lo_), send_buf_.data() + pos[m.owner], n * sizeof(float));
         pos[m.owner] += n;
       }
+      if (cfg.normalize_output)
+        comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
     }
-    if (cfg.normalize_output) comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
     phase_end();
   }
 
   // 8. Output normalization and the update, locally.
   phase_begin("apply");
-  double usq[3] = {0, 0, 0};
+  double usq[3] = {celo_usq_from_owners, 0, 0};
   const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
   for (size_t k = 0; k < celo.size(); ++k) {
     Entry& e = *celo[k];
-    if (!e.len()) continue;
+    if (!e.len() || (merged_ && e.ns(cfg))) continue;  // owners updated those
     Slice s = e.slice(grad_local_.data(), u_local_.data());
     const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
     phase_finish(cfg, e.geo, sc[k], s, gsq);
@@ -503,16 +576,23 @@ StepReport Engine::step_with_lr(double lr) {
   for (int l = 0; l < 3; ++l) rep.update_rms[l] = cnt[l] ? std::sqrt(usq[l] / cnt[l]) : 0.0;
   phase_end();
 
-  // 9. Parameters all-gathered.
+  // 9. Parameters all-gathered: every rank contributes its pieces (gather_pieces_).
   if (opts_.gather_params && W > 1) {
     phase_begin("gather");
-    send_buf_.resize(std::max<size_t>(send_buf_.size(), mine));
-    for (auto& e : entries_)
-      if (e->len()) std::memcpy(send_buf_.data() + e->local_off, e->params + e->lo, e->len() * sizeof(float));
+    send_buf_.resize(std::max<size_t>(send_buf_.size(), gather_counts_[me]));
+    int64_t at = 0;
+    for (const Piece& pc : gather_pieces_[me]) {
+      std::memcpy(send_buf_.data() + at, entries_[pc.entry]->params + pc.lo, pc.n * sizeof(float));
+      at += pc.n;
+    }
     flat_buf_.resize(total_);
-    comm_->all_gather(send_buf_.data(), flat_buf_.data(), slice_counts_);
-    for (auto& e : entries_)
-      if (e->geo.numel) std::memcpy(e->params, flat_buf_.data() + e->offset, e->geo.numel * sizeof(float));
+    comm_->all_gather(send_buf_.data(), flat_buf_.data(), gather_counts_);
+    at = 0;
+    for (int k = 0; k < W; ++k)
+      for (const Piece& pc : gather_pieces_[k]) {
+        if (k != me) std::memcpy(entries_[pc.entry]->params + pc.lo, flat_buf_.data() + at, pc.n * sizeof(float));
+        at += pc.n;
+      }
     phase_end();
   }
   ++step_;

@@ -53,6 +53,14 @@ struct OwnerPlan {
   double imbalance = 1.0;             // max / mean load (1 = perfect)
 };
 
+// Owners of the Newton–Schulz matrices. Largest first; each goes to the rank that already
+// holds most of it (so that part never travels) unless that would push the rank's load past
+// 1.1× the balanced share (or the largest single cost), else to the least-loaded rank.
+// `flat` are the matrices' [lo, hi) ranges in the flat index space of `total` elements
+// split evenly over W ranks. Shared by the Engine and the communication model.
+OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
+                      const std::vector<double>& cost, int64_t total, int W);
+
 class Engine {
  public:
   Engine(EngineOptions options, std::shared_ptr<Communicator> comm);
@@ -113,6 +121,16 @@ class Engine {
   std::vector<int64_t> a2a_send_counts_, a2a_recv_counts_;
   int64_t owned_floats_ = 0;
   std::vector<float> grad_local_, u_local_, send_buf_, recv_buf_, mat_buf_, flat_buf_;
+  // The merged return path (gather_params without precondition_output): owners apply the
+  // update to whole matrices and contribute them to the parameter all-gather, so directions
+  // never travel back. Per rank: the (tensor, first element, count) pieces it contributes.
+  struct Piece {
+    int entry;
+    int64_t lo, n;
+  };
+  bool merged_ = false;
+  std::vector<std::vector<Piece>> gather_pieces_;
+  std::vector<int64_t> gather_counts_;
   int64_t step_ = 0, skipped_ = 0;
   PhaseStats stats_;
   const char* cur_phase_ = nullptr;
