@@ -1,0 +1,47 @@
+// The communication model of one sharded step: bytes each rank sends per phase (averaged
+// over ranks), by the same ring-algorithm accounting as the communicators (a reduce-scatter
+// or all-gather of B bytes in all costs each rank B·(W−1)/W; an all-reduce twice that; an
+// all-to-all what leaves the rank). Used for docs/DISTRIBUTED.md (GPT-3 XL on 8–512 ranks)
+// and validated against the engine's own counters under mpirun (tests/mpi).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "celo2/config.h"
+#include "celo2/labels.h"
+
+namespace celo2 {
+
+struct ModelTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  Label label = Label::kCelo2;
+};
+
+struct CommModel {
+  int world = 1;
+  int64_t elements = 0;
+  std::map<std::string, double> bytes;  // per phase, per rank (mean over ranks)
+  double celo2 = 0;                     // sum of the phases
+  double zero1_adamw = 0;               // reduce-scatter grads + all-gather params
+  double a2a_no_locality = 0;           // the all-to-all if owners ignored where data lives
+  double layerwise = 0;                 // whole tensors to owners: reduce + broadcast
+  double layerwise_state_imbalance = 1; // max/mean optimizer-state elements per rank
+  double ns_imbalance = 1;              // Newton–Schulz FLOPs max/mean (the engine's owners)
+  int64_t ns_matrices = 0;
+};
+
+// `gather_params`: the engine all-gathers parameters (merged return path unless
+// precondition_output).
+CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int world,
+                     bool gather_params = true);
+
+// A GPT-style tensor set (names as a Megatron-like trainer has them): token and position
+// embeddings (adamw), per layer LayerNorms and biases (adamw), qkv/proj/fc1/fc2 (celo2).
+std::vector<ModelTensor> gpt_tensors(int layers, int64_t d, int64_t ffn, int64_t vocab,
+                                     int64_t context);
+
+}  // namespace celo2

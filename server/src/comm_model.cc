@@ -1,0 +1,106 @@
+// The communication model (comm_model.h).
+#include "celo2/comm_model.h"
+
+#include <algorithm>
+
+#include "celo2/engine.h"
+#include "celo2/newton_schulz.h"
+#include "celo2/rule.h"
+
+namespace celo2 {
+
+CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int W,
+                     bool gather_params) {
+  CommModel m;
+  m.world = W;
+  const double f = W > 1 ? static_cast<double>(W - 1) / W : 0.0;
+  auto all_reduce = [&](double doubles) { return 2.0 * f * 8.0 * doubles; };
+  int64_t N = 0;
+  double stats = 1, sq = 0, small = 0;  // doubles in each all-reduce (+1: p²... per tensor)
+  stats = 0;
+  std::vector<std::pair<int64_t, int64_t>> flat;
+  std::vector<double> cost;
+  for (const ModelTensor& t : tensors) {
+    const Geometry g = Geometry::of(t.shape);
+    if (t.label == Label::kCelo2 && g.numel > 0) {
+      stats += (g.factored ? g.row_count + g.col_count : 0) + 1;
+      if (cfg.normalize_input) sq += static_cast<double>(g.norm_groups) * g.channels();
+      const bool ns = cfg.orthogonalize && g.factored;
+      small += 1 + (ns ? 0 : g.norm_groups);
+      if (ns)
+        for (int64_t k = 0; k < g.norm_groups; ++k) {
+          flat.emplace_back(N + k * g.norm_size, N + (k + 1) * g.norm_size);
+          cost.push_back(newton_schulz_flops(cfg, g.mat_rows, g.mat_cols));
+        }
+    }
+    N += g.numel;
+  }
+  m.elements = N;
+  m.ns_matrices = static_cast<int64_t>(flat.size());
+  const double bytesN = 4.0 * static_cast<double>(N);
+  m.bytes["grads"] = f * bytesN + all_reduce(4);
+  m.bytes["stats_reduce"] = all_reduce(stats);
+  m.bytes["features"] = cfg.normalize_input ? all_reduce(sq) : 0.0;
+  m.bytes["mlp"] = all_reduce(small);
+  // All-to-all: what of each matrix lies outside its owner's slice, averaged over ranks.
+  double moved = 0, ns_elems = 0;
+  if (!flat.empty()) {
+    const OwnerPlan plan = plan_owners(flat, cost, N, W);
+    m.ns_imbalance = plan.imbalance;
+    for (size_t i = 0; i < flat.size(); ++i) {
+      const int o = plan.owner[i];
+      const int64_t lo = N * o / W, hi = N * (o + 1) / W;
+      const int64_t inside = std::max<int64_t>(0, std::min(hi, flat[i].second) - std::max(lo, flat[i].first));
+      moved += static_cast<double>(flat[i].second - flat[i].first - inside);
+      ns_elems += static_cast<double>(flat[i].second - flat[i].first);
+    }
+  }
+  const bool merged = gather_params && !cfg.precondition_output;
+  const double a2a = 4.0 * moved / W;
+  m.a2a_no_locality = 4.0 * ns_elems * f;
+  m.bytes["newton_schulz"] = flat.empty() ? 0.0
+      : merged ? a2a
+               : 2.0 * a2a + (cfg.normalize_output ? all_reduce(static_cast<double>(flat.size())) : 0.0);
+  m.bytes["apply"] = all_reduce(3);
+  m.bytes["gather"] = gather_params ? f * bytesN : 0.0;
+  for (const auto& [k, v] : m.bytes) m.celo2 += v;
+  m.zero1_adamw = 2.0 * f * bytesN;
+  // Layer-wise: each tensor reduced to and broadcast from one owner (greedy by size): each
+  // rank sends about the tensor's bytes once in the reduce and once in the broadcast.
+  m.layerwise = W > 1 ? 2.0 * bytesN * f : 0.0;
+  std::vector<int64_t> sizes;
+  for (const ModelTensor& t : tensors) sizes.push_back(Geometry::of(t.shape).numel);
+  std::sort(sizes.rbegin(), sizes.rend());
+  std::vector<int64_t> load(W, 0);
+  for (int64_t s : sizes) *std::min_element(load.begin(), load.end()) += s;
+  m.layerwise_state_imbalance =
+      N > 0 ? static_cast<double>(*std::max_element(load.begin(), load.end())) / (static_cast<double>(N) / W) : 1.0;
+  return m;
+}
+
+std::vector<ModelTensor> gpt_tensors(int layers, int64_t d, int64_t ffn, int64_t vocab,
+                                     int64_t context) {
+  std::vector<ModelTensor> t;
+  t.push_back({"embed/tokens", {vocab, d}, Label::kAdamW});
+  t.push_back({"embed/positions", {context, d}, Label::kAdamW});
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    t.push_back({p + "ln1.weight", {d}, Label::kAdamW});
+    t.push_back({p + "ln1.bias", {d}, Label::kAdamW});
+    t.push_back({p + "attn.qkv.weight", {d, 3 * d}, Label::kCelo2});
+    t.push_back({p + "attn.qkv.bias", {3 * d}, Label::kAdamW});
+    t.push_back({p + "attn.proj.weight", {d, d}, Label::kCelo2});
+    t.push_back({p + "attn.proj.bias", {d}, Label::kAdamW});
+    t.push_back({p + "ln2.weight", {d}, Label::kAdamW});
+    t.push_back({p + "ln2.bias", {d}, Label::kAdamW});
+    t.push_back({p + "mlp.fc1.weight", {d, ffn}, Label::kCelo2});
+    t.push_back({p + "mlp.fc1.bias", {ffn}, Label::kAdamW});
+    t.push_back({p + "mlp.fc2.weight", {ffn, d}, Label::kCelo2});
+    t.push_back({p + "mlp.fc2.bias", {d}, Label::kAdamW});
+  }
+  t.push_back({"ln_f.weight", {d}, Label::kAdamW});
+  t.push_back({"ln_f.bias", {d}, Label::kAdamW});
+  return t;
+}
+
+}  // namespace celo2
