@@ -154,6 +154,7 @@ Engine::~Engine() = default;
 
 size_t Engine::num_tensors() const { return entries_.size(); }
 Label Engine::label_of(size_t i) const { return entries_.at(i)->label; }
+int64_t Engine::offset_of(size_t i) const { return entries_.at(i)->offset; }
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                         const float* grads) {

@@ -145,6 +145,40 @@ TEST(Engine, DataParallelGradientsAreAveraged) {
   }
 }
 
+TEST(Engine, TrainerGathersParametersItself) {
+  // gather_params = false (Megatron's distributed optimizer): each rank updates its slice;
+  // the trainer all-gathers the flat parameters and gets the single-process result.
+  Model ref(6), dist(6);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  eo.grad_mode = GradMode::kReduced;
+  eo.gather_params = false;
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  const int W = g_comm->size();
+  for (int s = 0; s < 3; ++s) {
+    ref.fill_grads(s);
+    dist.fill_grads(s);
+    opt.step();
+    eng.step();
+    std::vector<float> flat;
+    for (auto& v : dist.p) flat.insert(flat.end(), v.begin(), v.end());
+    const int64_t N = static_cast<int64_t>(flat.size());
+    std::vector<int64_t> counts(W);
+    for (int k = 0; k < W; ++k) counts[k] = N * (k + 1) / W - N * k / W;
+    const auto [lo, hi] = eng.local_range();
+    ASSERT_EQ(hi - lo, counts[g_comm->rank()]);
+    std::vector<float> mine(flat.begin() + lo, flat.begin() + hi), all(N);
+    g_comm->all_gather(mine.data(), all.data(), counts);
+    for (size_t i = 0; i < dist.p.size(); ++i)
+      std::copy(all.begin() + eng.offset_of(i), all.begin() + eng.offset_of(i) + dist.p[i].size(),
+                dist.p[i].begin());
+    expect_same(dist, ref, 1e-6, "trainer-gathered step " + std::to_string(s));
+  }
+}
+
 TEST(Engine, NanOnOneRankSkipsEverywhere) {
   Model m(3);
   EngineOptions eo;

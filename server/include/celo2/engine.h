@@ -86,6 +86,11 @@ class Engine {
   void set_weight_decay(double wd) { opts_.opt.weight_decay = wd; }
   void set_mult_1d(double m) { opts_.opt.mult_1d = m; }
 
+  // This rank's slice [first, last) of the flat index space (tensors in registration
+  // order), and where a tensor starts in it: what a trainer that gathers parameters itself
+  // (gather_params = false) needs. Valid after the first step or owner_plan().
+  std::pair<int64_t, int64_t> local_range() const { return {my_lo_, my_hi_}; }
+  int64_t offset_of(size_t i) const;
   int rank() const { return comm_->rank(); }
   int world_size() const { return comm_->size(); }
   int64_t step_count() const { return step_; }
