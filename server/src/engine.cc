@@ -91,6 +91,28 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// A piece of one tensor's local slice: the unit of intra-rank parallel work. Pieces have a
+// fixed size (not a function of the thread count); their partial sums are combined in
+// piece order, in double, so results do not depend on the number of threads.
+struct WorkItem {
+  size_t k;             // index into the step's Celo2 tensors
+  int64_t lo, hi;       // tensor coordinates
+};
+constexpr int64_t kItemElems = int64_t{1} << 18;
+
+Slice sub_slice(Slice s, int64_t lo, int64_t hi) {
+  const int64_t d = lo - s.lo;
+  s.g += d;
+  s.p += d;
+  s.m += d;
+  s.rms += d;
+  if (s.v_diag) s.v_diag += d;
+  s.u += d;
+  s.lo = lo;
+  s.hi = hi;
+  return s;
+}
+
 int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
   *lo = std::max(a0, b0);
   return std::max<int64_t>(0, std::min(a1, b1) - *lo);
@@ -311,7 +333,6 @@ StepReport Engine::step_with_lr(double lr) {
   const OptimizerOptions& o = opts_.opt;
   const RuleConfig& cfg = o.rule;
   const int W = comm_->size(), me = comm_->rank();
-  const int64_t mine = my_hi_ - my_lo_;
   StepReport rep;
   rep.lr = lr;
 
@@ -379,15 +400,31 @@ StepReport Engine::step_with_lr(double lr) {
   std::vector<double> stat(stat_w, 0.0), sq(sq_w, 0.0), small(small_w, 0.0);
   std::vector<StepConstants> sc(celo.size());
   for (size_t k = 0; k < celo.size(); ++k) sc[k] = StepConstants::of(cfg, celo[k]->iteration);
-#pragma omp parallel for schedule(dynamic, 1) if (celo.size() > 1)
-  for (size_t k = 0; k < celo.size(); ++k) {
-    Entry& e = *celo[k];
-    if (!e.len()) continue;
-    double* base = stat.data() + e.stat_off;
-    phase_accumulate(cfg, e.geo, sc[k], e.slice(grad_local_.data(), u_local_.data()),
-                     e.geo.factored ? base : nullptr,
-                     e.geo.factored ? base + e.geo.row_count : nullptr,
-                     base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
+  std::vector<WorkItem> items;
+  for (size_t k = 0; k < celo.size(); ++k)
+    for (int64_t lo = celo[k]->lo; lo < celo[k]->hi; lo += kItemElems)
+      items.push_back({k, lo, std::min(celo[k]->hi, lo + kItemElems)});
+  auto stat_width = [](const Entry& e) {
+    return (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0) + 1;
+  };
+  {
+    std::vector<std::vector<double>> part(items.size());
+#pragma omp parallel for schedule(dynamic, 1) if (items.size() > 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const WorkItem& w = items[it];
+      Entry& e = *celo[w.k];
+      part[it].assign(stat_width(e), 0.0);
+      double* base = part[it].data();
+      phase_accumulate(cfg, e.geo, sc[w.k],
+                       sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi),
+                       e.geo.factored ? base : nullptr,
+                       e.geo.factored ? base + e.geo.row_count : nullptr,
+                       base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
+    }
+    for (size_t it = 0; it < items.size(); ++it) {
+      double* dst = stat.data() + celo[items[it].k]->stat_off;
+      for (size_t x = 0; x < part[it].size(); ++x) dst[x] += part[it][x];
+    }
   }
   phase_end();
 
@@ -406,24 +443,55 @@ StepReport Engine::step_with_lr(double lr) {
       phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, e.v_row.data(),
                             e.v_col.data(), e.tables);
     }
-    if (cfg.normalize_input && e.len())
-      phase_feature_sumsq(cfg, e.geo, sc[k], e.slice(grad_local_.data(), u_local_.data()),
-                          e.tables, sq.data() + e.sq_off, 0);
+  }
+  // Per item: partial sums over the normalization groups the item touches.
+  auto group_range = [](const Entry& e, const WorkItem& w) {
+    return std::pair<int64_t, int64_t>{w.lo / e.geo.norm_size, (w.hi - 1) / e.geo.norm_size + 1};
+  };
+  if (cfg.normalize_input) {
+    std::vector<std::vector<double>> part(items.size());
+#pragma omp parallel for schedule(dynamic, 1) if (items.size() > 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const WorkItem& w = items[it];
+      Entry& e = *celo[w.k];
+      const auto [g0, g1] = group_range(e, w);
+      part[it].assign((g1 - g0) * e.geo.channels(), 0.0);
+      phase_feature_sumsq(cfg, e.geo, sc[w.k],
+                          sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi),
+                          e.tables, part[it].data(), g0);
+    }
+    for (size_t it = 0; it < items.size(); ++it) {
+      const Entry& e = *celo[items[it].k];
+      double* dst = sq.data() + e.sq_off + group_range(e, items[it]).first * e.geo.channels();
+      for (size_t x = 0; x < part[it].size(); ++x) dst[x] += part[it][x];
+    }
   }
   if (cfg.normalize_input) comm_->all_reduce_sum(sq.data(), sq_w);
   phase_end();
 
   // 6. The MLP on local elements.
   phase_begin("mlp");
-#pragma omp parallel for schedule(dynamic, 1) if (celo.size() > 1)
-  for (size_t k = 0; k < celo.size(); ++k) {
-    Entry& e = *celo[k];
-    if (!e.len()) continue;
-    Slice s = e.slice(grad_local_.data(), u_local_.data());
-    phase_mlp(cfg, o.theta, e.geo, sc[k], s, e.tables, sq.data() + e.sq_off,
-              &small[e.small_off]);
-    if (!e.ns(cfg) && cfg.normalize_output)
-      phase_output_sumsq(e.geo, s, &small[e.small_off + 1], 0);
+  {
+    std::vector<std::vector<double>> part(items.size());
+#pragma omp parallel for schedule(dynamic, 1) if (items.size() > 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const WorkItem& w = items[it];
+      Entry& e = *celo[w.k];
+      const Slice s = sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi);
+      const auto [g0, g1] = group_range(e, w);
+      const bool out = !e.ns(cfg) && cfg.normalize_output;
+      part[it].assign(1 + (out ? g1 - g0 : 0), 0.0);
+      phase_mlp(cfg, o.theta, e.geo, sc[w.k], s, e.tables, sq.data() + e.sq_off, &part[it][0]);
+      if (out) phase_output_sumsq(e.geo, s, &part[it][1], g0);
+    }
+    for (size_t it = 0; it < items.size(); ++it) {
+      const Entry& e = *celo[items[it].k];
+      small[e.small_off] += part[it][0];
+      if (part[it].size() > 1) {
+        double* dst = &small[e.small_off + 1 + group_range(e, items[it]).first];
+        for (size_t x = 1; x < part[it].size(); ++x) dst[x - 1] += part[it][x];
+      }
+    }
   }
   // 7a. Tensor-wide magnitude and the output sums of squares of tensors without NS.
   comm_->all_reduce_sum(small.data(), small_w);
@@ -533,21 +601,27 @@ StepReport Engine::step_with_lr(double lr) {
   phase_begin("apply");
   double usq[3] = {celo_usq_from_owners, 0, 0};
   const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
-  for (size_t k = 0; k < celo.size(); ++k) {
-    Entry& e = *celo[k];
-    if (!e.len() || (merged_ && e.ns(cfg))) continue;  // owners updated those
-    Slice s = e.slice(grad_local_.data(), u_local_.data());
-    const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
-    phase_finish(cfg, e.geo, sc[k], s, gsq);
-    float* p = e.params + e.lo;
-    const float* u = s.u;
-    double acc = 0;
-    for (int64_t i = 0; i < e.len(); ++i) {
-      const float d = flr * (u[i] + wd * p[i]);
-      p[i] -= d;
-      acc += static_cast<double>(d) * d;
+  {
+    double acc_all = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : acc_all) if (items.size() > 1)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const WorkItem& w = items[it];
+      Entry& e = *celo[w.k];
+      if (merged_ && e.ns(cfg)) continue;  // owners updated those
+      const Slice s = sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi);
+      const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
+      phase_finish(cfg, e.geo, sc[w.k], s, gsq);
+      float* p = e.params + w.lo;
+      const float* u = s.u;
+      double acc = 0;
+      for (int64_t i = 0; i < w.hi - w.lo; ++i) {
+        const float d = flr * (u[i] + wd * p[i]);
+        p[i] -= d;
+        acc += static_cast<double>(d) * d;
+      }
+      acc_all += acc;
     }
-    usq[0] += acc;
+    usq[0] += acc_all;
   }
   for (auto& ep : entries_) {
     Entry& e = *ep;

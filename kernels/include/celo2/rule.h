@@ -96,6 +96,9 @@ struct Slice {
 struct FacTables {
   std::vector<ew::FacEntry> rows;  // row_count
   std::vector<ew::FacEntry> cols;  // col_count
+  // Structure-of-arrays copies (vectorized 2-D feature path), field-major: soa[(f * kFac + k) * count + idx],
+  // f = vhat, inv_sqrt, scale, scale_hat.
+  std::vector<float> rows_soa, cols_soa;
 };
 
 // Phase 1: clip g, update m, rms (and v_diag), and add q = g^2 + 1e-30 into row_sum/col_sum
