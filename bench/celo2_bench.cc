@@ -39,6 +39,8 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+
+#include "engine_bench.h"
 #include <nlohmann/json.hpp>
 
 #include "celo2/adamw.h"
@@ -345,7 +347,22 @@ int main(int argc, char** argv) {
   app.add_flag("--no-ns", o.no_ns,
                "skip Newton-Schulz (section 4, the orthogonalized rule, the NS-shaped sgemm)");
   app.add_option("--json", o.json_path, "write every number to this JSON file");
+  // The sharded engine's step on a GPT-shaped tensor set (bench/engine_bench.h); run it
+  // under mpirun -np W for the multi-rank numbers.
+  celo2::bench::EngineBenchOptions eb;
+  bool engine_mode = false;
+  app.add_flag("--engine", engine_mode,
+               "time the sharded engine's step on a GPT-shaped tensor set (~51M parameters), "
+               "per phase; run under mpirun -np W");
+  app.add_option("--engine-layers", eb.layers, "GPT layers of --engine")->capture_default_str();
+  app.add_option("--engine-d", eb.d, "GPT width of --engine")->capture_default_str();
+  app.add_option("--engine-steps", eb.steps, "timed steps of --engine")->capture_default_str();
+  app.add_flag("--engine-base", eb.base, "Celo2-base in --engine");
   CLI11_PARSE(app, argc, argv);
+  if (engine_mode) {
+    eb.ffn = 4 * eb.d;
+    return celo2::bench::run_engine_bench(eb);
+  }
   // Line-buffered even into a file, so a run cut short by a timeout keeps what it printed.
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   if (o.quick && app.count("--reps") == 0) o.reps = 3;
