@@ -13,6 +13,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
+  python3-torch python3-matplotlib fortunes
   dataset-fashion-mnist
 )
 missing=()
