@@ -14,7 +14,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
   python3-torch python3-matplotlib fortunes
-  dataset-fashion-mnist
+  dataset-fashion-mnist openssl
 )
 missing=()
 for p in "${packages[@]}"; do

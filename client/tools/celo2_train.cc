@@ -4,13 +4,18 @@
 // test accuracy. The same --seed gives the same initial weights and the same batches
 // whatever the optimizer, so runs compare like for like.
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
+
+#include "celo2/control.h"
 
 #include "fashion_mnist.h"
 #include "mlp_task.h"
@@ -101,7 +106,34 @@ int run(int argc, char** argv) {
   app.add_option("--data-dir", data_dir,
                  "Fashion-MNIST directory (default $CELO2_FASHION_MNIST_DIR or "
                  "/usr/share/datasets/fashion-mnist)");
+  // The control plane (celo2.v1.Control, driven by celo2ctl): rank 0 serves it, every rank
+  // applies its commands at the same step boundary.
+  celo2::ControlOptions control_opts;
+  std::string control_addr, control_log;
+  int step_sleep_ms = 0;
+  app.add_option("--control", control_addr,
+                 "serve the control plane at host:port (rank 0; port 0: any free port, printed); "
+                 "needs the sharded engine");
+  app.add_option("--control-token-file", control_opts.token_file,
+                 "bearer token for --control (default: $CELO2_CONTROL_TOKEN)");
+  app.add_option("--weights-root", control_opts.weights_root,
+                 "LoadWeights by path reads only files inside this directory");
+  app.add_option("--checkpoint-dir", control_opts.checkpoint_dir,
+                 "SaveCheckpoint writes into this directory");
+  app.add_option("--tls-cert", control_opts.tls_cert_file, "control plane TLS certificate (PEM)");
+  app.add_option("--tls-key", control_opts.tls_key_file, "control plane TLS key (PEM)");
+  app.add_option("--tls-client-ca", control_opts.tls_client_ca_file,
+                 "require client certificates signed by this CA (mutual TLS)");
+  app.add_option("--control-log", control_log,
+                 "also log each applied control change to this file ({rank} -> the rank)");
+  app.add_option("--step-sleep-ms", step_sleep_ms,
+                 "sleep before each step of the sharded engine (tests: slow a job down)")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
+  const bool with_control = !control_addr.empty();
+  control_opts.address = control_addr;
+  if (with_control && comm_kind == "none")
+    throw std::invalid_argument("--control needs the sharded engine (not --comm none)");
 
   using namespace celo2;
   // --comm none: the single-process Optimizer; otherwise the sharded Engine (one rank
@@ -168,8 +200,54 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "warning: step skipped (%lld non-finite gradient entries)\n",
                  static_cast<long long>(r.nonfinite));
   };
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> control_log_file(nullptr, &std::fclose);
+  std::unique_ptr<ControlPlane> control;  // after the log: destroyed first
+  if (with_control) {
+    const int rank = comm->rank();
+    if (!control_log.empty()) {
+      std::string path = control_log;
+      for (size_t at; (at = path.find("{rank}")) != std::string::npos;)
+        path.replace(at, 6, std::to_string(rank));
+      control_log_file.reset(std::fopen(path.c_str(), "w"));
+      if (!control_log_file) throw std::runtime_error(path + ": cannot open for writing");
+    }
+    // Every rank says what it applied and when: the same lines on every rank.
+    control_opts.on_applied = [rank, log = control_log_file.get()](const AppliedChange& c) {
+      char line[512];
+      std::snprintf(line, sizeof line, "rank %d applied %s v%lld at step %lld: %.300s\n", rank,
+                    c.setting.c_str(), static_cast<long long>(c.version),
+                    static_cast<long long>(c.step), c.detail.c_str());
+      std::fputs(line, stderr);
+      if (log) {
+        std::fputs(line, log);
+        std::fflush(log);
+      }
+    };
+    hooks.on_engine = [&](Engine& engine) {
+      std::vector<TensorDesc> tensors;
+      for (int i = 0; i < task.num_tensors(); ++i) tensors.push_back({task.name(i), task.shape(i)});
+      control = std::make_unique<ControlPlane>(control_opts, engine, std::move(tensors));
+      if (engine.rank() == 0) {
+        std::printf("control: listening on %s\n", control->address().c_str());
+        std::fflush(stdout);
+      }
+    };
+    hooks.after_step = [&](Engine& engine, const StepReport& r, float loss) {
+      double mean = loss;
+      if (engine.world_size() > 1) {
+        engine.comm().all_reduce_sum(&mean, 1);
+        mean /= engine.world_size();
+      }
+      control->publish(engine, r, mean);
+    };
+  }
+  hooks.before_step = [&](Engine& engine) {
+    if (control) control->apply_pending(engine);
+    if (step_sleep_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(step_sleep_ms));
+  };
   const train::TrainResult res =
       train::train_mlp(train_set, task, std::move(options), topts, hooks, comm);
+  if (control) control->finish();  // queued commands fail with UNAVAILABLE; streams end
   if (!root) return 0;
 
   if (!csv_path.empty()) {

@@ -132,6 +132,12 @@ struct TrainHooks {
   std::function<void(const std::string&)> on_ready;  // routing table, before step 1
   std::function<void(const LogEvent&)> on_log;     // every log_every steps and at the end
   std::function<void(const StepReport&)> on_skip;  // a step the optimizer skipped
+  // Sharded Engine only, on every rank (so they may be collective, e.g. the control plane's
+  // step-boundary broadcast): once the tensors are registered, before each step(), and after
+  // each step() with this rank's batch loss.
+  std::function<void(Engine&)> on_engine;
+  std::function<void(Engine&)> before_step;
+  std::function<void(Engine&, const StepReport&, float loss)> after_step;
 };
 
 // Trains `task` for t.steps updates on batches of `data` drawn with sampler_seed(t.seed).
@@ -161,6 +167,7 @@ inline TrainResult train_mlp(const data::Dataset& data, data::MlpTask& task,
     if (engine) engine->add_tensor(task.name(i), task.shape(i), task.params(i), task.grads(i));
     else single->add_tensor(task.name(i), task.shape(i), task.params(i), task.grads(i));
   }
+  if (engine && hooks.on_engine) hooks.on_engine(*engine);
   TrainResult result;
   result.routing_table = engine ? engine->routing_table() : single->routing_table();
   if (hooks.on_ready) hooks.on_ready(result.routing_table);
@@ -177,7 +184,9 @@ inline TrainResult train_mlp(const data::Dataset& data, data::MlpTask& task,
     sampler.next(data, x.data(), y.data());
     const float loss = task.loss_and_grad(x.data(), y.data(), t.batch);
     result.losses.push_back(loss);
+    if (engine && hooks.before_step) hooks.before_step(*engine);
     const StepReport rep = engine ? engine->step() : single->step();
+    if (engine && hooks.after_step) hooks.after_step(*engine, rep, loss);
     result.nonfinite_entries += rep.nonfinite;
     if (rep.skipped) {
       ++result.skipped_steps;

@@ -1,0 +1,145 @@
+// The C++ API trainers link: one object that bundles what a training job needs around the
+// sharded Engine — options in their text forms (the same strings the tools, the C ABI, the
+// Python package and the control plane take), the choice of communicator, the weights, the
+// control plane on rank 0, and checkpoints as files or as bytes.
+//
+//   celo2::ClientOptions o;
+//   o.schedule = "cosine:lr=1e-3,warmup=100,total=10000,final=0.1";
+//   o.control.address = "127.0.0.1:0";                  // optional: serve celo2.v1.Control
+//   celo2::Client opt(o);                                // MPI under mpirun, else local
+//   for (auto& t : model.tensors()) opt.add_tensor(t.name, t.shape, t.data, t.grad);
+//   while (training) { float loss = forward_backward(); opt.step(loss); }
+//   opt.save("ckpt/optimizer.state");                    // what Engine::save_state writes
+//
+// Invariants: every rank makes the same calls in the same order (construction, add_tensor,
+// step, save/load, state_bytes, the setters and gather_params are collective); an option
+// that fails to parse throws std::invalid_argument naming it before anything is built;
+// the control plane starts at the first step (after registration) and is fed every step.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "celo2/communicator.h"
+#include "celo2/engine.h"
+
+namespace celo2 {
+
+struct ClientOptions {
+  // "celo2" (Newton–Schulz on matrices) or "celo2-base" (none). `rule`, when set, replaces
+  // the variant's RuleConfig entirely.
+  std::string variant = "celo2";
+  std::optional<RuleConfig> rule;
+  // The MLP weights: a published-layout theta.state file, or its bytes. Neither: the
+  // project's default weights (config.h, Theta::adam_like).
+  std::string theta_path;
+  std::vector<uint8_t> theta_bytes;
+  std::string schedule = "constant:lr=1e-3";  // schedule.h text form
+  std::string rules;                          // labels.h text form; empty: the seed's default
+  double weight_decay = 0.0;
+  double mult_1d = 20.0;  // learning-rate multiplier of the AdamW branch
+  double adam_b1 = 0.9, adam_b2 = 0.95, adam_eps = 1e-8;
+  std::string nan_policy = "skip";  // skip | error | zero
+  // "local": every rank passes its own full gradients, the engine averages them.
+  // "reduced": gradients are already averaged over ranks (e.g. after DDP's all-reduce).
+  // "sharded": the distributed-optimizer contract: only this rank's slice (local_range())
+  //            of the flat gradient space needs to hold averaged gradients.
+  std::string grads = "local";
+  bool gather_params = true;          // false: the trainer all-gathers (or gather_params())
+  std::string communicator = "auto";  // auto | local | mpi (unused when one is passed in)
+  struct Control {
+    std::string address;  // empty: no control plane; "127.0.0.1:0" picks a free port
+    std::string token, token_file;
+    std::string weights_root, checkpoint_dir;
+  } control;
+};
+
+// The engine's communicator choice for `kind` and the launcher's variables: "auto" is MPI
+// when an MPI launcher started more than one rank, else local.
+std::shared_ptr<Communicator> client_communicator(const std::string& kind);
+
+struct ClientStatus {
+  int64_t step = 0, skipped = 0;
+  double lr = 0.0;           // of the last step (the next step's before the first)
+  int rank = 0, world_size = 1;
+  std::string backend;       // communicator backend
+  size_t num_tensors = 0;
+  int64_t total_elements = 0;
+  int64_t local_lo = 0, local_hi = 0;  // this rank's slice (after the first step)
+  std::string schedule, rules, theta_sha256;
+  std::string control_address;  // empty when no control plane runs (or not rank 0)
+  double last_step_seconds = 0.0;
+  double total_step_seconds = 0.0;  // all steps so far, in this process
+  int64_t label_elements[3] = {};   // celo2, adamw, frozen
+};
+
+class Client {
+ public:
+  // Collective. Throws std::invalid_argument naming a bad option, flax::FormatError for
+  // bad weights.
+  explicit Client(ClientOptions options, std::shared_ptr<Communicator> comm = nullptr);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // Same order on every rank; closes at the first step. `params` is updated in place and
+  // `grads` read at each step; both must stay valid (float32, C order, numel(shape)).
+  void add_tensor(const std::string& name, const std::vector<int64_t>& shape, float* params,
+                  const float* grads);
+
+  // One update. `loss` (this step's, mean over ranks if known) goes to the control plane.
+  // `lr`, when set, replaces the schedule's learning rate for this step.
+  StepReport step(std::optional<double> loss = std::nullopt, std::optional<double> lr = std::nullopt);
+
+  // Checkpoints: the Engine's world-size-independent file (state_file.h). state_bytes()
+  // returns the same bytes save() writes, on every rank; load_state_bytes() uses rank 0's.
+  void save(const std::string& path);
+  void load(const std::string& path);
+  std::vector<uint8_t> state_bytes();
+  void load_state_bytes(std::span<const uint8_t> bytes);
+
+  // Changes at a step boundary on every rank (collective by contract: same calls, same
+  // order). The control plane's commands do the same from outside.
+  void set_schedule(const std::string& text);
+  void set_rules(const std::string& text);
+  void set_theta_file(const std::string& path);
+  void set_weight_decay(double wd);
+  void set_mult_1d(double m);
+
+  // gather_params = false: every rank's updated slice to every rank (what the Engine does
+  // when gather_params = true). Collective.
+  void gather_params();
+
+  // Starts the control plane now (collective; otherwise it starts at the first step when
+  // options.control.address is set). Throws UnsupportedError when built without gRPC.
+  void start_control();
+  std::string control_address() const;  // rank 0 once started; else empty
+  static bool control_supported();
+
+  ClientStatus status();
+  std::string routing_table() const;
+  std::string plan_report();
+  const std::vector<TensorDesc>& tensors() const { return tensors_; }
+  Engine& engine() { return *engine_; }
+  const ClientOptions& options() const { return opts_; }
+
+ private:
+  struct ControlHolder;
+  ClientOptions opts_;
+  std::shared_ptr<Communicator> comm_;
+  std::unique_ptr<Engine> engine_;
+  std::vector<TensorDesc> tensors_;
+  std::vector<float*> params_;
+  std::unique_ptr<ControlHolder> control_;
+  double last_lr_ = 0.0, last_seconds_ = 0.0, total_seconds_ = 0.0;
+};
+
+// Builds the EngineOptions the text options describe (throws std::invalid_argument naming
+// the option). Shared with the C ABI and the Python module.
+EngineOptions engine_options_from(const ClientOptions& o);
+
+}  // namespace celo2

@@ -1,0 +1,237 @@
+"""Which rank this process is, and which transport the engine uses.
+
+Rank discovery follows Megatron's order: an initialized ``torch.distributed``, then
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun), then ``SLURM_PROCID``/``SLURM_NTASKS``
+(srun), then ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` (Open MPI's mpirun).
+
+The transport (``choose_communicator``) is chosen in this one place:
+
+- one rank: ``"local"``;
+- an MPI launcher started the job (mpirun, srun --mpi=pmix) and its ranks are the ranks
+  discovered above: ``"mpi"`` (the C++ MPI communicator, no Python in the data path);
+- otherwise an initialized ``torch.distributed`` (torchrun): ``TorchCommunicator``, the
+  engine's collectives over a gloo process group (initialized here from torchrun's
+  variables when the trainer has not done it yet).
+
+A launch that fits none of these raises ``RuntimeError`` saying what is missing.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE")
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # torch.distributed | env | slurm | openmpi | single
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def _torch_dist():
+    try:
+        import torch.distributed as dist  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return None
+    if not dist.is_available():
+        return None
+    return dist
+
+
+def discover_rank() -> RankInfo:
+    """Rank, world size and local rank, in Megatron's order (see the module docstring)."""
+    dist = _torch_dist()
+    if dist is not None and dist.is_initialized():
+        local = _env_int("LOCAL_RANK")
+        if local is None:
+            local = _env_int("SLURM_LOCALID")
+        if local is None:
+            local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK")
+        return RankInfo(dist.get_rank(), dist.get_world_size(), local or 0, "torch.distributed")
+    for rank_var, size_var, local_var, source in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "env"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "slurm"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "openmpi"),
+    ):
+        rank, size = _env_int(rank_var), _env_int(size_var)
+        if rank is None or size is None:
+            continue
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"{rank_var}={rank} does not fit {size_var}={size}")
+        return RankInfo(rank, size, _env_int(local_var) or 0, source)
+    return RankInfo(0, 1, 0, "single")
+
+
+def mpi_launched() -> tuple[int, int] | None:
+    """(rank, size) when an MPI launcher started more than one rank, else None."""
+    for size_var, rank_var in zip(_MPI_SIZE_VARS, _MPI_RANK_VARS):
+        size, rank = _env_int(size_var), _env_int(rank_var)
+        if size is not None and size > 1 and rank is not None:
+            return rank, size
+    size = _env_int("SLURM_NTASKS")
+    rank = _env_int("SLURM_PROCID")
+    if size is not None and size > 1 and rank is not None and os.environ.get("CELO2_SLURM_MPI", "1") != "0":
+        return rank, size  # srun --mpi=pmix; set CELO2_SLURM_MPI=0 for srun + torchrun jobs
+    return None
+
+
+class TorchCommunicator:
+    """The engine's collectives over a torch.distributed gloo group (CPU tensors sharing
+    the engine's memory through NumPy). Used under torchrun, where no MPI is running.
+
+    gloo in PyTorch 1.13 has no reduce-scatter and no uneven all-gather: reduce-scatter is an
+    all-reduce of the whole buffer, all-gather pads to the largest count. Both are correct;
+    use MPI or NCCL transports where their cost matters.
+    """
+
+    def __init__(self, group=None):
+        dist = _torch_dist()
+        if dist is None or not dist.is_initialized():
+            raise RuntimeError("TorchCommunicator needs an initialized torch.distributed")
+        import torch  # noqa: PLC0415
+
+        self._torch = torch
+        self._dist = dist
+        if group is None and dist.get_backend() != "gloo":
+            # The engine's buffers are in host memory; NCCL groups cannot move them.
+            group = dist.new_group(backend="gloo")
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._size = dist.get_world_size(group)
+        self._global = [self._to_global(r) for r in range(self._size)]
+
+    def _to_global(self, r):
+        if self._group is None:
+            return r
+        try:
+            return self._dist.distributed_c10d._get_global_rank(self._group, r)
+        except AttributeError:  # newer PyTorch
+            return self._dist.get_global_rank(self._group, r)
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+    def backend(self):
+        return "torch.distributed/gloo"
+
+    def _t(self, a):
+        return self._torch.from_numpy(a)
+
+    def all_reduce_sum(self, a):
+        self._dist.all_reduce(self._t(a), group=self._group)
+
+    def reduce_scatter_sum(self, send, recv, counts):
+        full = self._t(send).clone()
+        self._dist.all_reduce(full, group=self._group)
+        lo = sum(counts[: self._rank])
+        self._t(recv).copy_(full[lo : lo + counts[self._rank]])
+
+    def all_gather(self, send, recv, counts):
+        torch = self._torch
+        width = max(counts) if counts else 0
+        if width == 0:
+            return
+        mine = torch.zeros(width, dtype=torch.float32)
+        mine[: counts[self._rank]] = self._t(send)
+        parts = [torch.empty(width, dtype=torch.float32) for _ in counts]
+        self._dist.all_gather(parts, mine, group=self._group)
+        out, at = self._t(recv), 0
+        for part, n in zip(parts, counts):
+            out[at : at + n] = part[:n]
+            at += n
+
+    def all_to_all_v(self, send, send_counts, recv, recv_counts):
+        self._dist.all_to_all_single(
+            self._t(recv), self._t(send), output_split_sizes=list(recv_counts),
+            input_split_sizes=list(send_counts), group=self._group)
+
+    def broadcast(self, a, root):
+        self._dist.broadcast(self._t(a), src=self._global[root], group=self._group)
+
+    def barrier(self):
+        self._dist.barrier(group=self._group)
+
+
+def _init_torch_from_env(info: RankInfo):
+    dist = _torch_dist()
+    if dist is None:
+        raise RuntimeError(
+            f"{info.world_size} ranks from the launcher's variables, but torch.distributed is "
+            "unavailable and no MPI launcher started this process")
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError(
+            f"{info.world_size} ranks ({info.source}), no MPI launcher and no torch.distributed: call "
+            "torch.distributed.init_process_group() first, or set MASTER_ADDR and MASTER_PORT")
+    dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
+    # A gloo group still open at interpreter exit can abort the process ("terminate called
+    # without an active exception") in PyTorch 1.13; close the group we opened.
+    atexit.register(_close_process_group)
+
+
+def _close_process_group():
+    dist = _torch_dist()
+    if dist is not None and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def choose_communicator(kind="auto"):
+    """What celo2.Engine takes as its communicator: "local", "mpi", a celo2.Communicator,
+    or an object with the collectives (TorchCommunicator). See the module docstring."""
+    if not isinstance(kind, str):
+        return kind  # a celo2.Communicator or a duck-typed object
+    if kind in ("local", "mpi"):
+        return kind
+    if kind == "torch":
+        return TorchCommunicator()
+    if kind != "auto":
+        raise ValueError(f"communicator={kind!r}: expected 'auto', 'local', 'mpi', 'torch' or an object")
+    info = discover_rank()
+    if info.world_size == 1:
+        return "local"
+    mpi = mpi_launched()
+    if mpi is not None and mpi == (info.rank, info.world_size):
+        return "mpi"
+    if info.source == "torch.distributed":
+        return TorchCommunicator()
+    if info.source == "env":
+        _init_torch_from_env(info)
+        return TorchCommunicator()
+    if mpi is not None:
+        return "mpi"
+    raise RuntimeError(
+        f"{info.world_size} ranks ({info.source}) but no transport: start the job with mpirun or "
+        "srun --mpi=pmix, or initialize torch.distributed")
+
+
+def make_communicator(kind="auto"):
+    """A celo2.Communicator for ``kind`` (see choose_communicator): what a trainer uses to
+    share the engine's transport for its own sums (losses, a baseline's gradients)."""
+    from . import _celo2  # noqa: PLC0415
+
+    chosen = choose_communicator(kind)
+    if isinstance(chosen, str):
+        return _celo2.Communicator(chosen)
+    if isinstance(chosen, _celo2.Communicator):
+        return chosen
+    return _celo2.wrap_communicator(chosen)

@@ -1,0 +1,440 @@
+"""``Celo2``: the Celo2 learned optimizer as a ``torch.optim.Optimizer``.
+
+    from celo2.torch import Celo2
+    opt = Celo2(model.named_parameters(), lr=1e-3,
+                schedule="cosine:lr=1e-3,warmup=100,total=10000,final=0.1",
+                rules="re:embed => adamw; re:head => adamw; ndim<=1 => adamw; * => celo2")
+    for batch in data:
+        loss = model(batch).loss
+        loss.backward()
+        opt.step(loss=loss)        # the loss is optional: it feeds the control plane
+        opt.zero_grad()
+
+How tensors reach the engine. Gradients live in one flat float32 buffer
+(``opt.grad_buffer``) laid out in registration order, the engine's flat index space; each
+float32 CPU parameter's ``.grad`` is a view into it, so backward accumulates straight into
+the engine's memory. A ``.grad`` that is not that view (set to None and recreated, another
+dtype or device, replaced by DDP's bucket views) is copied in at ``step()``. Parameters that
+are float32, contiguous and on the CPU are updated in place; others (CUDA, bfloat16) get a
+float32 master copy on the CPU that is copied back after each step.
+
+Ranks. Under torchrun, mpirun or srun the engine is sharded over all ranks (see
+``celo2.distributed``). ``grads`` says what the trainer did with the gradients:
+``"local"`` nothing (the engine averages them), ``"reduced"`` averaged them already (DDP),
+``"sharded"`` reduce-scattered them: only this rank's slice ``opt.local_range()`` of
+``opt.grad_buffer`` holds averaged gradients (Megatron's distributed optimizer). With
+``gather_params=False`` only this rank's slice of the parameters is updated; call
+``opt.gather_params()`` (or gather them yourself) before the next forward.
+
+Learning rate. The engine's schedule drives ``param_groups[0]["lr"]`` (written after each
+step). If anything else changes that value (a ``torch.optim.lr_scheduler``, the trainer),
+the optimizer follows ``param_groups[0]["lr"]`` from then on.
+
+Checkpoints. ``state_dict()["celo2_state_file"]`` holds exactly the bytes ``save(path)``
+writes (the engine's world-size-independent checkpoint), so the two are interchangeable:
+a state_dict saved on 4 ranks loads on 2, and an engine checkpoint file loads through
+``load_state_dict({"celo2_state_file": open(path, "rb").read()})``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Iterable
+
+import torch
+
+from . import _celo2
+from .distributed import choose_communicator
+
+_GRADS = ("local", "reduced", "sharded")
+_VARIANTS = ("celo2", "celo2-base")
+_NAN = ("skip", "error", "zero")
+_NO_SETTER = "Celo2 registers its tensors once, at construction"
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _named(params) -> list[tuple[str, torch.Tensor, dict]]:
+    """(name, tensor, group options) for every parameter, from a module, named_parameters(),
+    a list of tensors or a list of parameter-group dicts."""
+    if isinstance(params, torch.nn.Module):
+        params = params.named_parameters()
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
+                        "not a single tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("Celo2 got an empty parameter list")
+    out: list[tuple[str, torch.Tensor, dict]] = []
+
+    def add(item, group, index):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, t = item
+        elif isinstance(item, torch.Tensor):
+            name, t = f"params.{index}", item
+        else:
+            raise TypeError(f"parameter {index}: expected a tensor or a (name, tensor) pair, got "
+                            f"{type(item).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"parameter {name!r}: expected a tensor, got {type(t).__name__}")
+        out.append((name, t, group))
+
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            group = {k: v for k, v in item.items() if k != "params"}
+            if "params" not in item:
+                raise ValueError(f"parameter group {i} has no 'params'")
+            ps = item["params"]
+            if isinstance(ps, torch.nn.Module):
+                ps = ps.named_parameters()
+            if isinstance(ps, torch.Tensor):
+                ps = [ps]
+            for j, p in enumerate(list(ps)):
+                add(p, group, len(out) if not isinstance(p, tuple) else j)
+        else:
+            add(item, {}, i)
+    names, seen = set(), set()
+    for name, t, _ in out:
+        if name in names:
+            raise ValueError(f"parameter name {name!r} appears twice")
+        if id(t) in seen:
+            raise ValueError(f"parameter {name!r} appears twice (the same tensor under two names)")
+        names.add(name)
+        seen.add(id(t))
+    return out
+
+
+class _Entry:
+    __slots__ = ("name", "param", "grad_view", "master", "direct", "ptr")
+
+    def __init__(self, name, param, grad_view, master, direct):
+        self.name, self.param, self.grad_view = name, param, grad_view
+        self.master, self.direct = master, direct
+        self.ptr = param.data_ptr() if direct else None
+
+
+class Celo2(torch.optim.Optimizer):
+    """The Celo2 learned optimizer (sharded C++ engine) for PyTorch; see the module docstring.
+
+    Args:
+        params: ``model``, ``model.named_parameters()``, tensors, or parameter-group dicts
+            (groups may not differ in hyperparameters: route tensors with ``rules``).
+        lr: base learning rate when no ``schedule`` is given (constant).
+        schedule: text form, e.g. ``"cosine:lr=1e-3,warmup=100,total=10000,final=0.1"``.
+        rules: label rules, e.g. ``"re:embed => adamw; ndim<=1 => adamw; * => celo2"``
+            (default: the seed's: AdamW for ndim <= 1 and names containing "embed").
+        weight_decay, mult_1d, betas, eps: the recipe's (betas and eps are the AdamW branch's).
+        variant: ``"celo2"`` or ``"celo2-base"``; config: RuleConfig overrides (spec §1 keys).
+        theta: path of a published-layout ``theta.state`` (or its bytes); default: the
+            project's own weights.
+        nan_policy: ``"skip"`` | ``"error"`` | ``"zero"``.
+        grads: ``"local"`` | ``"reduced"`` | ``"sharded"``; gather_params: see module doc.
+        communicator: ``"auto"`` | ``"local"`` | ``"mpi"`` | ``"torch"`` | a communicator.
+        control: ``"host:port"`` to serve the control plane from rank 0 (``":0"`` or
+            ``"127.0.0.1:0"`` picks a free port); control_token / control_token_file (or
+            CELO2_CONTROL_TOKEN), weights_root, checkpoint_dir as in celo2/control.h.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, *, schedule: str | None = None,
+                 rules: str | None = None, weight_decay: float = 0.0, mult_1d: float = 20.0,
+                 betas=(0.9, 0.95), eps: float = 1e-8, variant: str = "celo2",
+                 config: dict | None = None, theta=None, nan_policy: str = "skip",
+                 grads: str = "local", gather_params: bool = True, communicator="auto",
+                 control: str | None = None, control_token: str | None = None,
+                 control_token_file: str | None = None, weights_root: str | None = None,
+                 checkpoint_dir: str | None = None):
+        if not _is_number(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if not _is_number(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not _is_number(mult_1d):
+            raise ValueError(f"mult_1d must be a finite number, got {mult_1d!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not _is_number(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if variant not in _VARIANTS:
+            raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
+        if nan_policy not in _NAN:
+            raise ValueError(f"nan_policy must be one of {_NAN}, got {nan_policy!r}")
+        if grads not in _GRADS:
+            raise ValueError(f"grads must be one of {_GRADS}, got {grads!r}")
+        if schedule is not None and not isinstance(schedule, str):
+            raise TypeError(f"schedule must be a string like 'constant:lr=1e-3', got {type(schedule).__name__}")
+        if rules is not None and not isinstance(rules, str):
+            raise TypeError(f"rules must be a string like 're:embed => adamw; * => celo2', got {type(rules).__name__}")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError("config must be a dict of RuleConfig fields (spec/celo2.md §1)")
+        if isinstance(theta, (str, os.PathLike)):
+            theta = os.fspath(theta)
+            if not os.path.isfile(theta):
+                raise FileNotFoundError(f"theta: no such file: {theta!r}")
+        elif theta is not None and not isinstance(theta, (bytes, bytearray)):
+            raise TypeError("theta must be a path or the bytes of a theta.state file")
+
+        named = _named(params)
+        defaults = dict(lr=float(lr), weight_decay=float(weight_decay), betas=tuple(betas),
+                        eps=float(eps), mult_1d=float(mult_1d))
+        for name, _, group in named:
+            for k, v in group.items():
+                if k == "names":
+                    continue
+                if k not in defaults:
+                    raise ValueError(f"parameter group option {k!r} (of {name!r}) is not a Celo2 option")
+                if v != defaults[k] and not (k == "betas" and tuple(v) == defaults[k]):
+                    raise ValueError(
+                        f"parameter groups with their own {k} ({name!r}: {v!r} vs {defaults[k]!r}) are not "
+                        "supported: Celo2 takes one set of hyperparameters and routes tensors with label "
+                        "rules (rules=...)")
+        trainable = [(n, p) for n, p, _ in named if p.requires_grad]
+        if not trainable:
+            raise ValueError("Celo2: no parameter requires grad")
+        self._frozen_names = [n for n, p, _ in named if not p.requires_grad]
+        self._registering = True
+        super().__init__([{"params": [p for _, p in trainable], "names": [n for n, _ in trainable]}],
+                         defaults)
+        self._registering = False
+
+        options = dict(variant=variant, config=config, theta=bytes(theta) if isinstance(theta, bytearray) else theta,
+                       schedule=schedule if schedule is not None else f"constant:lr={float(lr)!r}",
+                       rules=rules, weight_decay=float(weight_decay), mult_1d=float(mult_1d),
+                       betas=(float(betas[0]), float(betas[1])), eps=float(eps), nan_policy=nan_policy,
+                       grads=grads, gather_params=bool(gather_params), control_address=control,
+                       control_token=control_token, control_token_file=control_token_file,
+                       weights_root=weights_root, checkpoint_dir=checkpoint_dir)
+        self._grads_mode = grads
+        self._gather = bool(gather_params)
+        self._engine = _celo2.Optimizer(options, choose_communicator(communicator))
+
+        total = sum(p.numel() for _, p in trainable)
+        self._grad_buffer = torch.zeros(total, dtype=torch.float32)
+        self._entries: list[_Entry] = []
+        offset = 0
+        with torch.no_grad():
+            for name, p in trainable:
+                n = p.numel()
+                view = self._grad_buffer[offset:offset + n].view(p.shape)
+                direct = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+                if not direct and not self._gather:
+                    raise ValueError(
+                        f"gather_params=False needs float32 contiguous CPU parameters ({name!r} is "
+                        f"{p.dtype} on {p.device})")
+                master = p.data if direct else p.detach().to("cpu", torch.float32).contiguous()
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                if direct:
+                    p.grad = view
+                self._engine.add_tensor(name, list(p.shape), master.data_ptr(), view.data_ptr(),
+                                        "float32", (master, view))
+                self._entries.append(_Entry(name, p, view, master, direct))
+                offset += n
+        status = self._engine.status()
+        self._lr_written = status["lr"]
+        self._external_lr = False
+        self.param_groups[0]["lr"] = status["lr"]
+        self.last_report: dict | None = None
+        self.last_step_seconds = 0.0
+
+    # ---------------------------------------------------------------- torch.optim API
+    def add_param_group(self, param_group):
+        if not getattr(self, "_registering", False):
+            raise RuntimeError(f"add_param_group: {_NO_SETTER}; pass every parameter to Celo2(...)")
+        super().add_param_group(param_group)
+
+    def _sync_grads(self):
+        if self._grads_mode == "sharded":
+            return  # the trainer wrote this rank's slice of grad_buffer
+        for e in self._entries:
+            g = e.param.grad
+            if g is None:
+                e.grad_view.zero_()
+            elif g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
+                e.grad_view.copy_(g)
+
+    def _check_params(self):
+        for e in self._entries:
+            if e.direct and e.param.data_ptr() != e.ptr:
+                raise RuntimeError(
+                    f"parameter {e.name!r} was reallocated after Celo2 was created (model.to(), "
+                    "param.data = ...); create the optimizer after the model is in place")
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None):
+        """One update of every registered tensor (collective over ranks). ``loss`` (a number
+        or tensor) is reported to the control plane; ``closure`` re-evaluates the model."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_params()
+        self._sync_grads()
+        group = self.param_groups[0]
+        lr = group["lr"]
+        if not self._external_lr and lr != self._lr_written:
+            self._external_lr = True
+        if self._external_lr and (not _is_number(lr) or lr < 0):
+            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        t0 = time.perf_counter()
+        report = self._engine.step(loss=loss_value, lr=float(lr) if self._external_lr else None)
+        for e in self._entries:
+            if not e.direct:
+                e.param.copy_(e.master, non_blocking=True)
+        self.last_step_seconds = time.perf_counter() - t0
+        group["lr"] = report["lr"]
+        self._lr_written = report["lr"]
+        self.last_report = report
+        return loss
+
+    def zero_grad(self, set_to_none: bool = False):
+        """Zero the gradients. The default keeps ``.grad`` as views of the engine's buffer (one
+        memset, no copies at step); ``set_to_none=True`` drops them as PyTorch does, and the
+        next step copies the recreated gradients in."""
+        if set_to_none:
+            for e in self._entries:
+                e.param.grad = None
+            return
+        self._grad_buffer.zero_()
+        for e in self._entries:
+            g = e.param.grad
+            if e.direct:
+                if g is None or g.data_ptr() != e.grad_view.data_ptr():
+                    e.param.grad = e.grad_view
+            elif g is not None:
+                g.zero_()
+
+    def state_dict(self):
+        """Collective. ``celo2_state_file``: the engine checkpoint's bytes (what ``save``
+        writes); ``param_groups``: the hyperparameters, as torch optimizers keep them."""
+        sd = super().state_dict()
+        sd["celo2_state_file"] = self._engine.state_bytes()
+        sd["celo2"] = {"format": "celo2-optimizer-state/1", "external_lr": self._external_lr,
+                       "names": [e.name for e in self._entries]}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Collective. Accepts what ``state_dict()`` returned (on any number of ranks) or
+        ``{"celo2_state_file": <bytes of an engine checkpoint>}``."""
+        if not isinstance(state_dict, dict) or "celo2_state_file" not in state_dict:
+            raise ValueError(
+                "not a Celo2 state_dict: it has no 'celo2_state_file' (a state_dict of another "
+                "optimizer cannot be loaded into Celo2)")
+        data = state_dict["celo2_state_file"]
+        if isinstance(data, torch.Tensor):
+            data = data.cpu().numpy().tobytes()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"celo2_state_file must be bytes, got {type(data).__name__}")
+        groups = state_dict.get("param_groups")
+        if groups is not None and (not isinstance(groups, list) or len(groups) != len(self.param_groups)):
+            raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else '?'} parameter "
+                             f"groups, this optimizer {len(self.param_groups)}")
+        self._engine.load_state_bytes(bytes(data))
+        if groups:
+            for mine, saved in zip(self.param_groups, groups):
+                for k, v in saved.items():
+                    if k not in ("params", "names"):
+                        mine[k] = v
+        meta = state_dict.get("celo2", {})
+        self._external_lr = bool(meta.get("external_lr", False))
+        self._lr_written = self.param_groups[0]["lr"]
+
+    # ---------------------------------------------------------------- engine extras
+    def save(self, path):
+        """Collective: the engine checkpoint file (rank 0 writes)."""
+        self._engine.save(os.fspath(path))
+
+    def load(self, path):
+        """Collective: load an engine checkpoint file (rank 0 reads)."""
+        path = os.fspath(path)
+        self._engine.load(path)
+
+    def gather_params(self):
+        """gather_params=False: every rank's updated slice to every rank (collective)."""
+        self._engine.gather_params()
+
+    def local_range(self) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of the flat index space (= of ``grad_buffer``)."""
+        return tuple(self._engine.local_range())
+
+    def shard_of(self, name: str) -> tuple[int, int]:
+        """This rank's part [lo, hi) of one tensor's flattened elements (may be empty)."""
+        lo, hi = self.local_range()
+        for i, e in enumerate(self._entries):
+            if e.name == name:
+                off, n = self._engine.offset_of(i), e.param.numel()
+                a, b = max(lo, off), min(hi, off + n)
+                return (a - off, b - off) if a < b else (0, 0)
+        raise KeyError(f"no registered parameter named {name!r}")
+
+    @property
+    def grad_buffer(self) -> torch.Tensor:
+        return self._grad_buffer
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self._entries]
+
+    @property
+    def rank(self) -> int:
+        return self._engine.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._engine.world_size
+
+    @property
+    def communicator(self):
+        return self._engine.communicator
+
+    @property
+    def control_address(self) -> str:
+        return self._engine.control_address
+
+    def start_control(self):
+        self._engine.start_control()
+        return self._engine.control_address
+
+    def status(self) -> dict:
+        return self._engine.status()
+
+    def routing_table(self) -> str:
+        return self._engine.routing_table()
+
+    def plan_report(self) -> str:
+        return self._engine.plan_report()
+
+    def phase_seconds(self) -> dict:
+        return dict(self._engine.phase_seconds())
+
+    def set_schedule(self, text: str):
+        self._engine.set_schedule(text)
+        self._external_lr = False
+
+    def set_rules(self, text: str):
+        self._engine.set_rules(text)
+
+    def set_theta(self, path):
+        self._engine.set_theta_file(os.fspath(path))
+
+    def set_weight_decay(self, wd: float):
+        self._engine.set_weight_decay(wd)
+        self.param_groups[0]["weight_decay"] = wd
+
+    def set_mult_1d(self, m: float):
+        self._engine.set_mult_1d(m)
+        self.param_groups[0]["mult_1d"] = m
+
+    def __repr__(self):
+        st = self._engine.status()
+        return (f"Celo2(tensors={st['num_tensors']}, elements={st['total_elements']}, "
+                f"rank={st['rank']}/{st['world_size']} ({st['backend']}), schedule={st['schedule']!r})")
+
+
+def named_parameters_of(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """The trainable named parameters of a model, for ``Celo2(...)``."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,124 @@
+"""A tiny trainer run by test_distributed.py under mpirun / torchrun (and in-process as the
+one-rank reference). Every rank draws its own batches; the reference draws all ranks'
+batches and averages their gradients, which is what the sharded engine must reproduce.
+
+    mpirun -np 2 python3 dist_worker.py --grads local --out params.npz
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from celo2.torch import Celo2
+
+SHAPES = {"embed.weight": (11, 6), "fc1.weight": (6, 13), "fc1.bias": (13,), "fc2.weight": (13, 5),
+          "scale": ()}
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=g) * 0.5)) for n, s in SHAPES.items()]
+
+
+def loss_of(params, rank, step):
+    p = dict(params)
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    idx = torch.randint(0, 11, (8,), generator=g)
+    target = torch.randn(8, 5, generator=g)
+    h = torch.tanh(p["embed.weight"][idx] @ p["fc1.weight"] + p["fc1.bias"])
+    out = (h @ p["fc2.weight"]) * p["scale"]
+    return ((out - target) ** 2).mean()
+
+
+def make_optimizer(params, grads, gather, communicator):
+    return Celo2(params, schedule="cosine:lr=3e-2,warmup=2,total=12,final=0.1", weight_decay=0.01,
+                 grads=grads, gather_params=gather, communicator=communicator)
+
+
+def train(opt, params, rank, world, first, last, grads, emulate=1):
+    """Steps [first, last). emulate > 1: one process plays `emulate` ranks (the reference)."""
+    comm = opt.communicator
+    for t in range(first, last):
+        opt.zero_grad()
+        if emulate > 1:
+            gsum = None
+            for r in range(emulate):
+                for _, p in params:
+                    p.grad = None
+                loss_of(params, r, t).backward()
+                flat = torch.cat([p.grad.reshape(-1) for _, p in params])
+                gsum = flat if gsum is None else gsum + flat
+            opt.zero_grad(set_to_none=True)
+            avg = gsum * (1.0 / emulate)
+            at = 0
+            for _, p in params:
+                p.grad = avg[at:at + p.numel()].view(p.shape).clone()
+                at += p.numel()
+        else:
+            loss_of(params, rank, t).backward()
+            if grads == "reduced":
+                buf = opt.grad_buffer.numpy()
+                comm.all_reduce_sum(buf)
+                opt.grad_buffer.mul_(1.0 / world)
+            elif grads == "sharded":
+                lo, hi = opt.local_range()
+                total = opt.grad_buffer.numel()
+                counts = [total * (k + 1) // world - total * k // world for k in range(world)]
+                recv = np.zeros(hi - lo, dtype=np.float32)
+                comm.reduce_scatter_sum(opt.grad_buffer.numpy(), recv, counts)
+                opt.grad_buffer[lo:hi] = torch.from_numpy(recv) * (1.0 / world)
+        opt.step()
+        if not opt._gather:
+            opt.gather_params()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grads", default="local")
+    ap.add_argument("--gather", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--comm", default="auto")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--save-at", type=int, default=-1)
+    ap.add_argument("--save", default="")
+    ap.add_argument("--resume", default="")
+    ap.add_argument("--emulate", type=int, default=1, help="one process plays this many ranks")
+    ap.add_argument("--init-dist", action="store_true",
+                    help="the trainer initializes torch.distributed (gloo) before Celo2")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    if a.init_dist:
+        torch.distributed.init_process_group("gloo")
+    params = make_params()
+    opt = make_optimizer(params, a.grads, bool(a.gather), a.comm)
+    rank, world = opt.rank, opt.world_size
+    first = 0
+    if a.resume:
+        ck = torch.load(a.resume)
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(ck["model"][n])
+        opt.load_state_dict(ck["optimizer"])
+        first = ck["step"]
+    if a.save_at >= 0:
+        train(opt, params, rank, world, first, a.save_at, a.grads)
+        sd = opt.state_dict()
+        if rank == 0:
+            torch.save({"model": {n: p.detach().clone() for n, p in params}, "optimizer": sd,
+                        "step": a.save_at}, a.save)
+        first = a.save_at
+    train(opt, params, rank, world, first, a.steps, a.grads, emulate=a.emulate)
+    if rank == 0:
+        np.savez(a.out, **{n: p.detach().numpy() for n, p in params},
+                 __meta=np.array([world, opt.status()["step"]]),
+                 __backend=np.array(opt.status()["backend"]))
+    print(f"rank {rank}/{world} backend {opt.status()['backend']} done", file=sys.stderr)
+    if a.init_dist:  # the trainer's group: the trainer closes it (else celo2's atexit does)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The PyTorch optimizer on 2 ranks gives the parameters of 1 rank: under mpirun (the C++
+MPI transport) and under torchrun (torch.distributed/gloo through Python callbacks), with
+gradients left to the engine ("local"), all-reduced by the trainer ("reduced") or
+reduce-scattered by it ("sharded", Megatron's distributed optimizer) with the trainer
+gathering the parameters; and a state_dict saved on 2 ranks resumes on 1 rank exactly."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dist_worker
+from conftest import mpirun_command
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_worker.py")
+STEPS = 6
+# The engine's reductions are exact for two ranks; allow a little for other orders.
+TOL = 1e-6
+
+
+def _env():
+    env = dict(os.environ)
+    paths = [HERE] + [p for p in sys.path if p and os.path.isdir(os.path.join(p, "celo2"))]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    for k in list(env):  # a launcher's variables from an outer job must not leak in
+        if k.startswith(("OMPI_", "PMIX_", "SLURM_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            del env[k]
+    return env
+
+
+def _run(cmd, timeout=240):
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r
+
+
+def mpirun(args, np_=2):
+    cmd = mpirun_command(np_)
+    if cmd is None:
+        pytest.skip("mpirun not installed")
+    return _run(cmd + [sys.executable, WORKER] + args)
+
+
+def reference(world=2, steps=STEPS):
+    torch.set_num_threads(1)
+    params = dist_worker.make_params()
+    opt = dist_worker.make_optimizer(params, "local", True, "local")
+    dist_worker.train(opt, params, 0, 1, 0, steps, "local", emulate=world)
+    return {n: p.detach().numpy().copy() for n, p in params}
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference()
+
+
+def compare(path, ref, world=2, backend=None):
+    got = np.load(path)
+    assert int(got["__meta"][0]) == world
+    assert int(got["__meta"][1]) == STEPS
+    if backend:
+        assert str(got["__backend"]).startswith(backend), str(got["__backend"])
+    worst = 0.0
+    for n, want in ref.items():
+        scale = max(float(np.abs(want).max()), 1e-30)
+        worst = max(worst, float(np.abs(got[n] - want).max()) / scale)
+    print(f"{os.path.basename(path)}: max |2 ranks - 1 rank| / max|p| = {worst:.3e}")
+    assert worst <= TOL
+    return worst
+
+
+def test_reference_moves(ref):
+    start = dict((n, p.detach().numpy()) for n, p in dist_worker.make_params())
+    assert all(np.abs(ref[n] - start[n]).max() > 1e-4 for n in ref)
+
+
+@pytest.mark.parametrize("grads,gather", [("local", 1), ("reduced", 1), ("sharded", 0)])
+def test_mpirun_two_ranks_match_one(tmp_path, ref, grads, gather):
+    out = tmp_path / "p.npz"
+    mpirun(["--grads", grads, "--gather", str(gather), "--steps", str(STEPS), "--out", str(out)])
+    compare(out, ref, backend="mpi")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, world=2, timeout=240):
+    """Starts `world` workers with the variables torchrun gives its workers. (Debian's
+    torch 1.13 launcher itself fails on Python 3.11 before starting any worker: its
+    `to_map(redirects)` gets None.)"""
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = _env()
+        env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, WORKER] + args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o
+
+
+@pytest.mark.parametrize("init_dist", [False, True], ids=["celo2-inits-gloo", "trainer-inits-gloo"])
+def test_torchrun_two_ranks_match_one(tmp_path, ref, init_dist):
+    out = tmp_path / "p.npz"
+    torchrun(["--steps", str(STEPS), "--out", str(out)] + (["--init-dist"] if init_dist else []))
+    compare(out, ref, backend="python:torch.distributed")
+
+
+def test_state_dict_saved_on_two_ranks_resumes_on_one(tmp_path, ref):
+    ck = tmp_path / "ck.pt"
+    mpirun(["--steps", str(STEPS), "--save-at", "3", "--save", str(ck), "--out", str(tmp_path / "a.npz")])
+    compare(tmp_path / "a.npz", ref)
+    out = tmp_path / "b.npz"
+    # One process playing both ranks' batches from step 3 on.
+    _run([sys.executable, WORKER, "--steps", str(STEPS), "--resume", str(ck), "--emulate", "2",
+          "--out", str(out)])
+    got = np.load(out)
+    assert int(got["__meta"][0]) == 1
+    worst = max(float(np.abs(got[n] - ref[n]).max()) for n in ref)
+    print(f"resumed on 1 rank from a 2-rank state_dict: max |diff| = {worst:.3e}")
+    assert worst <= TOL

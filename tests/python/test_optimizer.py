@@ -1,0 +1,327 @@
+"""celo2.torch.Celo2 on one process: the torch.optim contract (step, zero_grad, closures,
+LR schedulers), state_dict round trips that resume exactly and are interchangeable with the
+engine's checkpoint files, parameters that need a float32 master copy, and clear Python
+exceptions for bad arguments."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import celo2
+from celo2.torch import Celo2
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab=17, width=8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.fc = torch.nn.Linear(width, 2 * width)
+        self.norm = torch.nn.LayerNorm(2 * width)
+        self.head = torch.nn.Linear(2 * width, vocab, bias=False)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.fc(self.embed(x)))))
+
+
+def batch(t):
+    g = torch.Generator().manual_seed(t)
+    x = torch.randint(0, 17, (4, 6), generator=g)
+    return x, (3 * x + 1) % 17  # learnable: a fixed permutation of the tokens
+
+
+def loss_of(model, t):
+    x, y = batch(t)
+    return torch.nn.functional.cross_entropy(model(x).reshape(-1, 17), y.reshape(-1))
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyLM()
+    kw.setdefault("schedule", "cosine:lr=1e-2,warmup=3,total=20,final=0.1")
+    kw.setdefault("communicator", "local")
+    return model, Celo2(model.named_parameters(), **kw)
+
+
+def train(model, opt, first, last):
+    losses = []
+    for t in range(first, last):
+        opt.zero_grad()
+        loss = loss_of(model, t)
+        loss.backward()
+        opt.step(loss=loss)
+        losses.append(loss.item())
+    return losses
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trains_and_labels():
+    model, opt = make()
+    losses = train(model, opt, 0, 20)
+    assert losses[-1] < losses[0] - 0.3, losses
+    st = opt.status()
+    assert st["step"] == 20 and st["world_size"] == 1 and st["backend"] == "local"
+    # Seed default: embeddings and 1-D tensors to AdamW, matrices to Celo2.
+    assert st["elements_by_label"]["adamw"] == 17 * 8 + 16 + 16 + 16
+    assert "embed.weight" in opt.routing_table()
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.last_report["lr"])
+
+
+def test_grads_are_views_of_the_engine_buffer():
+    model, opt = make()
+    loss_of(model, 0).backward()
+    w = model.fc.weight
+    assert w.grad.data_ptr() == opt.grad_buffer[opt._engine.offset_of(opt.names.index("fc.weight"))
+                                                 :].data_ptr()
+    opt.zero_grad()
+    assert float(opt.grad_buffer.abs().sum()) == 0.0
+
+
+def test_set_to_none_and_replaced_grads_are_copied():
+    torch.manual_seed(0)
+    a, oa = make()
+    b, ob = make()
+    for t in range(5):
+        oa.zero_grad()
+        loss_of(a, t).backward()
+        oa.step()
+        ob.zero_grad(set_to_none=True)
+        loss_of(b, t).backward()  # fresh .grad tensors, not the buffer's views
+        ob.step()
+    for n, p in params(a).items():
+        assert torch.equal(p, params(b)[n]), n
+
+
+def test_closure_and_lr_scheduler():
+    model, opt = make(schedule=None, lr=5e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    for t in range(3):
+        loss = opt.step(lambda: (opt.zero_grad(), loss_of(model, t))[1].__class__ and _closure(model, opt, t))
+        assert torch.is_tensor(loss)
+        assert opt.last_report["lr"] == pytest.approx(5e-3 * 0.5 ** t)
+        sched.step()
+
+
+def _closure(model, opt, t):
+    opt.zero_grad()
+    loss = loss_of(model, t)
+    loss.backward()
+    return loss
+
+
+def test_state_dict_round_trip_resumes_exactly(tmp_path):
+    model, opt = make()
+    train(model, opt, 0, 7)
+    sd = opt.state_dict()
+    saved = params(model)
+    torch.save({"opt": sd}, tmp_path / "ck.pt")
+    train(model, opt, 7, 15)
+    want = params(model)
+
+    model2, opt2 = make(seed=123)  # different init: everything must come from the checkpoint
+    with torch.no_grad():
+        for n, p in model2.named_parameters():
+            p.copy_(saved[n])
+    opt2.load_state_dict(torch.load(tmp_path / "ck.pt")["opt"])
+    assert opt2.status()["step"] == 7
+    train(model2, opt2, 7, 15)
+    for n, p in params(model2).items():
+        assert torch.equal(p, want[n]), n
+
+
+def test_state_dict_is_the_engine_checkpoint(tmp_path):
+    model, opt = make()
+    train(model, opt, 0, 4)
+    path = tmp_path / "optimizer.state"
+    opt.save(path)
+    sd = opt.state_dict()
+    assert sd["celo2_state_file"] == path.read_bytes()
+    st = celo2.read_state_file(sd["celo2_state_file"])
+    assert st["step"] == 4
+    assert st["tensors"]["fc.weight"]["label"] == "celo2"
+    assert st["tensors"]["fc.weight"]["m"].shape == (3, 16, 8)
+    assert st["tensors"]["embed.weight"]["label"] == "adamw"
+    # And an engine file loads through load_state_dict (and load()).
+    model2, opt2 = make()
+    opt2.load_state_dict({"celo2_state_file": path.read_bytes()})
+    assert opt2.status()["step"] == 4
+    model3, opt3 = make()
+    opt3.load(path)
+    assert opt3.status()["step"] == 4
+
+
+def test_master_copies_for_other_dtypes():
+    torch.manual_seed(0)
+    a, oa = make()
+    torch.manual_seed(0)
+    b = TinyLM()
+    b.load_state_dict(a.state_dict())
+    b = b.to(torch.float64)
+    ob = Celo2(b.named_parameters(), schedule="cosine:lr=1e-2,warmup=3,total=20,final=0.1",
+               communicator="local")
+    for t in range(3):
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            loss_of(m, t).backward() if m is a else _float64_loss(m, t).backward()
+            o.step()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert pb.dtype == torch.float64
+        assert torch.allclose(pa.double(), pb, atol=1e-5), n
+
+
+def _float64_loss(model, t):
+    x, y = batch(t)
+    return torch.nn.functional.cross_entropy(model(x).reshape(-1, 17), y.reshape(-1))
+
+
+def test_frozen_parameters_are_not_registered():
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.embed.weight.requires_grad_(False)
+    opt = Celo2(model.named_parameters(), communicator="local")
+    assert "embed.weight" not in opt.names
+    before = model.embed.weight.clone()
+    train(model, opt, 0, 2)
+    assert torch.equal(before, model.embed.weight)
+
+
+def test_control_plane_starts_on_loopback(tmp_path):
+    if not celo2.control_supported():
+        pytest.skip("built without the gRPC control plane")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-tests\n")
+    token.chmod(0o600)
+    model, opt = make(control="127.0.0.1:0", control_token_file=str(token))
+    train(model, opt, 0, 2)
+    addr = opt.control_address
+    assert addr.startswith("127.0.0.1:") and int(addr.rsplit(":", 1)[1]) > 0
+    assert opt.status()["control_address"] == addr
+
+
+# ------------------------------------------------------------------ bad arguments
+def _model():
+    torch.manual_seed(0)
+    return TinyLM()
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(lr=-1.0), ValueError, "lr must be"),
+    (dict(lr=float("nan")), ValueError, "lr must be"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(betas=(0.9, 1.5)), ValueError, "betas"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(variant="celo3"), ValueError, "variant"),
+    (dict(grads="mean"), ValueError, "grads must be"),
+    (dict(nan_policy="ignore"), ValueError, "nan_policy"),
+    (dict(schedule="cosine:lr=1e-3,warmup=-5"), ValueError, "schedule"),
+    (dict(schedule="sawtooth:lr=1"), ValueError, "schedule"),
+    (dict(rules="re:([ => adamw"), ValueError, "rules"),
+    (dict(rules="* => sgd"), ValueError, "rules"),
+    (dict(theta="/nonexistent/theta.state"), FileNotFoundError, "theta"),
+    (dict(theta=b"not msgpack"), celo2.FormatError, ""),
+    (dict(config={"ns_iterz": 3}), celo2.FormatError, "ns_iterz"),
+    (dict(communicator="nccl2"), ValueError, "communicator"),
+    (dict(schedule=3), TypeError, "schedule"),
+])
+def test_bad_arguments_raise(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Celo2(_model().named_parameters(), **kwargs)
+
+
+def test_bad_params_raise():
+    m = _model()
+    with pytest.raises(ValueError, match="empty"):
+        Celo2([], communicator="local")
+    with pytest.raises(ValueError, match="appears twice"):
+        Celo2([("a", m.fc.weight), ("a", m.fc.bias)], communicator="local")
+    with pytest.raises(ValueError, match="appears twice"):
+        Celo2([("a", m.fc.weight), ("b", m.fc.weight)], communicator="local")
+    with pytest.raises(TypeError, match="tensor"):
+        Celo2([("a", 3)], communicator="local")
+    with pytest.raises(ValueError, match="own lr"):
+        Celo2([{"params": [m.fc.weight]}, {"params": [m.fc.bias], "lr": 0.1}], communicator="local")
+
+
+def test_bad_use_raises(tmp_path):
+    model, opt = make()
+    train(model, opt, 0, 1)
+    with pytest.raises(RuntimeError, match="registers its tensors once"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(ValueError, match="not a Celo2 state_dict"):
+        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    with pytest.raises(celo2.FormatError):
+        opt.load_state_dict({"celo2_state_file": b"\x00garbage"})
+    other, other_opt = make()
+    other_opt2 = Celo2([("x", torch.nn.Parameter(torch.zeros(4, 4)))], communicator="local")
+    with pytest.raises(celo2.FormatError, match="tensors"):
+        other_opt2.load_state_dict(opt.state_dict())
+    # Rank 0 reads and shares its verdict with every rank: a FormatError naming the file.
+    with pytest.raises(celo2.FormatError, match="missing.state"):
+        opt.load(tmp_path / "missing.state")
+    model.fc.weight.data = model.fc.weight.data.clone()  # reallocated behind the optimizer's back
+    with pytest.raises(RuntimeError, match="reallocated"):
+        opt.step()
+
+
+def test_nan_policy_error_raises_nonfinite():
+    model, opt = make(nan_policy="error")
+    loss_of(model, 0).backward()
+    model.fc.weight.grad[0, 0] = float("nan")
+    with pytest.raises(celo2.NonFiniteGradientError):
+        opt.step()
+
+
+def test_nan_policy_skip_counts():
+    model, opt = make()
+    loss_of(model, 0).backward()
+    model.fc.weight.grad[0, 0] = float("inf")
+    before = params(model)
+    opt.step()
+    assert opt.last_report["skipped"] and opt.status()["skipped"] == 1
+    for n, p in params(model).items():
+        assert torch.equal(p, before[n])
+
+
+def test_published_celo_v1_weights_are_refused(shared_dir):
+    path = os.path.join(shared_dir, "weights", "celo-v1", "theta.state")
+    if not os.path.exists(path):
+        pytest.skip("no celo-v1 weights in shared/")
+    with pytest.raises(celo2.FormatError):
+        Celo2(_model().named_parameters(), theta=path, communicator="local")
+
+
+def test_published_celo2_weights_load(shared_dir):
+    path = os.path.join(shared_dir, "weights", "celo2", "theta.state")
+    if not os.path.exists(path):
+        pytest.skip("no published Celo2 weights in shared/")
+    model, opt = make(theta=path)
+    assert opt.status()["theta_sha256"] == celo2.theta_sha256(path)
+    losses = train(model, opt, 0, 10)
+    assert np.isfinite(losses).all()
+
+
+def test_celo2ctl_attaches_to_a_python_trainer(tmp_path):
+    """The README's `celo2ctl status` against a PyTorch trainer's control plane."""
+    import subprocess
+
+    ctl = os.environ.get("CELO2_CTL")
+    if not celo2.control_supported() or not ctl or not os.path.exists(ctl):
+        pytest.skip("needs the control plane and celo2ctl (CELO2_CTL)")
+    token = tmp_path / "token"
+    token.write_text("another-test-token-0123456789\n")
+    token.chmod(0o600)
+    model, opt = make(control="127.0.0.1:0", control_token_file=str(token))
+    train(model, opt, 0, 3)
+    r = subprocess.run([ctl, "--addr", opt.control_address, "--token-file", str(token), "--json", "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3" in r.stdout and "schedule" in r.stdout.lower(), r.stdout
+    bad = tmp_path / "bad"
+    bad.write_text("wrong-token-wrong-token-wrong\n")
+    bad.chmod(0o600)
+    r = subprocess.run([ctl, "--addr", opt.control_address, "--token-file", str(bad), "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
