@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's main command: build, then train the 8×8 Fashion-MNIST MLP with Celo2 and the
-# project's default weights. Extra arguments go to celo2-train (e.g. --steps 3000).
+# The README's main command: install and build, then pretrain a small GPT on 2 local ranks
+# with the sharded Celo2 engine (control plane on loopback) against an AdamW baseline, and
+# report (examples/run_gpt_demo.sh; extra arguments go to examples/gpt_demo.py).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-$here/build}"
 export BUILD_DIR
 "$here/scripts/setup.sh"
-exec "$BUILD_DIR/client/celo2-train" --eval "$@"
+SKIP_BUILD=1 exec "$here/examples/run_gpt_demo.sh" "$@"
