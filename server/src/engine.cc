@@ -180,16 +180,14 @@ int64_t Engine::offset_of(size_t i) const { return entries_.at(i)->offset; }
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                         const float* grads) {
-  if (step_ > 0 || skipped_ > 0)
-    throw std::logic_error("add_tensor('" + name + "'): registration closed at the first step");
-  if (name.empty()) throw std::invalid_argument("add_tensor: empty tensor name");
-  for (const auto& e : entries_)
-    if (e->name == name) throw std::invalid_argument("add_tensor: duplicate tensor name '" + name + "'");
   auto e = std::make_unique<Entry>();
+  e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, params, grads,
+                              [&](const std::string& n) {
+                                for (const auto& x : entries_)
+                                  if (x->name == n) return true;
+                                return false;
+                              });
   e->name = name;
-  e->geo = Geometry::of(shape);
-  if (e->geo.numel > 0 && (params == nullptr || grads == nullptr))
-    throw std::invalid_argument("add_tensor('" + name + "'): null params or grads pointer");
   e->params = params;
   e->grads = grads;
   e->offset = total_;
@@ -513,18 +511,22 @@ StepReport Engine::step_with_lr(double lr) {
   if (!matrices_.empty()) {
     phase_begin("newton_schulz");
     auto cut = [&](int k) { return total_ * k / W; };
-    // Pack: by destination, then matrix order.
-    {
+    // This rank's pieces of the matrices, in the send layout: by destination (owner), then
+    // matrix order. fn(offset in u_local_, count, offset in send_buf_).
+    auto walk_mine = [&](auto fn) {
       std::vector<int64_t> pos(W, 0);
       for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
       for (const Matrix& m : matrices_) {
         int64_t lo = 0;
         const int64_t n = overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
         if (!n) continue;
-        std::memcpy(send_buf_.data() + pos[m.owner], u_local_.data() + (lo - my_lo_), n * sizeof(float));
+        fn(lo - my_lo_, n, pos[m.owner]);
         pos[m.owner] += n;
       }
-    }
+    };
+    walk_mine([&](int64_t local, int64_t n, int64_t pos) {
+      std::memcpy(send_buf_.data() + pos, u_local_.data() + local, n * sizeof(float));
+    });
     comm_->all_to_all_v(send_buf_.data(), a2a_send_counts_, recv_buf_.data(), a2a_recv_counts_);
     // Unpack into whole matrices (by source, then matrix order), orthogonalize, pack back.
     auto walk_owned = [&](auto fn) {
@@ -582,15 +584,9 @@ StepReport Engine::step_with_lr(double lr) {
         std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
       });
       comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
-      std::vector<int64_t> pos(W, 0);
-      for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
-      for (const Matrix& m : matrices_) {
-        int64_t lo = 0;
-        const int64_t n = overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
-        if (!n) continue;
-        std::memcpy(u_local_.data() + (lo - my_lo_), send_buf_.data() + pos[m.owner], n * sizeof(float));
-        pos[m.owner] += n;
-      }
+      walk_mine([&](int64_t local, int64_t n, int64_t pos) {
+        std::memcpy(u_local_.data() + local, send_buf_.data() + pos, n * sizeof(float));
+      });
       if (cfg.normalize_output)
         comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
     }

@@ -71,18 +71,34 @@ size_t Optimizer::num_tensors() const { return entries_.size(); }
 Label Optimizer::label_of(size_t i) const { return entries_.at(i)->label; }
 const std::string& Optimizer::name_of(size_t i) const { return entries_.at(i)->name; }
 
-void Optimizer::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
-                           const float* grads) {
-  if (step_ > 0 || skipped_ > 0)
+Geometry check_registration(bool closed, const std::string& name,
+                            const std::vector<int64_t>& shape, const float* params,
+                            const float* grads, const std::function<bool(const std::string&)>& taken) {
+  if (closed)
     throw std::logic_error("add_tensor('" + name + "'): registration closed at the first step");
   if (name.empty()) throw std::invalid_argument("add_tensor: empty tensor name");
-  for (const auto& e : entries_)
-    if (e->name == name) throw std::invalid_argument("add_tensor: duplicate tensor name '" + name + "'");
-  auto e = std::make_unique<Entry>();
-  e->name = name;
-  e->geo = Geometry::of(shape);
-  if (e->geo.numel > 0 && (params == nullptr || grads == nullptr))
+  if (taken(name)) throw std::invalid_argument("add_tensor: duplicate tensor name '" + name + "'");
+  Geometry geo;
+  try {
+    geo = Geometry::of(shape);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("add_tensor('" + name + "'): " + e.what());
+  }
+  if (geo.numel > 0 && (params == nullptr || grads == nullptr))
     throw std::invalid_argument("add_tensor('" + name + "'): null params or grads pointer");
+  return geo;
+}
+
+void Optimizer::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
+                           const float* grads) {
+  auto e = std::make_unique<Entry>();
+  e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, params, grads,
+                              [&](const std::string& n) {
+                                for (const auto& x : entries_)
+                                  if (x->name == n) return true;
+                                return false;
+                              });
+  e->name = name;
   e->params = params;
   e->grads = grads;
   entries_.push_back(std::move(e));

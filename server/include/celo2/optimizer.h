@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,14 @@ struct StepReport {
   double update_rms[3] = {};  // per label (celo2, adamw, frozen): RMS of the applied update
   double grad_norm[3] = {};   // per label: L2 norm of the gradients
 };
+
+// The checks of a tensor registration, shared by Optimizer and Engine: registration still
+// open, a non-empty unique name (`taken(name)` says whether it is already registered), a
+// valid shape, non-null pointers for a non-empty tensor. Returns the tensor's geometry;
+// throws std::logic_error / std::invalid_argument naming the tensor otherwise.
+Geometry check_registration(bool closed, const std::string& name,
+                            const std::vector<int64_t>& shape, const float* params,
+                            const float* grads, const std::function<bool(const std::string&)>& taken);
 
 class NonFiniteGradientError : public std::runtime_error {
  public:
