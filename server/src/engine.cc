@@ -168,6 +168,8 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   if (o.theta.layers.empty()) o.theta = Theta::adam_like(o.rule);
   o.theta.check_fits(o.rule);
   o.schedule.validate();
+  require_finite("weight_decay", o.weight_decay);
+  require_finite("mult_1d", o.mult_1d);
   if (o.use_reference)
     throw std::invalid_argument("Engine: use_reference is for the single-process Optimizer");
 }

@@ -71,6 +71,11 @@ size_t Optimizer::num_tensors() const { return entries_.size(); }
 Label Optimizer::label_of(size_t i) const { return entries_.at(i)->label; }
 const std::string& Optimizer::name_of(size_t i) const { return entries_.at(i)->name; }
 
+double require_finite(const char* what, double x) {
+  if (!std::isfinite(x)) throw std::invalid_argument(std::string(what) + " must be finite");
+  return x;
+}
+
 Geometry check_registration(bool closed, const std::string& name,
                             const std::vector<int64_t>& shape, const float* params,
                             const float* grads, const std::function<bool(const std::string&)>& taken) {

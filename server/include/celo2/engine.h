@@ -83,8 +83,8 @@ class Engine {
   void set_theta(Theta theta);
   void set_schedule(const Schedule& s);
   void set_rules(const LabelRules& rules);
-  void set_weight_decay(double wd) { opts_.opt.weight_decay = wd; }
-  void set_mult_1d(double m) { opts_.opt.mult_1d = m; }
+  void set_weight_decay(double wd) { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
+  void set_mult_1d(double m) { opts_.opt.mult_1d = require_finite("mult_1d", m); }
 
   // This rank's slice [first, last) of the flat index space (tensors in registration
   // order), and where a tensor starts in it: what a trainer that gathers parameters itself

@@ -55,6 +55,9 @@ Geometry check_registration(bool closed, const std::string& name,
                             const std::vector<int64_t>& shape, const float* params,
                             const float* grads, const std::function<bool(const std::string&)>& taken);
 
+// Returns x, or throws std::invalid_argument("<what> must be finite") (setters of the recipe).
+double require_finite(const char* what, double x);
+
 class NonFiniteGradientError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -85,8 +88,8 @@ class Optimizer {
   void set_theta(Theta theta);
   void set_schedule(const Schedule& s);
   void set_rules(const LabelRules& rules);
-  void set_weight_decay(double wd) { opts_.weight_decay = wd; }
-  void set_mult_1d(double m) { opts_.mult_1d = m; }
+  void set_weight_decay(double wd) { opts_.weight_decay = require_finite("weight_decay", wd); }
+  void set_mult_1d(double m) { opts_.mult_1d = require_finite("mult_1d", m); }
 
   std::string routing_table() const;  // name, shape, label, elements; totals per label
   int64_t step_count() const { return step_; }
