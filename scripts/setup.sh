@@ -15,6 +15,7 @@ packages=(
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
   python3-torch python3-matplotlib fortunes
   dataset-fashion-mnist openssl
+  slurm-wlm slurm-wlm-basic-plugins munge libpmix-dev curl python3-yaml
 )
 missing=()
 for p in "${packages[@]}"; do
