@@ -11,7 +11,7 @@ packages=(
   libopenblas-dev libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libmicrohttpd-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
   python3-torch python3-matplotlib fortunes
   dataset-fashion-mnist openssl

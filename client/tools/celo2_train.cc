@@ -124,6 +124,10 @@ int run(int argc, char** argv) {
   app.add_option("--tls-key", control_opts.tls_key_file, "control plane TLS key (PEM)");
   app.add_option("--tls-client-ca", control_opts.tls_client_ca_file,
                  "require client certificates signed by this CA (mutual TLS)");
+  std::string metrics_addr;
+  app.add_option("--metrics", metrics_addr,
+                 "serve Prometheus text at http://host:port/metrics (rank 0; needs --control; "
+                 "port 0: any free port, printed)");
   app.add_option("--control-log", control_log,
                  "also log each applied control change to this file ({rank} -> the rank)");
   app.add_option("--step-sleep-ms", step_sleep_ms,
@@ -132,6 +136,8 @@ int run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   const bool with_control = !control_addr.empty();
   control_opts.address = control_addr;
+  if (!metrics_addr.empty() && !with_control)
+    throw std::invalid_argument("--metrics needs --control (it serves the control plane's status)");
   if (with_control && comm_kind == "none")
     throw std::invalid_argument("--control needs the sharded engine (not --comm none)");
 
@@ -202,6 +208,7 @@ int run(int argc, char** argv) {
   };
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> control_log_file(nullptr, &std::fclose);
   std::unique_ptr<ControlPlane> control;  // after the log: destroyed first
+  std::unique_ptr<MetricsServer> metrics;  // after the control plane: destroyed first
   if (with_control) {
     const int rank = comm->rank();
     if (!control_log.empty()) {
@@ -229,6 +236,12 @@ int run(int argc, char** argv) {
       control = std::make_unique<ControlPlane>(control_opts, engine, std::move(tensors));
       if (engine.rank() == 0) {
         std::printf("control: listening on %s\n", control->address().c_str());
+        if (!metrics_addr.empty()) {
+          metrics = std::make_unique<MetricsServer>(metrics_addr, [&control] {
+            return control->prometheus_text();
+          });
+          std::printf("metrics: http://127.0.0.1:%d/metrics\n", metrics->port());
+        }
         std::fflush(stdout);
       }
     };

@@ -661,3 +661,18 @@ void ControlPlane::finish() {
 }
 
 }  // namespace celo2
+
+namespace celo2 {
+
+std::string render_prometheus(const v1::GetStatusResponse& status);  // control_metrics.cc
+
+std::string ControlPlane::prometheus_text() const {
+  if (!impl_->server) return "";
+  v1::GetStatusRequest req;
+  v1::GetStatusResponse resp;
+  const grpc::Status s = impl_->core->get_status(req, &resp);
+  if (!s.ok()) throw std::runtime_error("status unavailable: " + s.error_message());
+  return render_prometheus(resp);
+}
+
+}  // namespace celo2

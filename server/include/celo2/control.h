@@ -96,9 +96,31 @@ class ControlPlane {
   // end, the server stops. Idempotent.
   void finish();
 
+  // Rank 0: the status in the Prometheus text exposition format (version 0.0.4): step, lr,
+  // loss, per-label update RMS and gradient norm, NaN skips, phase timings, communication
+  // bytes, applied versions. Other ranks: empty. Thread-safe (the metrics server calls it).
+  std::string prometheus_text() const;
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+};
+
+// A plain HTTP endpoint, GET /metrics -> render() as text/plain; version=0.0.4 (libmicrohttpd,
+// its own thread). Binds 127.0.0.1 unless `address` names a host ("host:port" or "port";
+// port 0 picks a free one). Anything but GET /metrics gets 404/405.
+class MetricsServer {
+ public:
+  MetricsServer(const std::string& address, std::function<std::string()> render);
+  ~MetricsServer();
+  MetricsServer(const MetricsServer&) = delete;
+  MetricsServer& operator=(const MetricsServer&) = delete;
+  int port() const { return port_; }
+  struct Impl;  // libmicrohttpd state (control_metrics.cc)
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
 };
 
 }  // namespace celo2
