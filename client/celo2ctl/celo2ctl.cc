@@ -10,6 +10,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -107,22 +108,6 @@ std::string to_json(const google::protobuf::Message& m, bool pretty) {
   return out;
 }
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
 
 class Client {
  public:
@@ -183,8 +168,10 @@ class Client {
 // Prints a failed call and returns the exit status.
 int report_error(const Globals& g, const grpc::Status& s) {
   if (g.json) {
-    std::printf("{\"error\": {\"code\": \"%s\", \"message\": \"%s\"}}\n", code_name(s.error_code()),
-                json_escape(s.error_message()).c_str());
+    const nlohmann::json err = {{"error", {{"code", code_name(s.error_code())},
+                                           {"message", s.error_message()}}}};
+    // Replace invalid UTF-8 rather than throw: messages may quote hostile input.
+    std::printf("%s\n", err.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::fprintf(stderr, "celo2ctl: %s: %s\n", code_name(s.error_code()),
                  s.error_message().c_str());

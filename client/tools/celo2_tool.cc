@@ -4,6 +4,7 @@
 //                                         check an engine against golden vectors
 // Every failure is one line on stderr and a non-zero exit status, so scripts can rely on it.
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -70,29 +71,6 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-std::string json_string(const std::string& in) {
-  std::string out = "\"";
-  for (unsigned char c : in) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "\"";
-}
-
-std::string number(double x) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.9g", x);
-  return buf;
-}
-
 int theta_info(const std::string& path, bool json) {
   const std::vector<uint8_t> bytes = flax::read_file(path);
   const std::string sha = sha256_hex(bytes);
@@ -119,26 +97,19 @@ int theta_info(const std::string& path, bool json) {
   }
 
   if (json) {
-    std::string out = "{";
-    out += "\"file\": " + json_string(path);
-    out += ", \"bytes\": " + std::to_string(bytes.size());
-    out += ", \"sha256\": " + json_string(sha);
-    out += ", \"ff_hidden_size\": " + std::to_string(cfg.ff_hidden_size);
-    out += ", \"ff_hidden_layers\": " + std::to_string(cfg.ff_hidden_layers);
-    out += std::string(", \"fits_default_config\": ") + (fits_default ? "true" : "false");
-    out += ", \"total_parameters\": " + std::to_string(total);
-    out += ", \"arrays\": [";
-    for (size_t i = 0; i < arrays.size(); ++i) {
-      const ArrayStats& a = arrays[i];
-      out += i ? ", " : "";
-      out += "{\"name\": " + json_string(a.name) + ", \"shape\": [";
-      for (size_t d = 0; d < a.shape.size(); ++d)
-        out += (d ? ", " : "") + std::to_string(a.shape[d]);
-      out += "], \"dtype\": " + json_string(a.dtype) + ", \"min\": " + number(a.min) +
-             ", \"max\": " + number(a.max) + ", \"rms\": " + number(a.rms) + "}";
-    }
-    out += "]}";
-    std::printf("%s\n", out.c_str());
+    nlohmann::ordered_json out;
+    out["file"] = path;
+    out["bytes"] = bytes.size();
+    out["sha256"] = sha;
+    out["ff_hidden_size"] = cfg.ff_hidden_size;
+    out["ff_hidden_layers"] = cfg.ff_hidden_layers;
+    out["fits_default_config"] = fits_default;
+    out["total_parameters"] = total;
+    out["arrays"] = nlohmann::ordered_json::array();
+    for (const ArrayStats& a : arrays)
+      out["arrays"].push_back({{"name", a.name}, {"shape", a.shape}, {"dtype", a.dtype},
+                               {"min", a.min}, {"max", a.max}, {"rms", a.rms}});
+    std::printf("%s\n", out.dump().c_str());
     return 0;
   }
 
