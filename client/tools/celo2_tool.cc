@@ -65,11 +65,6 @@ ArrayStats stats_of(const std::string& name, const flax::NdArray& a) {
   return s;
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
 
 int theta_info(const std::string& path, bool json) {
   const std::vector<uint8_t> bytes = flax::read_file(path);
@@ -121,7 +116,7 @@ int theta_info(const std::string& path, bool json) {
   std::printf("%-8s %-10s %-9s %13s %13s %13s\n", "array", "shape", "dtype", "min", "max", "rms");
   for (const ArrayStats& a : arrays) {
     std::printf("%-8s %-10s %-9s %13.6g %13.6g %13.6g\n", a.name.c_str(),
-                shape_text(a.shape).c_str(), a.dtype.c_str(), a.min, a.max, a.rms);
+                format_shape(a.shape).c_str(), a.dtype.c_str(), a.min, a.max, a.rms);
   }
   std::printf("total parameters: %lld\n", static_cast<long long>(total));
   return 0;

@@ -19,6 +19,12 @@ void check_finite(const char* name, float v) {
 
 }  // namespace
 
+std::string format_shape(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
 void RuleConfig::validate() const {
   if (ff_hidden_size < 1 || ff_hidden_size > 1024)
     bad("ff_hidden_size must be in [1, 1024], got " + std::to_string(ff_hidden_size));

@@ -84,14 +84,7 @@ int64_t Geometry::rest_index_of_row(int64_t r) const {
   return (r / rest_of_row_div) * rest_of_row_mod + r % rest_of_row_mod;
 }
 
-std::string Geometry::shape_str() const {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  if (shape.size() == 1) s << ",";
-  s << ")";
-  return s.str();
-}
+std::string Geometry::shape_str() const { return format_shape(shape); }
 
 RuleState RuleState::zeros(const Geometry& geo) {
   RuleState s;

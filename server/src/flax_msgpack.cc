@@ -9,6 +9,7 @@
 //  2. msgpack_unpack_next() builds the object tree (strings and bins point into the input),
 //     and to_value() turns it into a Value, decoding flax arrays (ext types 1 and 3) and
 //     reassembling chunked arrays. Every error names the byte offset or the tree path.
+#include "celo2/config.h"
 #include "celo2/flax_msgpack.h"
 
 #include <fcntl.h>
@@ -77,15 +78,6 @@ const char* kind_name(Value::Kind k) {
   return "?";
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  if (shape.size() == 1) s += ",";
-  return s + ")";
-}
 
 // ---- pass 1: header walk --------------------------------------------------------------
 
@@ -293,9 +285,9 @@ bool is_bytes(const msgpack_object& o) {
 int64_t checked_numel(const std::vector<int64_t>& shape, const std::string& where) {
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (d < 0) fail_in(where, "negative dimension in shape " + shape_string(shape));
+    if (d < 0) fail_in(where, "negative dimension in shape " + format_shape(shape));
     if (__builtin_mul_overflow(n, d, &n)) {
-      fail_in(where, "shape " + shape_string(shape) + " has too many elements");
+      fail_in(where, "shape " + format_shape(shape) + " has too many elements");
     }
   }
   return n;
@@ -341,7 +333,7 @@ std::shared_ptr<NdArray> decode_ndarray(std::span<const uint8_t> payload, size_t
   int64_t nbytes = 0;
   if (__builtin_mul_overflow(numel, static_cast<int64_t>(itemsize), &nbytes) ||
       static_cast<uint64_t>(nbytes) != raw.size()) {
-    fail_in(where, "shape " + shape_string(arr->shape) + " of " + arr->dtype + " needs " +
+    fail_in(where, "shape " + format_shape(arr->shape) + " of " + arr->dtype + " needs " +
                        std::to_string(numel) + " x " + std::to_string(itemsize) +
                        " bytes, the array holds " + std::to_string(raw.size()));
   }
@@ -423,7 +415,7 @@ std::shared_ptr<NdArray> unchunk(const Value& m, const std::string& where) {
   }
   if (total != numel) {
     fail_in(where, "chunks hold " + std::to_string(total) + (total > numel ? "+" : "") +
-                       " elements, shape " + shape_string(arr->shape) + " needs " +
+                       " elements, shape " + format_shape(arr->shape) + " needs " +
                        std::to_string(numel));
   }
   arr->data.reserve(static_cast<size_t>(numel));
@@ -607,7 +599,7 @@ void pack_value(msgpack_packer* pk, const Value& v, size_t max_chunk_bytes) {
       const int64_t numel = checked_numel(a.shape, v.where);
       if (static_cast<uint64_t>(numel) != a.data.size()) {
         throw std::invalid_argument("encode: " + where_or_root(v.where) + ": shape " +
-                                    shape_string(a.shape) + " does not match " +
+                                    format_shape(a.shape) + " does not match " +
                                     std::to_string(a.data.size()) + " elements");
       }
       const size_t n = a.data.size();
@@ -661,11 +653,11 @@ Value Value::of_array(std::vector<int64_t> shape, std::vector<float> data) {
   int64_t n = 1;
   for (int64_t d : a->shape) {
     if (d < 0 || __builtin_mul_overflow(n, d, &n)) {
-      throw std::invalid_argument("Value::of_array: bad shape " + shape_string(a->shape));
+      throw std::invalid_argument("Value::of_array: bad shape " + format_shape(a->shape));
     }
   }
   if (static_cast<uint64_t>(n) != a->data.size()) {
-    throw std::invalid_argument("Value::of_array: shape " + shape_string(a->shape) + " needs " +
+    throw std::invalid_argument("Value::of_array: shape " + format_shape(a->shape) + " needs " +
                                 std::to_string(n) + " elements, got " +
                                 std::to_string(a->data.size()));
   }

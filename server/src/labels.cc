@@ -1,6 +1,8 @@
 // Label rules: parsing, matching, the default rule sets.
 #include "celo2/labels.h"
 
+#include "celo2/config.h"
+
 #include <re2/re2.h>
 
 #include <iomanip>
@@ -177,11 +179,6 @@ std::string format_routing_table(const std::vector<TensorDesc>& tensors,
   std::ostringstream s;
   size_t w = 4;
   for (const auto& t : tensors) w = std::max(w, t.name.size());
-  auto shape_str = [](const std::vector<int64_t>& shape) {
-    std::string r = "(";
-    for (size_t i = 0; i < shape.size(); ++i) r += (i ? ", " : "") + std::to_string(shape[i]);
-    return r + (shape.size() == 1 ? ",)" : ")");
-  };
   s << std::left << std::setw(static_cast<int>(w) + 2) << "name" << std::setw(20) << "shape"
     << std::setw(8) << "label" << std::right << std::setw(12) << "elements" << std::setw(14)
     << "bytes" << "\n";
@@ -190,7 +187,7 @@ std::string format_routing_table(const std::vector<TensorDesc>& tensors,
     int64_t n = 1;
     for (int64_t d : tensors[i].shape) n *= d;
     s << std::left << std::setw(static_cast<int>(w) + 2) << tensors[i].name << std::setw(20)
-      << shape_str(tensors[i].shape) << std::setw(8) << label_name(labels[i]) << std::right
+      << format_shape(tensors[i].shape) << std::setw(8) << label_name(labels[i]) << std::right
       << std::setw(12) << n << std::setw(14) << 4 * n << "\n";
     total[static_cast<int>(labels[i])] += n;
     count[static_cast<int>(labels[i])] += 1;

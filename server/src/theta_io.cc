@@ -34,15 +34,6 @@ std::string join_path(const std::string& parent, const std::string& key) {
   return parent.empty() ? key : parent + "/" + key;
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  if (shape.size() == 1) s += ",";
-  return s + ")";
-}
 
 // One array the layout expects, in file order (w0__0..w0__13, b0, w1, b1, ..., wL, bL).
 struct Expected {
@@ -229,8 +220,8 @@ Theta theta_from_value(const Value& root, const RuleConfig& cfg) {
     } else if (!v->is_array()) {
       problems.push_back(path + ": expected an array, got a non-array value");
     } else if (v->array->shape != e.shape) {
-      problems.push_back(path + ": expected shape " + shape_string(e.shape) + ", got " +
-                         shape_string(v->array->shape));
+      problems.push_back(path + ": expected shape " + format_shape(e.shape) + ", got " +
+                         format_shape(v->array->shape));
     } else {
       found[k] = v->array.get();
     }

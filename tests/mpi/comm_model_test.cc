@@ -7,6 +7,7 @@
 
 #include "celo2/comm_model.h"
 #include "celo2/engine.h"
+#include "mpi_test_main.h"
 
 namespace celo2 {
 namespace {
@@ -66,14 +67,4 @@ TEST(CommModel, MatchesTheEngineCelo2Base) { check(RuleConfig::celo2_base(), fal
 }  // namespace
 }  // namespace celo2
 
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  celo2::g_comm = celo2::make_communicator("auto");
-  if (celo2::g_comm->rank() != 0) {
-    auto& l = ::testing::UnitTest::GetInstance()->listeners();
-    delete l.Release(l.default_result_printer());
-  }
-  const int rc = RUN_ALL_TESTS();
-  celo2::g_comm.reset();
-  return rc;
-}
+int main(int argc, char** argv) { return celo2::testing::run_mpi_tests(argc, argv, celo2::g_comm); }

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "celo2/engine.h"
+#include "mpi_test_main.h"
 #include "celo2/flax_msgpack.h"
 
 namespace celo2 {
@@ -210,7 +211,9 @@ TEST(Engine, OwnersAreBalancedAndReported) {
   eng.step();
   const std::string rep = eng.plan_report();
   EXPECT_NE(rep.find("imbalance"), std::string::npos);
-  if (g_comm->size() > 1) EXPECT_GT(eng.last_phase_stats().bytes.at("gather"), 0);
+  if (g_comm->size() > 1) {
+    EXPECT_GT(eng.last_phase_stats().bytes.at("gather"), 0);
+  }
 }
 
 // Checkpoint across world sizes: CELO2_CKPT_PHASE=save writes after 3 steps;
@@ -275,15 +278,4 @@ TEST(Engine, CheckpointAcrossWorldSizes) {
 }  // namespace
 }  // namespace celo2
 
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  celo2::g_comm = celo2::make_communicator("auto");
-  if (celo2::g_comm->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  const int rc = RUN_ALL_TESTS();
-  celo2::g_comm->barrier();
-  celo2::g_comm.reset();
-  return rc;
-}
+int main(int argc, char** argv) { return celo2::testing::run_mpi_tests(argc, argv, celo2::g_comm); }

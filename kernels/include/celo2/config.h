@@ -24,6 +24,9 @@ inline constexpr int kOutputs = 3;       // direction, magnitude, unused
 inline constexpr std::array<int, kFeatureGroups> kGroupWidth = {1, 1, 1, 3, 1, 3, 1,
                                                                 3, 1, 3, 3, 3, 3, 3};
 
+// A shape as Python prints a tuple: (), (7,), (6, 10). Used in every message about shapes.
+std::string format_shape(const std::vector<int64_t>& shape);
+
 enum class Activation { kRelu, kTanh };
 
 struct RuleConfig {
