@@ -14,7 +14,7 @@ packages=(
   libmicrohttpd-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
   python3-torch python3-matplotlib fortunes
-  dataset-fashion-mnist openssl
+  dataset-fashion-mnist python3-sklearn openssl
   slurm-wlm slurm-wlm-basic-plugins munge libpmix-dev curl python3-yaml
 )
 missing=()

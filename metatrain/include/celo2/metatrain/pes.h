@@ -1,0 +1,148 @@
+// Persistent evolution strategies (Vicol, Metz, Sohl-Dickstein 2021) for Celo2's theta.
+//
+// One estimator holds `tasks` inner runs. Each inner run is a *pair* of particles — the same
+// task, the same initial weights, the same batches — trained with theta + ε and theta − ε
+// (antithetic). Per outer step every pair:
+//   1. draws ε ~ N(0, σ² I) over theta's flat vector, accumulates ξ += ε;
+//   2. runs a truncation of `truncation` inner steps on each particle;
+//   3. reports the meta-loss of each particle: the mean over the truncation of the inner
+//      training loss (the batch loss before each update), clipped to [0, 1.5·ln 10] with
+//      NaN counted as the maximum (the image-MLP normalizer of the original);
+//   4. when its unroll length is reached, starts a new inner run (new task, initial
+//      weights, reparameterization scale and unroll length) and resets ξ = 0.
+// The estimate is  ĝ = Σ_pairs ξ (L⁺ − L⁻) / (2 σ² · tasks)  — summed over ranks when the
+// pairs are spread over MPI ranks (pair i lives on rank i mod W).
+//
+// The inner update is the recipe of the original meta-training: matrices p − lr·step with
+// the Celo2 step (lr 1e-3), biases (label rule "/b$") AdamW at 20·lr = 0.02. It runs through
+// celo2::Optimizer, the project's tested single-process recipe.
+//
+// Reparameterization augmentation: with probability `reparam_prob` an inner run draws one
+// global scale s log-uniformly from [reparam_lo, reparam_hi]; its parameters are stored as
+// w = p₀ / s and the loss is computed with w·s (the gradient w.r.t. w is s·∂L/∂p).
+//
+// Unroll lengths are log-uniform in [unroll_min, unroll_max], rounded up to a whole number
+// of truncations so that an inner run ends at a truncation boundary.
+//
+// Determinism: every pair draws from its own generator seeded by (seed, task index,
+// generation), so an estimate does not depend on the number of ranks except through the
+// order of the final floating-point sum.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "celo2/config.h"
+#include "celo2/metatrain/tasks.h"
+#include "celo2/optimizer.h"
+#include "mlp_task.h"
+
+namespace celo2::meta {
+
+// Theta <-> a flat vector: layer by layer, weights (row-major) then biases.
+std::vector<float> flatten(const Theta& theta);
+// Overwrites `theta`'s values from `flat` (same sizes; throws otherwise).
+void unflatten(const std::vector<float>& flat, Theta& theta);
+int64_t theta_size(const Theta& theta);
+
+inline double meta_loss_max() { return 1.5 * 2.302585092994046; }  // 1.5·ln 10
+// clip(loss, 0, 1.5·ln 10), NaN and ±inf -> the maximum.
+double normalize_meta_loss(double loss);
+
+struct InnerConfig {
+  std::vector<int> layers = {64, 32, 10};
+  int batch = 64;
+  double lr = 1e-3;       // matrices: p − lr·step
+  double mult_1d = 20.0;  // biases: AdamW at mult_1d·lr
+  RuleConfig rule;        // Celo2 (orthogonalize) or Celo2-base
+  double reparam_prob = 0.25;
+  double reparam_lo = 1e-3, reparam_hi = 1e3;
+  int unroll_min = 100, unroll_max = 2000;
+  int truncation = 50;
+};
+
+// Two particles of one inner run.
+class InnerPair {
+ public:
+  InnerPair(const InnerConfig& cfg, const TaskFamily& family, uint64_t seed);
+  // Starts a new inner run (called by the constructor and when the unroll ends).
+  void reset(const Theta& theta_shape);
+  // One truncation: `steps` updates of each particle. Returns the meta-losses (L⁺, L⁻).
+  std::pair<double, double> run(const Theta& plus, const Theta& minus, int steps);
+  bool finished() const { return step_ >= unroll_; }
+  int64_t step() const { return step_; }
+  int64_t unroll() const { return unroll_; }
+  double scale() const { return scale_; }
+  const std::string& task_name() const { return task_name_; }
+  Normal& rng() { return rng_; }
+  int64_t generation() const { return generation_; }
+
+ private:
+  struct Particle {
+    data::MlpTask model;
+    std::vector<std::vector<float>> w, gw;  // stored parameters and their gradients
+    std::unique_ptr<Optimizer> opt;
+    explicit Particle(const std::vector<int>& layers) : model(layers, 0) {}
+  };
+  double particle_step(Particle& p, const float* x, const int* y);
+  void make_particle(Particle& p, const Theta& theta_shape, uint64_t init_seed);
+
+  InnerConfig cfg_;
+  const TaskFamily* family_;
+  uint64_t seed_;
+  Normal rng_;
+  int64_t generation_ = 0;
+  std::unique_ptr<Particle> plus_, minus_;
+  std::shared_ptr<const data::Dataset> data_;
+  std::unique_ptr<data::BatchSampler> sampler_;
+  std::vector<float> x_;
+  std::vector<int> y_;
+  std::string task_name_;
+  double scale_ = 1.0;
+  int64_t step_ = 0, unroll_ = 0;
+};
+
+struct PesConfig {
+  int tasks = 8;
+  double sigma = 0.01;
+  uint64_t seed = 0;
+  InnerConfig inner;
+};
+
+struct PesStats {
+  double loss_sum = 0.0;     // Σ over this rank's pairs of (L⁺ + L⁻)/2
+  double pairs = 0.0;        // pairs estimated on this rank
+  double resets = 0.0;       // inner runs that ended this step
+  double inner_steps = 0.0;  // particle updates this step
+};
+
+// The estimator's part on one rank: the pairs i ≡ rank (mod world).
+class PesEstimator {
+ public:
+  PesEstimator(const PesConfig& cfg, const TaskFamily& family, const Theta& theta_shape,
+               int rank, int world);
+  // Adds this rank's Σ ξ (L⁺ − L⁻) / (2σ²·tasks) into grad (theta_size floats, as doubles)
+  // and returns the rank's statistics.
+  PesStats estimate(const std::vector<float>& theta, std::vector<double>& grad);
+  int local_pairs() const { return static_cast<int>(pairs_.size()); }
+  const InnerPair& pair(int i) const { return *pairs_[i]; }
+
+ private:
+  PesConfig cfg_;
+  Theta shape_;
+  std::vector<std::unique_ptr<InnerPair>> pairs_;
+  std::vector<std::vector<float>> xi_;
+  Theta plus_, minus_;
+};
+
+// Outer optimizer: AdamW with Optax semantics (decoupled weight decay).
+struct OuterAdamW {
+  double lr = 5e-5, b1 = 0.9, b2 = 0.999, eps = 1e-8, weight_decay = 1e-4;
+  std::vector<double> m, v;
+  int64_t t = 0;
+  void step(std::vector<float>& theta, const std::vector<double>& grad);
+};
+
+}  // namespace celo2::meta

@@ -1,0 +1,367 @@
+// celo2-metatrain: meta-trains Celo2's theta with persistent evolution strategies on the
+// 8×8 inner tasks, over MPI ranks (mpirun -np N celo2-metatrain train ...), and measures the
+// inner-step throughput (bench) and the result (eval).
+//
+//   celo2-metatrain train --out DIR [--outer-steps N] [--time-limit S] [--resume]
+//   celo2-metatrain bench [--seconds S]
+//   celo2-metatrain eval --theta A.state [--theta B.state ...] --json out.json
+//
+// A run directory holds ckpt.json (theta, outer AdamW state, step, wall time, config),
+// theta.state (the current theta in the published flax layout, loadable by celo2 and by the
+// original Optax load_checkpoint) and metrics.csv (one row per outer step).
+#include <CLI/CLI.hpp>
+#include <omp.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "celo2/communicator.h"
+#include "celo2/metatrain/eval.h"
+#include "celo2/metatrain/pes.h"
+#include "celo2/newton_schulz.h"
+#include "celo2/theta_io.h"
+
+namespace {
+
+using namespace celo2;
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct TrainArgs {
+  std::string out = "metatrain_run";
+  int64_t outer_steps = 1000;
+  double time_limit = 0;  // seconds, 0 = none
+  bool resume = false;
+  bool base = false;
+  std::string init = "adam_like";
+  std::string family = "fashion8,digits,synthetic";
+  int tasks = 8;
+  double sigma = 0.01;
+  int truncation = 50;
+  int unroll_min = 100, unroll_max = 2000;
+  double outer_lr = -1;  // <0: 5e-5 (celo2) or 1e-4 (celo2-base)
+  double outer_wd = 1e-4;
+  double reparam_prob = 0.25;
+  uint64_t seed = 0;
+  int ckpt_every = 50;
+  std::string comm = "auto";
+  bool progress = true;
+};
+
+void write_atomic(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f) throw std::runtime_error("cannot write " + tmp.string());
+    f << text;
+    if (!f.flush()) throw std::runtime_error("write failed: " + tmp.string());
+  }
+  fs::rename(tmp, path);
+}
+
+RuleConfig rule_of(bool base) { return base ? RuleConfig::celo2_base() : RuleConfig{}; }
+
+Theta initial_theta(const std::string& init, const RuleConfig& rule, uint64_t seed) {
+  if (init == "adam_like") return Theta::adam_like(rule);
+  if (init == "random") return Theta::random(rule, seed, 0.1f);
+  return load_theta(init, rule);
+}
+
+class ProgressBar {
+ public:
+  ProgressBar(int64_t total, bool enabled) : total_(total), enabled_(enabled && isatty(2)) {}
+  void update(int64_t done, double loss, double steps_per_s, double eta_s) {
+    if (!enabled_) return;
+    const int width = 30;
+    const int fill = total_ > 0 ? static_cast<int>(width * std::min<double>(1.0, double(done) / total_)) : 0;
+    std::fprintf(stderr, "\r[%s%s] %lld/%lld meta-loss %.4f  %.0f inner steps/s  ETA %.0fs   ",
+                 std::string(fill, '#').c_str(), std::string(width - fill, ' ').c_str(),
+                 static_cast<long long>(done), static_cast<long long>(total_), loss, steps_per_s,
+                 eta_s);
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (enabled_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  int64_t total_;
+  bool enabled_;
+};
+
+int run_train(const TrainArgs& a) {
+  omp_set_num_threads(1);  // ranks are the parallelism; one core each
+  set_blas_threads(1);
+  auto comm = make_communicator(a.comm);
+  const int rank = comm->rank(), world = comm->size();
+  const RuleConfig rule = rule_of(a.base);
+  const fs::path dir(a.out);
+  const fs::path ckpt_path = dir / "ckpt.json";
+
+  meta::OuterAdamW outer;
+  outer.lr = a.outer_lr > 0 ? a.outer_lr : (a.base ? 1e-4 : 5e-5);
+  outer.weight_decay = a.outer_wd;
+  Theta theta_shape = initial_theta(a.init, rule, a.seed);
+  std::vector<float> theta = meta::flatten(theta_shape);
+  int64_t step = 0;
+  double wall_before = 0;
+  if (a.resume && fs::exists(ckpt_path)) {
+    std::ifstream f(ckpt_path);
+    nlohmann::json j;
+    try {
+      f >> j;
+    } catch (const std::exception& e) {
+      throw std::runtime_error(ckpt_path.string() + ": not a readable checkpoint: " + e.what());
+    }
+    if (j.value("format", "") != "celo2-metatrain/1") {
+      throw std::runtime_error(ckpt_path.string() + ": format is not celo2-metatrain/1");
+    }
+    if (j.at("base").get<bool>() != a.base) {
+      throw std::runtime_error(ckpt_path.string() + ": checkpoint is for " +
+                               (a.base ? "Celo2" : "Celo2-base") + ", this run for the other");
+    }
+    const auto th = j.at("theta").get<std::vector<double>>();
+    if (th.size() != theta.size()) {
+      throw std::runtime_error(ckpt_path.string() + ": theta has " + std::to_string(th.size()) +
+                               " values, the rule needs " + std::to_string(theta.size()));
+    }
+    for (size_t k = 0; k < th.size(); ++k) theta[k] = static_cast<float>(th[k]);
+    outer.m = j.at("adam_m").get<std::vector<double>>();
+    outer.v = j.at("adam_v").get<std::vector<double>>();
+    outer.t = j.at("adam_t").get<int64_t>();
+    step = j.at("step").get<int64_t>();
+    wall_before = j.at("wall_s").get<double>();
+    if (rank == 0) std::printf("resumed %s at outer step %lld\n", ckpt_path.c_str(), (long long)step);
+  }
+  if (rank == 0) fs::create_directories(dir);
+  comm->barrier();
+
+  meta::TaskFamily family = meta::TaskFamily::parse(a.family);
+  meta::PesConfig pc;
+  pc.tasks = a.tasks;
+  pc.sigma = a.sigma;
+  // A resumed run starts fresh inner runs (ξ = 0) from a seed that depends on the step.
+  pc.seed = a.seed * 0x100000001b3ULL + static_cast<uint64_t>(step);
+  pc.inner.rule = rule;
+  pc.inner.truncation = a.truncation;
+  pc.inner.unroll_min = a.unroll_min;
+  pc.inner.unroll_max = a.unroll_max;
+  pc.inner.reparam_prob = a.reparam_prob;
+  meta::unflatten(theta, theta_shape);
+  meta::PesEstimator pes(pc, family, theta_shape, rank, world);
+
+  std::ofstream csv;
+  if (rank == 0) {
+    const fs::path csv_path = dir / "metrics.csv";
+    const bool fresh = !fs::exists(csv_path) || step == 0;
+    csv.open(csv_path, fresh ? std::ios::trunc : std::ios::app);
+    if (fresh) csv << "step,wall_s,meta_loss,grad_norm,theta_norm,resets,inner_steps_per_s\n";
+    std::printf("meta-training %s: %d tasks (%s), sigma %g, truncation %d, unroll [%d, %d], "
+                "outer AdamW lr %g wd %g, %d rank(s), init %s, seed %llu\n",
+                a.base ? "Celo2-base" : "Celo2", a.tasks, family.names().c_str(), a.sigma,
+                a.truncation, a.unroll_min, a.unroll_max, outer.lr, outer.weight_decay, world,
+                a.init.c_str(), static_cast<unsigned long long>(a.seed));
+  }
+  auto save = [&](double wall) {
+    if (rank != 0) return;
+    nlohmann::json j;
+    j["format"] = "celo2-metatrain/1";
+    j["base"] = a.base;
+    j["step"] = step;
+    j["wall_s"] = wall;
+    j["theta"] = std::vector<double>(theta.begin(), theta.end());
+    j["adam_m"] = outer.m;
+    j["adam_v"] = outer.v;
+    j["adam_t"] = outer.t;
+    j["config"] = {{"tasks", a.tasks},       {"sigma", a.sigma},      {"truncation", a.truncation},
+                   {"unroll_min", a.unroll_min}, {"unroll_max", a.unroll_max},
+                   {"outer_lr", outer.lr},   {"outer_wd", outer.weight_decay},
+                   {"family", a.family},     {"init", a.init},        {"seed", a.seed},
+                   {"reparam_prob", a.reparam_prob}, {"ranks", world}};
+    write_atomic(ckpt_path, j.dump());
+    Theta t = theta_shape;
+    meta::unflatten(theta, t);
+    save_theta((dir / "theta.state").string(), t);
+  };
+
+  const auto t0 = Clock::now();
+  ProgressBar bar(a.outer_steps, a.progress && rank == 0);
+  std::vector<double> grad(theta.size());
+  // [loss_sum, pairs, resets, inner_steps, stop] summed over ranks.
+  std::vector<double> stats(5);
+  double window_steps = 0, window_t = 0;
+  auto wt0 = Clock::now();
+  const int64_t start_step = step;
+  while (step < a.outer_steps) {
+    std::fill(grad.begin(), grad.end(), 0.0);
+    const meta::PesStats st = pes.estimate(theta, grad);
+    stats = {st.loss_sum, st.pairs, st.resets, st.inner_steps,
+             (a.time_limit > 0 && seconds_since(t0) > a.time_limit) ? 1.0 : 0.0};
+    comm->all_reduce_sum(grad.data(), static_cast<int64_t>(grad.size()));
+    comm->all_reduce_sum(stats.data(), static_cast<int64_t>(stats.size()));
+    outer.step(theta, grad);
+    ++step;
+    double gn = 0, tn = 0;
+    for (size_t k = 0; k < grad.size(); ++k) gn += grad[k] * grad[k], tn += double(theta[k]) * theta[k];
+    window_steps += stats[3];
+    window_t = seconds_since(wt0);
+    const double sps = window_t > 0 ? window_steps / window_t : 0;
+    const double wall = wall_before + seconds_since(t0);
+    const double loss = stats[0] / std::max(1.0, stats[1]);
+    if (rank == 0) {
+      csv << step << ',' << wall << ',' << loss << ',' << std::sqrt(gn) << ',' << std::sqrt(tn)
+          << ',' << stats[2] << ',' << sps << '\n';
+      const double per_step = seconds_since(t0) / static_cast<double>(step - start_step);
+      double eta = per_step * static_cast<double>(a.outer_steps - step);
+      if (a.time_limit > 0) eta = std::min(eta, a.time_limit - seconds_since(t0));
+      bar.update(step, loss, sps, eta);
+    }
+    if (window_t > 30) window_steps = 0, wt0 = Clock::now();
+    const bool stop = stats[4] > 0;
+    if (step % a.ckpt_every == 0 || step == a.outer_steps || stop) {
+      if (rank == 0) csv.flush();
+      save(wall);
+    }
+    if (stop) {
+      if (rank == 0) {
+        bar.finish();
+        std::printf("time limit reached at outer step %lld; resume with --resume\n",
+                    static_cast<long long>(step));
+      }
+      break;
+    }
+  }
+  if (rank == 0) {
+    bar.finish();
+    std::printf("done: outer step %lld, wall %.1f s (this sitting %.1f s); theta in %s\n",
+                static_cast<long long>(step), wall_before + seconds_since(t0), seconds_since(t0),
+                (dir / "theta.state").c_str());
+  }
+  return 0;
+}
+
+int run_bench(double seconds, bool base) {
+  omp_set_num_threads(1);
+  set_blas_threads(1);
+  const RuleConfig rule = rule_of(base);
+  meta::TaskFamily family = meta::TaskFamily::parse("fashion8");
+  const Theta theta = Theta::adam_like(rule);
+  const std::vector<float> flat = meta::flatten(theta);
+
+  // 1. The whole estimator on one core: one pair (two particles), truncations of 50.
+  meta::PesConfig pc;
+  pc.tasks = 1;
+  pc.inner.rule = rule;
+  pc.inner.reparam_prob = 0;
+  meta::PesEstimator pes(pc, family, theta, 0, 1);
+  std::vector<double> grad(flat.size());
+  double steps = 0;
+  auto t0 = Clock::now();
+  while (seconds_since(t0) < seconds) steps += pes.estimate(flat, grad).inner_steps;
+  const double total_rate = steps / seconds_since(t0);
+
+  // 2. The parts of one inner step, each alone: the MLP's forward+backward, the optimizer.
+  const data::Dataset& ds = *family.sources[0].data;
+  data::MlpTask model({64, 32, 10}, 1);
+  data::BatchSampler sampler(ds.n, 64, 7);
+  std::vector<float> x(64 * 64);
+  std::vector<int> y(64);
+  sampler.next(ds, x.data(), y.data());
+  int64_t n = 0;
+  t0 = Clock::now();
+  while (seconds_since(t0) < seconds / 3) {
+    for (int k = 0; k < 100; ++k) model.loss_and_grad(x.data(), y.data(), 64);
+    n += 100;
+  }
+  const double mlp_s = seconds_since(t0) / static_cast<double>(n);
+
+  OptimizerOptions o;
+  o.rule = rule;
+  o.theta = theta;
+  o.schedule = Schedule::constant(1e-3);
+  o.rules = base ? LabelRules::all_celo2() : LabelRules::metatrain_default();
+  Optimizer opt(o);
+  for (int i = 0; i < model.num_tensors(); ++i) {
+    opt.add_tensor(model.name(i), model.shape(i), model.params(i), model.grads(i));
+  }
+  n = 0;
+  t0 = Clock::now();
+  while (seconds_since(t0) < seconds / 3) {
+    for (int k = 0; k < 100; ++k) opt.step();
+    n += 100;
+  }
+  const double opt_s = seconds_since(t0) / static_cast<double>(n);
+  nlohmann::json j = {{"rule", base ? "celo2-base" : "celo2"},
+                      {"inner_steps_per_s_per_core", total_rate},
+                      {"mlp_fwd_bwd_us", mlp_s * 1e6},
+                      {"optimizer_step_us", opt_s * 1e6},
+                      {"parts_steps_per_s", 1.0 / (mlp_s + opt_s)}};
+  std::printf("inner task MLP 64-32-10, batch 64, %s, one core:\n", base ? "Celo2-base" : "Celo2");
+  std::printf("  PES estimator         %8.0f inner steps/s (particle updates, data included)\n", total_rate);
+  std::printf("  MLP forward+backward  %8.1f us/step\n", mlp_s * 1e6);
+  std::printf("  optimizer step        %8.1f us/step (Celo2 on fc1/w, fc2/w; AdamW on biases)\n", opt_s * 1e6);
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"celo2-metatrain: PES meta-training of Celo2's weights"};
+  app.require_subcommand(1);
+  TrainArgs a;
+  auto* train = app.add_subcommand("train", "meta-train theta (PES over MPI ranks)");
+  train->add_option("--out", a.out, "run directory (checkpoint, theta.state, metrics.csv)")->capture_default_str();
+  train->add_option("--outer-steps", a.outer_steps, "outer (meta) steps in all")->capture_default_str();
+  train->add_option("--time-limit", a.time_limit, "stop (with a checkpoint) after this many seconds; 0: none")->capture_default_str();
+  train->add_flag("--resume", a.resume, "continue from OUT/ckpt.json when present");
+  train->add_flag("--base", a.base, "meta-train Celo2-base (no Newton–Schulz, every tensor celo2)");
+  train->add_option("--init", a.init, "adam_like | random | a theta.state path")->capture_default_str();
+  train->add_option("--family", a.family, "inner task sources: fashion8,digits,synthetic")->capture_default_str();
+  train->add_option("--tasks", a.tasks, "tasks (antithetic pairs) per estimate")->capture_default_str();
+  train->add_option("--sigma", a.sigma, "perturbation standard deviation")->capture_default_str();
+  train->add_option("--truncation", a.truncation, "inner steps per truncation")->capture_default_str();
+  train->add_option("--unroll-min", a.unroll_min)->capture_default_str();
+  train->add_option("--unroll-max", a.unroll_max)->capture_default_str();
+  train->add_option("--outer-lr", a.outer_lr, "outer AdamW lr (default 5e-5, 1e-4 with --base)");
+  train->add_option("--outer-wd", a.outer_wd)->capture_default_str();
+  train->add_option("--reparam-prob", a.reparam_prob, "probability of the reparameterization augmentation per inner run")->capture_default_str();
+  train->add_option("--seed", a.seed)->capture_default_str();
+  train->add_option("--ckpt-every", a.ckpt_every, "outer steps between checkpoints")->capture_default_str();
+  train->add_option("--comm", a.comm, "auto | local | mpi")->capture_default_str();
+  train->add_flag("!--no-progress", a.progress, "no progress bar");
+
+  double bench_seconds = 6;
+  bool bench_base = false;
+  auto* bench = app.add_subcommand("bench", "inner steps per second per core");
+  bench->add_option("--seconds", bench_seconds)->capture_default_str();
+  bench->add_flag("--base", bench_base, "Celo2-base");
+
+  meta::EvalArgs ev;
+  auto* eval = app.add_subcommand("eval", "evaluation table: thetas vs tuned AdamW on held-out tasks");
+  meta::add_eval_options(*eval, ev);
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*train) return run_train(a);
+    if (*bench) return run_bench(bench_seconds, bench_base);
+    if (*eval) return meta::run_eval(ev);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "celo2-metatrain: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,174 @@
+#include "celo2/metatrain/tasks.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
+#include <stdexcept>
+
+namespace celo2::meta {
+
+std::string digits_csv_path() {
+  if (const char* env = std::getenv("CELO2_DIGITS_CSV"); env && *env) return env;
+  return "/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz";
+}
+
+data::Dataset load_digits_all(const std::string& path_in) {
+  const std::string path = path_in.empty() ? digits_csv_path() : path_in;
+  std::vector<uint8_t> bytes;
+  try {
+    bytes = data::read_gz_file(path);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(std::string(e.what()) +
+                             " (the 8x8 digits come with Debian's python3-sklearn; install it "
+                             "or set CELO2_DIGITS_CSV)");
+  }
+  data::Dataset ds;
+  ds.dim = 64;
+  ds.num_classes = 10;
+  const std::string text(bytes.begin(), bytes.end());
+  std::istringstream in(text);
+  std::string line;
+  int64_t row = 0;
+  while (std::getline(in, line)) {
+    if (line.empty() || line == "\r") continue;
+    ++row;
+    std::istringstream ls(line);
+    std::string cell;
+    int col = 0;
+    while (std::getline(ls, cell, ',')) {
+      char* end = nullptr;
+      const double v = std::strtod(cell.c_str(), &end);
+      if (end == cell.c_str() || !std::isfinite(v)) {
+        throw std::runtime_error(path + ": row " + std::to_string(row) + " column " +
+                                 std::to_string(col + 1) + ": '" + cell + "' is not a number");
+      }
+      if (col < 64) {
+        if (v < 0 || v > 16) {
+          throw std::runtime_error(path + ": row " + std::to_string(row) + ": pixel " +
+                                   std::to_string(v) + " outside 0..16");
+        }
+        ds.x.push_back(static_cast<float>(v / 16.0));
+      } else if (col == 64) {
+        if (v != std::floor(v) || v < 0 || v > 9) {
+          throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " +
+                                   cell + " outside 0..9");
+        }
+        ds.y.push_back(static_cast<int>(v));
+      }
+      ++col;
+    }
+    if (col != 65) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " +
+                               std::to_string(col) + " columns, expected 65");
+    }
+  }
+  ds.n = row;
+  if (ds.n != 1797) {
+    throw std::runtime_error(path + ": " + std::to_string(ds.n) +
+                             " rows, expected the 1797 of scikit-learn's digits");
+  }
+  return ds;
+}
+
+data::Dataset load_digits(data::Split split, const std::string& path) {
+  data::Dataset all = load_digits_all(path);
+  const int64_t lo = split == data::Split::kTrain ? 0 : kDigitsTrainRows;
+  const int64_t hi = split == data::Split::kTrain ? kDigitsTrainRows : all.n;
+  data::Dataset ds;
+  ds.dim = all.dim;
+  ds.num_classes = all.num_classes;
+  ds.n = hi - lo;
+  ds.x.assign(all.x.begin() + lo * all.dim, all.x.begin() + hi * all.dim);
+  ds.y.assign(all.y.begin() + lo, all.y.begin() + hi);
+  return ds;
+}
+
+double Normal::next() {
+  if (has_spare_) {
+    has_spare_ = false;
+    return spare_;
+  }
+  double u1 = 0.0;
+  while (u1 <= 0.0) u1 = uniform();
+  const double u2 = uniform();
+  const double r = std::sqrt(-2.0 * std::log(u1));
+  spare_ = r * std::sin(2.0 * M_PI * u2);
+  has_spare_ = true;
+  return r * std::cos(2.0 * M_PI * u2);
+}
+
+data::Dataset make_teacher_dataset(uint64_t seed, int64_t n, int dim, int classes) {
+  if (n <= 0 || dim <= 0 || classes < 2) throw std::invalid_argument("teacher data: bad sizes");
+  Normal rng(seed ^ 0x5deece66dULL);
+  constexpr int kHidden = 16;
+  std::vector<double> w1(static_cast<size_t>(dim) * kHidden), w2(kHidden * classes);
+  for (double& w : w1) w = rng.next() / std::sqrt(static_cast<double>(dim));
+  for (double& w : w2) w = rng.next() / std::sqrt(static_cast<double>(kHidden));
+  data::Dataset ds;
+  ds.dim = dim;
+  ds.num_classes = classes;
+  ds.n = n;
+  ds.x.resize(static_cast<size_t>(n) * dim);
+  ds.y.resize(static_cast<size_t>(n));
+  std::vector<double> h(kHidden);
+  for (int64_t i = 0; i < n; ++i) {
+    float* x = ds.x.data() + i * dim;
+    for (int d = 0; d < dim; ++d) x[d] = static_cast<float>(rng.next());
+    for (int j = 0; j < kHidden; ++j) {
+      double a = 0;
+      for (int d = 0; d < dim; ++d) a += x[d] * w1[static_cast<size_t>(d) * kHidden + j];
+      h[j] = std::max(a, 0.0);
+    }
+    int best = 0;
+    double best_z = -1e300;
+    for (int c = 0; c < classes; ++c) {
+      double z = 0;
+      for (int j = 0; j < kHidden; ++j) z += h[j] * w2[j * classes + c];
+      if (z > best_z) best_z = z, best = c;
+    }
+    ds.y[i] = best;
+  }
+  return ds;
+}
+
+TaskFamily TaskFamily::parse(const std::string& list, const std::string& fashion_dir) {
+  TaskFamily f;
+  std::istringstream in(list);
+  std::string name;
+  while (std::getline(in, name, ',')) {
+    if (name.empty()) continue;
+    Source s;
+    s.name = name;
+    if (name == "fashion8") {
+      s.data = std::make_shared<data::Dataset>(
+          data::load_fashion_mnist(data::Split::kTrain, 8, fashion_dir));
+    } else if (name == "digits") {
+      s.data = std::make_shared<data::Dataset>(load_digits(data::Split::kTrain));
+    } else if (name != "synthetic") {
+      throw std::invalid_argument("unknown task source '" + name +
+                                  "' (fashion8, digits, synthetic)");
+    }
+    f.sources.push_back(std::move(s));
+  }
+  if (f.sources.empty()) throw std::invalid_argument("task family: no sources in '" + list + "'");
+  return f;
+}
+
+int TaskFamily::pick(Normal& rng) const {
+  double total = 0;
+  for (const Source& s : sources) total += s.weight;
+  double u = rng.uniform() * total;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    if (u < sources[i].weight) return static_cast<int>(i);
+    u -= sources[i].weight;
+  }
+  return static_cast<int>(sources.size()) - 1;
+}
+
+std::string TaskFamily::names() const {
+  std::string out;
+  for (const Source& s : sources) out += (out.empty() ? "" : ",") + s.name;
+  return out;
+}
+
+}  // namespace celo2::meta
