@@ -101,10 +101,13 @@ void InnerPair::reset(const Theta& theta_shape) {
                                 " classes; the inner MLP does not fit it");
   }
   sampler_ = std::make_unique<data::BatchSampler>(data_->n, cfg_.batch, rng_.bits());
+  // Both draws are always taken, so the rest of the run (length, initial weights, batches)
+  // does not depend on whether the augmentation applies.
+  const double u_apply = rng_.uniform(), u_scale = rng_.uniform();
   scale_ = 1.0;
-  if (rng_.uniform() < cfg_.reparam_prob) {
+  if (u_apply < cfg_.reparam_prob) {
     const double lo = std::log(cfg_.reparam_lo), hi = std::log(cfg_.reparam_hi);
-    scale_ = std::exp(lo + rng_.uniform() * (hi - lo));
+    scale_ = std::exp(lo + u_scale * (hi - lo));
   }
   const double lo = std::log(static_cast<double>(cfg_.unroll_min));
   const double hi = std::log(static_cast<double>(cfg_.unroll_max));

@@ -128,6 +128,7 @@ class PesEstimator {
   PesStats estimate(const std::vector<float>& theta, std::vector<double>& grad);
   int local_pairs() const { return static_cast<int>(pairs_.size()); }
   const InnerPair& pair(int i) const { return *pairs_[i]; }
+  InnerPair& pair(int i) { return *pairs_[i]; }
 
  private:
   PesConfig cfg_;
