@@ -1,0 +1,930 @@
+// The Celo2 rule on a CUDA device: the multi-tensor kernels of rule_cuda.h and RuleSet.
+// Per-element arithmetic comes from celo2/elementwise.h through celo2/cuda/rule_device.h;
+// this file holds launch geometry, reductions and the MLP.
+//
+// Work tables (built once, on the host, at construction):
+//  - chunks: pieces of at most kChunk elements that never cross a normalization group; one
+//    thread block per chunk for every element-wise phase;
+//  - axis jobs: the row/col statistics of a factored tensor are sums of q along one axis;
+//    each is cut into segments of kSegment along the axis (fixed, shape-dependent only),
+//    partial sums per segment go to a buffer and are combined in segment order;
+//  - group runs: the chunks of one normalization group, combined in chunk order;
+//  - spans: a flat index over the row+col entries (or rest means) of all factored tensors.
+// All partial sums are double and combined in a fixed order: deterministic without atomics.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include "celo2/cuda/check.h"
+#include "celo2/cuda/rule_cuda.h"
+#include "celo2/cuda/rule_device.h"
+#include "celo2/newton_schulz.h"
+
+namespace celo2::cuda {
+
+bool device_available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    if (why)
+      *why = e != cudaSuccess ? std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e)
+                              : std::string("no CUDA device");
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = 4096;    // elements per block of the element-wise phases
+constexpr int64_t kSegment = 1024;  // axis elements per partial sum of the row/col statistics
+constexpr int kWarps = kThreads / 32;
+
+struct AxisJob {
+  int32_t tensor;
+  int32_t is_row;     // output goes to rowsum (else colsum)
+  int64_t len, stride, n_out;
+  int64_t segs;
+  int64_t part_off;   // partial buffer offset: part[part_off + seg * n_out + o]
+  int64_t item_begin; // prefix over jobs of n_out * segs (work items)
+  int64_t out_begin;  // prefix over jobs of n_out (combine)
+};
+
+struct GroupRun {
+  int32_t tensor;
+  int32_t width;   // values per chunk (channels, or 1)
+  int64_t group;
+  int64_t c0, c1;  // chunks [c0, c1)
+  int64_t item_begin;  // prefix of width over runs
+};
+
+struct Span {
+  int32_t tensor;
+  int64_t begin;  // prefix
+};
+
+// Largest i with begins[i] <= x (begins ascending, begins[0] == 0).
+template <class T, class F>
+__host__ __device__ inline int64_t find_span(const T* items, int64_t n, int64_t x, F key) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (key(items[mid]) <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// Fixed-order block reduction of one double per thread; result valid in thread 0.
+__device__ inline double block_sum(double v, double* smem) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  double t = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kWarps; ++w) t += smem[w];
+  __syncthreads();
+  return t;
+}
+
+// ---- Phase 1 ------------------------------------------------------------------------
+__global__ void k_accumulate(const Chunk* chunks, const TensorDesc* descs, StepConstants sc,
+                             SetBuffers b, bool want_p2, double* p2_part) {
+  const Chunk ch = chunks[blockIdx.x];
+  const TensorDesc& t = descs[ch.tensor];
+  double p2 = 0.0;
+  for (int64_t i = ch.lo + threadIdx.x; i < ch.hi; i += kThreads) {
+    accumulate_element(t, sc, b, i);
+    if (want_p2) {
+      const float p = b.p[t.x_off + i];
+      p2 += static_cast<double>(p) * p;
+    }
+  }
+  if (want_p2) {
+    __shared__ double smem[kWarps];
+    const double s = block_sum(p2, smem);
+    if (threadIdx.x == 0) p2_part[blockIdx.x] = s;
+  }
+}
+
+// ---- Row/col statistics: sums of q along one axis -------------------------------------
+// Contiguous axis (stride 1): one warp per (output, segment), lanes over the segment.
+__global__ void k_axis_contig(const AxisJob* jobs, int njobs, int64_t total_items,
+                              const TensorDesc* descs, const float* g, double* part) {
+  const int64_t item = (blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (item >= total_items) return;  // whole warps exit together
+  const int64_t j = find_span(jobs, njobs, item, [](const AxisJob& a) { return a.item_begin; });
+  const AxisJob job = jobs[j];
+  const int64_t local = item - job.item_begin;
+  const int64_t o = local / job.segs, seg = local - o * job.segs;
+  const TensorDesc& t = descs[job.tensor];
+  const float* base = g + t.x_off + o * job.len;
+  const int64_t lo = seg * kSegment, hi = min(job.len, lo + kSegment);
+  double acc = 0.0;
+  for (int64_t x = lo + lane; x < hi; x += 32) acc += q_of(base[x]);
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) part[job.part_off + seg * job.n_out + o] = acc;
+}
+
+// Strided axis: one thread per (output, segment), consecutive outputs on consecutive lanes
+// (coalesced), the segment summed in order.
+__global__ void k_axis_strided(const AxisJob* jobs, int njobs, int64_t total_items,
+                               const TensorDesc* descs, const float* g, double* part) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (item >= total_items) return;
+  const int64_t j = find_span(jobs, njobs, item, [](const AxisJob& a) { return a.item_begin; });
+  const AxisJob job = jobs[j];
+  const int64_t local = item - job.item_begin;
+  const int64_t seg = local / job.n_out, o = local - seg * job.n_out;
+  const TensorDesc& t = descs[job.tensor];
+  const int64_t outer = o / job.stride, inner = o - outer * job.stride;
+  const float* base = g + t.x_off + outer * job.len * job.stride + inner;
+  const int64_t lo = seg * kSegment, hi = min(job.len, lo + kSegment);
+  double acc = 0.0;
+  for (int64_t x = lo; x < hi; ++x) acc += q_of(base[x * job.stride]);
+  part[job.part_off + seg * job.n_out + o] = acc;
+}
+
+__global__ void k_axis_combine(const AxisJob* jobs, int njobs, int64_t total_out,
+                               const TensorDesc* descs, const double* part, SetBuffers b) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= total_out) return;
+  const int64_t j = find_span(jobs, njobs, x, [](const AxisJob& a) { return a.out_begin; });
+  const AxisJob job = jobs[j];
+  const int64_t o = x - job.out_begin;
+  double s = 0.0;
+  for (int64_t seg = 0; seg < job.segs; ++seg) s += part[job.part_off + seg * job.n_out + o];
+  const TensorDesc& t = descs[job.tensor];
+  if (job.is_row)
+    b.rowsum[t.rowsum_off + o] = s;
+  else
+    b.colsum[t.colsum_off + o] = s;
+}
+
+// ---- Phase 2 ------------------------------------------------------------------------
+// mode 0: fold row/col sums into v_row/v_col; 1: rest means; 2: feature tables.
+__global__ void k_factored(int mode, const Span* spans, int nspans, int64_t total,
+                           const TensorDesc* descs, StepConstants sc, SetBuffers b) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= total) return;
+  const int64_t s = find_span(spans, nspans, x, [](const Span& v) { return v.begin; });
+  const TensorDesc& t = descs[spans[s].tensor];
+  const int64_t local = x - spans[s].begin;
+  if (mode == 0)
+    fold_factored_entry(t, sc, b, local);
+  else if (mode == 1)
+    rest_mean(t, b, local);
+  else
+    build_table_entry(t, sc, b, local);
+}
+
+// ---- Phase 3: per-channel sums of squares of the features ----------------------------
+__global__ void k_feature_sumsq(const Chunk* chunks, const TensorDesc* descs, StepConstants sc,
+                                SetBuffers b, double* part) {
+  const Chunk ch = chunks[blockIdx.x];
+  const TensorDesc& t = descs[ch.tensor];
+  const int C = t.factored ? kChannels : kChannels1d;
+  double acc[kChannels];
+  for (int c = 0; c < kChannels; ++c) acc[c] = 0.0;
+  float f[kChannels];
+  for (int64_t i = ch.lo + threadIdx.x; i < ch.hi; i += kThreads) {
+    features_of(t, sc, b, i, f);
+#pragma unroll
+    for (int c = 0; c < kChannels; ++c)
+      if (c < C) acc[c] += static_cast<double>(f[c]) * f[c];
+  }
+  __shared__ double smem[kWarps][kChannels];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int c = 0; c < kChannels; ++c) {
+    double v = acc[c];
+    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (lane == 0) smem[warp][c] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < C) {
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += smem[w][threadIdx.x];
+    part[blockIdx.x * static_cast<int64_t>(kChannels) + threadIdx.x] = s;
+  }
+}
+
+// Sums chunk partials of each normalization group in chunk order: width values per chunk
+// (stride `pstride` in part), into the group's slot of `out_base + off(tensor)`.
+__global__ void k_group_combine(const GroupRun* runs, int nruns, int64_t total,
+                                const TensorDesc* descs, const double* part, int pstride,
+                                double* out, bool output_sums) {
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= total) return;
+  const int64_t r = find_span(runs, nruns, x, [](const GroupRun& v) { return v.item_begin; });
+  const GroupRun run = runs[r];
+  const int c = static_cast<int>(x - run.item_begin);
+  double s = 0.0;
+  for (int64_t k = run.c0; k < run.c1; ++k) s += part[k * pstride + c];
+  const TensorDesc& t = descs[run.tensor];
+  if (output_sums)
+    out[t.osumsq_off + run.group] = s;
+  else
+    out[t.sumsq_off + run.group * run.width + c] = s;
+}
+
+// ---- Phase 4: the MLP ---------------------------------------------------------------
+struct MlpParams {
+  const float* theta;  // packed, padded to H (rule_device.h)
+  int hidden_layers;
+  bool relu, normalize_input, use_exp, aggregate_mag;
+  float exp_mult;
+};
+
+template <int H>
+__device__ __forceinline__ float act(bool relu, float x) {
+  return relu ? fmaxf(x, 0.0f) : tanhf(x);
+}
+
+template <int H>
+__global__ void __launch_bounds__(kThreads) k_mlp(const Chunk* chunks, const TensorDesc* descs,
+                                                  StepConstants sc, SetBuffers b, MlpParams mp,
+                                                  double* mag_part) {
+  extern __shared__ float sm[];
+  const Chunk ch = chunks[blockIdx.x];
+  const TensorDesc& t = descs[ch.tensor];
+  const int C = t.factored ? kChannels : kChannels1d;
+  const int64_t nfloats = packed_theta_floats(H, mp.hidden_layers);
+  for (int64_t k = threadIdx.x; k < nfloats; k += kThreads) sm[k] = mp.theta[k];
+  __syncthreads();
+  // Fold the input normalization into the first layer (as the CPU path does).
+  if (mp.normalize_input) {
+    for (int k = threadIdx.x; k < C * H; k += kThreads) {
+      const int c = k / H;
+      const float inv = input_norm_scale(b.sumsq[t.sumsq_off + ch.group * C + c], t.norm_size);
+      sm[k] = sm[k] * inv;
+    }
+    __syncthreads();
+  }
+  const float* w0 = sm;
+  const float* b0 = w0 + kChannels * H;
+  const float* hidden = b0 + H;
+  const float* wout = hidden + (mp.hidden_layers - 1) * (H * H + H);
+  const float* bout = wout + 2 * H;
+  double mag_acc = 0.0;
+  float f[kChannels];
+  for (int64_t i = ch.lo + threadIdx.x; i < ch.hi; i += kThreads) {
+    features_of(t, sc, b, i, f);
+    float h[H];
+#pragma unroll
+    for (int o = 0; o < H; ++o) h[o] = b0[o];
+    for (int c = 0; c < C; ++c) {
+      const float x = f[c];
+#pragma unroll
+      for (int o = 0; o < H; ++o) h[o] = fmaf(w0[c * H + o], x, h[o]);
+    }
+    for (int l = 0; l < mp.hidden_layers - 1; ++l) {
+      const float* w = hidden + l * (H * H + H);
+      const float* bb = w + H * H;
+      float h2[H];
+#pragma unroll
+      for (int o = 0; o < H; ++o) h2[o] = bb[o];
+#pragma unroll
+      for (int c = 0; c < H; ++c) {
+        const float a = act<H>(mp.relu, h[c]);
+#pragma unroll
+        for (int o = 0; o < H; ++o) h2[o] = fmaf(w[c * H + o], a, h2[o]);
+      }
+#pragma unroll
+      for (int o = 0; o < H; ++o) h[o] = h2[o];
+    }
+    float dir = bout[0], mag = bout[1];
+#pragma unroll
+    for (int c = 0; c < H; ++c) {
+      const float a = act<H>(mp.relu, h[c]);
+      dir = fmaf(wout[c * 2 + 0], a, dir);
+      mag = fmaf(wout[c * 2 + 1], a, mag);
+    }
+    b.u[t.x_off + i] = mp.use_exp ? dir * expf(mag * mp.exp_mult) : dir;
+    if (mp.aggregate_mag) mag_acc += mag;
+  }
+  if (mp.aggregate_mag) {
+    __shared__ double red[kWarps];
+    const double s = block_sum(mag_acc, red);
+    if (threadIdx.x == 0) mag_part[blockIdx.x] = s;
+  }
+}
+
+// Per tensor: the magnitude factor from the chunk partials (summed in chunk order).
+__global__ void k_tensor_factor(const TensorDesc* descs, const int64_t* chunk_begin, int ntensors,
+                                const double* mag_part, const double* p2_part, bool aggregate_mag,
+                                bool param_scale_mult, float exp_mult, float* factor) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= ntensors) return;
+  const double n = static_cast<double>(descs[t].numel);
+  float f = 1.0f;
+  if (aggregate_mag) {
+    double s = 0.0;
+    for (int64_t c = chunk_begin[t]; c < chunk_begin[t + 1]; ++c) s += mag_part[c];
+    f *= expf(static_cast<float>(s / n) * exp_mult);
+  }
+  if (param_scale_mult) {
+    double s = 0.0;
+    for (int64_t c = chunk_begin[t]; c < chunk_begin[t + 1]; ++c) s += p2_part[c];
+    f *= static_cast<float>(sqrt(s / n + 1e-9));
+  }
+  factor[t] = f;
+}
+
+// ---- Phase 5 ------------------------------------------------------------------------
+__global__ void k_output_sumsq(const Chunk* chunks, const TensorDesc* descs, SetBuffers b,
+                               double* part) {
+  const Chunk ch = chunks[blockIdx.x];
+  const TensorDesc& t = descs[ch.tensor];
+  double acc = 0.0;
+  for (int64_t i = ch.lo + threadIdx.x; i < ch.hi; i += kThreads) {
+    const float u = b.u[t.x_off + i];
+    acc += static_cast<double>(u) * u;
+  }
+  __shared__ double smem[kWarps];
+  const double s = block_sum(acc, smem);
+  if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void k_finish(const Chunk* chunks, const TensorDesc* descs, StepConstants sc,
+                         SetBuffers b, RuleConfig cfg) {
+  const Chunk ch = chunks[blockIdx.x];
+  const TensorDesc& t = descs[ch.tensor];
+  const float factor = b.factor[ch.tensor];
+  double s = b.osumsq[t.osumsq_off + ch.group];
+  if (!t.ns) s *= static_cast<double>(factor) * factor;  // the sums were of the unscaled u
+  const float scale = output_scale(cfg, s, t.norm_size);
+  for (int64_t i = ch.lo + threadIdx.x; i < ch.hi; i += kThreads)
+    finish_element(cfg, t, sc, b, i, factor, scale);
+}
+
+// ---- Element-wise helpers -------------------------------------------------------------
+__global__ void k_adamw(int64_t n, float* p, const float* g, float* mu, float* nu, float b1,
+                        float b2, float eps, float lr, float wd, float ic1, float ic2) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gi = g[i];
+    const float m = b1 * mu[i] + (1.0f - b1) * gi;
+    const float v = b2 * nu[i] + (1.0f - b2) * gi * gi;
+    mu[i] = m;
+    nu[i] = v;
+    const float pi = p[i];
+    p[i] = pi - lr * ((m * ic1) / (sqrtf(v * ic2) + eps) + wd * pi);
+  }
+}
+
+__global__ void k_apply_step(int64_t n, float* p, const float* u, float lr, float wd) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] -= lr * (u[i] + wd * p[i]);
+}
+
+__global__ void k_bf16_to_float(const __nv_bfloat16* in, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
+}
+
+__global__ void k_float_to_bf16(const float* in, __nv_bfloat16* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(in[i]);
+}
+
+__global__ void k_scale(float* x, float s, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] *= s;
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__global__ void k_fill_random(float* x, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t h = mix64(seed ^ mix64(static_cast<uint64_t>(i)));
+    // Four 16-bit uniforms summed: mean 2, variance 4/12; centred and scaled to unit variance.
+    float s = 0.0f;
+    for (int k = 0; k < 4; ++k) s += static_cast<float>((h >> (16 * k)) & 0xffff) * (1.0f / 65536.0f);
+    x[i] = (s - 2.0f) * 1.7320508f * scale;
+  }
+}
+
+int grid_stride_blocks(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 132 * 16));
+}
+unsigned blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
+
+template <class T>
+T* device_copy(const std::vector<T>& v) {
+  if (v.empty()) return nullptr;
+  T* d = nullptr;
+  CELO2_CUDA_CHECK(cudaMalloc(&d, v.size() * sizeof(T)));
+  CELO2_CUDA_CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <class T>
+T* device_zeros(int64_t n) {
+  if (n <= 0) return nullptr;
+  T* d = nullptr;
+  CELO2_CUDA_CHECK(cudaMalloc(&d, n * sizeof(T)));
+  CELO2_CUDA_CHECK(cudaMemset(d, 0, n * sizeof(T)));
+  return d;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+struct RuleSet::Impl {
+  RuleConfig cfg;
+  Theta theta;
+  int H = 8;  // padded hidden width
+  std::vector<Geometry> geos;
+  std::vector<TensorDesc> descs_h;
+  std::vector<Chunk> chunks_h;
+  std::vector<int64_t> chunk_begin_h;  // per tensor, + sentinel
+  std::vector<AxisJob> contig_h, strided_h;
+  std::vector<GroupRun> fruns_h, oruns_h;
+  std::vector<Span> fold_h, rest_h;
+  int64_t fold_total = 0, rest_total = 0, contig_items = 0, strided_items = 0;
+  int64_t contig_out = 0, strided_out = 0, frun_items = 0, orun_items = 0;
+  struct NsClass {
+    int64_t rows, cols;
+    std::vector<int64_t> offsets;
+    std::vector<int32_t> tensor_of;
+    int64_t* offsets_d = nullptr;
+    int32_t* tensor_of_d = nullptr;
+  };
+  std::vector<NsClass> ns_classes;
+  int64_t total = 0, iteration = 0;
+
+  // Device memory.
+  TensorDesc* descs = nullptr;
+  Chunk* chunks = nullptr;
+  int64_t* chunk_begin = nullptr;
+  AxisJob *contig = nullptr, *strided = nullptr;
+  GroupRun *fruns = nullptr, *oruns = nullptr;
+  Span *fold = nullptr, *rest_spans = nullptr;
+  float* theta_d = nullptr;
+  SetBuffers buf;  // g, p, u set per step
+  double* axis_part = nullptr;
+  double* chunk_part = nullptr;  // kChannels per chunk
+  double* mag_part = nullptr;
+  double* p2_part = nullptr;
+  std::unique_ptr<NewtonSchulzCuda> ns;
+  cudaEvent_t ev[3] = {};
+
+  ~Impl() {
+    for (void* p : std::initializer_list<void*>{
+             descs, chunks, chunk_begin, contig, strided, fruns, oruns, fold, rest_spans,
+             theta_d, buf.m, buf.rms, buf.vdiag, buf.vrow, buf.vcol, buf.rowsum, buf.colsum,
+             buf.rest, buf.rtab, buf.ctab, buf.sumsq, buf.osumsq, buf.factor, axis_part,
+             chunk_part, mag_part, p2_part})
+      cudaFree(p);
+    for (auto& c : ns_classes) {
+      cudaFree(c.offsets_d);
+      cudaFree(c.tensor_of_d);
+    }
+    for (cudaEvent_t e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+
+  std::vector<float> pack_theta() const {
+    const int L = static_cast<int>(theta.layers.size());
+    const int hl = L - 1;
+    std::vector<float> out(packed_theta_floats(H, hl), 0.0f);
+    float* w0 = out.data();
+    float* b0 = w0 + kChannels * H;
+    const DenseLayer& l0 = theta.layers[0];
+    for (int c = 0; c < l0.in; ++c)
+      for (int o = 0; o < l0.out; ++o) w0[c * H + o] = l0.w[c * l0.out + o];
+    for (int o = 0; o < l0.out; ++o) b0[o] = l0.b[o];
+    float* hidden = b0 + H;
+    for (int l = 1; l < L - 1; ++l) {
+      const DenseLayer& d = theta.layers[l];
+      float* w = hidden + (l - 1) * (H * H + H);
+      for (int c = 0; c < d.in; ++c)
+        for (int o = 0; o < d.out; ++o) w[c * H + o] = d.w[c * d.out + o];
+      for (int o = 0; o < d.out; ++o) w[H * H + o] = d.b[o];
+    }
+    float* wout = hidden + (hl - 1) * (H * H + H);
+    const DenseLayer& d = theta.layers[L - 1];
+    for (int c = 0; c < d.in; ++c)
+      for (int o = 0; o < 2; ++o) wout[c * 2 + o] = d.w[c * d.out + o];
+    wout[2 * H + 0] = d.b[0];
+    wout[2 * H + 1] = d.b[1];
+    return out;
+  }
+
+  void build(const std::vector<std::vector<int64_t>>& shapes) {
+    int64_t x = 0, m = 0, r = 0, vd = 0, vrow = 0, vcol = 0, rest = 0, sumsq = 0, osumsq = 0;
+    for (size_t ti = 0; ti < shapes.size(); ++ti) {
+      const Geometry g = Geometry::of(shapes[ti]);
+      geos.push_back(g);
+      TensorDesc d;
+      d.numel = g.numel;
+      d.ndim = g.ndim;
+      d.factored = g.factored;
+      d.d0 = g.d0;
+      d.d1 = g.d1;
+      for (int a = 0; a < g.ndim; ++a) {
+        d.shape[a] = g.shape[a];
+        d.row_step[a] = g.row_step[a];
+        d.col_step[a] = g.col_step[a];
+      }
+      d.row_count = g.row_count;
+      d.col_count = g.col_count;
+      d.rest_count = g.rest_count;
+      d.rest_div = g.rest_of_row_div;
+      d.rest_mod = g.rest_of_row_mod;
+      d.rest_len = g.rest_of_row_len;
+      d.norm_size = g.norm_size;
+      d.norm_groups = g.norm_groups;
+      d.ns = cfg.orthogonalize && g.factored;
+      d.x_off = x;
+      d.m_off = m;
+      d.r_off = r;
+      d.vd_off = vd;
+      d.vrow_off = vrow;
+      d.vcol_off = vcol;
+      d.rowsum_off = vrow / kFac;  // one double per row / col entry
+      d.colsum_off = vcol / kFac;
+      d.rest_off = rest;
+      d.rtab_off = vrow / kFac;
+      d.ctab_off = vcol / kFac;
+      d.sumsq_off = sumsq;
+      d.osumsq_off = osumsq;
+      x += g.numel;
+      m += kMom * g.numel;
+      r += kRms * g.numel;
+      if (g.factored) {
+        vrow += kFac * g.row_count;
+        vcol += kFac * g.col_count;
+        rest += kFac * g.rest_count;
+      } else {
+        vd += kFac * g.numel;
+      }
+      sumsq += g.norm_groups * g.channels();
+      osumsq += g.norm_groups;
+      descs_h.push_back(d);
+    }
+    total = x;
+    const int nt = static_cast<int>(descs_h.size());
+
+    // Chunks, group runs, tensor chunk ranges.
+    chunk_begin_h.assign(nt + 1, 0);
+    for (int ti = 0; ti < nt; ++ti) {
+      const TensorDesc& d = descs_h[ti];
+      chunk_begin_h[ti] = static_cast<int64_t>(chunks_h.size());
+      for (int64_t grp = 0; grp < d.norm_groups; ++grp) {
+        const int64_t glo = grp * d.norm_size, ghi = glo + d.norm_size;
+        const int64_t c0 = static_cast<int64_t>(chunks_h.size());
+        for (int64_t lo = glo; lo < ghi; lo += kChunk)
+          chunks_h.push_back({ti, lo, std::min(ghi, lo + kChunk), grp});
+        const int64_t c1 = static_cast<int64_t>(chunks_h.size());
+        const int C = geos[ti].channels();
+        fruns_h.push_back({ti, C, grp, c0, c1, frun_items});
+        frun_items += C;
+        oruns_h.push_back({ti, 1, grp, c0, c1, orun_items});
+        orun_items += 1;
+      }
+    }
+    chunk_begin_h[nt] = static_cast<int64_t>(chunks_h.size());
+
+    // Axis jobs and factored spans.
+    int64_t part = 0;
+    for (int ti = 0; ti < nt; ++ti) {
+      const TensorDesc& d = descs_h[ti];
+      if (!d.factored || d.numel == 0) continue;
+      for (int is_row = 1; is_row >= 0; --is_row) {
+        const int ax = is_row ? d.d0 : d.d1;
+        AxisJob j{};
+        j.tensor = ti;
+        j.is_row = is_row;
+        j.len = d.shape[ax];
+        j.stride = 1;
+        for (int a = ax + 1; a < d.ndim; ++a) j.stride *= d.shape[a];
+        j.n_out = d.numel / j.len;
+        j.segs = (j.len + kSegment - 1) / kSegment;
+        j.part_off = part;
+        part += j.segs * j.n_out;
+        std::vector<AxisJob>& list = j.stride == 1 ? contig_h : strided_h;
+        int64_t& items = j.stride == 1 ? contig_items : strided_items;
+        int64_t& outs = j.stride == 1 ? contig_out : strided_out;
+        j.item_begin = items;
+        j.out_begin = outs;
+        items += j.n_out * j.segs;
+        outs += j.n_out;
+        list.push_back(j);
+      }
+      fold_h.push_back({ti, fold_total});
+      fold_total += d.row_count + d.col_count;
+      rest_h.push_back({ti, rest_total});
+      rest_total += kFac * d.rest_count;
+    }
+
+    // Newton–Schulz classes: every matrix of the last two axes of an orthogonalized tensor,
+    // grouped by shape.
+    std::map<std::pair<int64_t, int64_t>, size_t> cls;
+    for (int ti = 0; ti < nt; ++ti) {
+      const TensorDesc& d = descs_h[ti];
+      if (!d.ns || d.numel == 0) continue;
+      const auto key = std::make_pair(geos[ti].mat_rows, geos[ti].mat_cols);
+      auto it = cls.find(key);
+      if (it == cls.end()) {
+        it = cls.emplace(key, ns_classes.size()).first;
+        ns_classes.push_back({key.first, key.second, {}, {}});
+      }
+      NsClass& c = ns_classes[it->second];
+      for (int64_t grp = 0; grp < d.norm_groups; ++grp) {
+        c.offsets.push_back(d.x_off + grp * d.norm_size);
+        c.tensor_of.push_back(ti);
+      }
+    }
+
+    // Device copies.
+    descs = device_copy(descs_h);
+    chunks = device_copy(chunks_h);
+    chunk_begin = device_copy(chunk_begin_h);
+    contig = device_copy(contig_h);
+    strided = device_copy(strided_h);
+    fruns = device_copy(fruns_h);
+    oruns = device_copy(oruns_h);
+    fold = device_copy(fold_h);
+    rest_spans = device_copy(rest_h);
+    theta_d = device_copy(pack_theta());
+    for (auto& c : ns_classes) {
+      c.offsets_d = device_copy(c.offsets);
+      c.tensor_of_d = device_copy(c.tensor_of);
+    }
+    buf.m = device_zeros<float>(m);
+    buf.rms = device_zeros<float>(r);
+    buf.vdiag = device_zeros<float>(vd);
+    buf.vrow = device_zeros<float>(vrow);
+    buf.vcol = device_zeros<float>(vcol);
+    buf.rowsum = device_zeros<double>(vrow / kFac);
+    buf.colsum = device_zeros<double>(vcol / kFac);
+    buf.rest = device_zeros<double>(rest);
+    buf.rtab = device_zeros<ew::FacEntry>(vrow / kFac);
+    buf.ctab = device_zeros<ew::FacEntry>(vcol / kFac);
+    buf.sumsq = device_zeros<double>(sumsq);
+    buf.osumsq = device_zeros<double>(osumsq);
+    buf.factor = device_zeros<float>(nt);
+    axis_part = device_zeros<double>(part);
+    const int64_t nch = static_cast<int64_t>(chunks_h.size());
+    chunk_part = device_zeros<double>(nch * kChannels);
+    mag_part = device_zeros<double>(nch);
+    p2_part = device_zeros<double>(nch);
+    for (cudaEvent_t& e : ev) CELO2_CUDA_CHECK(cudaEventCreate(&e));
+  }
+
+  void launch_mlp(const StepConstants& sc, cudaStream_t stream) {
+    MlpParams mp;
+    mp.theta = theta_d;
+    mp.hidden_layers = static_cast<int>(theta.layers.size()) - 1;
+    mp.relu = cfg.mlp_activation == Activation::kRelu;
+    mp.normalize_input = cfg.normalize_input;
+    mp.use_exp = cfg.exp_mult != 0.0f && !cfg.aggregate_mag;
+    mp.aggregate_mag = cfg.aggregate_mag;
+    mp.exp_mult = cfg.exp_mult;
+    const size_t smem = packed_theta_floats(H, mp.hidden_layers) * sizeof(float);
+    const unsigned nch = static_cast<unsigned>(chunks_h.size());
+    switch (H) {
+      case 8: k_mlp<8><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
+      case 16: k_mlp<16><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
+      case 32: k_mlp<32><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
+      default: k_mlp<64><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
+    }
+    CELO2_CUDA_LAUNCH_CHECK("k_mlp");
+  }
+
+  void run(const float* g, const float* p, float* u, cudaStream_t stream, bool timed) {
+    iteration += 1;
+    if (chunks_h.empty()) return;
+    const StepConstants sc = StepConstants::of(cfg, iteration);
+    buf.g = g;
+    buf.p = p;
+    buf.u = u;
+    const int nt = static_cast<int>(descs_h.size());
+    const unsigned nch = static_cast<unsigned>(chunks_h.size());
+    if (timed) CELO2_CUDA_CHECK(cudaEventRecord(ev[0], stream));
+
+    k_accumulate<<<nch, kThreads, 0, stream>>>(chunks, descs, sc, buf, cfg.param_scale_mult, p2_part);
+    CELO2_CUDA_LAUNCH_CHECK("k_accumulate");
+    if (contig_items) {
+      k_axis_contig<<<blocks_for(contig_items * 32, kThreads), kThreads, 0, stream>>>(
+          contig, static_cast<int>(contig_h.size()), contig_items, descs, g, axis_part);
+      CELO2_CUDA_LAUNCH_CHECK("k_axis_contig");
+      k_axis_combine<<<blocks_for(contig_out, kThreads), kThreads, 0, stream>>>(
+          contig, static_cast<int>(contig_h.size()), contig_out, descs, axis_part, buf);
+      CELO2_CUDA_LAUNCH_CHECK("k_axis_combine");
+    }
+    if (strided_items) {
+      k_axis_strided<<<blocks_for(strided_items, kThreads), kThreads, 0, stream>>>(
+          strided, static_cast<int>(strided_h.size()), strided_items, descs, g, axis_part);
+      CELO2_CUDA_LAUNCH_CHECK("k_axis_strided");
+      k_axis_combine<<<blocks_for(strided_out, kThreads), kThreads, 0, stream>>>(
+          strided, static_cast<int>(strided_h.size()), strided_out, descs, axis_part, buf);
+      CELO2_CUDA_LAUNCH_CHECK("k_axis_combine");
+    }
+    if (fold_total) {
+      const int ns = static_cast<int>(fold_h.size());
+      k_factored<<<blocks_for(fold_total, kThreads), kThreads, 0, stream>>>(0, fold, ns, fold_total, descs, sc, buf);
+      CELO2_CUDA_LAUNCH_CHECK("k_factored(fold)");
+      k_factored<<<blocks_for(rest_total, kThreads), kThreads, 0, stream>>>(1, rest_spans, ns, rest_total, descs, sc, buf);
+      CELO2_CUDA_LAUNCH_CHECK("k_factored(rest)");
+      k_factored<<<blocks_for(fold_total, kThreads), kThreads, 0, stream>>>(2, fold, ns, fold_total, descs, sc, buf);
+      CELO2_CUDA_LAUNCH_CHECK("k_factored(tables)");
+    }
+    if (cfg.normalize_input) {
+      k_feature_sumsq<<<nch, kThreads, 0, stream>>>(chunks, descs, sc, buf, chunk_part);
+      CELO2_CUDA_LAUNCH_CHECK("k_feature_sumsq");
+      k_group_combine<<<blocks_for(frun_items, kThreads), kThreads, 0, stream>>>(
+          fruns, static_cast<int>(fruns_h.size()), frun_items, descs, chunk_part, kChannels,
+          buf.sumsq, false);
+      CELO2_CUDA_LAUNCH_CHECK("k_group_combine(features)");
+    }
+    launch_mlp(sc, stream);
+    k_tensor_factor<<<blocks_for(nt, 128), 128, 0, stream>>>(descs, chunk_begin, nt, mag_part, p2_part,
+                                                            cfg.aggregate_mag, cfg.param_scale_mult,
+                                                            cfg.exp_mult, buf.factor);
+    CELO2_CUDA_LAUNCH_CHECK("k_tensor_factor");
+    if (timed) CELO2_CUDA_CHECK(cudaEventRecord(ev[1], stream));
+    for (NsClass& c : ns_classes)
+      ns->run_gathered(cfg, c.rows, c.cols, static_cast<int64_t>(c.offsets.size()), u,
+                       c.offsets_d, buf.factor, c.tensor_of_d, stream);
+    if (timed) CELO2_CUDA_CHECK(cudaEventRecord(ev[2], stream));
+    if (cfg.normalize_output) {
+      k_output_sumsq<<<nch, kThreads, 0, stream>>>(chunks, descs, buf, chunk_part);
+      CELO2_CUDA_LAUNCH_CHECK("k_output_sumsq");
+      k_group_combine<<<blocks_for(orun_items, kThreads), kThreads, 0, stream>>>(
+          oruns, static_cast<int>(oruns_h.size()), orun_items, descs, chunk_part, 1,
+          buf.osumsq, true);
+      CELO2_CUDA_LAUNCH_CHECK("k_group_combine(output)");
+    }
+    k_finish<<<nch, kThreads, 0, stream>>>(chunks, descs, sc, buf, cfg);
+    CELO2_CUDA_LAUNCH_CHECK("k_finish");
+  }
+};
+
+RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
+                 const std::vector<std::vector<int64_t>>& shapes, NsPrecision ns)
+    : impl_(std::make_unique<Impl>()) {
+  cfg.validate();
+  theta.check_fits(cfg);
+  if (theta.hidden_layers() < 1)
+    throw std::invalid_argument("the CUDA rule needs at least one hidden layer");
+  const int h = theta.hidden();
+  if (h > kMaxHiddenGpu)
+    throw std::invalid_argument("the CUDA rule supports hidden sizes up to " +
+                                std::to_string(kMaxHiddenGpu) + ", not " + std::to_string(h));
+  impl_->cfg = cfg;
+  impl_->theta = theta;
+  impl_->H = h <= 8 ? 8 : h <= 16 ? 16 : h <= 32 ? 32 : 64;
+  const size_t smem = packed_theta_floats(impl_->H, theta.hidden_layers()) * sizeof(float);
+  if (smem > 48 * 1024)
+    throw std::invalid_argument("the CUDA rule's MLP does not fit in 48 KiB of shared memory (" +
+                                std::to_string(theta.hidden_layers()) + " hidden layers of " +
+                                std::to_string(h) + ")");
+  impl_->ns = std::make_unique<NewtonSchulzCuda>(ns);
+  impl_->build(shapes);
+}
+
+RuleSet::~RuleSet() = default;
+size_t RuleSet::size() const { return impl_->geos.size(); }
+int64_t RuleSet::total() const { return impl_->total; }
+int64_t RuleSet::offset(size_t i) const { return impl_->descs_h.at(i).x_off; }
+const Geometry& RuleSet::geometry(size_t i) const { return impl_->geos.at(i); }
+int64_t RuleSet::iteration() const { return impl_->iteration; }
+
+void RuleSet::step(const float* g, const float* p, float* u, cudaStream_t stream) {
+  impl_->run(g, p, u, stream, false);
+}
+
+RuleTiming RuleSet::step_timed(const float* g, const float* p, float* u, cudaStream_t stream) {
+  CELO2_CUDA_CHECK(cudaEventRecord(impl_->ev[0], stream));
+  impl_->run(g, p, u, stream, true);
+  cudaEvent_t end;
+  CELO2_CUDA_CHECK(cudaEventCreate(&end));
+  CELO2_CUDA_CHECK(cudaEventRecord(end, stream));
+  CELO2_CUDA_CHECK(cudaEventSynchronize(end));
+  float a = 0, n = 0, b = 0;
+  if (!impl_->chunks_h.empty()) {
+    CELO2_CUDA_CHECK(cudaEventElapsedTime(&a, impl_->ev[0], impl_->ev[1]));
+    CELO2_CUDA_CHECK(cudaEventElapsedTime(&n, impl_->ev[1], impl_->ev[2]));
+    CELO2_CUDA_CHECK(cudaEventElapsedTime(&b, impl_->ev[2], end));
+  }
+  CELO2_CUDA_CHECK(cudaEventDestroy(end));
+  return RuleTiming{a + b, n};
+}
+
+RuleState RuleSet::download_state(size_t i) const {
+  const TensorDesc& d = impl_->descs_h.at(i);
+  const Geometry& g = impl_->geos[i];
+  RuleState s = RuleState::zeros(g);
+  s.iteration = impl_->iteration;
+  auto get = [](std::vector<float>& dst, const float* base, int64_t off) {
+    if (!dst.empty())
+      CELO2_CUDA_CHECK(cudaMemcpy(dst.data(), base + off, dst.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost));
+  };
+  get(s.m, impl_->buf.m, d.m_off);
+  get(s.rms, impl_->buf.rms, d.r_off);
+  if (g.factored) {
+    get(s.v_row, impl_->buf.vrow, d.vrow_off);
+    get(s.v_col, impl_->buf.vcol, d.vcol_off);
+  } else {
+    get(s.v_diag, impl_->buf.vdiag, d.vd_off);
+  }
+  return s;
+}
+
+double RuleSet::elementwise_bytes() const {
+  double bytes = 0;
+  for (size_t i = 0; i < impl_->geos.size(); ++i) {
+    const Geometry& g = impl_->geos[i];
+    const double n = static_cast<double>(g.numel);
+    // accumulate: g, m r/w, rms r/w (+ v_diag r/w); statistics: g twice (factored);
+    // features and MLP: g, p, m, rms (+ v_diag) twice, u written; output sums: u; finish: u r/w.
+    const double vd = g.factored ? 0 : 4.0 * kFac;
+    double per = 4 + 8 * kMom + 8 * kRms + 2 * vd;
+    if (g.factored) per += 8;
+    const double feat = 4 + 4 + 4 * kMom + 4 * kRms + vd;
+    per += (impl_->cfg.normalize_input ? 2 : 1) * feat + 4;
+    if (impl_->cfg.normalize_output) per += 4;
+    per += 8;
+    bytes += per * n;
+  }
+  return bytes;
+}
+
+double RuleSet::newton_schulz_flops() const {
+  double f = 0;
+  for (const auto& c : impl_->ns_classes)
+    f += celo2::newton_schulz_flops(impl_->cfg, c.rows, c.cols) * static_cast<double>(c.offsets.size());
+  return f;
+}
+
+// ---- Element-wise helpers ----------------------------------------------------------------
+void adamw_device(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu, float* nu,
+                  cudaStream_t stream) {
+  if (n <= 0) return;
+  const float ic1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(a.b1), static_cast<double>(a.count))));
+  const float ic2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(a.b2), static_cast<double>(a.count))));
+  k_adamw<<<grid_stride_blocks(n), kThreads, 0, stream>>>(n, p, g, mu, nu, a.b1, a.b2, a.eps, a.lr,
+                                                          a.wd, ic1, ic2);
+  CELO2_CUDA_LAUNCH_CHECK("k_adamw");
+}
+
+void apply_step_device(float lr, float wd, int64_t n, float* p, const float* u, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_apply_step<<<grid_stride_blocks(n), kThreads, 0, stream>>>(n, p, u, lr, wd);
+  CELO2_CUDA_LAUNCH_CHECK("k_apply_step");
+}
+
+void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_bf16_to_float<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(in), out, n);
+  CELO2_CUDA_LAUNCH_CHECK("k_bf16_to_float");
+}
+
+void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_float_to_bf16<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+      in, reinterpret_cast<__nv_bfloat16*>(out), n);
+  CELO2_CUDA_LAUNCH_CHECK("k_float_to_bf16");
+}
+
+void scale_device(float* x, float s, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_scale<<<grid_stride_blocks(n), kThreads, 0, stream>>>(x, s, n);
+  CELO2_CUDA_LAUNCH_CHECK("k_scale");
+}
+
+}  // namespace celo2::cuda
+
+namespace celo2::cuda {
+void fill_random_device(float* x, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_fill_random<<<grid_stride_blocks(n), kThreads, 0, stream>>>(x, n, seed, scale);
+  CELO2_CUDA_LAUNCH_CHECK("k_fill_random");
+}
+}  // namespace celo2::cuda
