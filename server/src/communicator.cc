@@ -57,6 +57,13 @@ bool launched_with_many_ranks() {
 
 }  // namespace
 
+#if !defined(CELO2_WITH_NCCL)
+std::unique_ptr<Communicator> make_nccl_communicator() {
+  throw CommError("the NCCL communicator was not built (configure with a CUDA toolkit and NCCL: "
+                  "-DCELO2_CUDA=ON)");
+}
+#endif
+
 std::unique_ptr<Communicator> make_local_communicator() {
   return std::make_unique<LocalCommunicator>();
 }
@@ -64,8 +71,9 @@ std::unique_ptr<Communicator> make_local_communicator() {
 std::unique_ptr<Communicator> make_communicator(const std::string& kind) {
   if (kind == "local") return make_local_communicator();
   if (kind == "mpi") return make_mpi_communicator();
+  if (kind == "nccl") return make_nccl_communicator();
   if (kind == "auto") return launched_with_many_ranks() ? make_mpi_communicator() : make_local_communicator();
-  throw std::invalid_argument("unknown communicator '" + kind + "' (expected auto, local or mpi)");
+  throw std::invalid_argument("unknown communicator '" + kind + "' (expected auto, local, mpi or nccl)");
 }
 
 double comm_timeout_seconds() {

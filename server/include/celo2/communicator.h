@@ -74,7 +74,10 @@ std::unique_ptr<Communicator> make_local_communicator();
 // MPI_COMM_WORLD (initializes MPI if needed, finalizes at exit). Throws CommError if MPI
 // support was not built.
 std::unique_ptr<Communicator> make_mpi_communicator();
-// The one place a backend is chosen: "local", "mpi", or "auto" (MPI when launched by
+// NCCL over the launcher's ranks, one GPU per rank (celo2/nccl_communicator.h). Throws
+// CommError if the project was built without CUDA and NCCL.
+std::unique_ptr<Communicator> make_nccl_communicator();
+// The one place a backend is chosen: "local", "mpi", "nccl" (CUDA builds), or "auto" (MPI when launched by
 // mpirun/srun with more than one rank — OMPI_COMM_WORLD_SIZE, PMIX_RANK or SLURM_NTASKS —
 // else local).
 std::unique_ptr<Communicator> make_communicator(const std::string& kind = "auto");

@@ -1,0 +1,53 @@
+// The NCCL backend of Communicator (built only with CUDA; make_communicator("nccl")).
+//
+// Bootstrap: ranks are read from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), Slurm
+// (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) and Open MPI (OMPI_COMM_WORLD_RANK/SIZE/
+// LOCAL_RANK) variables, in that order; the device is the local rank (modulo the visible
+// devices). With more than one rank, rank 0 creates the ncclUniqueId and MPI_Bcast's it
+// (MPI carries nothing else; NCCL carries every collective).
+//
+// Pointers: the Communicator calls accept device pointers (used in place) and host pointers
+// (staged through a device buffer), so the CPU Engine runs unchanged over NCCL. Each call
+// returns when its result is in place. For overlap, all_reduce_sum_async() enqueues on the
+// communicator's own stream after the producer stream's work and returns an event; a bucket
+// can be reduced while the next one is computed.
+//
+// A collective that does not finish within comm_timeout_seconds() aborts the NCCL
+// communicator and throws CommError (a dead or hung rank is reported, not waited on forever).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "celo2/communicator.h"
+
+struct CUstream_st;
+struct CUevent_st;
+
+namespace celo2 {
+
+// Where this process sits in the job, from the launcher's environment.
+struct RankInfo {
+  int rank = 0, size = 1, local_rank = 0;
+  std::string source = "none";  // torchrun, slurm, openmpi or none
+};
+// Throws CommError when a variable is present but malformed or inconsistent.
+RankInfo discover_ranks();
+
+class NcclCommunicator : public Communicator {
+ public:
+  ~NcclCommunicator() override = default;
+  virtual int device() const = 0;
+  virtual CUstream_st* stream() const = 0;
+  // Sum n floats at `dev` (device memory) over ranks, in place, after the work enqueued so
+  // far on `producer`. Returns an event recorded on the communicator's stream when the
+  // reduction is done (owned by the communicator, valid until the next async call with the
+  // same slot: slots cycle over 8 events).
+  virtual CUevent_st* all_reduce_sum_async(float* dev, int64_t n, CUstream_st* producer) = 0;
+};
+
+// The NCCL communicator of this process (see above). Throws CommError on failure.
+std::unique_ptr<NcclCommunicator> make_nccl_communicator_ex();
+
+}  // namespace celo2
