@@ -1,0 +1,75 @@
+// Shared by the GPU tests: skip without a device (fail when CELO2_REQUIRE_GPU=1), device
+// buffers, the spec's error measure.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "celo2/cuda/check.h"
+
+#define CELO2_NEED_GPU()                                                                  \
+  do {                                                                                    \
+    std::string celo2_why_;                                                               \
+    if (!::celo2::cuda::device_available(&celo2_why_)) {                                  \
+      const char* celo2_req_ = std::getenv("CELO2_REQUIRE_GPU");                          \
+      if (celo2_req_ && std::strcmp(celo2_req_, "1") == 0)                                \
+        FAIL() << "CELO2_REQUIRE_GPU=1 but no usable CUDA device: " << celo2_why_;        \
+      GTEST_SKIP() << "no CUDA device (" << celo2_why_                                    \
+                   << "); set CELO2_REQUIRE_GPU=1 to make this a failure";                \
+    }                                                                                     \
+  } while (0)
+
+namespace celo2::gputest {
+
+// A device buffer of floats (or any trivially copyable T).
+template <class T = float>
+struct DeviceBuf {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuf(size_t count) : n(count) {
+    CELO2_CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)));
+    CELO2_CUDA_CHECK(cudaMemset(ptr, 0, std::max<size_t>(n, 1) * sizeof(T)));
+  }
+  explicit DeviceBuf(const std::vector<T>& v) : DeviceBuf(v.size()) { upload(v); }
+  ~DeviceBuf() { cudaFree(ptr); }
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+  void upload(const std::vector<T>& v) {
+    if (!v.empty()) CELO2_CUDA_CHECK(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> v(n);
+    CELO2_CUDA_CHECK(cudaDeviceSynchronize());
+    if (n) CELO2_CUDA_CHECK(cudaMemcpy(v.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+// max |got - want| / RMS(want) (spec §8); NaN anywhere gives NaN.
+inline double rel_error(const float* got, const float* want, int64_t n) {
+  double max_err = 0.0, sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (!(e <= max_err)) max_err = e;
+    sq += static_cast<double>(want[i]) * want[i];
+  }
+  const double rms = n ? std::sqrt(sq / static_cast<double>(n)) : 0.0;
+  return max_err / std::max(rms, 1e-30);
+}
+
+inline std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+}  // namespace celo2::gputest
