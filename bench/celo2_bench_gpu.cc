@@ -1,0 +1,263 @@
+// celo2-bench-gpu: the Celo2 recipe step on one GPU over the parameter set of GPT-3 XL
+// (gpt_tensors(24, 2048, 8192, 50257, 2048): real shapes, 1.3B elements; celo2 on the
+// matrices, AdamW on embeddings, norms and biases, as the seed label rules route them),
+// against the machine's own roofline measured in the same run:
+//   - device copy bandwidth (cudaMemcpy D2D, bytes read + written),
+//   - sgemm, tf32 and bf16 GEMM rates (8192³, cuBLAS),
+// and against a fused AdamW step on the same tensors. Reports per step: element-wise time
+// (rule phases without Newton–Schulz + the update + the AdamW-labelled tensors) and its
+// bandwidth vs the copy roofline; Newton–Schulz time and FLOP rate vs the GEMM rate of its
+// precision (float32, tf32, bf16); the whole step; the ratio Celo2 step / AdamW step.
+// Full numbers go to $OUT/celo2_bench_gpu.json and .csv (--out, default $OUT or
+// ./celo2-bench-gpu-out); a short table is printed last.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "celo2/comm_model.h"
+#include "celo2/cuda/check.h"
+#include "celo2/cuda/rule_cuda.h"
+
+namespace {
+
+using celo2::cuda::NsPrecision;
+
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    CELO2_CUDA_CHECK(cudaEventCreate(&a));
+    CELO2_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  void start() { CELO2_CUDA_CHECK(cudaEventRecord(a)); }
+  double stop_ms() {
+    CELO2_CUDA_CHECK(cudaEventRecord(b));
+    CELO2_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CELO2_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return ms;
+  }
+};
+
+template <class F>
+double median_ms(int iters, F fn) {
+  Timer t;
+  fn();  // warm-up
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> v;
+  for (int i = 0; i < iters; ++i) {
+    t.start();
+    fn();
+    v.push_back(t.stop_ms());
+  }
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+struct Dev {
+  float* p = nullptr;
+  explicit Dev(int64_t n) { CELO2_CUDA_CHECK(cudaMalloc(&p, std::max<int64_t>(n, 1) * sizeof(float))); }
+  ~Dev() { cudaFree(p); }
+};
+
+// Copy bandwidth (GB/s counting read + write).
+double copy_bandwidth(int64_t bytes, int iters) {
+  void *a, *b;
+  CELO2_CUDA_CHECK(cudaMalloc(&a, bytes));
+  CELO2_CUDA_CHECK(cudaMalloc(&b, bytes));
+  CELO2_CUDA_CHECK(cudaMemset(a, 0, bytes));
+  const double ms = median_ms(iters, [&] { CELO2_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
+// GEMM rate (TFLOP/s) of an n³ product in the given precision.
+double gemm_rate(int n, NsPrecision prec, int iters) {
+  cublasHandle_t h;
+  CELO2_CUBLAS_CHECK(cublasCreate(&h));
+  CELO2_CUBLAS_CHECK(cublasSetMathMode(h, prec == NsPrecision::kTf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  const size_t es = prec == NsPrecision::kBf16 ? 2 : 4;
+  void *A, *B, *C;
+  const size_t bytes = static_cast<size_t>(n) * n * es;
+  CELO2_CUDA_CHECK(cudaMalloc(&A, bytes));
+  CELO2_CUDA_CHECK(cudaMalloc(&B, bytes));
+  CELO2_CUDA_CHECK(cudaMalloc(&C, bytes));
+  if (es == 4) {
+    celo2::cuda::fill_random_device(static_cast<float*>(A), int64_t{n} * n, 1, 1.0f);
+    celo2::cuda::fill_random_device(static_cast<float*>(B), int64_t{n} * n, 2, 1.0f);
+  } else {
+    CELO2_CUDA_CHECK(cudaMemset(A, 0x3c, bytes));  // bf16 ~ 0.011: finite, non-zero
+    CELO2_CUDA_CHECK(cudaMemset(B, 0x3c, bytes));
+  }
+  const float one = 1.0f, zero = 0.0f;
+  const double ms = median_ms(iters, [&] {
+    if (es == 4)
+      CELO2_CUBLAS_CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, static_cast<float*>(A), n,
+                                     static_cast<float*>(B), n, &zero, static_cast<float*>(C), n));
+    else
+      CELO2_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, A, CUDA_R_16BF, n, B,
+                                      CUDA_R_16BF, n, &zero, C, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT));
+  });
+  cudaFree(A);
+  cudaFree(B);
+  cudaFree(C);
+  cublasDestroy(h);
+  return 2.0 * n * n * static_cast<double>(n) / (ms * 1e-3) / 1e12;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"celo2-bench-gpu: the Celo2 step on one GPU vs its roofline and fused AdamW"};
+  bool quick = false;
+  int iters = 5;
+  std::string out_dir;
+  std::vector<std::string> precisions = {"float32", "tf32", "bf16"};
+  app.add_flag("--quick", quick, "A small GPT (2 layers, width 256) for a smoke test");
+  app.add_option("--iters", iters, "Timed repetitions (median reported)");
+  app.add_option("--ns", precisions, "Newton-Schulz precisions to run (float32 tf32 bf16)");
+  app.add_option("--out", out_dir, "Directory for the JSON and CSV (default $OUT or ./celo2-bench-gpu-out)");
+  CLI11_PARSE(app, argc, argv);
+  if (out_dir.empty()) {
+    const char* o = std::getenv("OUT");
+    out_dir = o && *o ? o : "celo2-bench-gpu-out";
+  }
+  try {
+    std::string why;
+    if (!celo2::cuda::device_available(&why)) {
+      std::fprintf(stderr, "celo2-bench-gpu: %s\n", why.c_str());
+      return 2;
+    }
+    cudaDeviceProp prop{};
+    CELO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    const auto tensors = quick ? celo2::gpt_tensors(2, 256, 1024, 1000, 128)
+                               : celo2::gpt_tensors(24, 2048, 8192, 50257, 2048);
+    std::vector<std::vector<int64_t>> cshapes;
+    int64_t n_celo2 = 0, n_adamw = 0;
+    for (const auto& t : tensors) {
+      int64_t n = 1;
+      for (int64_t s : t.shape) n *= s;
+      if (t.label == celo2::Label::kCelo2) {
+        cshapes.push_back(t.shape);
+        n_celo2 += n;
+      } else {
+        n_adamw += n;
+      }
+    }
+    const int64_t n_all = n_celo2 + n_adamw;
+    std::printf("celo2-bench-gpu: %s, %zu tensors, %.3f B elements (celo2 %.3f B, adamw %.3f B)\n",
+                prop.name, tensors.size(), n_all / 1e9, n_celo2 / 1e9, n_adamw / 1e9);
+
+    // Roofline of this device, measured now.
+    const int64_t copy_bytes = quick ? (int64_t{256} << 20) : (int64_t{2} << 30);
+    const double copy_gbs = copy_bandwidth(copy_bytes, iters);
+    const int gn = quick ? 2048 : 8192;
+    std::map<std::string, double> gemm_tflops;
+    for (const std::string& p : precisions)
+      gemm_tflops[p] = gemm_rate(gn, celo2::cuda::parse_ns_precision(p), iters);
+    std::printf("roofline: copy %.0f GB/s", copy_gbs);
+    for (const auto& [p, r] : gemm_tflops) std::printf(", %s GEMM %.1f TFLOP/s", p.c_str(), r);
+    std::printf("\n");
+
+    // Buffers: every tensor back to back; celo2 tensors first, then the adamw ones.
+    Dev p(n_all), g(n_all), u(n_celo2), mu(n_all), nu(n_all);
+    celo2::cuda::fill_random_device(p.p, n_all, 11, 0.02f);
+    celo2::cuda::fill_random_device(g.p, n_all, 12, 1e-3f);
+    CELO2_CUDA_CHECK(cudaMemset(mu.p, 0, n_all * 4));
+    CELO2_CUDA_CHECK(cudaMemset(nu.p, 0, n_all * 4));
+    celo2::AdamWParams aw;
+    aw.lr = 1e-4f;
+    aw.wd = 0.1f;
+
+    // Fused AdamW over every tensor: the baseline.
+    const double adamw_ms = median_ms(iters, [&] { celo2::cuda::adamw_device(aw, n_all, p.p, g.p, mu.p, nu.p); });
+    const double adamw_bytes = 28.0 * n_all;  // p r/w, g, mu r/w, nu r/w
+
+    const celo2::RuleConfig cfg;
+    const celo2::Theta theta = celo2::Theta::adam_like(cfg);
+    nlohmann::json J;
+    J["device"] = prop.name;
+    J["elements"] = {{"all", n_all}, {"celo2", n_celo2}, {"adamw", n_adamw}};
+    J["roofline"] = {{"copy_GBps", copy_gbs}, {"gemm_TFLOPs", gemm_tflops}, {"gemm_n", gn}};
+    J["adamw"] = {{"ms", adamw_ms}, {"bytes", adamw_bytes}, {"GBps", adamw_bytes / (adamw_ms * 1e-3) / 1e9}};
+    std::vector<std::vector<std::string>> rows;
+    for (const std::string& pname : precisions) {
+      const NsPrecision prec = celo2::cuda::parse_ns_precision(pname);
+      celo2::cuda::RuleSet set(cfg, theta, cshapes, prec);
+      const double rule_bytes = set.elementwise_bytes();
+      const double apply_bytes = 12.0 * n_celo2;            // p r/w, u
+      const double side_bytes = 28.0 * n_adamw;             // the adamw-labelled tensors
+      const double ew_bytes = rule_bytes + apply_bytes + side_bytes;
+      const double ns_flops = set.newton_schulz_flops();
+      std::vector<double> ew, ns, whole;
+      Timer t;
+      for (int i = 0; i <= iters; ++i) {
+        t.start();
+        const celo2::cuda::RuleTiming rt = set.step_timed(g.p, p.p, u.p);
+        Timer t2;
+        t2.start();
+        celo2::cuda::apply_step_device(1e-4f, 0.1f, n_celo2, p.p, u.p);
+        celo2::cuda::adamw_device(aw, n_adamw, p.p + n_celo2, g.p + n_celo2, mu.p + n_celo2, nu.p + n_celo2);
+        const double rest = t2.stop_ms();
+        const double all = t.stop_ms();
+        if (i == 0) continue;  // warm-up
+        ew.push_back(rt.elementwise_ms + rest);
+        ns.push_back(rt.newton_schulz_ms);
+        whole.push_back(all);
+      }
+      auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+      const double ew_ms = med(ew), ns_ms = med(ns), step_ms = med(whole);
+      const double ew_gbs = ew_bytes / (ew_ms * 1e-3) / 1e9;
+      const double ns_tf = ns_flops / (ns_ms * 1e-3) / 1e12;
+      J["celo2"][pname] = {{"elementwise_ms", ew_ms}, {"elementwise_bytes", ew_bytes},
+                           {"elementwise_GBps", ew_gbs}, {"elementwise_frac_of_copy", ew_gbs / copy_gbs},
+                           {"ns_ms", ns_ms}, {"ns_flops", ns_flops}, {"ns_TFLOPs", ns_tf},
+                           {"ns_frac_of_gemm", ns_tf / gemm_tflops[pname]}, {"step_ms", step_ms},
+                           {"step_over_adamw", step_ms / adamw_ms},
+                           {"elementwise_over_adamw", ew_ms / adamw_ms}};
+      rows.push_back({pname, std::to_string(ew_ms), std::to_string(ew_gbs / copy_gbs),
+                      std::to_string(ns_ms), std::to_string(ns_tf / gemm_tflops[pname]),
+                      std::to_string(step_ms), std::to_string(adamw_ms), std::to_string(step_ms / adamw_ms)});
+    }
+    J["targets"] = {{"elementwise_frac_of_copy_min", 0.5}, {"step_over_adamw_max", 3.0}};
+
+    std::filesystem::create_directories(out_dir);
+    std::ofstream(out_dir + "/celo2_bench_gpu.json") << J.dump(2) << "\n";
+    std::ofstream csv(out_dir + "/celo2_bench_gpu.csv");
+    csv << "ns_precision,elementwise_ms,elementwise_frac_of_copy,ns_ms,ns_frac_of_gemm,step_ms,adamw_ms,step_over_adamw\n";
+    for (const auto& r : rows) {
+      for (size_t i = 0; i < r.size(); ++i) csv << (i ? "," : "") << r[i];
+      csv << "\n";
+    }
+
+    std::printf("\n%-8s %12s %10s %10s %10s %10s %10s %10s\n", "NS", "ew ms", "ew/copy", "NS ms",
+                "NS/GEMM", "step ms", "AdamW ms", "step/AdamW");
+    for (const auto& [pname, v] : J["celo2"].items())
+      std::printf("%-8s %12.3f %10.2f %10.3f %10.2f %10.3f %10.3f %10.2f\n", pname.c_str(),
+                  v["elementwise_ms"].get<double>(), v["elementwise_frac_of_copy"].get<double>(),
+                  v["ns_ms"].get<double>(), v["ns_frac_of_gemm"].get<double>(),
+                  v["step_ms"].get<double>(), adamw_ms, v["step_over_adamw"].get<double>());
+    std::printf("targets: element-wise >= 0.50 of copy bandwidth; step <= 3x AdamW. JSON/CSV in %s\n",
+                out_dir.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "celo2-bench-gpu: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
