@@ -1,9 +1,9 @@
 // What the CUDA kernels of the Celo2 rule see: plain-old-data descriptors of the tensors of
 // a RuleSet and the per-element work, as __host__ __device__ functions. The arithmetic is
 // celo2/elementwise.h's (shared with the CPU fast path); this file only adds the indexing
-// (where an element's state, row/col statistics and normalization group live), so the
-// host-side test in tests/gpu/rule_layout_test.cc can run these same functions in plain
-// loops on a machine without a GPU and compare them with celo2_update().
+// (where an element's state, row/col statistics and normalization group live). Being
+// __host__ __device__, they can also be run in plain host loops (a host-side layout test
+// against celo2_update() is still to be written).
 //
 // Layout: the tensors of a set are back to back in flat float buffers (g, p, u); each
 // tensor's state planes are decay-major (m[m_off + k*numel + i]) like RuleState.
