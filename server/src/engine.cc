@@ -165,7 +165,7 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
   OptimizerOptions& o = opts_.opt;
   o.rule.validate();
-  if (o.theta.layers.empty()) o.theta = Theta::adam_like(o.rule);
+  if (o.theta.layers.empty()) o.theta = Theta::project_default(o.rule);
   o.theta.check_fits(o.rule);
   o.schedule.validate();
   require_finite("weight_decay", o.weight_decay);

@@ -58,7 +58,7 @@ struct Optimizer::Entry {
 
 Optimizer::Optimizer(OptimizerOptions options) : opts_(std::move(options)) {
   opts_.rule.validate();
-  if (opts_.theta.layers.empty()) opts_.theta = Theta::adam_like(opts_.rule);
+  if (opts_.theta.layers.empty()) opts_.theta = Theta::project_default(opts_.rule);
   opts_.theta.check_fits(opts_.rule);
   opts_.schedule.validate();
   if (!std::isfinite(opts_.weight_decay) || !std::isfinite(opts_.mult_1d))

@@ -51,6 +51,7 @@ struct RuleConfig {
 
   // Throws std::invalid_argument naming the first bad field.
   void validate() const;
+  bool operator==(const RuleConfig&) const = default;
   // Celo2-base: the same rule without Newton–Schulz.
   static RuleConfig celo2_base() {
     RuleConfig c;
@@ -77,8 +78,14 @@ struct Theta {
   void check_fits(const RuleConfig& config) const;
   // Weights that make the MLP output exactly the normalized momentum channel m̂·ρ of decay
   // 0.9 (feature channel 7) as the direction: an Adam-like direction before Newton–Schulz.
-  // The project's constructed default until it ships meta-trained weights.
+  // The constructed starting point of the project's meta-training (and the default for
+  // configurations that have no meta-trained weights).
   static Theta adam_like(const RuleConfig& config);
+  // The project's own meta-trained weights (kernels/src/project_theta.cc, written by
+  // `celo2-metatrain export-cpp`; docs/METATRAIN.md) when `config` is the default Celo2 rule
+  // they were meta-trained with; Theta::adam_like(config) for any other configuration. What
+  // an optimizer runs when it is given no weights.
+  static Theta project_default(const RuleConfig& config);
   // Deterministic pseudo-random weights (tests and benchmarks).
   static Theta random(const RuleConfig& config, uint64_t seed, float scale = 0.5f);
 };

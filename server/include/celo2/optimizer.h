@@ -28,7 +28,7 @@ const char* nan_policy_name(NanPolicy p);
 
 struct OptimizerOptions {
   RuleConfig rule;
-  Theta theta;  // empty = Theta::adam_like(rule)
+  Theta theta;  // empty = Theta::project_default(rule)
   Schedule schedule;
   LabelRules rules = LabelRules::seed_default();
   double weight_decay = 0.0;
