@@ -13,6 +13,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libmicrohttpd-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   pybind11-dev python3-dev python3-pytest python3-numpy python3-msgpack
+  python3-pip python3-setuptools python3-wheel python3-venv
   python3-torch python3-matplotlib fortunes
   dataset-fashion-mnist python3-sklearn openssl
   slurm-wlm slurm-wlm-basic-plugins munge libpmix-dev curl python3-yaml
