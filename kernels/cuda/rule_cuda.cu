@@ -2,14 +2,8 @@
 // Per-element arithmetic comes from celo2/elementwise.h through celo2/cuda/rule_device.h;
 // this file holds launch geometry, reductions and the MLP.
 //
-// Work tables (built once, on the host, at construction):
-//  - chunks: pieces of at most kChunk elements that never cross a normalization group; one
-//    thread block per chunk for every element-wise phase;
-//  - axis jobs: the row/col statistics of a factored tensor are sums of q along one axis;
-//    each is cut into segments of kSegment along the axis (fixed, shape-dependent only),
-//    partial sums per segment go to a buffer and are combined in segment order;
-//  - group runs: the chunks of one normalization group, combined in chunk order;
-//  - spans: a flat index over the row+col entries (or rest means) of all factored tensors.
+// The work tables (chunks, axis jobs, group runs, spans) are built on the host by
+// celo2/cuda/rule_layout.h, which tests/unit/rule_layout_test.cc shares.
 // All partial sums are double and combined in a fixed order: deterministic without atomics.
 #include <cuda_bf16.h>
 
@@ -22,6 +16,7 @@
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
 #include "celo2/cuda/rule_device.h"
+#include "celo2/cuda/rule_layout.h"
 #include "celo2/newton_schulz.h"
 
 namespace celo2::cuda {
@@ -42,46 +37,7 @@ bool device_available(std::string* why) {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 4096;    // elements per block of the element-wise phases
-constexpr int64_t kSegment = 1024;  // axis elements per partial sum of the row/col statistics
 constexpr int kWarps = kThreads / 32;
-
-struct AxisJob {
-  int32_t tensor;
-  int32_t is_row;     // output goes to rowsum (else colsum)
-  int64_t len, stride, n_out;
-  int64_t segs;
-  int64_t part_off;   // partial buffer offset: part[part_off + seg * n_out + o]
-  int64_t item_begin; // prefix over jobs of n_out * segs (work items)
-  int64_t out_begin;  // prefix over jobs of n_out (combine)
-};
-
-struct GroupRun {
-  int32_t tensor;
-  int32_t width;   // values per chunk (channels, or 1)
-  int64_t group;
-  int64_t c0, c1;  // chunks [c0, c1)
-  int64_t item_begin;  // prefix of width over runs
-};
-
-struct Span {
-  int32_t tensor;
-  int64_t begin;  // prefix
-};
-
-// Largest i with begins[i] <= x (begins ascending, begins[0] == 0).
-template <class T, class F>
-__host__ __device__ inline int64_t find_span(const T* items, int64_t n, int64_t x, F key) {
-  int64_t lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (key(items[mid]) <= x)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
 
 // Fixed-order block reduction of one double per thread; result valid in thread 0.
 __device__ inline double block_sum(double v, double* smem) {
@@ -506,158 +462,32 @@ struct RuleSet::Impl {
       if (e) cudaEventDestroy(e);
   }
 
-  std::vector<float> pack_theta() const {
-    const int L = static_cast<int>(theta.layers.size());
-    const int hl = L - 1;
-    std::vector<float> out(packed_theta_floats(H, hl), 0.0f);
-    float* w0 = out.data();
-    float* b0 = w0 + kChannels * H;
-    const DenseLayer& l0 = theta.layers[0];
-    for (int c = 0; c < l0.in; ++c)
-      for (int o = 0; o < l0.out; ++o) w0[c * H + o] = l0.w[c * l0.out + o];
-    for (int o = 0; o < l0.out; ++o) b0[o] = l0.b[o];
-    float* hidden = b0 + H;
-    for (int l = 1; l < L - 1; ++l) {
-      const DenseLayer& d = theta.layers[l];
-      float* w = hidden + (l - 1) * (H * H + H);
-      for (int c = 0; c < d.in; ++c)
-        for (int o = 0; o < d.out; ++o) w[c * H + o] = d.w[c * d.out + o];
-      for (int o = 0; o < d.out; ++o) w[H * H + o] = d.b[o];
-    }
-    float* wout = hidden + (hl - 1) * (H * H + H);
-    const DenseLayer& d = theta.layers[L - 1];
-    for (int c = 0; c < d.in; ++c)
-      for (int o = 0; o < 2; ++o) wout[c * 2 + o] = d.w[c * d.out + o];
-    wout[2 * H + 0] = d.b[0];
-    wout[2 * H + 1] = d.b[1];
-    return out;
-  }
-
   void build(const std::vector<std::vector<int64_t>>& shapes) {
-    int64_t x = 0, m = 0, r = 0, vd = 0, vrow = 0, vcol = 0, rest = 0, sumsq = 0, osumsq = 0;
-    for (size_t ti = 0; ti < shapes.size(); ++ti) {
-      const Geometry g = Geometry::of(shapes[ti]);
-      geos.push_back(g);
-      TensorDesc d;
-      d.numel = g.numel;
-      d.ndim = g.ndim;
-      d.factored = g.factored;
-      d.d0 = g.d0;
-      d.d1 = g.d1;
-      for (int a = 0; a < g.ndim; ++a) {
-        d.shape[a] = g.shape[a];
-        d.row_step[a] = g.row_step[a];
-        d.col_step[a] = g.col_step[a];
-      }
-      d.row_count = g.row_count;
-      d.col_count = g.col_count;
-      d.rest_count = g.rest_count;
-      d.rest_div = g.rest_of_row_div;
-      d.rest_mod = g.rest_of_row_mod;
-      d.rest_len = g.rest_of_row_len;
-      d.norm_size = g.norm_size;
-      d.norm_groups = g.norm_groups;
-      d.ns = cfg.orthogonalize && g.factored;
-      d.x_off = x;
-      d.m_off = m;
-      d.r_off = r;
-      d.vd_off = vd;
-      d.vrow_off = vrow;
-      d.vcol_off = vcol;
-      d.rowsum_off = vrow / kFac;  // one double per row / col entry
-      d.colsum_off = vcol / kFac;
-      d.rest_off = rest;
-      d.rtab_off = vrow / kFac;
-      d.ctab_off = vcol / kFac;
-      d.sumsq_off = sumsq;
-      d.osumsq_off = osumsq;
-      x += g.numel;
-      m += kMom * g.numel;
-      r += kRms * g.numel;
-      if (g.factored) {
-        vrow += kFac * g.row_count;
-        vcol += kFac * g.col_count;
-        rest += kFac * g.rest_count;
-      } else {
-        vd += kFac * g.numel;
-      }
-      sumsq += g.norm_groups * g.channels();
-      osumsq += g.norm_groups;
-      descs_h.push_back(d);
-    }
-    total = x;
+    SetLayout L = SetLayout::build(cfg, shapes);
+    geos = std::move(L.geos);
+    descs_h = std::move(L.descs);
+    chunks_h = std::move(L.chunks);
+    chunk_begin_h = std::move(L.chunk_begin);
+    contig_h = std::move(L.contig);
+    strided_h = std::move(L.strided);
+    fruns_h = std::move(L.fruns);
+    oruns_h = std::move(L.oruns);
+    fold_h = std::move(L.fold);
+    rest_h = std::move(L.rest_spans);
+    fold_total = L.fold_total;
+    rest_total = L.rest_total;
+    contig_items = L.contig_items;
+    strided_items = L.strided_items;
+    contig_out = L.contig_out;
+    strided_out = L.strided_out;
+    frun_items = L.frun_items;
+    orun_items = L.orun_items;
+    total = L.total;
+    for (NsClassLayout& c : L.ns_classes)
+      ns_classes.push_back({c.rows, c.cols, std::move(c.offsets), std::move(c.tensor_of)});
+    const int64_t m = L.m, r = L.r, vd = L.vd, vrow = L.vrow, vcol = L.vcol, rest = L.rest,
+                  sumsq = L.sumsq, osumsq = L.osumsq, part = L.part;
     const int nt = static_cast<int>(descs_h.size());
-
-    // Chunks, group runs, tensor chunk ranges.
-    chunk_begin_h.assign(nt + 1, 0);
-    for (int ti = 0; ti < nt; ++ti) {
-      const TensorDesc& d = descs_h[ti];
-      chunk_begin_h[ti] = static_cast<int64_t>(chunks_h.size());
-      for (int64_t grp = 0; grp < d.norm_groups; ++grp) {
-        const int64_t glo = grp * d.norm_size, ghi = glo + d.norm_size;
-        const int64_t c0 = static_cast<int64_t>(chunks_h.size());
-        for (int64_t lo = glo; lo < ghi; lo += kChunk)
-          chunks_h.push_back({ti, lo, std::min(ghi, lo + kChunk), grp});
-        const int64_t c1 = static_cast<int64_t>(chunks_h.size());
-        const int C = geos[ti].channels();
-        fruns_h.push_back({ti, C, grp, c0, c1, frun_items});
-        frun_items += C;
-        oruns_h.push_back({ti, 1, grp, c0, c1, orun_items});
-        orun_items += 1;
-      }
-    }
-    chunk_begin_h[nt] = static_cast<int64_t>(chunks_h.size());
-
-    // Axis jobs and factored spans.
-    int64_t part = 0;
-    for (int ti = 0; ti < nt; ++ti) {
-      const TensorDesc& d = descs_h[ti];
-      if (!d.factored || d.numel == 0) continue;
-      for (int is_row = 1; is_row >= 0; --is_row) {
-        const int ax = is_row ? d.d0 : d.d1;
-        AxisJob j{};
-        j.tensor = ti;
-        j.is_row = is_row;
-        j.len = d.shape[ax];
-        j.stride = 1;
-        for (int a = ax + 1; a < d.ndim; ++a) j.stride *= d.shape[a];
-        j.n_out = d.numel / j.len;
-        j.segs = (j.len + kSegment - 1) / kSegment;
-        j.part_off = part;
-        part += j.segs * j.n_out;
-        std::vector<AxisJob>& list = j.stride == 1 ? contig_h : strided_h;
-        int64_t& items = j.stride == 1 ? contig_items : strided_items;
-        int64_t& outs = j.stride == 1 ? contig_out : strided_out;
-        j.item_begin = items;
-        j.out_begin = outs;
-        items += j.n_out * j.segs;
-        outs += j.n_out;
-        list.push_back(j);
-      }
-      fold_h.push_back({ti, fold_total});
-      fold_total += d.row_count + d.col_count;
-      rest_h.push_back({ti, rest_total});
-      rest_total += kFac * d.rest_count;
-    }
-
-    // Newton–Schulz classes: every matrix of the last two axes of an orthogonalized tensor,
-    // grouped by shape.
-    std::map<std::pair<int64_t, int64_t>, size_t> cls;
-    for (int ti = 0; ti < nt; ++ti) {
-      const TensorDesc& d = descs_h[ti];
-      if (!d.ns || d.numel == 0) continue;
-      const auto key = std::make_pair(geos[ti].mat_rows, geos[ti].mat_cols);
-      auto it = cls.find(key);
-      if (it == cls.end()) {
-        it = cls.emplace(key, ns_classes.size()).first;
-        ns_classes.push_back({key.first, key.second, {}, {}});
-      }
-      NsClass& c = ns_classes[it->second];
-      for (int64_t grp = 0; grp < d.norm_groups; ++grp) {
-        c.offsets.push_back(d.x_off + grp * d.norm_size);
-        c.tensor_of.push_back(ti);
-      }
-    }
 
     // Device copies.
     descs = device_copy(descs_h);
@@ -669,7 +499,7 @@ struct RuleSet::Impl {
     oruns = device_copy(oruns_h);
     fold = device_copy(fold_h);
     rest_spans = device_copy(rest_h);
-    theta_d = device_copy(pack_theta());
+    theta_d = device_copy(pack_theta(theta, H));
     for (auto& c : ns_classes) {
       c.offsets_d = device_copy(c.offsets);
       c.tensor_of_d = device_copy(c.tensor_of);
@@ -797,7 +627,7 @@ RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
                                 std::to_string(kMaxHiddenGpu) + ", not " + std::to_string(h));
   impl_->cfg = cfg;
   impl_->theta = theta;
-  impl_->H = h <= 8 ? 8 : h <= 16 ? 16 : h <= 32 ? 32 : 64;
+  impl_->H = padded_hidden(h);
   const size_t smem = packed_theta_floats(impl_->H, theta.hidden_layers()) * sizeof(float);
   if (smem > 48 * 1024)
     throw std::invalid_argument("the CUDA rule's MLP does not fit in 48 KiB of shared memory (" +

@@ -2,8 +2,9 @@
 // a RuleSet and the per-element work, as __host__ __device__ functions. The arithmetic is
 // celo2/elementwise.h's (shared with the CPU fast path); this file only adds the indexing
 // (where an element's state, row/col statistics and normalization group live). Being
-// __host__ __device__, they can also be run in plain host loops (a host-side layout test
-// against celo2_update() is still to be written).
+// __host__ __device__ and free of CUDA headers, they also run in plain host loops:
+// tests/unit/rule_layout_test.cc emulates a RuleSet step with them on the tables of
+// celo2/cuda/rule_layout.h and checks it against celo2_update() and celo2_reference().
 //
 // Layout: the tensors of a set are back to back in flat float buffers (g, p, u); each
 // tensor's state planes are decay-major (m[m_off + k*numel + i]) like RuleState.
@@ -65,6 +66,21 @@ struct Chunk {
   int64_t lo, hi;   // flat element range inside the tensor
   int64_t group;    // normalization group (lo / norm_size)
 };
+
+// Largest i with key(items[i]) <= x (keys ascending, key(items[0]) == 0): which job, run or
+// span a flat work item belongs to.
+template <class T, class F>
+CELO2_HD int64_t find_span(const T* items, int64_t n, int64_t x, F key) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (key(items[mid]) <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
 
 // Row index (without axis d0) and col index (without axis d1) of element i.
 CELO2_HD void row_col_of(const TensorDesc& t, int64_t i, int64_t* row, int64_t* col) {
