@@ -1,15 +1,7 @@
 // Newton–Schulz (spec/celo2.md §3 step 9) on cuBLAS, batched over same-shaped matrices.
 //
-// No transposes: a row-major rows×cols matrix x, read by column-major cuBLAS, is xᵀ. When
-// rows <= cols the iterate X = x (r×c) is the column-major c×r matrix Xc = Xᵀ, so
-//   A = X Xᵀ = Xcᵀ Xc          gemm(T, N, r, r, c)
-//   Y = aX + B X  <=>  Yc = a Xc + Xc Bᵀ   gemm(N, T, c, r, r), Yc preloaded with Xc
-// When rows > cols the spec works on M = xᵀ (r = cols, c = rows), and x's memory read
-// column-major is exactly M (r×c, ld r), so
-//   A = M Mᵀ                     gemm(N, T, r, r, c)
-//   Y = aM + B M                 gemm(N, N, r, c, r), Y preloaded with M
-// and the result's memory is again the row-major rows×cols answer. B = bA + cA² is
-// gemm(N, N, r, r, r) on a copy of A. Every GEMM is strided-batched over the matrices.
+// The GEMMs of an iteration and their derivation (row-major data, column-major cuBLAS, no
+// transposes): celo2/cuda/newton_schulz_plan.h, shared with the host test.
 // The Frobenius norm is a fixed-partition double reduction (deterministic).
 #include <cuda_bf16.h>
 
@@ -19,6 +11,7 @@
 #include <string>
 
 #include "celo2/cuda/check.h"
+#include "celo2/cuda/newton_schulz_plan.h"
 #include "celo2/cuda/rule_cuda.h"
 
 namespace celo2::cuda {
@@ -44,11 +37,13 @@ __device__ __forceinline__ float matrix_factor(const float* factors, const int32
   return factors[index ? index[b] : 0];
 }
 
-// part[b * segs + s] = sum over segment s of matrix b of (factor * x)^2.
+// part[b * segs + s] = sum over segment s of matrix b of (factor * x)^2. One block per
+// (matrix, segment), flat in x: gridDim.y is limited to 65535 and a conv weight alone has
+// more matrices than that.
 __global__ void k_norm_partial(const float* x, const int64_t* offsets, int64_t rc, int segs,
                                const float* factors, const int32_t* index, double* part) {
-  const int s = blockIdx.x;
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x / segs;
+  const int s = static_cast<int>(blockIdx.x - b * segs);
   const float f = matrix_factor(factors, index, b);
   const float* m = x + offsets[b];
   const int64_t lo = s * kNormSegment, hi = min(rc, lo + kNormSegment);
@@ -70,11 +65,13 @@ __global__ void k_norm_partial(const float* x, const int64_t* offsets, int64_t r
 
 __global__ void k_norm_final(const double* part, int segs, int64_t batch, float eps,
                              float* scale) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b >= batch) return;
-  double t = 0.0;
-  for (int s = 0; s < segs; ++s) t += part[b * segs + s];
-  scale[b] = static_cast<float>(1.0 / (sqrt(t) + static_cast<double>(eps)));
+  // Grid-stride: grid_for() caps the grid at 65536 blocks.
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double t = 0.0;
+    for (int s = 0; s < segs; ++s) t += part[b * segs + s];
+    scale[b] = static_cast<float>(1.0 / (sqrt(t) + static_cast<double>(eps)));
+  }
 }
 
 template <class T>
@@ -101,8 +98,9 @@ __global__ void k_store(const T* X, const int64_t* offsets, int64_t rc, int64_t 
 }
 
 __global__ void k_iota_offsets(int64_t* out, int64_t batch, int64_t rc) {
-  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b < batch) out[b] = b * rc;
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < batch;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[b] = b * rc;
 }
 
 int grid_for(int64_t n, int threads) {
@@ -176,9 +174,8 @@ struct NewtonSchulzCuda::Impl {
   void run_typed(const RuleConfig& cfg, int64_t rows, int64_t cols, int64_t batch, float* x,
                  const int64_t* offsets, const float* factors, const int32_t* index,
                  cudaStream_t stream) {
-    const bool transposed = rows > cols;
-    const int64_t r = transposed ? cols : rows, c = transposed ? rows : cols;
-    const int64_t rc = r * c, rr = r * r;
+    const NsShape shape = NsShape::of(rows, cols);
+    const int64_t r = shape.r, c = shape.c, rc = shape.rc, rr = shape.rr;
     if (r > INT32_MAX || c > INT32_MAX || batch > INT32_MAX)
       throw std::invalid_argument("Newton-Schulz matrix too large for cuBLAS");
     size_t have = work_bytes;
@@ -190,14 +187,17 @@ struct NewtonSchulzCuda::Impl {
     T* Y = X + batch * rc;
     T* A = Y + batch * rc;
     T* B = A + batch * rr;
-    const int segs = static_cast<int>((rc + kNormSegment - 1) / kNormSegment);
+    const int64_t segs64 = (rc + kNormSegment - 1) / kNormSegment;
+    if (batch * segs64 > INT32_MAX)
+      throw std::invalid_argument("Newton-Schulz batch too large for the norm reduction's grid");
+    const int segs = static_cast<int>(segs64);
     ensure(part, part_count, static_cast<size_t>(batch) * segs);
     size_t sc_have = static_cast<size_t>(scale_count);
     ensure(scale, sc_have, static_cast<size_t>(batch));
     scale_count = static_cast<int64_t>(sc_have);
     CELO2_CUBLAS_CHECK(cublasSetStream(handle, stream));
 
-    k_norm_partial<<<dim3(segs, static_cast<unsigned>(batch)), kNormThreads, 0, stream>>>(
+    k_norm_partial<<<static_cast<unsigned>(batch * segs64), kNormThreads, 0, stream>>>(
         x, offsets, rc, segs, factors, index, part);
     CELO2_CUDA_LAUNCH_CHECK("k_norm_partial");
     k_norm_final<<<grid_for(batch, 128), 128, 0, stream>>>(part, segs, batch, cfg.ns_eps, scale);
@@ -207,19 +207,18 @@ struct NewtonSchulzCuda::Impl {
     CELO2_CUDA_LAUNCH_CHECK("k_load");
 
     const float a = cfg.ns_coeffs[0], bco = cfg.ns_coeffs[1], cco = cfg.ns_coeffs[2];
-    const int R = static_cast<int>(r), Cc = static_cast<int>(c), Bn = static_cast<int>(batch);
+    const int Bn = static_cast<int>(batch);
+    auto gemm_cb = [&](bool ta, bool tb, int m, int n, int k, float alpha, const T* A_, int lda,
+                       long long sa, const T* B_, int ldb, long long sb, float beta, T* C_,
+                       int ldc, long long sc_, int nbatch) {
+      gemm<T>(ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, alpha, A_,
+              lda, sa, B_, ldb, sb, beta, C_, ldc, sc_, nbatch);
+    };
+    auto copy_cb = [&](T* dst, const T* src, size_t count) {
+      CELO2_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+    };
     for (int it = 0; it < cfg.ns_iters; ++it) {
-      if (!transposed)  // A = Xcᵀ Xc, Xc is c×r (ld c)
-        gemm<T>(CUBLAS_OP_T, CUBLAS_OP_N, R, R, Cc, 1.0f, X, Cc, rc, X, Cc, rc, 0.0f, A, R, rr, Bn);
-      else  // A = M Mᵀ, M is r×c (ld r)
-        gemm<T>(CUBLAS_OP_N, CUBLAS_OP_T, R, R, Cc, 1.0f, X, R, rc, X, R, rc, 0.0f, A, R, rr, Bn);
-      CELO2_CUDA_CHECK(cudaMemcpyAsync(B, A, batch * rr * sizeof(T), cudaMemcpyDeviceToDevice, stream));
-      gemm<T>(CUBLAS_OP_N, CUBLAS_OP_N, R, R, R, cco, A, R, rr, A, R, rr, bco, B, R, rr, Bn);
-      CELO2_CUDA_CHECK(cudaMemcpyAsync(Y, X, batch * rc * sizeof(T), cudaMemcpyDeviceToDevice, stream));
-      if (!transposed)  // Yc = a Xc + Xc Bᵀ
-        gemm<T>(CUBLAS_OP_N, CUBLAS_OP_T, Cc, R, R, 1.0f, X, Cc, rc, B, R, rr, a, Y, Cc, rc, Bn);
-      else  // Y = a M + B M
-        gemm<T>(CUBLAS_OP_N, CUBLAS_OP_N, R, Cc, R, 1.0f, B, R, rr, X, R, rc, a, Y, R, rc, Bn);
+      ns_iteration<T>(shape, Bn, a, bco, cco, X, Y, A, B, gemm_cb, copy_cb);
       std::swap(X, Y);
     }
     k_store<T><<<grid_for(rc * batch, 256), 256, 0, stream>>>(X, offsets, rc, batch, x);
