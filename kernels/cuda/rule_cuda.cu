@@ -670,6 +670,9 @@ RuleState RuleSet::download_state(size_t i) const {
   const Geometry& g = impl_->geos[i];
   RuleState s = RuleState::zeros(g);
   s.iteration = impl_->iteration;
+  // step() may have run on a non-blocking stream, which a plain cudaMemcpy (legacy default
+  // stream) does not wait for.
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());
   auto get = [](std::vector<float>& dst, const float* base, int64_t off) {
     if (!dst.empty())
       CELO2_CUDA_CHECK(cudaMemcpy(dst.data(), base + off, dst.size() * sizeof(float),
