@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "celo2/cuda/check.h"
+#include "celo2/tcp_bootstrap.h"
 
 #define CELO2_NCCL_CHECK(call)                                                          \
   do {                                                                                  \
@@ -39,18 +40,6 @@
 
 namespace celo2 {
 namespace {
-
-bool read_int(const char* name, int* out) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return false;
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (*end != '\0' || v < 0 || v > (1 << 24))
-    throw CommError(std::string("environment variable ") + name + "='" + s +
-                    "' is not a valid rank count or index");
-  *out = static_cast<int>(v);
-  return true;
-}
 
 int64_t total_of(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
 
@@ -89,16 +78,33 @@ class Nccl final : public NcclCommunicator {
     if (ri.size == 1) {
       CELO2_NCCL_CHECK(ncclGetUniqueId(&id));
     } else {
-      MpiBoot::get();
-      int mpi_rank = -1, mpi_size = -1;
-      CELO2_MPI_BOOT_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank));
-      CELO2_MPI_BOOT_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &mpi_size));
-      if (mpi_rank != ri.rank || mpi_size != ri.size)
-        throw CommError("NCCL bootstrap: " + ri.source + " says rank " + std::to_string(ri.rank) +
-                        " of " + std::to_string(ri.size) + " but MPI says " +
-                        std::to_string(mpi_rank) + " of " + std::to_string(mpi_size));
-      if (ri.rank == 0) CELO2_NCCL_CHECK(ncclGetUniqueId(&id));
-      CELO2_MPI_BOOT_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD));
+      int mpi_init = 0;
+      CELO2_MPI_BOOT_CHECK(MPI_Initialized(&mpi_init));
+      bootstrap_ = choose_nccl_bootstrap(ri, mpi_init != 0);
+      if (bootstrap_ == "mpi") {
+        MpiBoot::get();
+        int mpi_rank = -1, mpi_size = -1;
+        CELO2_MPI_BOOT_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank));
+        CELO2_MPI_BOOT_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &mpi_size));
+        if (mpi_rank != ri.rank || mpi_size != ri.size)
+          throw CommError("NCCL bootstrap: " + ri.source + " says rank " + std::to_string(ri.rank) +
+                          " of " + std::to_string(ri.size) + " but MPI says " +
+                          std::to_string(mpi_rank) + " of " + std::to_string(mpi_size) +
+                          " (set CELO2_NCCL_BOOTSTRAP=tcp when MPI does not start these ranks)");
+        if (ri.rank == 0) CELO2_NCCL_CHECK(ncclGetUniqueId(&id));
+        CELO2_MPI_BOOT_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD));
+      } else {
+        // TCP store (torchrun, plain srun): rank 0 listens, the others connect.
+        TcpBootstrap boot(ri.rank, ri.size, discover_bootstrap_endpoint(ri));
+        std::vector<uint8_t> blob;
+        if (ri.rank == 0) {
+          CELO2_NCCL_CHECK(ncclGetUniqueId(&id));
+          const uint8_t* p = reinterpret_cast<const uint8_t*>(&id);
+          blob.assign(p, p + sizeof id);
+        }
+        blob = boot.broadcast(blob, static_cast<int64_t>(sizeof id));
+        std::memcpy(&id, blob.data(), sizeof id);
+      }
     }
     CELO2_NCCL_CHECK(ncclCommInitRank(&comm_, ri.size, id, ri.rank));
     CELO2_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -301,6 +307,7 @@ class Nccl final : public NcclCommunicator {
   }
 
   RankInfo info_;
+  std::string bootstrap_ = "none";  // how the NCCL id travelled: none (one rank), mpi or tcp
   int device_ = 0;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
@@ -312,36 +319,6 @@ class Nccl final : public NcclCommunicator {
 };
 
 }  // namespace
-
-RankInfo discover_ranks() {
-  struct Source {
-    const char* name;
-    const char* rank;
-    const char* size;
-    const char* local;
-  };
-  static const Source sources[] = {
-      {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"},
-      {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
-      {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-  };
-  for (const Source& s : sources) {
-    RankInfo r;
-    const bool has_rank = read_int(s.rank, &r.rank);
-    const bool has_size = read_int(s.size, &r.size);
-    if (!has_rank && !has_size) continue;
-    if (!has_rank || !has_size)
-      throw CommError(std::string(s.name) + " environment incomplete: " + s.rank + " and " +
-                      s.size + " must both be set");
-    if (!read_int(s.local, &r.local_rank)) r.local_rank = r.rank;
-    if (r.size < 1 || r.rank >= r.size)
-      throw CommError(std::string(s.name) + " environment: rank " + std::to_string(r.rank) +
-                      " is not below the world size " + std::to_string(r.size));
-    r.source = s.name;
-    return r;
-  }
-  return RankInfo{};
-}
 
 std::unique_ptr<NcclCommunicator> make_nccl_communicator_ex() {
   return std::make_unique<Nccl>(discover_ranks());

@@ -2,9 +2,12 @@
 //
 // Bootstrap: ranks are read from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), Slurm
 // (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) and Open MPI (OMPI_COMM_WORLD_RANK/SIZE/
-// LOCAL_RANK) variables, in that order; the device is the local rank (modulo the visible
-// devices). With more than one rank, rank 0 creates the ncclUniqueId and MPI_Bcast's it
-// (MPI carries nothing else; NCCL carries every collective).
+// LOCAL_RANK) variables, in that order (discover_ranks(), celo2/tcp_bootstrap.h); the device
+// is the local rank (modulo the visible devices). With more than one rank, rank 0 creates the
+// ncclUniqueId and hands it to the others, by MPI_Bcast or by the TCP bootstrap
+// (TcpBootstrap: rank 0 listens, the others connect), as choose_nccl_bootstrap() says
+// (CELO2_NCCL_BOOTSTRAP=mpi|tcp|auto; auto: MPI under mpirun / srun --mpi=pmix, TCP under
+// torchrun). MPI or the TCP store carry nothing else; NCCL carries every collective.
 //
 // Pointers: the Communicator calls accept device pointers (used in place) and host pointers
 // (staged through a device buffer), so the CPU Engine runs unchanged over NCCL. Each call
@@ -21,19 +24,12 @@
 #include <string>
 
 #include "celo2/communicator.h"
+#include "celo2/tcp_bootstrap.h"  // RankInfo, discover_ranks()
 
 struct CUstream_st;
 struct CUevent_st;
 
 namespace celo2 {
-
-// Where this process sits in the job, from the launcher's environment.
-struct RankInfo {
-  int rank = 0, size = 1, local_rank = 0;
-  std::string source = "none";  // torchrun, slurm, openmpi or none
-};
-// Throws CommError when a variable is present but malformed or inconsistent.
-RankInfo discover_ranks();
 
 class NcclCommunicator : public Communicator {
  public:
