@@ -11,6 +11,10 @@
 // the very same code in double precision (tight tolerance) as well as in float32 (the type
 // training uses, `MlpTask`). Inputs are always float32 features and int labels.
 //
+// Two implementations of each dense product: plain loops (the reference; every type) and
+// single-precision BLAS (OpenBLAS sgemm; float, the fast path meta-training runs millions of
+// times). tests/unit/mlp_task_test.cc checks the two against each other.
+//
 // Initialization is deterministic in the seed alone: Glorot uniform ±sqrt(6/(in+out)) drawn
 // from std::mt19937_64 (a fixed stream) with a fixed integer-to-real conversion, biases 0;
 // the double and float instances start from the same values (rounded).
@@ -23,7 +27,10 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include <cblas.h>
 
 namespace celo2::data {
 
@@ -65,6 +72,8 @@ class MlpTaskT {
     }
   }
 
+  // float only: BLAS products (default) or the reference loops.
+  void set_use_blas(bool on) { use_blas_ = on && std::is_same_v<T, float>; }
   int num_layers() const { return static_cast<int>(layers_.size()) - 1; }
   int num_tensors() const { return static_cast<int>(params_.size()); }
   int input_dim() const { return layers_.front(); }
@@ -129,6 +138,17 @@ class MlpTaskT {
       const T* bias = params_[2 * l + 1].data();
       std::vector<T>& z = acts_[l + 1];
       z.resize(static_cast<size_t>(batch) * out);
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_blas_) {
+          for (int b = 0; b < batch; ++b) std::copy(bias, bias + out, z.data() + static_cast<size_t>(b) * out);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, batch, out, in, 1.0f, a.data(), in,
+                      w, out, 1.0f, z.data(), out);
+          if (l + 1 < L) {
+            for (float& v : z) v = std::max(v, 0.0f);
+          }
+          continue;
+        }
+      }
       for (int b = 0; b < batch; ++b) {
         T* zr = z.data() + static_cast<size_t>(b) * out;
         std::copy(bias, bias + out, zr);
@@ -184,6 +204,27 @@ class MlpTaskT {
       T* gb = grads_[2 * l + 1].data();
       std::fill(grads_[2 * l].begin(), grads_[2 * l].end(), T(0));
       std::fill(grads_[2 * l + 1].begin(), grads_[2 * l + 1].end(), T(0));
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_blas_) {
+          for (int b = 0; b < batch; ++b) {
+            const float* dzr = dz.data() + static_cast<size_t>(b) * out;
+            for (int o = 0; o < out; ++o) gb[o] += dzr[o];
+          }
+          // gW (in x out) = A^T (in x batch) dZ (batch x out)
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, out, batch, 1.0f, a.data(), in,
+                      dz.data(), out, 0.0f, gw, out);
+          if (l == 0) break;
+          // dA (batch x in) = dZ (batch x out) W^T, then through the ReLU.
+          da.resize(static_cast<size_t>(batch) * in);
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, batch, in, out, 1.0f, dz.data(), out,
+                      params_[2 * l].data(), out, 0.0f, da.data(), in);
+          for (size_t k = 0; k < da.size(); ++k) {
+            if (a[k] <= 0.0f) da[k] = 0.0f;
+          }
+          dz.swap(da);
+          continue;
+        }
+      }
       for (int b = 0; b < batch; ++b) {
         const T* dzr = dz.data() + static_cast<size_t>(b) * out;
         const T* ar = a.data() + static_cast<size_t>(b) * in;
@@ -215,6 +256,7 @@ class MlpTaskT {
     }
   }
 
+  bool use_blas_ = std::is_same_v<T, float>;
   std::vector<int> layers_;
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;

@@ -396,12 +396,25 @@ int main(int argc, char** argv) {
   exp->add_option("--out", export_out)->capture_default_str();
   exp->add_option("--note", export_note, "provenance lines for the header comment");
 
+  std::string wt_kind = "adam_like", wt_out;
+  auto* wt = app.add_subcommand("write-theta", "write a built-in theta in the published layout");
+  wt->add_option("--kind", wt_kind, "adam_like | project")->capture_default_str();
+  wt->add_option("--out", wt_out)->required();
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*train) return run_train(a);
     if (*bench) return run_bench(bench_seconds, bench_base);
     if (*eval) return meta::run_eval(ev);
     if (*exp) return run_export_cpp(export_theta, export_out, export_note);
+    if (*wt) {
+      const RuleConfig rule;
+      if (wt_kind != "adam_like" && wt_kind != "project") {
+        throw std::invalid_argument("--kind must be adam_like or project");
+      }
+      save_theta(wt_out, wt_kind == "project" ? Theta::project_default(rule) : Theta::adam_like(rule));
+      return 0;
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "celo2-metatrain: error: %s\n", e.what());
     return 1;
