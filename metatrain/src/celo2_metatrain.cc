@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -167,6 +168,15 @@ int run_train(const TrainArgs& a) {
   if (rank == 0) {
     const fs::path csv_path = dir / "metrics.csv";
     const bool fresh = !fs::exists(csv_path) || step == 0;
+    if (!fresh) {  // drop rows written after the checkpoint we resume from
+      std::ifstream in(csv_path);
+      std::string line, kept;
+      while (std::getline(in, line)) {
+        const bool header = kept.empty();
+        if (header || std::strtoll(line.c_str(), nullptr, 10) <= step) kept += line + "\n";
+      }
+      write_atomic(csv_path, kept);
+    }
     csv.open(csv_path, fresh ? std::ios::trunc : std::ios::app);
     if (fresh) csv << "step,wall_s,meta_loss,grad_norm,theta_norm,resets,inner_steps_per_s\n";
     std::printf("meta-training %s: %d tasks (%s), sigma %g, truncation %d, unroll [%d, %d], "

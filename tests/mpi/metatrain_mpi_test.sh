@@ -37,6 +37,7 @@ PY
 # Resume: stop after the first checkpoint via a zero-second time limit, then continue.
 "$bin" train --comm local --out "$work/res" --outer-steps 3 --time-limit 1e-9 "${common[@]}" > "$work/res1.log"
 grep -q "time limit reached at outer step 1" "$work/res1.log" || { cat "$work/res1.log"; exit 1; }
+echo "2,999,1.0,1.0,1.0,0,1.0" >> "$work/res/metrics.csv"  # a row written after the checkpoint
 "$bin" train --comm local --out "$work/res" --outer-steps 3 --resume "${common[@]}" > "$work/res2.log"
 grep -q "resumed .* at outer step 1" "$work/res2.log" || { cat "$work/res2.log"; exit 1; }
 python3 - "$work" <<'PY'
