@@ -13,7 +13,7 @@ for p in clang libclang-rt-14-dev; do
   fi
 done
 targets=(flax_msgpack_test theta_io_test optimizer_test rule_test golden_test)
-cmake -S "$here" -B "$ASAN_DIR" -DCMAKE_BUILD_TYPE=Debug -DCELO2_SANITIZE=ON -DCELO2_NATIVE=ON >/dev/null
+cmake -S "$here" -B "$ASAN_DIR" -DCMAKE_BUILD_TYPE=Debug -DCELO2_SANITIZE=ON -DCELO2_NATIVE=ON -DCELO2_CUDA=OFF >/dev/null
 cmake --build "$ASAN_DIR" -j "${JOBS:-$(nproc)}" --target "${targets[@]}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fail=0
