@@ -412,15 +412,7 @@ struct RuleSet::Impl {
   RuleConfig cfg;
   Theta theta;
   int H = 8;  // padded hidden width
-  std::vector<Geometry> geos;
-  std::vector<TensorDesc> descs_h;
-  std::vector<Chunk> chunks_h;
-  std::vector<int64_t> chunk_begin_h;  // per tensor, + sentinel
-  std::vector<AxisJob> contig_h, strided_h;
-  std::vector<GroupRun> fruns_h, oruns_h;
-  std::vector<Span> fold_h, rest_h;
-  int64_t fold_total = 0, rest_total = 0, contig_items = 0, strided_items = 0;
-  int64_t contig_out = 0, strided_out = 0, frun_items = 0, orun_items = 0;
+  SetLayout L;  // the host tables (rule_layout.h); their device copies below
   struct NsClass {
     int64_t rows, cols;
     std::vector<int64_t> offsets;
@@ -463,42 +455,24 @@ struct RuleSet::Impl {
   }
 
   void build(const std::vector<std::vector<int64_t>>& shapes) {
-    SetLayout L = SetLayout::build(cfg, shapes);
-    geos = std::move(L.geos);
-    descs_h = std::move(L.descs);
-    chunks_h = std::move(L.chunks);
-    chunk_begin_h = std::move(L.chunk_begin);
-    contig_h = std::move(L.contig);
-    strided_h = std::move(L.strided);
-    fruns_h = std::move(L.fruns);
-    oruns_h = std::move(L.oruns);
-    fold_h = std::move(L.fold);
-    rest_h = std::move(L.rest_spans);
-    fold_total = L.fold_total;
-    rest_total = L.rest_total;
-    contig_items = L.contig_items;
-    strided_items = L.strided_items;
-    contig_out = L.contig_out;
-    strided_out = L.strided_out;
-    frun_items = L.frun_items;
-    orun_items = L.orun_items;
+    L = SetLayout::build(cfg, shapes);
     total = L.total;
     for (NsClassLayout& c : L.ns_classes)
       ns_classes.push_back({c.rows, c.cols, std::move(c.offsets), std::move(c.tensor_of)});
     const int64_t m = L.m, r = L.r, vd = L.vd, vrow = L.vrow, vcol = L.vcol, rest = L.rest,
                   sumsq = L.sumsq, osumsq = L.osumsq, part = L.part;
-    const int nt = static_cast<int>(descs_h.size());
+    const int nt = static_cast<int>(L.descs.size());
 
     // Device copies.
-    descs = device_copy(descs_h);
-    chunks = device_copy(chunks_h);
-    chunk_begin = device_copy(chunk_begin_h);
-    contig = device_copy(contig_h);
-    strided = device_copy(strided_h);
-    fruns = device_copy(fruns_h);
-    oruns = device_copy(oruns_h);
-    fold = device_copy(fold_h);
-    rest_spans = device_copy(rest_h);
+    descs = device_copy(L.descs);
+    chunks = device_copy(L.chunks);
+    chunk_begin = device_copy(L.chunk_begin);
+    contig = device_copy(L.contig);
+    strided = device_copy(L.strided);
+    fruns = device_copy(L.fruns);
+    oruns = device_copy(L.oruns);
+    fold = device_copy(L.fold);
+    rest_spans = device_copy(L.rest_spans);
     theta_d = device_copy(pack_theta(theta, H));
     for (auto& c : ns_classes) {
       c.offsets_d = device_copy(c.offsets);
@@ -518,7 +492,7 @@ struct RuleSet::Impl {
     buf.osumsq = device_zeros<double>(osumsq);
     buf.factor = device_zeros<float>(nt);
     axis_part = device_zeros<double>(part);
-    const int64_t nch = static_cast<int64_t>(chunks_h.size());
+    const int64_t nch = static_cast<int64_t>(L.chunks.size());
     chunk_part = device_zeros<double>(nch * kChannels);
     mag_part = device_zeros<double>(nch);
     p2_part = device_zeros<double>(nch);
@@ -535,7 +509,7 @@ struct RuleSet::Impl {
     mp.aggregate_mag = cfg.aggregate_mag;
     mp.exp_mult = cfg.exp_mult;
     const size_t smem = packed_theta_floats(H, mp.hidden_layers) * sizeof(float);
-    const unsigned nch = static_cast<unsigned>(chunks_h.size());
+    const unsigned nch = static_cast<unsigned>(L.chunks.size());
     switch (H) {
       case 8: k_mlp<8><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
       case 16: k_mlp<16><<<nch, kThreads, smem, stream>>>(chunks, descs, sc, buf, mp, mag_part); break;
@@ -547,47 +521,47 @@ struct RuleSet::Impl {
 
   void run(const float* g, const float* p, float* u, cudaStream_t stream, bool timed) {
     iteration += 1;
-    if (chunks_h.empty()) return;
+    if (L.chunks.empty()) return;
     const StepConstants sc = StepConstants::of(cfg, iteration);
     buf.g = g;
     buf.p = p;
     buf.u = u;
-    const int nt = static_cast<int>(descs_h.size());
-    const unsigned nch = static_cast<unsigned>(chunks_h.size());
+    const int nt = static_cast<int>(L.descs.size());
+    const unsigned nch = static_cast<unsigned>(L.chunks.size());
     if (timed) CELO2_CUDA_CHECK(cudaEventRecord(ev[0], stream));
 
     k_accumulate<<<nch, kThreads, 0, stream>>>(chunks, descs, sc, buf, cfg.param_scale_mult, p2_part);
     CELO2_CUDA_LAUNCH_CHECK("k_accumulate");
-    if (contig_items) {
-      k_axis_contig<<<blocks_for(contig_items * 32, kThreads), kThreads, 0, stream>>>(
-          contig, static_cast<int>(contig_h.size()), contig_items, descs, g, axis_part);
+    if (L.contig_items) {
+      k_axis_contig<<<blocks_for(L.contig_items * 32, kThreads), kThreads, 0, stream>>>(
+          contig, static_cast<int>(L.contig.size()), L.contig_items, descs, g, axis_part);
       CELO2_CUDA_LAUNCH_CHECK("k_axis_contig");
-      k_axis_combine<<<blocks_for(contig_out, kThreads), kThreads, 0, stream>>>(
-          contig, static_cast<int>(contig_h.size()), contig_out, descs, axis_part, buf);
+      k_axis_combine<<<blocks_for(L.contig_out, kThreads), kThreads, 0, stream>>>(
+          contig, static_cast<int>(L.contig.size()), L.contig_out, descs, axis_part, buf);
       CELO2_CUDA_LAUNCH_CHECK("k_axis_combine");
     }
-    if (strided_items) {
-      k_axis_strided<<<blocks_for(strided_items, kThreads), kThreads, 0, stream>>>(
-          strided, static_cast<int>(strided_h.size()), strided_items, descs, g, axis_part);
+    if (L.strided_items) {
+      k_axis_strided<<<blocks_for(L.strided_items, kThreads), kThreads, 0, stream>>>(
+          strided, static_cast<int>(L.strided.size()), L.strided_items, descs, g, axis_part);
       CELO2_CUDA_LAUNCH_CHECK("k_axis_strided");
-      k_axis_combine<<<blocks_for(strided_out, kThreads), kThreads, 0, stream>>>(
-          strided, static_cast<int>(strided_h.size()), strided_out, descs, axis_part, buf);
+      k_axis_combine<<<blocks_for(L.strided_out, kThreads), kThreads, 0, stream>>>(
+          strided, static_cast<int>(L.strided.size()), L.strided_out, descs, axis_part, buf);
       CELO2_CUDA_LAUNCH_CHECK("k_axis_combine");
     }
-    if (fold_total) {
-      const int ns = static_cast<int>(fold_h.size());
-      k_factored<<<blocks_for(fold_total, kThreads), kThreads, 0, stream>>>(0, fold, ns, fold_total, descs, sc, buf);
+    if (L.fold_total) {
+      const int ns = static_cast<int>(L.fold.size());
+      k_factored<<<blocks_for(L.fold_total, kThreads), kThreads, 0, stream>>>(0, fold, ns, L.fold_total, descs, sc, buf);
       CELO2_CUDA_LAUNCH_CHECK("k_factored(fold)");
-      k_factored<<<blocks_for(rest_total, kThreads), kThreads, 0, stream>>>(1, rest_spans, ns, rest_total, descs, sc, buf);
+      k_factored<<<blocks_for(L.rest_total, kThreads), kThreads, 0, stream>>>(1, rest_spans, ns, L.rest_total, descs, sc, buf);
       CELO2_CUDA_LAUNCH_CHECK("k_factored(rest)");
-      k_factored<<<blocks_for(fold_total, kThreads), kThreads, 0, stream>>>(2, fold, ns, fold_total, descs, sc, buf);
+      k_factored<<<blocks_for(L.fold_total, kThreads), kThreads, 0, stream>>>(2, fold, ns, L.fold_total, descs, sc, buf);
       CELO2_CUDA_LAUNCH_CHECK("k_factored(tables)");
     }
     if (cfg.normalize_input) {
       k_feature_sumsq<<<nch, kThreads, 0, stream>>>(chunks, descs, sc, buf, chunk_part);
       CELO2_CUDA_LAUNCH_CHECK("k_feature_sumsq");
-      k_group_combine<<<blocks_for(frun_items, kThreads), kThreads, 0, stream>>>(
-          fruns, static_cast<int>(fruns_h.size()), frun_items, descs, chunk_part, kChannels,
+      k_group_combine<<<blocks_for(L.frun_items, kThreads), kThreads, 0, stream>>>(
+          fruns, static_cast<int>(L.fruns.size()), L.frun_items, descs, chunk_part, kChannels,
           buf.sumsq, false);
       CELO2_CUDA_LAUNCH_CHECK("k_group_combine(features)");
     }
@@ -604,8 +578,8 @@ struct RuleSet::Impl {
     if (cfg.normalize_output) {
       k_output_sumsq<<<nch, kThreads, 0, stream>>>(chunks, descs, buf, chunk_part);
       CELO2_CUDA_LAUNCH_CHECK("k_output_sumsq");
-      k_group_combine<<<blocks_for(orun_items, kThreads), kThreads, 0, stream>>>(
-          oruns, static_cast<int>(oruns_h.size()), orun_items, descs, chunk_part, 1,
+      k_group_combine<<<blocks_for(L.orun_items, kThreads), kThreads, 0, stream>>>(
+          oruns, static_cast<int>(L.oruns.size()), L.orun_items, descs, chunk_part, 1,
           buf.osumsq, true);
       CELO2_CUDA_LAUNCH_CHECK("k_group_combine(output)");
     }
@@ -638,10 +612,10 @@ RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
 }
 
 RuleSet::~RuleSet() = default;
-size_t RuleSet::size() const { return impl_->geos.size(); }
+size_t RuleSet::size() const { return impl_->L.geos.size(); }
 int64_t RuleSet::total() const { return impl_->total; }
-int64_t RuleSet::offset(size_t i) const { return impl_->descs_h.at(i).x_off; }
-const Geometry& RuleSet::geometry(size_t i) const { return impl_->geos.at(i); }
+int64_t RuleSet::offset(size_t i) const { return impl_->L.descs.at(i).x_off; }
+const Geometry& RuleSet::geometry(size_t i) const { return impl_->L.geos.at(i); }
 int64_t RuleSet::iteration() const { return impl_->iteration; }
 
 void RuleSet::step(const float* g, const float* p, float* u, cudaStream_t stream) {
@@ -656,7 +630,7 @@ RuleTiming RuleSet::step_timed(const float* g, const float* p, float* u, cudaStr
   CELO2_CUDA_CHECK(cudaEventRecord(end, stream));
   CELO2_CUDA_CHECK(cudaEventSynchronize(end));
   float a = 0, n = 0, b = 0;
-  if (!impl_->chunks_h.empty()) {
+  if (!impl_->L.chunks.empty()) {
     CELO2_CUDA_CHECK(cudaEventElapsedTime(&a, impl_->ev[0], impl_->ev[1]));
     CELO2_CUDA_CHECK(cudaEventElapsedTime(&n, impl_->ev[1], impl_->ev[2]));
     CELO2_CUDA_CHECK(cudaEventElapsedTime(&b, impl_->ev[2], end));
@@ -666,8 +640,8 @@ RuleTiming RuleSet::step_timed(const float* g, const float* p, float* u, cudaStr
 }
 
 RuleState RuleSet::download_state(size_t i) const {
-  const TensorDesc& d = impl_->descs_h.at(i);
-  const Geometry& g = impl_->geos[i];
+  const TensorDesc& d = impl_->L.descs.at(i);
+  const Geometry& g = impl_->L.geos[i];
   RuleState s = RuleState::zeros(g);
   s.iteration = impl_->iteration;
   // step() may have run on a non-blocking stream, which a plain cudaMemcpy (legacy default
@@ -691,8 +665,8 @@ RuleState RuleSet::download_state(size_t i) const {
 
 double RuleSet::elementwise_bytes() const {
   double bytes = 0;
-  for (size_t i = 0; i < impl_->geos.size(); ++i) {
-    const Geometry& g = impl_->geos[i];
+  for (size_t i = 0; i < impl_->L.geos.size(); ++i) {
+    const Geometry& g = impl_->L.geos[i];
     const double n = static_cast<double>(g.numel);
     // accumulate: g, m r/w, rms r/w (+ v_diag r/w); statistics: g twice (factored);
     // features and MLP: g, p, m, rms (+ v_diag) twice, u written; output sums: u; finish: u r/w.
