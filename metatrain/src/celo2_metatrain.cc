@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "celo2/communicator.h"
+#include "celo2/flax_msgpack.h"
 #include "celo2/metatrain/eval.h"
 #include "celo2/metatrain/pes.h"
 #include "celo2/newton_schulz.h"
@@ -62,15 +63,9 @@ struct TrainArgs {
   bool progress = true;
 };
 
+// Atomic text writes through the project's one atomic writer (temporary file, fsync, rename).
 void write_atomic(const fs::path& path, const std::string& text) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw std::runtime_error("cannot write " + tmp.string());
-    f << text;
-    if (!f.flush()) throw std::runtime_error("write failed: " + tmp.string());
-  }
-  fs::rename(tmp, path);
+  flax::write_file_atomic(path.string(), {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
 }
 
 RuleConfig rule_of(bool base) { return base ? RuleConfig::celo2_base() : RuleConfig{}; }
