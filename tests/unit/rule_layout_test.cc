@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "unit/test_util.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
 // The CUDA backend's host-only headers (the test target does not carry their include path).
@@ -46,6 +47,9 @@
 
 namespace celo2 {
 namespace {
+
+using test_util::randn;
+using test_util::rel_err;
 
 using cuda::AxisJob;
 using cuda::Chunk;
@@ -63,29 +67,7 @@ constexpr double kStateRefTol = 1e-5;
 constexpr double kNsTol = 1e-5;
 constexpr double kNsPlanTol = 1e-6;
 
-double rel_err(const float* got, const float* want, size_t n) {
-  double m = 0, s = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
-    if (!(e <= m)) m = e;  // NaN propagates
-    s += static_cast<double>(want[i]) * want[i];
-  }
-  if (n == 0) return 0;
-  return m / std::max(std::sqrt(s / static_cast<double>(n)), 1e-30);
-}
-double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  return rel_err(got.data(), want.data(), want.size());
-}
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = nd(rng);
-  return v;
-}
 
 // A device-buffer stand-in: n elements with a guard band of NaN on both sides.
 template <class T>

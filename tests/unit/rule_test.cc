@@ -6,6 +6,7 @@
 #include <cmath>
 #include <random>
 
+#include "unit/test_util.h"
 #include "celo2/adamw.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
@@ -13,26 +14,13 @@
 namespace celo2 {
 namespace {
 
+using test_util::randn;
+using test_util::rel_err;
+
 // The tolerance of spec §8: max |error| / RMS(expected), float32 vs a double reference.
 constexpr double kRuleTol = 1e-4;
 
-double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
-  double m = 0, s = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
-    if (!(e <= m)) m = e;
-    s += static_cast<double>(want[i]) * want[i];
-  }
-  return m / std::max(std::sqrt(s / std::max<size_t>(want.size(), 1)), 1e-30);
-}
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = nd(rng);
-  return v;
-}
 
 TEST(Geometry, FactoredDimsOfSpecExamples) {
   struct Case { std::vector<int64_t> shape; int d1, d0; };
