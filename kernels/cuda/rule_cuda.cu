@@ -362,6 +362,74 @@ __global__ void k_scale(float* x, float s, int64_t n) {
     x[i] *= s;
 }
 
+__global__ void k_count_nonfinite(const float* x, int64_t n, unsigned long long* counter) {
+  unsigned long long c = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    c += isfinite(x[i]) ? 0ull : 1ull;
+  if (c) atomicAdd(counter, c);
+}
+
+__global__ void k_count_nonfinite_bf16(const __nv_bfloat16* x, int64_t n, unsigned long long* counter) {
+  unsigned long long c = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    c += isfinite(__bfloat162float(x[i])) ? 0ull : 1ull;
+  if (c) atomicAdd(counter, c);
+}
+
+__global__ void k_scale_zero_nonfinite(float* x, int64_t n, float s, unsigned long long* counter) {
+  unsigned long long c = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    if (isfinite(v)) {
+      x[i] = v * s;
+    } else {
+      x[i] = 0.0f;
+      ++c;
+    }
+  }
+  if (c) atomicAdd(counter, c);
+}
+
+// One double per block over a grid-stride partition fixed by (kSumsqBlocks, kThreads); the
+// block's values are combined by a fixed shared-memory tree.
+template <int kMode>  // 0: x², 1: (a−b)², 2: apply step (a = p in/out, b = u) and d²
+__global__ void k_sumsq_partial(float* a, const float* b, int64_t n, float lr, float wd,
+                                double* partials) {
+  __shared__ double sh[kThreads];
+  double s = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double v;
+    if (kMode == 0) {
+      v = a[i];
+    } else if (kMode == 1) {
+      v = static_cast<double>(a[i]) - b[i];
+    } else {
+      const float d = lr * (b[i] + wd * a[i]);
+      a[i] -= d;
+      v = d;
+    }
+    s += v * v;
+  }
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+
+__global__ void k_sumsq_combine(const double* partials, int count, double* out) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double s = 0.0;
+  for (int i = 0; i < count; ++i) s += partials[i];
+  *out += s;
+}
+
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -663,6 +731,43 @@ RuleState RuleSet::download_state(size_t i) const {
   return s;
 }
 
+void RuleSet::upload_state(size_t i, const RuleState& s) {
+  const TensorDesc& d = impl_->L.descs.at(i);
+  const Geometry& g = impl_->L.geos[i];
+  const RuleState z = RuleState::zeros(g);
+  auto check = [&](const char* what, const std::vector<float>& have, const std::vector<float>& want) {
+    if (have.size() != want.size())
+      throw std::invalid_argument("RuleSet::upload_state: tensor " + std::to_string(i) + " (" +
+                                  g.shape_str() + "): " + what + " has " +
+                                  std::to_string(have.size()) + " values, expected " +
+                                  std::to_string(want.size()));
+  };
+  check("m", s.m, z.m);
+  check("rms", s.rms, z.rms);
+  check("v_row", s.v_row, z.v_row);
+  check("v_col", s.v_col, z.v_col);
+  check("v_diag", s.v_diag, z.v_diag);
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());
+  auto put = [](const std::vector<float>& src, float* base, int64_t off) {
+    if (!src.empty())
+      CELO2_CUDA_CHECK(cudaMemcpy(base + off, src.data(), src.size() * sizeof(float),
+                                  cudaMemcpyHostToDevice));
+  };
+  put(s.m, impl_->buf.m, d.m_off);
+  put(s.rms, impl_->buf.rms, d.r_off);
+  if (g.factored) {
+    put(s.v_row, impl_->buf.vrow, d.vrow_off);
+    put(s.v_col, impl_->buf.vcol, d.vcol_off);
+  } else {
+    put(s.v_diag, impl_->buf.vdiag, d.vd_off);
+  }
+}
+
+void RuleSet::set_iteration(int64_t it) {
+  if (it < 0) throw std::invalid_argument("RuleSet::set_iteration: negative iteration");
+  impl_->iteration = it;
+}
+
 double RuleSet::elementwise_bytes() const {
   double bytes = 0;
   for (size_t i = 0; i < impl_->L.geos.size(); ++i) {
@@ -718,6 +823,53 @@ void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_
   k_float_to_bf16<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
       in, reinterpret_cast<__nv_bfloat16*>(out), n);
   CELO2_CUDA_LAUNCH_CHECK("k_float_to_bf16");
+}
+
+void count_nonfinite_device(const float* x, int64_t n, unsigned long long* counter, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_count_nonfinite<<<grid_stride_blocks(n), kThreads, 0, stream>>>(x, n, counter);
+  CELO2_CUDA_LAUNCH_CHECK("k_count_nonfinite");
+}
+
+void count_nonfinite_bf16_device(const uint16_t* x, int64_t n, unsigned long long* counter,
+                                 cudaStream_t stream) {
+  if (n <= 0) return;
+  k_count_nonfinite_bf16<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x), n, counter);
+  CELO2_CUDA_LAUNCH_CHECK("k_count_nonfinite_bf16");
+}
+
+void scale_zero_nonfinite_device(float* x, int64_t n, float scale, unsigned long long* counter,
+                                 cudaStream_t stream) {
+  if (n <= 0) return;
+  k_scale_zero_nonfinite<<<grid_stride_blocks(n), kThreads, 0, stream>>>(x, n, scale, counter);
+  CELO2_CUDA_LAUNCH_CHECK("k_scale_zero_nonfinite");
+}
+
+void sumsq_device(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_sumsq_partial<0><<<kSumsqBlocks, kThreads, 0, stream>>>(const_cast<float*>(x), nullptr, n, 0.f, 0.f, partials);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial");
+  k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
+}
+
+void sumsq_diff_device(const float* a, const float* b, int64_t n, double* partials, double* out,
+                       cudaStream_t stream) {
+  if (n <= 0) return;
+  k_sumsq_partial<1><<<kSumsqBlocks, kThreads, 0, stream>>>(const_cast<float*>(a), b, n, 0.f, 0.f, partials);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial(diff)");
+  k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
+}
+
+void apply_step_sumsq_device(float lr, float wd, int64_t n, float* p, const float* u,
+                             double* partials, double* out, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_sumsq_partial<2><<<kSumsqBlocks, kThreads, 0, stream>>>(p, u, n, lr, wd, partials);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial(apply)");
+  k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
+  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
 }
 
 void scale_device(float* x, float s, int64_t n, cudaStream_t stream) {

@@ -722,8 +722,6 @@ std::string Engine::plan_report() {
 // ---------------------------------------------------------------------------------------
 // Checkpoints: whole tensors by name, so W ranks save and W' ranks load.
 // ---------------------------------------------------------------------------------------
-namespace {
-
 // Rank 0's outcome, shared with every rank so all throw the same error or none does.
 void agree_on_error(Communicator& comm, const std::string& local_error) {
   int64_t len = static_cast<int64_t>(local_error.size());
@@ -734,8 +732,6 @@ void agree_on_error(Communicator& comm, const std::string& local_error) {
   comm.broadcast(msg.data(), len, 0);
   throw flax::FormatError(msg);
 }
-
-}  // namespace
 
 void Engine::save_state(const std::string& path) {
   if (!plan_ready_) build_plan();

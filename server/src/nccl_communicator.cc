@@ -210,8 +210,32 @@ class Nccl final : public NcclCommunicator {
     return done_[slot];
   }
 
+  void group_start() override { CELO2_NCCL_CHECK(ncclGroupStart()); }
+  void group_end() override { CELO2_NCCL_CHECK(ncclGroupEnd()); }
+  void reduce_async(const void* send, void* recv, int64_t n, bool bf16, int root) override {
+    alive();
+    count("reduce", info_.size > 1 ? n * (bf16 ? 2 : 4) : 0);
+    // Non-root ranks pass their send buffer as recv: NCCL does not write it there.
+    CELO2_NCCL_CHECK(ncclReduce(send, info_.rank == root ? recv : const_cast<void*>(send), n,
+                                bf16 ? ncclBfloat16 : ncclFloat, ncclSum, root, comm_, stream_));
+  }
+  void broadcast_async(void* buf, int64_t n, bool bf16, int root) override {
+    alive();
+    count("broadcast", info_.rank == root && info_.size > 1 ? n * (bf16 ? 2 : 4) : 0);
+    CELO2_NCCL_CHECK(ncclBroadcast(buf, buf, n, bf16 ? ncclBfloat16 : ncclFloat, root, comm_, stream_));
+  }
+  void stream_wait(CUevent_st* ev) override { CELO2_CUDA_CHECK(cudaStreamWaitEvent(stream_, ev, 0)); }
+  void synchronize() override {
+    alive();
+    wait();
+  }
+
  private:
   static constexpr int kSlots = 8;
+
+  void alive() const {
+    if (!comm_) throw CommError("NCCL communicator was aborted after an earlier failure");
+  }
 
   int64_t ring_bytes(int64_t bytes) const {
     return info_.size > 1 ? bytes * (info_.size - 1) / info_.size : 0;

@@ -104,6 +104,7 @@ TEST(NcclGpuStep, DeviceStepEqualsCpuOptimizer) {
   celo2::OptimizerOptions oo;
   oo.rules = celo2::LabelRules::all_celo2();
   oo.weight_decay = 0.1;
+  oo.theta = celo2::Theta::adam_like(oo.rule);  // the RuleSet below runs the same weights
   celo2::Optimizer opt(oo);
   std::vector<std::vector<float>> grads(cpu.shapes.size());
   for (size_t i = 0; i < cpu.shapes.size(); ++i) {

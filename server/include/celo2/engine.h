@@ -61,6 +61,10 @@ struct OwnerPlan {
 OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
                       const std::vector<double>& cost, int64_t total, int W);
 
+// Collective: rank 0's `local_error` (empty: none) thrown on every rank as flax::FormatError,
+// so that every rank reaches the same verdict about a file only rank 0 read or wrote.
+void agree_on_error(Communicator& comm, const std::string& local_error);
+
 class Engine {
  public:
   Engine(EngineOptions options, std::shared_ptr<Communicator> comm);

@@ -41,6 +41,23 @@ class NcclCommunicator : public Communicator {
   // reduction is done (owned by the communicator, valid until the next async call with the
   // same slot: slots cycle over 8 events).
   virtual CUevent_st* all_reduce_sum_async(float* dev, int64_t n, CUstream_st* producer) = 0;
+
+  // Pipelines (the GPU engine): collectives enqueued on the communicator's stream and not
+  // waited for. Device pointers only; elements of float32 or bfloat16 (`bf16`). The caller
+  // orders them against its own streams with events (cudaEventRecord on stream(), and
+  // stream_wait()), issues them in the same order on every rank, and calls synchronize().
+  virtual void group_start() = 0;
+  virtual void group_end() = 0;
+  // Sum over ranks into `recv` at `root` (recv is only written there; may be null elsewhere).
+  virtual void reduce_async(const void* send, void* recv, int64_t n, bool bf16, int root) = 0;
+  // `buf` at `root` copied to `buf` on every rank.
+  virtual void broadcast_async(void* buf, int64_t n, bool bf16, int root) = 0;
+  // Later work on the communicator's stream waits for `ev` (recorded on another stream).
+  virtual void stream_wait(CUevent_st* ev) = 0;
+  // Waits for everything enqueued on the communicator's stream; a collective stuck past
+  // comm_timeout_seconds() (or an asynchronous NCCL error) aborts the communicator and throws
+  // CommError.
+  virtual void synchronize() = 0;
 };
 
 // The NCCL communicator of this process (see above). Throws CommError on failure.

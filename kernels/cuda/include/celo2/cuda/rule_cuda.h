@@ -60,7 +60,12 @@ class RuleSet {
 
   // The state of tensor i, copied to the host (synchronizes).
   RuleState download_state(size_t i) const;
+  // Replace the state of tensor i (a checkpoint, a re-grouping by the engine). The arrays
+  // must have the sizes of RuleState::zeros(geometry(i)) (std::invalid_argument otherwise);
+  // s.iteration is ignored: the set has one iteration counter (set_iteration). Synchronizes.
+  void upload_state(size_t i, const RuleState& s);
   int64_t iteration() const;
+  void set_iteration(int64_t it);  // updates applied so far (>= 0)
 
   // Model of one step's DRAM traffic of the element-wise phases (bytes) and Newton–Schulz
   // FLOPs, for the roofline of celo2-bench-gpu.
@@ -83,6 +88,27 @@ void apply_step_device(float lr, float wd, int64_t n, float* p, const float* u,
 // bfloat16 <-> float32 (round to nearest even), n elements; bf16 as raw uint16 bits.
 void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_t stream = nullptr);
 void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t stream = nullptr);
+// Non-finite gradient handling and statistics (the engine's NaN policy and StepReport).
+// *counter += number of non-finite entries of x (integer atomics: deterministic).
+void count_nonfinite_device(const float* x, int64_t n, unsigned long long* counter,
+                            cudaStream_t stream = nullptr);
+void count_nonfinite_bf16_device(const uint16_t* x, int64_t n, unsigned long long* counter,
+                                 cudaStream_t stream = nullptr);
+// x[i] = finite(x[i]) ? x[i]·scale : 0, counting the zeroed entries into *counter.
+void scale_zero_nonfinite_device(float* x, int64_t n, float scale, unsigned long long* counter,
+                                 cudaStream_t stream = nullptr);
+// *out += Σ x[i]² (or Σ (a[i] − b[i])² for sumsq_diff) in double, with a fixed partition
+// (kSumsqBlocks blocks, a fixed tree in each, partials added in block order): the same bits
+// on every run. `partials` is device scratch of kSumsqBlocks doubles.
+inline constexpr int kSumsqBlocks = 256;
+void sumsq_device(const float* x, int64_t n, double* partials, double* out,
+                  cudaStream_t stream = nullptr);
+void sumsq_diff_device(const float* a, const float* b, int64_t n, double* partials, double* out,
+                       cudaStream_t stream = nullptr);
+// p ← p − lr·(u + wd·p) and *out += Σ (lr·(u + wd·p))² (the applied step's squares, as the
+// CPU optimizer reports them), with sumsq_device's partition.
+void apply_step_sumsq_device(float lr, float wd, int64_t n, float* p, const float* u,
+                             double* partials, double* out, cudaStream_t stream = nullptr);
 // x *= s (device).
 void scale_device(float* x, float s, int64_t n, cudaStream_t stream = nullptr);
 // Deterministic pseudo-random normal-ish values (sum of uniforms from a counter hash) times
