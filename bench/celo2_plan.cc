@@ -3,9 +3,11 @@
 // Default: GPT-3 XL (24 layers, d = 2048, FFN 8192, vocab 50257, context 2048).
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "celo2/comm_model.h"
+#include "celo2/gpu_plan.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"celo2-plan: bytes per rank per step of the sharded Celo2 engine"};
@@ -47,6 +49,24 @@ int main(int argc, char** argv) {
     std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean) %.2f; layer-wise optimizer-"
                 "state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices), m.ns_imbalance,
                 m.layerwise_state_imbalance);
+  }
+  // The GPU engine's plan (gpu_plan.h): whole tensors to owners by modelled cost.
+  std::vector<celo2::GpuPlanTensor> gt;
+  for (const auto& t : tensors) gt.push_back({t.shape, t.label, 0});
+  std::printf("GPU engine (whole-tensor owners, 64 MiB buckets): modelled per-rank load and "
+              "state\n%-6s %10s %14s %18s %10s\n", "ranks", "imbalance", "max-rank ms",
+              "max-rank elements", "/ (N/W)");
+  for (int W : worlds) {
+    const celo2::GpuPlan p = celo2::GpuPlan::build(gt, W, 64ll << 20);
+    double mx = 0;
+    for (double l : p.load) mx = std::max(mx, l);
+    int64_t me = 0, tot = 0;
+    for (int64_t e : p.owned_elements) {
+      me = std::max(me, e);
+      tot += e;
+    }
+    std::printf("%-6d %10.3f %14.3f %18lld %10.3f\n", W, p.imbalance, mx * 1e3,
+                static_cast<long long>(me), static_cast<double>(me) / (static_cast<double>(tot) / W));
   }
   return 0;
 }

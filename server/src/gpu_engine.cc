@@ -61,12 +61,14 @@ struct GpuEngine::Entry {
   Label label = Label::kCelo2;
   int64_t iteration = 0;  // celo2 updates of this tensor's state
   int64_t count = 0;      // adamw updates
-  // Host copy of an owned tensor's state while the groups are rebuilt (or from a file).
+  // Host copy of the state while the device groups are rebuilt (or from a file): for the
+  // pieces this rank owns next (whole-tensor-sized arrays; other pieces' parts unused).
   bool has_snapshot = false;
   RuleState rule;
-  std::vector<float> mu, nu, master;
-  bool master_valid = false;  // bf16 parameters: the device master holds the tensor
-  int set_index = -1;         // index inside its group's RuleSet / AdamW bucket
+  std::vector<float> mu, nu;
+  bool has_master = false;  // bf16: `master` holds the float32 master of the next pieces
+  std::vector<float> master;
+  bool master_valid = false;  // bf16: the device master of this rank's pieces is current
 
   void reset_branch() {
     iteration = 0;
@@ -75,6 +77,14 @@ struct GpuEngine::Entry {
     rule = RuleState{};
     mu.clear();
     nu.clear();
+  }
+  void drop_host() {
+    has_snapshot = has_master = false;
+    rule = RuleState{};
+    for (auto* v : {&mu, &nu, &master}) {
+      v->clear();
+      v->shrink_to_fit();
+    }
   }
 };
 
@@ -218,75 +228,145 @@ void GpuEngine::relabel() {
   }
 }
 
-// Copies the state of every tensor this rank owns to the host (entries' snapshots).
-void GpuEngine::snapshot_states() {
-  if (!plan_ready_) return;
+std::vector<GpuPlanTensor> GpuEngine::plan_inputs() const {
+  std::vector<GpuPlanTensor> pt;
+  for (const auto& e : entries_)
+    pt.push_back({e->geo.shape, e->label, e->label == Label::kAdamW ? e->count : e->iteration});
+  return pt;
+}
+
+// The state of every piece this rank owns in plan_ (and the bf16 masters) to the host.
+void GpuEngine::snapshot_states(bool states) {
+  if (!plan_ready_ || !groups_valid_) return;
   CELO2_CUDA_CHECK(cudaStreamSynchronize(dev_->compute));
   const int me = comm_->rank();
   for (size_t b = 0; b < plan_.buckets.size(); ++b) {
     const GpuBucket& bk = plan_.buckets[b];
-    if (bk.owner != me || !groups_[b]) continue;
+    if (bk.owner != me) continue;
     Group& g = *groups_[b];
-    int64_t off = 0;
-    for (int t : bk.tensors) {
-      Entry& e = *entries_[t];
-      const int64_t n = e.geo.numel;
-      if (e.label != bk.label) {  // relabelled since: its old state is dropped
-        off += n;
-        continue;
+    for (size_t k = 0; k < bk.pieces.size(); ++k) {
+      const GpuPiece& pc = plan_.pieces[bk.pieces[k]];
+      Entry& e = *entries_[pc.tensor];
+      const int64_t at = pc.flat_offset - bk.flat_offset;  // within the bucket
+      if (e.pdt == DType::kBFloat16 && e.master_valid) {
+        e.master.resize(e.geo.numel);
+        CELO2_CUDA_CHECK(cudaMemcpy(e.master.data() + pc.lo, dev_->p + pc.flat_offset, pc.n * 4,
+                                    cudaMemcpyDeviceToHost));
+        e.has_master = true;
       }
+      if (!states || e.label != bk.label) continue;  // relabelled since: state dropped
       if (bk.label == Label::kCelo2) {
-        e.rule = g.rule->download_state(static_cast<size_t>(e.set_index));
+        e.rule = g.rule->download_state(k);
       } else {
-        e.mu.resize(n);
-        e.nu.resize(n);
-        CELO2_CUDA_CHECK(cudaMemcpy(e.mu.data(), g.mu + off, n * 4, cudaMemcpyDeviceToHost));
-        CELO2_CUDA_CHECK(cudaMemcpy(e.nu.data(), g.nu + off, n * 4, cudaMemcpyDeviceToHost));
+        e.mu.resize(e.geo.numel);
+        e.nu.resize(e.geo.numel);
+        CELO2_CUDA_CHECK(cudaMemcpy(e.mu.data() + pc.lo, g.mu + at, pc.n * 4, cudaMemcpyDeviceToHost));
+        CELO2_CUDA_CHECK(cudaMemcpy(e.nu.data() + pc.lo, g.nu + at, pc.n * 4, cudaMemcpyDeviceToHost));
       }
       e.has_snapshot = true;
-      off += n;
     }
-  }
-  // bf16 masters travel with their tensor's new flat offset.
-  for (size_t t = 0; t < entries_.size(); ++t) {
-    Entry& e = *entries_[t];
-    if (e.pdt != DType::kBFloat16 || !e.master_valid || plan_.owner[t] != me || plan_.flat_offset[t] < 0)
-      continue;
-    e.master.resize(e.geo.numel);
-    CELO2_CUDA_CHECK(cudaMemcpy(e.master.data(), dev_->p + plan_.flat_offset[t], e.geo.numel * 4,
-                                cudaMemcpyDeviceToHost));
   }
 }
 
-// Builds the plan and this rank's groups from the entries (labels, counters) and their
-// snapshots; on failure (a theta the CUDA rule cannot run, out of memory) the snapshots
-// are kept so that the caller can rebuild with the previous options.
-void GpuEngine::regroup(bool snapshot) {
-  if (snapshot) snapshot_states();
-  std::vector<GpuPlanTensor> pt;
-  bool bf16_grads = false;
-  for (const auto& e : entries_) {
-    pt.push_back({e->geo.shape, e->label, e->label == Label::kAdamW ? e->count : e->iteration});
-    bf16_grads |= e->gdt == DType::kBFloat16;
+// Collective. Tensors whose pieces move between plan_ and `next`: every old piece's host
+// snapshot is broadcast from its old owner, so the new owners have it. Relabelled tensors
+// (state reset) move only their bf16 master.
+void GpuEngine::migrate(const GpuPlan& next) {
+  if (!plan_ready_) return;
+  const int me = comm_->rank();
+  std::vector<float> buf;
+  for (size_t t = 0; t < entries_.size(); ++t) {
+    Entry& e = *entries_[t];
+    if (next.pieces_of[t].empty() || plan_.pieces_of[t].empty() || plan_.same_placement(next, t)) continue;
+    const bool keep = plan_labels_[t] == e.label && e.label != Label::kFrozen;
+    const bool bf16 = e.pdt == DType::kBFloat16;
+    bool all_master = bf16;
+    bool any_state = false;
+    for (int k : plan_.pieces_of[t]) {
+      const GpuPiece& pc = plan_.pieces[k];
+      const bool sender = pc.owner == me;
+      // Layout: [state][master][flags: has_snapshot, has_master].
+      int64_t state_n = 0;
+      RuleState z;
+      if (keep && e.label == Label::kCelo2) {
+        z = RuleState::zeros(e.geo);
+        state_n = static_cast<int64_t>(z.m.size() + z.rms.size() + z.v_row.size() + z.v_col.size() + z.v_diag.size());
+      } else if (keep) {
+        state_n = 2 * pc.n;
+      }
+      const int64_t master_n = bf16 ? pc.n : 0;
+      buf.assign(state_n + master_n + 2, 0.0f);
+      if (sender) {
+        if (keep && e.has_snapshot) {
+          if (e.label == Label::kCelo2) {
+            int64_t at = 0;
+            for (auto* v : {&e.rule.m, &e.rule.rms, &e.rule.v_row, &e.rule.v_col, &e.rule.v_diag}) {
+              std::copy(v->begin(), v->end(), buf.begin() + at);
+              at += static_cast<int64_t>(v->size());
+            }
+          } else {
+            std::copy(e.mu.begin() + pc.lo, e.mu.begin() + pc.lo + pc.n, buf.begin());
+            std::copy(e.nu.begin() + pc.lo, e.nu.begin() + pc.lo + pc.n, buf.begin() + pc.n);
+          }
+          buf[state_n + master_n] = 1.0f;
+        }
+        if (bf16 && e.has_master) {
+          std::copy(e.master.begin() + pc.lo, e.master.begin() + pc.lo + pc.n, buf.begin() + state_n);
+          buf[state_n + master_n + 1] = 1.0f;
+        }
+      }
+      comm_->broadcast(buf.data(), static_cast<int64_t>(buf.size()) * 4, pc.owner);
+      const bool got_state = buf[state_n + master_n] != 0.0f, got_master = buf[state_n + master_n + 1] != 0.0f;
+      all_master = all_master && got_master;
+      if (keep && got_state) {
+        any_state = true;
+        if (e.label == Label::kCelo2) {
+          e.rule = std::move(z);
+          int64_t at = 0;
+          for (auto* v : {&e.rule.m, &e.rule.rms, &e.rule.v_row, &e.rule.v_col, &e.rule.v_diag}) {
+            std::copy(buf.begin() + at, buf.begin() + at + static_cast<int64_t>(v->size()), v->begin());
+            at += static_cast<int64_t>(v->size());
+          }
+        } else {
+          e.mu.resize(e.geo.numel);
+          e.nu.resize(e.geo.numel);
+          std::copy(buf.begin(), buf.begin() + pc.n, e.mu.begin() + pc.lo);
+          std::copy(buf.begin() + pc.n, buf.begin() + 2 * pc.n, e.nu.begin() + pc.lo);
+        }
+      }
+      if (bf16 && got_master) {
+        e.master.resize(e.geo.numel);
+        std::copy(buf.begin() + state_n, buf.begin() + state_n + pc.n, e.master.begin() + pc.lo);
+      }
+    }
+    e.has_snapshot = any_state;
+    e.has_master = all_master;
   }
-  GpuPlan plan = GpuPlan::build(pt, comm_->size(), opts_.bucket_bytes);
+}
+
+// This rank's device groups for `next` from the host snapshots (zeros where there are none).
+// On failure (a theta the CUDA rule cannot run, out of memory) the snapshots are kept, so
+// the caller can build again with the previous options.
+void GpuEngine::build_groups(GpuPlan next) {
   const int me = comm_->rank();
   groups_.clear();
-  dev_->alloc_flat(plan.owned_elements[me], bf16_grads);
-  std::vector<std::unique_ptr<Group>> groups(plan.buckets.size());
+  groups_valid_ = false;
+  bool bf16_grads = false;
+  for (const auto& e : entries_) bf16_grads |= e->gdt == DType::kBFloat16;
+  dev_->alloc_flat(next.owned_elements[me], bf16_grads);
+  std::vector<std::unique_ptr<Group>> groups(next.buckets.size());
   const cuda::NsPrecision nsp = cuda::parse_ns_precision(opts_.ns_precision);
-  for (size_t b = 0; b < plan.buckets.size(); ++b) {
-    const GpuBucket& bk = plan.buckets[b];
+  for (size_t b = 0; b < next.buckets.size(); ++b) {
+    const GpuBucket& bk = next.buckets[b];
     if (bk.owner != me) continue;
     auto g = std::make_unique<Group>();
     if (bk.label == Label::kCelo2) {
       std::vector<std::vector<int64_t>> shapes;
-      for (int t : bk.tensors) shapes.push_back(entries_[t]->geo.shape);
+      for (int k : bk.pieces) shapes.push_back(entries_[next.pieces[k].tensor]->geo.shape);
       g->rule = std::make_unique<cuda::RuleSet>(opts_.opt.rule, opts_.opt.theta, shapes, nsp);
       g->rule->set_iteration(bk.counter);
-      for (size_t k = 0; k < bk.tensors.size(); ++k) {
-        Entry& e = *entries_[bk.tensors[k]];
-        e.set_index = static_cast<int>(k);
+      for (size_t k = 0; k < bk.pieces.size(); ++k) {
+        const Entry& e = *entries_[next.pieces[bk.pieces[k]].tensor];
         if (e.has_snapshot) g->rule->upload_state(k, e.rule);
       }
     } else {
@@ -294,51 +374,51 @@ void GpuEngine::regroup(bool snapshot) {
       g->nu = dalloc<float>(bk.elements);
       CELO2_CUDA_CHECK(cudaMemset(g->mu, 0, bk.elements * 4));
       CELO2_CUDA_CHECK(cudaMemset(g->nu, 0, bk.elements * 4));
-      int64_t off = 0;
-      for (size_t k = 0; k < bk.tensors.size(); ++k) {
-        Entry& e = *entries_[bk.tensors[k]];
-        e.set_index = static_cast<int>(k);
-        const int64_t n = e.geo.numel;
-        if (e.has_snapshot && static_cast<int64_t>(e.mu.size()) == n) {
-          CELO2_CUDA_CHECK(cudaMemcpy(g->mu + off, e.mu.data(), n * 4, cudaMemcpyHostToDevice));
-          CELO2_CUDA_CHECK(cudaMemcpy(g->nu + off, e.nu.data(), n * 4, cudaMemcpyHostToDevice));
+      for (int k : bk.pieces) {
+        const GpuPiece& pc = next.pieces[k];
+        const Entry& e = *entries_[pc.tensor];
+        const int64_t at = pc.flat_offset - bk.flat_offset;
+        if (e.has_snapshot && static_cast<int64_t>(e.mu.size()) == e.geo.numel) {
+          CELO2_CUDA_CHECK(cudaMemcpy(g->mu + at, e.mu.data() + pc.lo, pc.n * 4, cudaMemcpyHostToDevice));
+          CELO2_CUDA_CHECK(cudaMemcpy(g->nu + at, e.nu.data() + pc.lo, pc.n * 4, cudaMemcpyHostToDevice));
         }
-        off += n;
       }
     }
     groups[b] = std::move(g);
   }
-  for (size_t t = 0; t < entries_.size(); ++t) {
-    Entry& e = *entries_[t];
-    if (e.pdt == DType::kBFloat16 && plan.owner[t] == me && plan.flat_offset[t] >= 0 &&
-        e.master_valid && static_cast<int64_t>(e.master.size()) == e.geo.numel)
-      CELO2_CUDA_CHECK(cudaMemcpy(dev_->p + plan.flat_offset[t], e.master.data(), e.geo.numel * 4,
-                                  cudaMemcpyHostToDevice));
-    else
-      e.master_valid = false;  // read from the bf16 parameters at the next step
+  for (auto& ep : entries_) ep->master_valid = false;
+  for (const GpuPiece& pc : next.pieces) {
+    Entry& e = *entries_[pc.tensor];
+    if (pc.owner != me || e.pdt != DType::kBFloat16 || !e.has_master ||
+        static_cast<int64_t>(e.master.size()) != e.geo.numel)
+      continue;
+    CELO2_CUDA_CHECK(cudaMemcpy(dev_->p + pc.flat_offset, e.master.data() + pc.lo, pc.n * 4,
+                                cudaMemcpyHostToDevice));
+    e.master_valid = true;  // tensors with several pieces here: all come from the same snapshot
   }
   // Success: the device holds everything; drop the host copies.
-  for (auto& e : entries_) {
-    e->has_snapshot = false;
-    e->rule = RuleState{};
-    e->mu.clear();
-    e->mu.shrink_to_fit();
-    e->nu.clear();
-    e->nu.shrink_to_fit();
-    e->master.clear();
-    e->master.shrink_to_fit();
-  }
+  for (auto& e : entries_) e->drop_host();
   groups_ = std::move(groups);
-  plan_ = std::move(plan);
+  plan_ = std::move(next);
+  plan_labels_.clear();
+  for (const auto& e : entries_) plan_labels_.push_back(e->label);
   plan_ready_ = true;
+  groups_valid_ = true;
+}
+
+void GpuEngine::rebuild() {
+  GpuPlan next = GpuPlan::build(plan_inputs(), comm_->size(), opts_.bucket_bytes);
+  snapshot_states(true);
+  migrate(next);
+  build_groups(std::move(next));
 }
 
 const GpuPlan& GpuEngine::plan() {
-  if (!plan_ready_) regroup(false);
+  if (!plan_ready_) rebuild();
   return plan_;
 }
 
-int GpuEngine::owner_of(size_t i) { return plan().owner.at(i); }
+int GpuEngine::owner_of(size_t i) { return plan().owner_of(i); }
 
 int64_t GpuEngine::device_bytes() const {
   if (!plan_ready_) return 0;
@@ -349,8 +429,8 @@ int64_t GpuEngine::device_bytes() const {
     if (bk.label == Label::kAdamW) {
       b += bk.elements * 8;
     } else {
-      for (int t : bk.tensors) {
-        const RuleState z = RuleState::zeros(entries_[t]->geo);
+      for (int k : bk.pieces) {
+        const RuleState z = RuleState::zeros(entries_[plan_.pieces[k].tensor]->geo);
         b += static_cast<int64_t>(z.m.size() + z.rms.size() + z.v_row.size() + z.v_col.size() +
                                   z.v_diag.size()) * 4;
       }
@@ -373,7 +453,7 @@ StepReport GpuEngine::step(CUstream_st* stream) { return step_with_lr(opts_.opt.
 
 StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
   if (!std::isfinite(lr)) throw std::invalid_argument("step: learning rate is not finite");
-  if (!plan_ready_) regroup(false);
+  if (!plan_ready_) rebuild();
   CELO2_CUDA_CHECK(cudaSetDevice(dev_->device));
   stats_ = PhaseStats{};
   const OptimizerOptions& o = opts_.opt;
@@ -391,14 +471,13 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
   comm_->stream_wait(dev_->start);
   CELO2_CUDA_CHECK(cudaMemsetAsync(dev_->counters, 0, 2 * sizeof(unsigned long long), cs));
   CELO2_CUDA_CHECK(cudaMemsetAsync(dev_->stats, 0, 6 * sizeof(double), cs));
-  for (size_t t = 0; t < entries_.size(); ++t) {
-    const Entry& e = *entries_[t];
-    if (e.label == Label::kFrozen || e.geo.numel == 0) continue;
-    if (!reduce && plan_.owner[t] != me) continue;  // identical gradients: owners count
+  for (const GpuPiece& pc : plan_.pieces) {
+    const Entry& e = *entries_[pc.tensor];
+    if (!reduce && pc.owner != me) continue;  // identical gradients: owners count
     if (e.gdt == DType::kFloat32)
-      cuda::count_nonfinite_device(static_cast<const float*>(e.grads), e.geo.numel, dev_->counters, cs);
+      cuda::count_nonfinite_device(static_cast<const float*>(e.grads) + pc.lo, pc.n, dev_->counters, cs);
     else
-      cuda::count_nonfinite_bf16_device(static_cast<const uint16_t*>(e.grads), e.geo.numel,
+      cuda::count_nonfinite_bf16_device(static_cast<const uint16_t*>(e.grads) + pc.lo, pc.n,
                                         dev_->counters, cs);
   }
   CELO2_CUDA_CHECK(cudaMemcpyAsync(dev_->h_counters, dev_->counters, sizeof(unsigned long long),
@@ -429,13 +508,15 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
       const GpuBucket& bk = plan_.buckets[b];
       const bool mine = bk.owner == me;
       comm_->group_start();
-      for (int t : bk.tensors) {
-        const Entry& e = *entries_[t];
-        const int64_t off = plan_.flat_offset[t];
+      for (int k : bk.pieces) {
+        const GpuPiece& pc = plan_.pieces[k];
+        const Entry& e = *entries_[pc.tensor];
+        const int64_t off = pc.flat_offset;
+        const bool bf16 = e.gdt == DType::kBFloat16;
         void* recv = nullptr;
-        if (mine) recv = e.gdt == DType::kFloat32 ? static_cast<void*>(dev_->g + off)
-                                                  : static_cast<void*>(dev_->gstage + off);
-        comm_->reduce_async(e.grads, recv, e.geo.numel, e.gdt == DType::kBFloat16, bk.owner);
+        if (mine) recv = bf16 ? static_cast<void*>(dev_->gstage + off) : static_cast<void*>(dev_->g + off);
+        const void* send = static_cast<const char*>(e.grads) + pc.lo * static_cast<int64_t>(dtype_bytes(e.gdt));
+        comm_->reduce_async(send, recv, pc.n, bf16, bk.owner);
       }
       comm_->group_end();
       if (mine) CELO2_CUDA_CHECK(cudaEventRecord(groups_[b]->reduced, ns));
@@ -455,22 +536,23 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
     float* u = dev_->u + bk.flat_offset;
     const int64_t n = bk.elements;
     // Gradients and parameters into the flat float32 buffers.
-    for (int t : bk.tensors) {
-      Entry& e = *entries_[t];
-      const int64_t off = plan_.flat_offset[t], k = e.geo.numel;
+    for (int pk : bk.pieces) {
+      const GpuPiece& pc = plan_.pieces[pk];
+      Entry& e = *entries_[pc.tensor];
+      const int64_t off = pc.flat_offset, k = pc.n;
       if (e.gdt == DType::kFloat32) {
         if (!reduce)
-          CELO2_CUDA_CHECK(cudaMemcpyAsync(dev_->g + off, e.grads, k * 4, cudaMemcpyDeviceToDevice, cs));
+          CELO2_CUDA_CHECK(cudaMemcpyAsync(dev_->g + off, static_cast<const float*>(e.grads) + pc.lo, k * 4,
+                                           cudaMemcpyDeviceToDevice, cs));
       } else {
-        cuda::bf16_to_float_device(reduce ? dev_->gstage + off : static_cast<const uint16_t*>(e.grads),
+        cuda::bf16_to_float_device(reduce ? dev_->gstage + off : static_cast<const uint16_t*>(e.grads) + pc.lo,
                                    dev_->g + off, k, cs);
       }
-      if (e.pdt == DType::kFloat32) {
-        CELO2_CUDA_CHECK(cudaMemcpyAsync(dev_->p + off, e.params, k * 4, cudaMemcpyDeviceToDevice, cs));
-      } else if (!e.master_valid) {
-        cuda::bf16_to_float_device(static_cast<const uint16_t*>(e.params), dev_->p + off, k, cs);
-        e.master_valid = true;
-      }
+      if (e.pdt == DType::kFloat32)
+        CELO2_CUDA_CHECK(cudaMemcpyAsync(dev_->p + off, static_cast<const float*>(e.params) + pc.lo, k * 4,
+                                         cudaMemcpyDeviceToDevice, cs));
+      else if (!e.master_valid)
+        cuda::bf16_to_float_device(static_cast<const uint16_t*>(e.params) + pc.lo, dev_->p + off, k, cs);
     }
     const int l = static_cast<int>(bk.label);
     cuda::scale_zero_nonfinite_device(g, n, scale, dev_->counters + 1, cs);
@@ -490,16 +572,20 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
       cuda::adamw_device(a, n, p, g, grp.mu, grp.nu, cs);
       cuda::sumsq_diff_device(u, p, n, dev_->partials, dev_->stats + 3 + l, cs);
     }
-    for (int t : bk.tensors) {
-      Entry& e = *entries_[t];
-      const int64_t off = plan_.flat_offset[t], k = e.geo.numel;
+    for (int pk : bk.pieces) {
+      const GpuPiece& pc = plan_.pieces[pk];
+      Entry& e = *entries_[pc.tensor];
       if (e.pdt == DType::kFloat32)
-        CELO2_CUDA_CHECK(cudaMemcpyAsync(e.params, dev_->p + off, k * 4, cudaMemcpyDeviceToDevice, cs));
+        CELO2_CUDA_CHECK(cudaMemcpyAsync(static_cast<float*>(e.params) + pc.lo, dev_->p + pc.flat_offset,
+                                         pc.n * 4, cudaMemcpyDeviceToDevice, cs));
       else
-        cuda::float_to_bf16_device(dev_->p + off, static_cast<uint16_t*>(e.params), k, cs);
+        cuda::float_to_bf16_device(dev_->p + pc.flat_offset, static_cast<uint16_t*>(e.params) + pc.lo, pc.n, cs);
     }
     CELO2_CUDA_CHECK(cudaEventRecord(grp.done, cs));
   }
+
+  for (const GpuPiece& pc : plan_.pieces)
+    if (pc.owner == me) entries_[pc.tensor]->master_valid = true;
 
   // 3. Parameters from their owners.
   if (opts_.gather_params && W > 1) {
@@ -507,9 +593,11 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
       const GpuBucket& bk = plan_.buckets[b];
       if (bk.owner == me) comm_->stream_wait(groups_[b]->done);
       comm_->group_start();
-      for (int t : bk.tensors) {
-        Entry& e = *entries_[t];
-        comm_->broadcast_async(e.params, e.geo.numel, e.pdt == DType::kBFloat16, bk.owner);
+      for (int k : bk.pieces) {
+        const GpuPiece& pc = plan_.pieces[k];
+        Entry& e = *entries_[pc.tensor];
+        void* buf = static_cast<char*>(e.params) + pc.lo * static_cast<int64_t>(dtype_bytes(e.pdt));
+        comm_->broadcast_async(buf, pc.n, e.pdt == DType::kBFloat16, bk.owner);
       }
       comm_->group_end();
     }
@@ -565,13 +653,13 @@ void GpuEngine::set_theta(Theta theta) {
     return;
   }
   Theta old = opts_.opt.theta;
-  snapshot_states();
+  snapshot_states(true);
   opts_.opt.theta = std::move(theta);
   try {
-    regroup(false);
+    build_groups(plan_);  // the same plan: nothing moves
   } catch (...) {
     opts_.opt.theta = std::move(old);
-    regroup(false);  // from the same snapshots: the state is unchanged
+    build_groups(plan_);  // from the same snapshots: the state is unchanged
     throw;
   }
 }
@@ -584,19 +672,23 @@ void GpuEngine::set_schedule(const Schedule& s) {
 void GpuEngine::set_rules(const LabelRules& rules) {
   std::vector<TensorDesc> descs;
   for (const auto& e : entries_) descs.push_back({e->name, e->geo.shape});
-  rules.assign(descs);  // throws before anything changes
-  if (plan_ready_) snapshot_states();
+  (void)rules.assign(descs);  // throws before anything changes
+  if (plan_ready_) snapshot_states(true);
   opts_.opt.rules = rules;
   relabel();
-  if (plan_ready_) regroup(false);
+  if (plan_ready_) {
+    GpuPlan next = GpuPlan::build(plan_inputs(), comm_->size(), opts_.bucket_bytes);
+    migrate(next);
+    build_groups(std::move(next));
+  }
 }
 
 // ---------------------------------------------------------------------------------------
-// Checkpoints (state_file.h): each tensor's record travels from its owner to every rank by
-// one broadcast; rank 0 writes.
+// Checkpoints (state_file.h): each piece's state travels from its owner to every rank by one
+// broadcast; rank 0 assembles whole tensors and writes.
 // ---------------------------------------------------------------------------------------
 void GpuEngine::save_state(const std::string& path) {
-  if (!plan_ready_) regroup(false);
+  if (!plan_ready_) rebuild();
   CELO2_CUDA_CHECK(cudaSetDevice(dev_->device));
   CELO2_CUDA_CHECK(cudaStreamSynchronize(dev_->compute));
   const int me = comm_->rank();
@@ -604,14 +696,6 @@ void GpuEngine::save_state(const std::string& path) {
   f.step = step_;
   f.skipped = skipped_;
   f.theta_sha256 = sha256_hex(theta_to_bytes(opts_.opt.theta));
-  std::vector<int64_t> pos_in_bucket(entries_.size(), 0);
-  for (const GpuBucket& bk : plan_.buckets) {
-    int64_t off = 0;
-    for (int t : bk.tensors) {
-      pos_in_bucket[t] = off;
-      off += entries_[t]->geo.numel;
-    }
-  }
   std::vector<float> buf;
   for (size_t t = 0; t < entries_.size(); ++t) {
     Entry& e = *entries_[t];
@@ -621,19 +705,23 @@ void GpuEngine::save_state(const std::string& path) {
     r.label = e.label;
     r.iteration = e.iteration;
     r.count = e.count;
-    const int64_t n = e.geo.numel;
     if (e.label == Label::kCelo2) {
       RuleState s = RuleState::zeros(e.geo);
-      const int b = plan_.bucket_of[t];
-      if (b >= 0 && plan_.owner[t] == me) s = groups_[b]->rule->download_state(static_cast<size_t>(e.set_index));
-      // One broadcast of the concatenated arrays (sizes known on every rank).
-      buf.clear();
-      for (auto* v : {&s.m, &s.rms, &s.v_row, &s.v_col, &s.v_diag}) buf.insert(buf.end(), v->begin(), v->end());
-      if (!buf.empty()) comm_->broadcast(buf.data(), static_cast<int64_t>(buf.size()) * 4, plan_.owner[t]);
-      size_t k = 0;
-      for (auto* v : {&s.m, &s.rms, &s.v_row, &s.v_col, &s.v_diag}) {
-        std::copy(buf.begin() + k, buf.begin() + k + v->size(), v->begin());
-        k += v->size();
+      for (int k : plan_.pieces_of[t]) {  // one piece: celo2 tensors are whole
+        const GpuPiece& pc = plan_.pieces[k];
+        const GpuBucket& bk = plan_.buckets[pc.bucket];
+        if (pc.owner == me) {
+          const auto it = std::find(bk.pieces.begin(), bk.pieces.end(), k);
+          s = groups_[pc.bucket]->rule->download_state(static_cast<size_t>(it - bk.pieces.begin()));
+        }
+        buf.clear();
+        for (auto* v : {&s.m, &s.rms, &s.v_row, &s.v_col, &s.v_diag}) buf.insert(buf.end(), v->begin(), v->end());
+        comm_->broadcast(buf.data(), static_cast<int64_t>(buf.size()) * 4, pc.owner);
+        size_t at = 0;
+        for (auto* v : {&s.m, &s.rms, &s.v_row, &s.v_col, &s.v_diag}) {
+          std::copy(buf.begin() + at, buf.begin() + at + v->size(), v->begin());
+          at += v->size();
+        }
       }
       r.m = std::move(s.m);
       r.rms = std::move(s.rms);
@@ -641,15 +729,22 @@ void GpuEngine::save_state(const std::string& path) {
       r.v_col = std::move(s.v_col);
       r.v_diag = std::move(s.v_diag);
     } else if (e.label == Label::kAdamW) {
-      buf.assign(2 * n, 0.0f);
-      const int b = plan_.bucket_of[t];
-      if (b >= 0 && plan_.owner[t] == me && n > 0) {
-        CELO2_CUDA_CHECK(cudaMemcpy(buf.data(), groups_[b]->mu + pos_in_bucket[t], n * 4, cudaMemcpyDeviceToHost));
-        CELO2_CUDA_CHECK(cudaMemcpy(buf.data() + n, groups_[b]->nu + pos_in_bucket[t], n * 4, cudaMemcpyDeviceToHost));
+      r.mu.assign(e.geo.numel, 0.0f);
+      r.nu.assign(e.geo.numel, 0.0f);
+      for (int k : plan_.pieces_of[t]) {
+        const GpuPiece& pc = plan_.pieces[k];
+        const GpuBucket& bk = plan_.buckets[pc.bucket];
+        buf.assign(2 * pc.n, 0.0f);
+        if (pc.owner == me) {
+          const Group& g = *groups_[pc.bucket];
+          const int64_t at = pc.flat_offset - bk.flat_offset;
+          CELO2_CUDA_CHECK(cudaMemcpy(buf.data(), g.mu + at, pc.n * 4, cudaMemcpyDeviceToHost));
+          CELO2_CUDA_CHECK(cudaMemcpy(buf.data() + pc.n, g.nu + at, pc.n * 4, cudaMemcpyDeviceToHost));
+        }
+        comm_->broadcast(buf.data(), 2 * pc.n * 4, pc.owner);
+        std::copy(buf.begin(), buf.begin() + pc.n, r.mu.begin() + pc.lo);
+        std::copy(buf.begin() + pc.n, buf.end(), r.nu.begin() + pc.lo);
       }
-      if (n > 0) comm_->broadcast(buf.data(), 2 * n * 4, plan_.owner[t]);
-      r.mu.assign(buf.begin(), buf.begin() + n);
-      r.nu.assign(buf.begin() + n, buf.end());
     }
     if (me == 0) f.tensors.push_back(std::move(r));
   }
@@ -666,7 +761,7 @@ void GpuEngine::save_state(const std::string& path) {
 }
 
 void GpuEngine::load_state(const std::string& path) {
-  if (!plan_ready_) regroup(false);
+  if (!plan_ready_) rebuild();
   std::vector<uint8_t> bytes;
   std::string err;
   if (comm_->rank() == 0) {
@@ -692,9 +787,9 @@ void GpuEngine::load_state(const std::string& path) {
     check_state_record(path, *r, e->geo.shape, e->label);
     recs.push_back(r);
   }
-  // Valid: take it. Owners keep the arrays as snapshots; every rank the counters.
-  CELO2_CUDA_CHECK(cudaStreamSynchronize(dev_->compute));
-  snapshot_states();  // bf16 masters travel across the re-grouping
+  // Valid: take it. Labels are those of the plan (checked), so placement stays: each rank
+  // keeps the records of the tensors it owns pieces of; masters stay where they are.
+  snapshot_states(false);
   const int me = comm_->rank();
   for (size_t t = 0; t < entries_.size(); ++t) {
     Entry& e = *entries_[t];
@@ -702,7 +797,9 @@ void GpuEngine::load_state(const std::string& path) {
     e.reset_branch();
     e.iteration = r.iteration;
     e.count = r.count;
-    if (plan_.owner[t] != me || e.label == Label::kFrozen) continue;
+    bool mine = false;
+    for (int k : plan_.pieces_of[t]) mine |= plan_.pieces[k].owner == me;
+    if (!mine) continue;
     if (e.label == Label::kCelo2) {
       e.rule.m = r.m;
       e.rule.rms = r.rms;
@@ -718,7 +815,7 @@ void GpuEngine::load_state(const std::string& path) {
   }
   step_ = f.step;
   skipped_ = f.skipped;
-  regroup(false);
+  build_groups(GpuPlan::build(plan_inputs(), comm_->size(), opts_.bucket_bytes));
 }
 
 }  // namespace celo2

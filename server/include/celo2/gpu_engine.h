@@ -2,8 +2,9 @@
 // (celo2/cuda/rule_cuda.h), collectives on NCCL (celo2/nccl_communicator.h). Built in CUDA
 // builds that find NCCL (library celo2_gpu_engine).
 //
-// Sharding (celo2/gpu_plan.h): every tensor has one owner rank, which keeps its optimizer
-// state (float32) and, for bfloat16 parameters, its float32 master copy. One step:
+// Sharding (celo2/gpu_plan.h): every Celo2 tensor has one owner rank (large AdamW tensors
+// are split into pieces with their own owners), which keeps its optimizer state (float32)
+// and, for bfloat16 parameters, its float32 master copy. One step:
 //   0. every rank counts the non-finite entries of the gradients it holds (GradMode::kLocal:
 //      its own; kReduced: those it owns); one 8-byte all-reduce; the NaN policy decides
 //      (skip / error / zero) before any state changes;
@@ -99,7 +100,7 @@ class GpuEngine {
   void refresh_masters();
 
   const GpuPlan& plan();  // builds it if needed (closes registration)
-  int owner_of(size_t i);
+  int owner_of(size_t i);  // owner of tensor i's first piece (-1: frozen or empty)
   std::string routing_table() const;
   int rank() const;
   int world_size() const;
@@ -118,8 +119,11 @@ class GpuEngine {
   struct Entry;
   struct Group;
   struct Device;
-  void regroup(bool snapshot);
-  void snapshot_states();
+  std::vector<GpuPlanTensor> plan_inputs() const;
+  void rebuild();                       // collective: plan, move state, groups
+  void snapshot_states(bool states);    // owned pieces' state (and masters) to the host
+  void migrate(const GpuPlan& next);    // collective: host state to the next plan's owners
+  void build_groups(GpuPlan next);      // device groups from the host snapshots
   void relabel();
 
   GpuEngineOptions opts_;
@@ -127,7 +131,9 @@ class GpuEngine {
   std::vector<std::unique_ptr<Entry>> entries_;
   GpuPlan plan_;
   bool plan_ready_ = false;
+  std::vector<Label> plan_labels_;              // labels the plan was built with
   std::vector<std::unique_ptr<Group>> groups_;  // per bucket (null: another rank's)
+  bool groups_valid_ = false;                   // groups_ hold the state of plan_
   std::unique_ptr<Device> dev_;
   int64_t step_ = 0, skipped_ = 0;
   PhaseStats stats_;
