@@ -28,6 +28,12 @@
 #include "celo2/comm_model.h"
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
+#if CELO2_BENCH_ENGINE
+#include <chrono>
+
+#include "celo2/gpu_engine.h"
+#include "celo2/nccl_communicator.h"
+#endif
 
 namespace {
 
@@ -121,6 +127,59 @@ double gemm_rate(int n, NsPrecision prec, int iters) {
   return 2.0 * n * n * static_cast<double>(n) / (ms * 1e-3) / 1e12;
 }
 
+#if CELO2_BENCH_ENGINE
+// The whole GpuEngine step on one rank (NCCL communicator of one): what a trainer calls.
+// Tensors are views into the flat p / g buffers (float32) or into bf16 copies of them. Host
+// wall time per step (step() returns after both streams finish), median of `iters`.
+nlohmann::json engine_bench(const std::vector<celo2::ModelTensor>& tensors, float* p, float* g,
+                            int64_t n_all, bool bf16, int iters) {
+  auto comm = std::shared_ptr<celo2::NcclCommunicator>(celo2::make_nccl_communicator_ex());
+  celo2::GpuEngineOptions go;
+  go.opt.rules = celo2::LabelRules::seed_default();
+  go.opt.theta = celo2::Theta::adam_like(go.opt.rule);
+  go.opt.weight_decay = 0.1;
+  uint16_t *pb = nullptr, *gb = nullptr;
+  if (bf16) {
+    CELO2_CUDA_CHECK(cudaMalloc(&pb, n_all * 2));
+    CELO2_CUDA_CHECK(cudaMalloc(&gb, n_all * 2));
+    celo2::cuda::float_to_bf16_device(p, pb, n_all);
+    celo2::cuda::float_to_bf16_device(g, gb, n_all);
+  }
+  nlohmann::json r;
+  {
+    celo2::GpuEngine eng(go, comm);
+    int64_t off = 0;
+    for (const auto& t : tensors) {
+      int64_t n = 1;
+      for (int64_t s : t.shape) n *= s;
+      if (bf16)
+        eng.add_tensor(t.name, t.shape, celo2::DType::kBFloat16, pb + off, celo2::DType::kBFloat16, gb + off);
+      else
+        eng.add_tensor(t.name, t.shape, p + off, g + off);
+      off += n;
+    }
+    std::vector<double> ms, check, pipe;
+    for (int i = 0; i <= iters; ++i) {
+      CELO2_CUDA_CHECK(cudaDeviceSynchronize());
+      const auto t0 = std::chrono::steady_clock::now();
+      eng.step_with_lr(1e-4);
+      const double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (i == 0) continue;  // warm-up (plan, allocation)
+      ms.push_back(dt);
+      check.push_back(eng.last_phase_stats().seconds.at("check") * 1e3);
+      pipe.push_back(eng.last_phase_stats().seconds.at("pipeline") * 1e3);
+    }
+    auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+    r = {{"step_ms", med(ms)}, {"check_ms", med(check)}, {"pipeline_ms", med(pipe)},
+         {"buckets", eng.plan().buckets.size()}, {"device_state_bytes", eng.device_bytes()},
+         {"params", bf16 ? "bfloat16" : "float32"}};
+  }
+  cudaFree(pb);
+  cudaFree(gb);
+  return r;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,6 +191,8 @@ int main(int argc, char** argv) {
   app.add_flag("--quick", quick, "A small GPT (2 layers, width 256) for a smoke test");
   app.add_option("--iters", iters, "Timed repetitions (median reported)");
   app.add_option("--ns", precisions, "Newton-Schulz precisions to run (float32 tf32 bf16)");
+  bool engine = true;
+  app.add_option("--engine", engine, "Also time the whole GpuEngine step (float32 and bf16; NCCL builds)");
   app.add_option("--out", out_dir, "Directory for the JSON and CSV (default $OUT or ./celo2-bench-gpu-out)");
   CLI11_PARSE(app, argc, argv);
   if (out_dir.empty()) {
@@ -236,6 +297,15 @@ int main(int argc, char** argv) {
                       std::to_string(step_ms), std::to_string(adamw_ms), std::to_string(step_ms / adamw_ms)});
     }
     J["targets"] = {{"elementwise_frac_of_copy_min", 0.5}, {"step_over_adamw_max", 3.0}};
+#if CELO2_BENCH_ENGINE
+    if (engine) {
+      for (bool bf16 : {false, true}) {
+        nlohmann::json r = engine_bench(tensors, p.p, g.p, n_all, bf16, iters);
+        r["step_over_adamw"] = r["step_ms"].get<double>() / adamw_ms;
+        J["engine"][bf16 ? "bfloat16" : "float32"] = r;
+      }
+    }
+#endif
 
     std::filesystem::create_directories(out_dir);
     std::ofstream(out_dir + "/celo2_bench_gpu.json") << J.dump(2) << "\n";
@@ -253,6 +323,11 @@ int main(int argc, char** argv) {
                   v["elementwise_ms"].get<double>(), v["elementwise_frac_of_copy"].get<double>(),
                   v["ns_ms"].get<double>(), v["ns_frac_of_gemm"].get<double>(),
                   v["step_ms"].get<double>(), adamw_ms, v["step_over_adamw"].get<double>());
+    if (J.contains("engine"))
+      for (const auto& [k, v] : J["engine"].items())
+        std::printf("GpuEngine step, %s params/grads, 1 rank, float32 NS: %.3f ms (%.2fx AdamW; "
+                    "non-finite check %.3f ms, %d buckets)\n", k.c_str(), v["step_ms"].get<double>(),
+                    v["step_over_adamw"].get<double>(), v["check_ms"].get<double>(), v["buckets"].get<int>());
     std::printf("targets: element-wise >= 0.50 of copy bandwidth; step <= 3x AdamW. JSON/CSV in %s\n",
                 out_dir.c_str());
   } catch (const std::exception& e) {

@@ -3,8 +3,10 @@
 # the project's device sessions; under 8 minutes there with 16 cores):
 #   1. configure + build the CUDA targets (CELO2_CORE_ONLY: kernels, engine, GPU tests,
 #      celo2-bench-gpu; no gRPC/client packages needed) in $BUILD_DIR;
-#   2. run the GPU tests with CELO2_REQUIRE_GPU=1 (a missing device is a failure, not a skip);
-#   3. run celo2-bench-gpu over GPT-3 XL's tensors; JSON/CSV and logs go to $OUT.
+#   2. run the GPU tests (rule kernels, NCCL communicator, GpuEngine) with
+#      CELO2_REQUIRE_GPU=1 (a missing device is a failure, not a skip);
+#   3. run celo2-bench-gpu over GPT-3 XL's tensors (rule phases, Newton–Schulz in three
+#      precisions, fused AdamW, the whole GpuEngine step); JSON/CSV and logs go to $OUT.
 # Dependencies: CUDA toolkit (nvcc, cuBLAS), NCCL (toolkit, system, or the nvidia-nccl
 # Python wheel, found automatically), CMake, a C++20 compiler and the Debian packages of
 # scripts/setup.sh that the core needs (OpenBLAS, msgpack-c, RE2, OpenSSL, Open MPI,
@@ -78,8 +80,8 @@ fi
 grep -E "celo2: CUDA|NCCL" "$OUT/configure.log" || true
 
 stamp "build ($JOBS jobs)"
-if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target rule_gpu_test nccl_gpu_test celo2-bench-gpu > "$OUT/build.log" 2>&1; then
-  # nccl_gpu_test exists only when NCCL was found: build what there is.
+if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target rule_gpu_test nccl_gpu_test gpu_engine_test celo2-bench-gpu > "$OUT/build.log" 2>&1; then
+  # nccl_gpu_test and gpu_engine_test exist only when NCCL was found: build what there is.
   cmake --build "$BUILD_DIR" -j "$JOBS" --target rule_gpu_test celo2-bench-gpu >> "$OUT/build.log" 2>&1 || {
     tail -40 "$OUT/build.log"; stamp "FAILED: build"; exit 4; }
 fi
@@ -87,7 +89,7 @@ fi
 stamp "GPU tests (CELO2_REQUIRE_GPU=1)"
 export CELO2_REQUIRE_GPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 rc_tests=0
-for t in rule_gpu_test nccl_gpu_test; do
+for t in rule_gpu_test nccl_gpu_test gpu_engine_test; do
   bin=$(find "$BUILD_DIR" -name "$t" -type f -perm -u+x | head -1)
   if [ -z "$bin" ]; then stamp "$t: not built"; [ "$t" = rule_gpu_test ] && rc_tests=1; continue; fi
   timeout 300 "$bin" --gtest_output="xml:$OUT/$t.xml" || rc_tests=1
