@@ -438,3 +438,11 @@ class Celo2(torch.optim.Optimizer):
 def named_parameters_of(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """The trainable named parameters of a model, for ``Celo2(...)``."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def __getattr__(name):
+    # celo2.torch.Celo2CUDA: the GPU engine's optimizer (celo2/torch_cuda.py), imported lazily.
+    if name == "Celo2CUDA":
+        from .torch_cuda import Celo2CUDA  # noqa: PLC0415
+        return Celo2CUDA
+    raise AttributeError(f"module 'celo2.torch' has no attribute {name!r}")

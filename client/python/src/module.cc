@@ -18,6 +18,11 @@
 
 #include "celo2/client.h"
 #include "celo2/flax_msgpack.h"
+#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
+#include <chrono>
+
+#include "celo2/gpu_engine.h"
+#endif
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
 #include "py_communicator.h"
@@ -286,6 +291,43 @@ void check_array(const py::array& a, const char* what) {
                                 py::str(py::dtype::of<T>()).cast<std::string>() + " array");
 }
 
+#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
+// The GPU engine (celo2/gpu_engine.h) for celo2.torch.Celo2CUDA: CUDA tensors by data pointer.
+struct PyGpuEngine {
+  std::unique_ptr<GpuEngine> eng;
+  std::vector<py::object> keepalive;
+
+  explicit PyGpuEngine(py::dict d) {
+    GpuEngineOptions go;
+    if (d.contains("bucket_bytes")) {
+      go.bucket_bytes = d["bucket_bytes"].cast<int64_t>();
+      d.attr("pop")("bucket_bytes");
+    }
+    if (d.contains("ns_precision")) {
+      go.ns_precision = d["ns_precision"].cast<std::string>();
+      d.attr("pop")("ns_precision");
+    }
+    const ClientOptions co = options_from(d);
+    if (co.grads == "sharded")
+      throw std::invalid_argument("grads='sharded' is not supported by the GPU engine (use local or reduced)");
+    if (!co.control.address.empty())
+      throw std::invalid_argument("the GPU engine has no control plane yet (control_address)");
+    const EngineOptions eo = engine_options_from(co);
+    go.opt = eo.opt;
+    go.grad_mode = eo.grad_mode;
+    go.gather_params = eo.gather_params;
+    std::shared_ptr<NcclCommunicator> comm;
+    {
+      py::gil_scoped_release nogil;
+      comm = std::shared_ptr<NcclCommunicator>(make_nccl_communicator_ex());
+    }
+    eng = std::make_unique<GpuEngine>(go, comm);
+  }
+};
+
+py::dict gpu_report(const StepReport& r, double seconds) { return report_dict(r, seconds); }
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_celo2, m) {
@@ -428,4 +470,62 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
   m.def("wrap_communicator",
         [](py::object impl) { return PyComm{std::make_shared<python::PyCommunicator>(std::move(impl))}; },
         py::arg("impl"), "A Communicator over a Python object with the collectives (TorchCommunicator).");
+
+  m.def("gpu_engine_supported", [] { 
+#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
+    return true;
+#else
+    return false;
+#endif
+   },
+        "Whether this build has the GPU engine (CUDA and NCCL).");
+#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
+  py::class_<PyGpuEngine>(m, "GpuEngine", "The sharded Celo2 engine on this rank's GPU (celo2/gpu_engine.h).")
+      .def(py::init<py::dict>(), py::arg("options"))
+      .def("add_tensor",
+           [](PyGpuEngine& g, const std::string& name, std::vector<int64_t> shape, uintptr_t params_ptr,
+              const std::string& param_dtype, uintptr_t grads_ptr, const std::string& grad_dtype,
+              py::object keepalive) {
+             g.eng->add_tensor(name, std::move(shape), parse_dtype(param_dtype),
+                               reinterpret_cast<void*>(params_ptr), parse_dtype(grad_dtype),
+                               reinterpret_cast<const void*>(grads_ptr));
+             if (!keepalive.is_none()) g.keepalive.push_back(std::move(keepalive));
+           },
+           py::arg("name"), py::arg("shape"), py::arg("params_ptr"), py::arg("param_dtype"),
+           py::arg("grads_ptr"), py::arg("grad_dtype"), py::arg("keepalive") = py::none())
+      .def("step",
+           [](PyGpuEngine& g, py::object lr, uintptr_t stream) {
+             const auto t0 = std::chrono::steady_clock::now();
+             StepReport r;
+             {
+               py::gil_scoped_release nogil;
+               auto* s = reinterpret_cast<CUstream_st*>(stream);
+               r = lr.is_none() ? g.eng->step(s) : g.eng->step_with_lr(lr.cast<double>(), s);
+             }
+             return gpu_report(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+           },
+           py::arg("lr") = py::none(), py::arg("stream") = 0)
+      .def("save", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->save_state(p); })
+      .def("load", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->load_state(p); })
+      .def("set_schedule", [](PyGpuEngine& g, const std::string& s) { g.eng->set_schedule(Schedule::parse(s)); })
+      .def("set_rules", [](PyGpuEngine& g, const std::string& s) { g.eng->set_rules(LabelRules::parse(s)); })
+      .def("set_theta_file",
+           [](PyGpuEngine& g, const std::string& path) {
+             g.eng->set_theta(load_theta(path, g.eng->options().opt.rule));
+           })
+      .def("set_weight_decay", [](PyGpuEngine& g, double v) { g.eng->set_weight_decay(v); })
+      .def("set_mult_1d", [](PyGpuEngine& g, double v) { g.eng->set_mult_1d(v); })
+      .def("refresh_masters", [](PyGpuEngine& g) { g.eng->refresh_masters(); })
+      .def("routing_table", [](PyGpuEngine& g) { return g.eng->routing_table(); })
+      .def("plan_report", [](PyGpuEngine& g) { return g.eng->plan().describe(); })
+      .def("owner_of", [](PyGpuEngine& g, size_t i) { return g.eng->owner_of(i); })
+      .def("label_of", [](PyGpuEngine& g, size_t i) { return std::string(label_name(g.eng->label_of(i))); })
+      .def("phase_seconds", [](PyGpuEngine& g) { return g.eng->last_phase_stats().seconds; })
+      .def("phase_bytes", [](PyGpuEngine& g) { return g.eng->last_phase_stats().bytes; })
+      .def("device_bytes", [](PyGpuEngine& g) { return g.eng->device_bytes(); })
+      .def_property_readonly("step_count", [](PyGpuEngine& g) { return g.eng->step_count(); })
+      .def_property_readonly("skipped_steps", [](PyGpuEngine& g) { return g.eng->skipped_steps(); })
+      .def_property_readonly("rank", [](PyGpuEngine& g) { return g.eng->rank(); })
+      .def_property_readonly("world_size", [](PyGpuEngine& g) { return g.eng->world_size(); });
+#endif
 }
