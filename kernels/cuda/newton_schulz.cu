@@ -170,10 +170,10 @@ struct NewtonSchulzCuda::Impl {
     }
   }
 
+  // Workspaces for `batch` rows×cols matrices (grown, never shrunk). cudaFree/cudaMalloc
+  // synchronize the device, so RuleSet reserves at construction, not in the middle of a step.
   template <class T>
-  void run_typed(const RuleConfig& cfg, int64_t rows, int64_t cols, int64_t batch, float* x,
-                 const int64_t* offsets, const float* factors, const int32_t* index,
-                 cudaStream_t stream) {
+  void reserve_typed(int64_t rows, int64_t cols, int64_t batch) {
     const NsShape shape = NsShape::of(rows, cols);
     const int64_t r = shape.r, c = shape.c, rc = shape.rc, rr = shape.rr;
     if (r > INT32_MAX || c > INT32_MAX || batch > INT32_MAX)
@@ -183,18 +183,28 @@ struct NewtonSchulzCuda::Impl {
     ensure(w, have, static_cast<size_t>(batch) * (2 * rc + 2 * rr) * sizeof(T));
     work = w;
     work_bytes = have;
+    const int64_t segs64 = (rc + kNormSegment - 1) / kNormSegment;
+    if (batch * segs64 > INT32_MAX)
+      throw std::invalid_argument("Newton-Schulz batch too large for the norm reduction's grid");
+    ensure(part, part_count, static_cast<size_t>(batch) * static_cast<size_t>(segs64));
+    size_t sc_have = static_cast<size_t>(scale_count);
+    ensure(scale, sc_have, static_cast<size_t>(batch));
+    scale_count = static_cast<int64_t>(sc_have);
+  }
+
+  template <class T>
+  void run_typed(const RuleConfig& cfg, int64_t rows, int64_t cols, int64_t batch, float* x,
+                 const int64_t* offsets, const float* factors, const int32_t* index,
+                 cudaStream_t stream) {
+    reserve_typed<T>(rows, cols, batch);
+    const NsShape shape = NsShape::of(rows, cols);
+    const int64_t rc = shape.rc, rr = shape.rr;
     T* X = static_cast<T*>(work);
     T* Y = X + batch * rc;
     T* A = Y + batch * rc;
     T* B = A + batch * rr;
     const int64_t segs64 = (rc + kNormSegment - 1) / kNormSegment;
-    if (batch * segs64 > INT32_MAX)
-      throw std::invalid_argument("Newton-Schulz batch too large for the norm reduction's grid");
     const int segs = static_cast<int>(segs64);
-    ensure(part, part_count, static_cast<size_t>(batch) * segs);
-    size_t sc_have = static_cast<size_t>(scale_count);
-    ensure(scale, sc_have, static_cast<size_t>(batch));
-    scale_count = static_cast<int64_t>(sc_have);
     CELO2_CUBLAS_CHECK(cublasSetStream(handle, stream));
 
     k_norm_partial<<<static_cast<unsigned>(batch * segs64), kNormThreads, 0, stream>>>(
@@ -237,6 +247,14 @@ NewtonSchulzCuda::NewtonSchulzCuda(NsPrecision precision) : impl_(std::make_uniq
 NewtonSchulzCuda::~NewtonSchulzCuda() = default;
 
 NsPrecision NewtonSchulzCuda::precision() const { return impl_->precision; }
+
+void NewtonSchulzCuda::reserve(int64_t rows, int64_t cols, int64_t batch) {
+  if (rows == 0 || cols == 0 || batch == 0) return;
+  if (impl_->precision == NsPrecision::kBf16)
+    impl_->reserve_typed<__nv_bfloat16>(rows, cols, batch);
+  else
+    impl_->reserve_typed<float>(rows, cols, batch);
+}
 
 void NewtonSchulzCuda::run_gathered(const RuleConfig& cfg, int64_t rows, int64_t cols,
                                     int64_t batch, float* x, const int64_t* offsets_dev,

@@ -504,7 +504,7 @@ struct RuleSet::Impl {
   double* chunk_part = nullptr;  // kChannels per chunk
   double* mag_part = nullptr;
   double* p2_part = nullptr;
-  std::unique_ptr<NewtonSchulzCuda> ns;
+  std::shared_ptr<NewtonSchulzCuda> ns;
   cudaEvent_t ev[3] = {};
 
   ~Impl() {
@@ -657,7 +657,7 @@ struct RuleSet::Impl {
 };
 
 RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
-                 const std::vector<std::vector<int64_t>>& shapes, NsPrecision ns)
+                 const std::vector<std::vector<int64_t>>& shapes, std::shared_ptr<NewtonSchulzCuda> ns)
     : impl_(std::make_unique<Impl>()) {
   cfg.validate();
   theta.check_fits(cfg);
@@ -675,9 +675,19 @@ RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
     throw std::invalid_argument("the CUDA rule's MLP does not fit in 48 KiB of shared memory (" +
                                 std::to_string(theta.hidden_layers()) + " hidden layers of " +
                                 std::to_string(h) + ")");
-  impl_->ns = std::make_unique<NewtonSchulzCuda>(ns);
+  if (!ns) throw std::invalid_argument("RuleSet: null Newton-Schulz runner");
+  impl_->ns = std::move(ns);
   impl_->build(shapes);
+  for (const auto& c : impl_->ns_classes)
+    impl_->ns->reserve(c.rows, c.cols, static_cast<int64_t>(c.offsets.size()));
+  // Tables and zeroed state were written on the legacy stream (cudaMemset, pageable copies);
+  // a step on a non-blocking stream must not overtake them.
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());
 }
+
+RuleSet::RuleSet(const RuleConfig& cfg, const Theta& theta,
+                 const std::vector<std::vector<int64_t>>& shapes, NsPrecision ns)
+    : RuleSet(cfg, theta, shapes, std::make_shared<NewtonSchulzCuda>(ns)) {}
 
 RuleSet::~RuleSet() = default;
 size_t RuleSet::size() const { return impl_->L.geos.size(); }
@@ -761,6 +771,7 @@ void RuleSet::upload_state(size_t i, const RuleState& s) {
   } else {
     put(s.v_diag, impl_->buf.vdiag, d.vd_off);
   }
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());  // pageable copies may return before the DMA ends
 }
 
 void RuleSet::set_iteration(int64_t it) {

@@ -119,6 +119,9 @@ struct GpuEngine::Device {
   unsigned long long* h_counters = nullptr;
   double* h_stats = nullptr;
   cudaEvent_t start = nullptr, compute_end = nullptr, comm_end = nullptr;
+  // One Newton–Schulz runner (cuBLAS handle, workspaces) for every bucket: they run one
+  // after another on `compute`.
+  std::shared_ptr<cuda::NewtonSchulzCuda> ns;
 
   explicit Device(int dev) : device(dev) {
     CELO2_CUDA_CHECK(cudaSetDevice(dev));
@@ -356,6 +359,7 @@ void GpuEngine::build_groups(GpuPlan next) {
   dev_->alloc_flat(next.owned_elements[me], bf16_grads);
   std::vector<std::unique_ptr<Group>> groups(next.buckets.size());
   const cuda::NsPrecision nsp = cuda::parse_ns_precision(opts_.ns_precision);
+  if (!dev_->ns || dev_->ns->precision() != nsp) dev_->ns = std::make_shared<cuda::NewtonSchulzCuda>(nsp);
   for (size_t b = 0; b < next.buckets.size(); ++b) {
     const GpuBucket& bk = next.buckets[b];
     if (bk.owner != me) continue;
@@ -363,7 +367,7 @@ void GpuEngine::build_groups(GpuPlan next) {
     if (bk.label == Label::kCelo2) {
       std::vector<std::vector<int64_t>> shapes;
       for (int k : bk.pieces) shapes.push_back(entries_[next.pieces[k].tensor]->geo.shape);
-      g->rule = std::make_unique<cuda::RuleSet>(opts_.opt.rule, opts_.opt.theta, shapes, nsp);
+      g->rule = std::make_unique<cuda::RuleSet>(opts_.opt.rule, opts_.opt.theta, shapes, dev_->ns);
       g->rule->set_iteration(bk.counter);
       for (size_t k = 0; k < bk.pieces.size(); ++k) {
         const Entry& e = *entries_[next.pieces[bk.pieces[k]].tensor];
@@ -396,6 +400,9 @@ void GpuEngine::build_groups(GpuPlan next) {
                                 cudaMemcpyHostToDevice));
     e.master_valid = true;  // tensors with several pieces here: all come from the same snapshot
   }
+  // Everything above was written on the legacy stream (cudaMemset, pageable copies), which
+  // the non-blocking compute stream does not wait for.
+  CELO2_CUDA_CHECK(cudaDeviceSynchronize());
   // Success: the device holds everything; drop the host copies.
   for (auto& e : entries_) e->drop_host();
   groups_ = std::move(groups);
@@ -617,6 +624,7 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
 
   // Counters advance on every rank (the plan's buckets are keyed by them).
   for (auto& e : entries_) {
+    if (e->geo.numel == 0) continue;  // as the CPU optimizer: no state, no counter
     if (e->label == Label::kCelo2) e->iteration += 1;
     if (e->label == Label::kAdamW) e->count += 1;
   }
@@ -762,6 +770,7 @@ void GpuEngine::save_state(const std::string& path) {
 
 void GpuEngine::load_state(const std::string& path) {
   if (!plan_ready_) rebuild();
+  CELO2_CUDA_CHECK(cudaSetDevice(dev_->device));
   std::vector<uint8_t> bytes;
   std::string err;
   if (comm_->rank() == 0) {
@@ -785,6 +794,13 @@ void GpuEngine::load_state(const std::string& path) {
     const TensorStateRecord* r = find_record(f, e->name);
     if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + e->name + "'");
     check_state_record(path, *r, e->geo.shape, e->label);
+    if (e->label == Label::kCelo2) {  // exactly the arrays the CUDA rule holds
+      const RuleState z = RuleState::zeros(e->geo);
+      if (r->m.size() != z.m.size() || r->rms.size() != z.rms.size() || r->v_row.size() != z.v_row.size() ||
+          r->v_col.size() != z.v_col.size() || r->v_diag.size() != z.v_diag.size())
+        throw flax::FormatError("optimizer state " + path + ": tensors/" + e->name +
+                                ": state arrays do not have the sizes of a " + e->geo.shape_str() + " tensor");
+    }
     recs.push_back(r);
   }
   // Valid: take it. Labels are those of the plan (checked), so placement stays: each rank

@@ -210,7 +210,10 @@ class Nccl final : public NcclCommunicator {
     return done_[slot];
   }
 
-  void group_start() override { CELO2_NCCL_CHECK(ncclGroupStart()); }
+  void group_start() override {
+    alive();  // before the group opens, so a throw never leaves one open
+    CELO2_NCCL_CHECK(ncclGroupStart());
+  }
   void group_end() override { CELO2_NCCL_CHECK(ncclGroupEnd()); }
   void reduce_async(const void* send, void* recv, int64_t n, bool bf16, int root) override {
     alive();

@@ -45,8 +45,12 @@ struct Model {
       grads.emplace_back(n, 0.0f);
     }
   }
+  // In place: the CPU optimizer holds pointers into these vectors.
   void new_grads(int step) {
-    for (size_t i = 0; i < grads.size(); ++i) grads[i] = randn(grads[i].size(), 1000 + 37 * step + i, 0.05f);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const std::vector<float> r = randn(grads[i].size(), 1000 + 37 * step + i, 0.05f);
+      std::copy(r.begin(), r.end(), grads[i].begin());
+    }
   }
 };
 
@@ -68,7 +72,8 @@ celo2::OptimizerOptions options() {
   celo2::OptimizerOptions o;
   o.theta = celo2::Theta::project_default(o.rule);
   o.weight_decay = 0.05;
-  o.rules = celo2::LabelRules::seed_default();
+  // The seed's routing plus one frozen tensor.
+  o.rules = celo2::LabelRules::parse("re:^temperature$ => frozen; ndim<=1 => adamw; re:embed => adamw; * => celo2");
   return o;
 }
 
@@ -251,7 +256,7 @@ TEST(GpuEngine, CheckpointsMoveBetweenGpuAndCpu) {
   opt2.load_state(dir + "/gpu.state");
   EXPECT_EQ(opt2.step_count(), 3);
   t.cpu.new_grads(3);
-  cpu2.grads = t.cpu.grads;
+  cpu2.new_grads(3);
   t.opt.step_with_lr(3e-3);
   opt2.step_with_lr(3e-3);
   for (size_t i = 0; i < cpu2.params.size(); ++i) {

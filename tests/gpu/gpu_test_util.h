@@ -41,8 +41,11 @@ struct DeviceBuf {
   ~DeviceBuf() { cudaFree(ptr); }
   DeviceBuf(const DeviceBuf&) = delete;
   DeviceBuf& operator=(const DeviceBuf&) = delete;
+  // Synchronizes: a pageable cudaMemcpy may return before its DMA ends, and work on a
+  // non-blocking stream does not wait for it.
   void upload(const std::vector<T>& v) {
     if (!v.empty()) CELO2_CUDA_CHECK(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    CELO2_CUDA_CHECK(cudaDeviceSynchronize());
   }
   std::vector<T> download() const {
     std::vector<T> v(n);

@@ -27,10 +27,14 @@
 // (celo2/state_file.h): a state saved by the GPU engine loads into the CPU Optimizer or
 // Engine, and back.
 //
-// Differences from the CPU Engine, by design: StepReport::nonfinite counts entries over the
-// ranks' local gradients (kLocal) rather than after the sum, and a skipped step reports no
+// Differences from the CPU Engine, by design: the NaN decision is taken on the ranks' local
+// gradients before they travel (so a skipped step costs no communication and overlaps
+// nothing); StepReport::nonfinite counts entries over the ranks' local gradients (kLocal)
+// rather than after the sum; an overflow to Inf in the sum of finite local gradients is
+// zeroed and counted (reported in nonfinite), not skipped; a skipped step reports no
 // gradient norms; bf16 gradients are summed in bf16 by NCCL (as PyTorch DDP does for bf16
-// gradients) and averaged in float32.
+// gradients) and averaged in float32. With gather_params = false, set_rules expects the
+// trainer to have gathered the parameters (a piece that moves reads them on its new owner).
 #pragma once
 
 #include <cstdint>

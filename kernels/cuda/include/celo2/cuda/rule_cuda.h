@@ -38,11 +38,17 @@ struct RuleTiming {
   double newton_schulz_ms = 0;
 };
 
+class NewtonSchulzCuda;
+
 class RuleSet {
  public:
   // Allocates state (zeros) and workspaces on the current device.
   RuleSet(const RuleConfig& cfg, const Theta& theta,
           const std::vector<std::vector<int64_t>>& shapes, NsPrecision ns = NsPrecision::kFloat32);
+  // The same, with a Newton–Schulz runner (cuBLAS handle and workspaces) shared with other
+  // sets whose steps run one after another on one stream (the GPU engine's buckets).
+  RuleSet(const RuleConfig& cfg, const Theta& theta,
+          const std::vector<std::vector<int64_t>>& shapes, std::shared_ptr<NewtonSchulzCuda> ns);
   ~RuleSet();
   RuleSet(const RuleSet&) = delete;
   RuleSet& operator=(const RuleSet&) = delete;
@@ -134,6 +140,9 @@ class NewtonSchulzCuda {
   void run(const RuleConfig& cfg, int64_t rows, int64_t cols, int64_t batch, float* x,
            cudaStream_t stream);
   NsPrecision precision() const;
+  // Allocate the workspaces for `batch` rows×cols matrices now (they only grow), so that no
+  // allocation — which synchronizes the device — happens inside a step.
+  void reserve(int64_t rows, int64_t cols, int64_t batch);
 
  private:
   struct Impl;
