@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -28,6 +29,7 @@
 #include "celo2/comm_model.h"
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
+#include "celo2/gpu_plan.h"
 #if CELO2_BENCH_ENGINE
 #include <chrono>
 
@@ -192,6 +194,8 @@ int main(int argc, char** argv) {
   app.add_option("--iters", iters, "Timed repetitions (median reported)");
   app.add_option("--ns", precisions, "Newton-Schulz precisions to run (float32 tf32 bf16)");
   bool engine = true;
+  std::vector<int> ranks = {8, 64};
+  app.add_option("--ranks", ranks, "World sizes whose per-rank compute share is timed (GpuEngine plan)");
   app.add_option("--engine", engine, "Also time the whole GpuEngine step (float32 and bf16; NCCL builds)");
   app.add_option("--out", out_dir, "Directory for the JSON and CSV (default $OUT or ./celo2-bench-gpu-out)");
   CLI11_PARSE(app, argc, argv);
@@ -297,6 +301,55 @@ int main(int argc, char** argv) {
                       std::to_string(step_ms), std::to_string(adamw_ms), std::to_string(step_ms / adamw_ms)});
     }
     J["targets"] = {{"elementwise_frac_of_copy_min", 0.5}, {"step_over_adamw_max", 3.0}};
+
+    // Per-rank compute at W ranks: the GPU engine's plan for W (gpu_plan.h) gives each rank
+    // its Celo2 tensors and AdamW pieces; each rank's share is timed here on this one GPU
+    // (one RuleSet over its tensors + update + fused AdamW over its pieces) and the slowest
+    // rank is compared with fused AdamW over N/W elements (ZeRO-sharded AdamW). Measured
+    // compute, no communication (which overlaps in the engine's pipeline).
+    {
+      std::vector<celo2::GpuPlanTensor> pt;
+      for (const auto& t : tensors) pt.push_back({t.shape, t.label, 0});
+      for (int W : ranks) {
+        const celo2::GpuPlan plan = celo2::GpuPlan::build(pt, W, 64ll << 20);
+        const int64_t share = (n_all + W - 1) / W;
+        const double adamw_w_ms = median_ms(iters, [&] { celo2::cuda::adamw_device(aw, share, p.p, g.p, mu.p, nu.p); });
+        for (const std::string& pname : precisions) {
+          const NsPrecision prec = celo2::cuda::parse_ns_precision(pname);
+          auto runner = std::make_shared<celo2::cuda::NewtonSchulzCuda>(prec);
+          double worst = 0;
+          int worst_rank = 0;
+          for (int r = 0; r < W; ++r) {
+            std::vector<std::vector<int64_t>> shapes;
+            int64_t n_c = 0, n_a = 0;
+            for (const celo2::GpuPiece& pc : plan.pieces) {
+              if (pc.owner != r) continue;
+              if (tensors[pc.tensor].label == celo2::Label::kCelo2) {
+                shapes.push_back(tensors[pc.tensor].shape);
+                n_c += pc.n;
+              } else {
+                n_a += pc.n;
+              }
+            }
+            std::unique_ptr<celo2::cuda::RuleSet> set;
+            if (!shapes.empty()) set = std::make_unique<celo2::cuda::RuleSet>(cfg, theta, shapes, runner);
+            const double ms = median_ms(iters, [&] {
+              if (set) set->step(g.p, p.p, u.p);
+              celo2::cuda::apply_step_device(1e-4f, 0.1f, n_c, p.p, u.p);
+              celo2::cuda::adamw_device(aw, n_a, p.p + n_c, g.p + n_c, mu.p + n_c, nu.p + n_c);
+            });
+            if (ms > worst) {
+              worst = ms;
+              worst_rank = r;
+            }
+          }
+          J["ranks"][std::to_string(W)][pname] = {{"max_rank_ms", worst}, {"max_rank", worst_rank},
+                                                   {"adamw_share_ms", adamw_w_ms},
+                                                   {"max_rank_over_adamw_share", worst / adamw_w_ms},
+                                                   {"plan_imbalance", plan.imbalance}};
+        }
+      }
+    }
 #if CELO2_BENCH_ENGINE
     if (engine) {
       for (bool bf16 : {false, true}) {
@@ -323,6 +376,12 @@ int main(int argc, char** argv) {
                   v["elementwise_ms"].get<double>(), v["elementwise_frac_of_copy"].get<double>(),
                   v["ns_ms"].get<double>(), v["ns_frac_of_gemm"].get<double>(),
                   v["step_ms"].get<double>(), adamw_ms, v["step_over_adamw"].get<double>());
+    if (J.contains("ranks"))
+      for (const auto& [w, per] : J["ranks"].items())
+        for (const auto& [pn, v] : per.items())
+          std::printf("%s ranks, %s NS: slowest rank's compute %.3f ms vs AdamW on N/W %.3f ms: %.2fx\n",
+                      w.c_str(), pn.c_str(), v["max_rank_ms"].get<double>(), v["adamw_share_ms"].get<double>(),
+                      v["max_rank_over_adamw_share"].get<double>());
     if (J.contains("engine"))
       for (const auto& [k, v] : J["engine"].items())
         std::printf("GpuEngine step, %s params/grads, 1 rank, float32 NS: %.3f ms (%.2fx AdamW; "
