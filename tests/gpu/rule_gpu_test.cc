@@ -27,7 +27,10 @@ using celo2::gputest::rel_error;
 
 std::vector<std::string> golden_rule_files() {
   std::vector<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(CELO2_GOLDEN_DIR)) {
+  // CELO2_GOLDEN_DIR in the environment: binaries built elsewhere (tests/gpu/prebuild.sh).
+  const char* golden_env = std::getenv("CELO2_GOLDEN_DIR");
+  const std::string golden_dir = golden_env && *golden_env ? golden_env : CELO2_GOLDEN_DIR;
+  for (const auto& e : std::filesystem::directory_iterator(golden_dir)) {
     const std::string name = e.path().filename().string();
     if (name.rfind("rule_", 0) == 0 && e.path().extension() == ".msgpack") out.push_back(e.path().string());
   }

@@ -14,7 +14,11 @@
 # script unpacks .gpu-deps/*.deb (made beforehand by tests/gpu/bundle_deps.sh on a machine
 # with apt access and carried along) into a private prefix, and otherwise tries apt-get
 # (only useful where a package registry is reachable).
-# Usage: tests/gpu/run.sh            (env: OUT, BUILD_DIR, JOBS, BENCH_ARGS)
+# Prebuilt: with .gpu-prebuilt/bundle.tar.xz carried (tests/gpu/prebuild.sh, run beforehand
+# on a machine with the packages), nothing is built: the bundle's binaries run with its
+# libraries where the system lacks them (and building is the fallback if they cannot load).
+# The machine's OS, glibc and toolkit are logged first, for whoever prepares the next call.
+# Usage: tests/gpu/run.sh            (env: OUT, BUILD_DIR, JOBS, BENCH_ARGS, PREBUILT=0|1|auto)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${OUT:-$here/gpu-check-out}"
@@ -28,6 +32,8 @@ stamp() { echo "[gpu-check +$(( $(date +%s) - t0 ))s] $*"; }
 stamp "repo $here, build $BUILD_DIR, out $OUT"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+( . /etc/os-release 2>/dev/null && echo "os: $PRETTY_NAME"; ldd --version 2>/dev/null | head -1
+  nvcc --version 2>/dev/null | tail -1; cmake --version 2>/dev/null | head -1; nproc ) | sed 's/^/  /'
 
 # NCCL from the Python wheel when the toolkit has none.
 if [ -z "${NCCL_ROOT:-}" ] && ! ls /usr/include/nccl.h /usr/local/cuda/include/nccl.h >/dev/null 2>&1; then
@@ -38,6 +44,46 @@ if [ -z "${NCCL_ROOT:-}" ] && ! ls /usr/include/nccl.h /usr/local/cuda/include/n
     export LD_LIBRARY_PATH="$nccl_py/lib:${LD_LIBRARY_PATH:-}"
     stamp "NCCL from the Python wheel: $NCCL_ROOT"
   fi
+fi
+
+BIN_DIR=""
+PREBUILT="${PREBUILT:-auto}"
+bundle="$here/.gpu-prebuilt/bundle.tar.xz"
+
+# The carried binaries: loadable with the system's libraries plus only the missing ones of
+# the bundle, or else with all of the bundle's.
+use_prebuilt() {
+  local pb=/tmp/celo2-prebuilt
+  export CELO2_GOLDEN_DIR="$here/tests/golden"  # the tests read it while listing, too
+  rm -rf "$pb" && tar -C /tmp -xJf "$bundle" || return 1
+  sed 's/^/  bundle: /' "$pb/BUILD_INFO"
+  mkdir -p "$pb/need"
+  for l in "$pb"/lib/*; do
+    ldconfig -p 2>/dev/null | grep -q " $(basename "$l") " || ln -sf "$l" "$pb/need/"
+  done
+  local cuda_libs="/usr/local/cuda/lib64:/usr/local/cuda/lib"
+  for dirs in "$pb/need" "$pb/lib"; do
+    export LD_LIBRARY_PATH="$dirs:${LD_LIBRARY_PATH_BASE}:$cuda_libs"
+    local ok=1
+    for b in rule_gpu_test gpu_engine_test; do
+      "$pb/bin/$b" --gtest_list_tests > /dev/null 2>&1 || ok=0
+    done
+    if [ $ok -eq 1 ]; then
+      stamp "prebuilt binaries load with LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      BIN_DIR="$pb/bin"
+      return 0
+    fi
+  done
+  stamp "prebuilt binaries do not load here:"
+  ldd "$pb/bin/gpu_engine_test" | grep -E "not found|version" | head -20
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH_BASE"
+  return 1
+}
+LD_LIBRARY_PATH_BASE="${LD_LIBRARY_PATH:-}"
+
+if [ "$PREBUILT" != 0 ] && [ -f "$bundle" ]; then
+  stamp "using the carried prebuilt binaries ($bundle)"
+  use_prebuilt || { [ "$PREBUILT" = 1 ] && { stamp "FAILED: PREBUILT=1 and the bundle cannot run"; exit 5; }; }
 fi
 
 configure() {
@@ -61,6 +107,7 @@ use_bundle() {
   stamp "unpacked $(ls "$here"/.gpu-deps/*.deb | wc -l) carried packages into $prefix"
 }
 
+if [ -z "$BIN_DIR" ]; then
 stamp "configure"
 if ! configure; then
   tail -20 "$OUT/configure.log"
@@ -85,18 +132,20 @@ if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target rule_gpu_test nccl_gpu_test 
   cmake --build "$BUILD_DIR" -j "$JOBS" --target rule_gpu_test celo2-bench-gpu >> "$OUT/build.log" 2>&1 || {
     tail -40 "$OUT/build.log"; stamp "FAILED: build"; exit 4; }
 fi
+BIN_DIR="$BUILD_DIR"
+fi
 
 stamp "GPU tests (CELO2_REQUIRE_GPU=1)"
 export CELO2_REQUIRE_GPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 rc_tests=0
 for t in rule_gpu_test nccl_gpu_test gpu_engine_test; do
-  bin=$(find "$BUILD_DIR" -name "$t" -type f -perm -u+x | head -1)
+  bin=$(find "$BIN_DIR" -name "$t" -type f -perm -u+x | head -1)
   if [ -z "$bin" ]; then stamp "$t: not built"; [ "$t" = rule_gpu_test ] && rc_tests=1; continue; fi
   timeout 300 "$bin" --gtest_output="xml:$OUT/$t.xml" || rc_tests=1
 done
 
 stamp "celo2-bench-gpu"
-bench=$(find "$BUILD_DIR" -name celo2-bench-gpu -type f -perm -u+x | head -1)
+bench=$(find "$BIN_DIR" -name celo2-bench-gpu -type f -perm -u+x | head -1)
 rc_bench=0
 timeout 240 "$bench" --out "$OUT" ${BENCH_ARGS:-} || rc_bench=$?
 
