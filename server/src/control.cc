@@ -50,11 +50,11 @@ struct ControlCore::Pending {
   Outcome outcome;
 };
 
-ControlCore::ControlCore(const ControlOptions& options, Engine& engine,
+ControlCore::ControlCore(const ControlOptions& options, EngineControl& engine,
                          std::vector<TensorDesc> tensors)
     : opts_(options),
       rank_(engine.rank()),
-      rule_(engine.options().opt.rule),
+      rule_(engine.optimizer_options().rule),
       tensors_(std::move(tensors)) {
   if (tensors_.size() != engine.num_tensors())
     throw std::invalid_argument("control plane: " + std::to_string(tensors_.size()) +
@@ -78,7 +78,7 @@ ControlCore::ControlCore(const ControlOptions& options, Engine& engine,
     throw std::invalid_argument("control plane: bad limits");
 
   // The settings the job started with.
-  const OptimizerOptions& o = engine.options().opt;
+  const OptimizerOptions& o = engine.optimizer_options();
   status_.set_state("running");
   status_.set_world_size(engine.world_size());
   status_.set_comm_backend(engine.comm().backend());
@@ -380,7 +380,7 @@ void ControlCore::note_change(std::vector<AppliedChange>* changes, const char* s
   changes->push_back(std::move(c));
 }
 
-void ControlCore::apply_one(Engine& engine, const v1::Command& c, Outcome* out,
+void ControlCore::apply_one(EngineControl& engine, const v1::Command& c, Outcome* out,
                             std::vector<AppliedChange>* changes) {
   const int64_t step = engine.step_count();
   grpc::Status status;
@@ -389,7 +389,7 @@ void ControlCore::apply_one(Engine& engine, const v1::Command& c, Outcome* out,
       case v1::Command::kWeights: {
         const std::string& b = c.weights();
         Theta theta = theta_from_bytes({reinterpret_cast<const uint8_t*>(b.data()), b.size()},
-                                       engine.options().opt.rule);
+                                       engine.optimizer_options().rule);
         engine.set_theta(std::move(theta));
         versions_.set_weights(versions_.weights() + 1);
         note_change(changes, "weights", versions_.weights(), step,
@@ -467,7 +467,7 @@ void ControlCore::apply_one(Engine& engine, const v1::Command& c, Outcome* out,
   *out->applied.mutable_versions() = versions_;
 }
 
-std::vector<AppliedChange> ControlCore::apply_pending(Engine& engine) {
+std::vector<AppliedChange> ControlCore::apply_pending(EngineControl& engine) {
   std::vector<AppliedChange> changes;
   const int64_t step = engine.step_count();
   std::vector<std::shared_ptr<Pending>> batch;
@@ -500,7 +500,7 @@ std::vector<AppliedChange> ControlCore::apply_pending(Engine& engine) {
   if (rank_ != 0) return changes;
 
   // Rank 0: record the new settings and answer the waiting calls.
-  const OptimizerOptions& o = engine.options().opt;
+  const OptimizerOptions& o = engine.optimizer_options();
   std::vector<Label> labels;
   for (size_t i = 0; i < engine.num_tensors(); ++i) labels.push_back(engine.label_of(i));
   std::lock_guard<std::mutex> lk(mu_);
@@ -525,7 +525,7 @@ std::vector<AppliedChange> ControlCore::apply_pending(Engine& engine) {
   return changes;
 }
 
-void ControlCore::publish(Engine& engine, const StepReport& r, std::optional<double> loss) {
+void ControlCore::publish(EngineControl& engine, const StepReport& r, std::optional<double> loss) {
   if (rank_ != 0) return;
   const Clock::time_point now = Clock::now();
   const double step_seconds = std::chrono::duration<double>(now - last_publish_).count();
@@ -611,7 +611,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<control::ControlServer> server;  // rank 0
 };
 
-ControlPlane::ControlPlane(ControlOptions options, Engine& engine, std::vector<TensorDesc> tensors)
+ControlPlane::ControlPlane(ControlOptions options, EngineControl& engine, std::vector<TensorDesc> tensors)
     : impl_(std::make_unique<Impl>()) {
   // Rank 0 may fail (bad options, port taken, unreadable token); every rank must learn it,
   // or the others would wait forever in the first step's broadcast. So: agree on whether
@@ -646,11 +646,11 @@ ControlPlane::~ControlPlane() { finish(); }
 int ControlPlane::port() const { return impl_->server ? impl_->server->port() : 0; }
 std::string ControlPlane::address() const { return impl_->server ? impl_->server->address() : ""; }
 
-std::vector<AppliedChange> ControlPlane::apply_pending(Engine& engine) {
+std::vector<AppliedChange> ControlPlane::apply_pending(EngineControl& engine) {
   return impl_->core->apply_pending(engine);
 }
 
-void ControlPlane::publish(Engine& engine, const StepReport& report, std::optional<double> loss) {
+void ControlPlane::publish(EngineControl& engine, const StepReport& report, std::optional<double> loss) {
   impl_->core->publish(engine, report, loss);
 }
 

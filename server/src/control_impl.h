@@ -78,7 +78,7 @@ bool token_matches(const std::string& presented, const std::string& expected);
 class ControlCore {
  public:
   // Every rank. Rank 0 also validates the options that only it uses (throws on error).
-  ControlCore(const ControlOptions& options, Engine& engine, std::vector<TensorDesc> tensors);
+  ControlCore(const ControlOptions& options, EngineControl& engine, std::vector<TensorDesc> tensors);
 
   // RPC side (rank 0, any thread).
   grpc::Status load_weights(const v1::LoadWeightsRequest& req, v1::LoadWeightsResponse* resp,
@@ -99,8 +99,8 @@ class ControlCore {
   void count_unauthenticated();
 
   // Trainer side.
-  std::vector<AppliedChange> apply_pending(Engine& engine);
-  void publish(Engine& engine, const StepReport& report, std::optional<double> loss);
+  std::vector<AppliedChange> apply_pending(EngineControl& engine);
+  void publish(EngineControl& engine, const StepReport& report, std::optional<double> loss);
   void finish();
 
  private:
@@ -114,7 +114,7 @@ class ControlCore {
   // Rank 0, at a boundary: takes the queue; drops (and answers) commands that became invalid.
   std::vector<std::shared_ptr<Pending>> take_queue(int64_t step);
   // Every rank: applies one command; rank 0 fills `outcome`.
-  void apply_one(Engine& engine, const v1::Command& command, Outcome* outcome,
+  void apply_one(EngineControl& engine, const v1::Command& command, Outcome* outcome,
                  std::vector<AppliedChange>* changes);
   void note_change(std::vector<AppliedChange>* changes, const char* setting, int64_t version,
                    int64_t step, std::string detail);

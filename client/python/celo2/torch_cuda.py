@@ -41,16 +41,20 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
 class Celo2CUDA(torch.optim.Optimizer):
-    """Celo2 on the GPU engine; arguments as ``celo2.torch.Celo2`` (no control plane yet)
-    plus ``bucket_bytes`` (gradient bytes per communication bucket) and ``ns_precision``
-    (``"float32"`` | ``"tf32"`` | ``"bf16"`` Newton–Schulz GEMMs)."""
+    """Celo2 on the GPU engine; arguments as ``celo2.torch.Celo2`` (``control=...`` serves the
+    same gRPC control plane from rank 0, started at the first step) plus ``bucket_bytes``
+    (gradient bytes per communication bucket) and ``ns_precision`` (``"float32"`` |
+    ``"tf32"`` | ``"bf16"`` Newton–Schulz GEMMs)."""
 
     def __init__(self, params, lr: float = 1e-3, *, schedule: str | None = None,
                  rules: str | None = None, weight_decay: float = 0.0, mult_1d: float = 20.0,
                  betas=(0.9, 0.95), eps: float = 1e-8, variant: str = "celo2",
                  config: dict | None = None, theta=None, nan_policy: str = "skip",
                  grads: str = "local", gather_params: bool = True,
-                 bucket_bytes: int = 64 << 20, ns_precision: str = "float32"):
+                 bucket_bytes: int = 64 << 20, ns_precision: str = "float32",
+                 control: str | None = None, control_token: str | None = None,
+                 control_token_file: str | None = None, weights_root: str | None = None,
+                 checkpoint_dir: str | None = None):
         if not _celo2.gpu_engine_supported():
             raise RuntimeError("Celo2CUDA needs a CUDA build of celo2 with NCCL "
                                "(celo2._celo2.gpu_engine_supported() is False)")
@@ -95,7 +99,9 @@ class Celo2CUDA(torch.optim.Optimizer):
                        rules=rules, weight_decay=float(weight_decay), mult_1d=float(mult_1d),
                        betas=(float(betas[0]), float(betas[1])), eps=float(eps), nan_policy=nan_policy,
                        grads=grads, gather_params=bool(gather_params), bucket_bytes=int(bucket_bytes),
-                       ns_precision=ns_precision)
+                       ns_precision=ns_precision, control_address=control, control_token=control_token,
+                       control_token_file=control_token_file, weights_root=weights_root,
+                       checkpoint_dir=checkpoint_dir)
         with torch.cuda.device(self._device):
             self._engine = _celo2.GpuEngine(options)
         # One flat gradient buffer per dtype; .grad are views of it.
@@ -125,9 +131,9 @@ class Celo2CUDA(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every registered tensor (collective over ranks)."""
-        loss = None
+    def step(self, closure=None, *, loss=None):
+        """One update of every registered tensor (collective over ranks). ``loss`` (a number
+        or tensor) is reported to the control plane; ``closure`` re-evaluates the model."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -148,7 +154,10 @@ class Celo2CUDA(torch.optim.Optimizer):
             raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
         stream = torch.cuda.current_stream(self._device).cuda_stream
         t0 = time.perf_counter()
-        report = self._engine.step(lr=float(lr) if self._external_lr else None, stream=stream)
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        report = self._engine.step(lr=float(lr) if self._external_lr else None, stream=stream, loss=loss_value)
         self.last_step_seconds = time.perf_counter() - t0
         group["lr"] = report["lr"]
         self._lr_written = report["lr"]
@@ -211,6 +220,15 @@ class Celo2CUDA(torch.optim.Optimizer):
 
     def routing_table(self) -> str:
         return self._engine.routing_table()
+
+    def start_control(self) -> str:
+        """Collective: start the control plane now (else at the first step); its address."""
+        self._engine.start_control()
+        return self._engine.control_address
+
+    @property
+    def control_address(self) -> str:
+        return self._engine.control_address
 
     def plan_report(self) -> str:
         return self._engine.plan_report()

@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -22,6 +23,9 @@
 #include <chrono>
 
 #include "celo2/gpu_engine.h"
+#endif
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+#include "celo2/control.h"
 #endif
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
@@ -296,6 +300,11 @@ void check_array(const py::array& a, const char* what) {
 struct PyGpuEngine {
   std::unique_ptr<GpuEngine> eng;
   std::vector<py::object> keepalive;
+  std::vector<TensorDesc> tensors;
+  ClientOptions::Control control_opts;
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+  std::unique_ptr<ControlPlane> control;  // rank 0 serves; every rank applies commands
+#endif
 
   explicit PyGpuEngine(py::dict d) {
     GpuEngineOptions go;
@@ -310,8 +319,10 @@ struct PyGpuEngine {
     const ClientOptions co = options_from(d);
     if (co.grads == "sharded")
       throw std::invalid_argument("grads='sharded' is not supported by the GPU engine (use local or reduced)");
-    if (!co.control.address.empty())
-      throw std::invalid_argument("the GPU engine has no control plane yet (control_address)");
+    if (!co.control.address.empty() && !Client::control_supported())
+      throw UnsupportedError("control plane requested (" + co.control.address +
+                             ") but this build of celo2 has no gRPC control plane");
+    control_opts = co.control;
     const EngineOptions eo = engine_options_from(co);
     go.opt = eo.opt;
     go.grad_mode = eo.grad_mode;
@@ -322,6 +333,52 @@ struct PyGpuEngine {
       comm = std::shared_ptr<NcclCommunicator>(make_nccl_communicator_ex());
     }
     eng = std::make_unique<GpuEngine>(go, comm);
+  }
+
+  // Collective, at the first step (registration is complete then).
+  void start_control() {
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+    if (control) return;
+    ControlOptions o;
+    if (!control_opts.address.empty()) o.address = control_opts.address;
+    o.token = control_opts.token;
+    o.token_file = control_opts.token_file;
+    o.weights_root = control_opts.weights_root;
+    o.checkpoint_dir = control_opts.checkpoint_dir;
+    control = std::make_unique<ControlPlane>(std::move(o), *eng, tensors);
+#else
+    throw UnsupportedError("this build of celo2 has no gRPC control plane");
+#endif
+  }
+
+  StepReport step(std::optional<double> lr, CUstream_st* stream, std::optional<double> loss) {
+    if (!control_opts.address.empty()) start_control();
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+    if (control) control->apply_pending(*eng);
+#endif
+    const StepReport r = lr ? eng->step_with_lr(*lr, stream) : eng->step(stream);
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+    if (control) {
+      if (loss && !std::isfinite(*loss)) loss.reset();
+      control->publish(*eng, r, loss);
+    }
+#else
+    (void)loss;
+#endif
+    return r;
+  }
+
+  std::string control_address() const {
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+    if (control) return control->address();
+#endif
+    return {};
+  }
+
+  ~PyGpuEngine() {
+#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
+    if (control) control->finish();
+#endif
   }
 };
 
@@ -486,25 +543,30 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
            [](PyGpuEngine& g, const std::string& name, std::vector<int64_t> shape, uintptr_t params_ptr,
               const std::string& param_dtype, uintptr_t grads_ptr, const std::string& grad_dtype,
               py::object keepalive) {
-             g.eng->add_tensor(name, std::move(shape), parse_dtype(param_dtype),
+             g.eng->add_tensor(name, shape, parse_dtype(param_dtype),
                                reinterpret_cast<void*>(params_ptr), parse_dtype(grad_dtype),
                                reinterpret_cast<const void*>(grads_ptr));
+             g.tensors.push_back({name, std::move(shape)});
              if (!keepalive.is_none()) g.keepalive.push_back(std::move(keepalive));
            },
            py::arg("name"), py::arg("shape"), py::arg("params_ptr"), py::arg("param_dtype"),
            py::arg("grads_ptr"), py::arg("grad_dtype"), py::arg("keepalive") = py::none())
       .def("step",
-           [](PyGpuEngine& g, py::object lr, uintptr_t stream) {
+           [](PyGpuEngine& g, py::object lr, uintptr_t stream, py::object loss) {
              const auto t0 = std::chrono::steady_clock::now();
+             std::optional<double> l, lo;
+             if (!lr.is_none()) l = lr.cast<double>();
+             if (!loss.is_none()) lo = loss.cast<double>();
              StepReport r;
              {
                py::gil_scoped_release nogil;
-               auto* s = reinterpret_cast<CUstream_st*>(stream);
-               r = lr.is_none() ? g.eng->step(s) : g.eng->step_with_lr(lr.cast<double>(), s);
+               r = g.step(l, reinterpret_cast<CUstream_st*>(stream), lo);
              }
              return gpu_report(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
            },
-           py::arg("lr") = py::none(), py::arg("stream") = 0)
+           py::arg("lr") = py::none(), py::arg("stream") = 0, py::arg("loss") = py::none())
+      .def("start_control", [](PyGpuEngine& g) { g.start_control(); })
+      .def_property_readonly("control_address", [](PyGpuEngine& g) { return g.control_address(); })
       .def("save", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->save_state(p); })
       .def("load", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->load_state(p); })
       .def("set_schedule", [](PyGpuEngine& g, const std::string& s) { g.eng->set_schedule(Schedule::parse(s)); })

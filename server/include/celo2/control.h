@@ -76,7 +76,7 @@ class ControlPlane {
   // are the registered tensors in registration order (for routing tables). Rank 0 reads the
   // token and starts the server; if anything fails there, every rank throws
   // std::runtime_error with rank 0's message.
-  ControlPlane(ControlOptions options, Engine& engine, std::vector<TensorDesc> tensors);
+  ControlPlane(ControlOptions options, EngineControl& engine, std::vector<TensorDesc> tensors);
   ~ControlPlane();  // finish()
   ControlPlane(const ControlPlane&) = delete;
   ControlPlane& operator=(const ControlPlane&) = delete;
@@ -86,11 +86,11 @@ class ControlPlane {
 
   // Collective, once per step before engine.step(): every rank applies the queued commands
   // in order. Returns the settings this rank changed.
-  std::vector<AppliedChange> apply_pending(Engine& engine);
+  std::vector<AppliedChange> apply_pending(EngineControl& engine);
 
   // After each step: the report and the loss the trainer measured (mean over ranks if it has
   // it). Rank 0 records them for GetStatus and WatchMetrics; other ranks return at once.
-  void publish(Engine& engine, const StepReport& report, std::optional<double> loss);
+  void publish(EngineControl& engine, const StepReport& report, std::optional<double> loss);
 
   // The job is over (not collective): queued commands fail with UNAVAILABLE, metric streams
   // end, the server stops. Idempotent.

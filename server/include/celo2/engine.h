@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "celo2/communicator.h"
+#include "celo2/engine_control.h"
 #include "celo2/optimizer.h"
 
 namespace celo2 {
@@ -65,10 +66,10 @@ OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
 // so that every rank reaches the same verdict about a file only rank 0 read or wrote.
 void agree_on_error(Communicator& comm, const std::string& local_error);
 
-class Engine {
+class Engine : public EngineControl {
  public:
   Engine(EngineOptions options, std::shared_ptr<Communicator> comm);
-  ~Engine();
+  ~Engine() override;
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
@@ -81,33 +82,34 @@ class Engine {
 
   // Collective. World-size-independent checkpoints (state_file.h); rank 0 writes. Load
   // validates everything (on every rank) before changing anything.
-  void save_state(const std::string& path);
+  void save_state(const std::string& path) override;
   void load_state(const std::string& path);
 
-  void set_theta(Theta theta);
-  void set_schedule(const Schedule& s);
-  void set_rules(const LabelRules& rules);
-  void set_weight_decay(double wd) { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
-  void set_mult_1d(double m) { opts_.opt.mult_1d = require_finite("mult_1d", m); }
+  void set_theta(Theta theta) override;
+  void set_schedule(const Schedule& s) override;
+  void set_rules(const LabelRules& rules) override;
+  void set_weight_decay(double wd) override { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
+  void set_mult_1d(double m) override { opts_.opt.mult_1d = require_finite("mult_1d", m); }
 
   // This rank's slice [first, last) of the flat index space (tensors in registration
   // order), and where a tensor starts in it: what a trainer that gathers parameters itself
   // (gather_params = false) needs. Valid after the first step or owner_plan().
   std::pair<int64_t, int64_t> local_range() const { return {my_lo_, my_hi_}; }
   int64_t offset_of(size_t i) const;
-  int rank() const { return comm_->rank(); }
-  int world_size() const { return comm_->size(); }
-  int64_t step_count() const { return step_; }
-  int64_t skipped_steps() const { return skipped_; }
+  int rank() const override { return comm_->rank(); }
+  int world_size() const override { return comm_->size(); }
+  int64_t step_count() const override { return step_; }
+  int64_t skipped_steps() const override { return skipped_; }
   int64_t total_elements() const { return total_; }
   const EngineOptions& options() const { return opts_; }
+  const OptimizerOptions& optimizer_options() const override { return opts_.opt; }
   const OwnerPlan& owner_plan();
-  const PhaseStats& last_phase_stats() const { return stats_; }
+  const PhaseStats& last_phase_stats() const override { return stats_; }
   std::string routing_table() const;
   std::string plan_report();
-  Communicator& comm() { return *comm_; }
-  size_t num_tensors() const;
-  Label label_of(size_t i) const;
+  Communicator& comm() override { return *comm_; }
+  size_t num_tensors() const override;
+  Label label_of(size_t i) const override;
 
  private:
   struct Entry;

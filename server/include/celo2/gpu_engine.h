@@ -43,7 +43,7 @@
 #include <string>
 #include <vector>
 
-#include "celo2/engine.h"  // GradMode, PhaseStats, agree_on_error
+#include "celo2/engine.h"  // GradMode, PhaseStats, agree_on_error, EngineControl
 #include "celo2/gpu_plan.h"
 #include "celo2/nccl_communicator.h"
 #include "celo2/optimizer.h"
@@ -64,11 +64,11 @@ struct GpuEngineOptions {
   std::string ns_precision = "float32";  // float32 | tf32 | bf16 (Newton–Schulz GEMMs)
 };
 
-class GpuEngine {
+class GpuEngine : public EngineControl {
  public:
   // Uses comm's device (cudaSetDevice) and creates its own compute stream there.
   GpuEngine(GpuEngineOptions options, std::shared_ptr<NcclCommunicator> comm);
-  ~GpuEngine();
+  ~GpuEngine() override;
   GpuEngine(const GpuEngine&) = delete;
   GpuEngine& operator=(const GpuEngine&) = delete;
 
@@ -88,17 +88,17 @@ class GpuEngine {
 
   // Collective. The files of state_file.h; rank 0 writes; load validates every record on
   // every rank before anything changes.
-  void save_state(const std::string& path);
+  void save_state(const std::string& path) override;
   void load_state(const std::string& path);
 
   // Control (collective, at a step boundary). State is kept; a tensor whose label changes
   // starts that branch from zero (as in Optimizer::set_rules). A theta the CUDA rule cannot
   // run is refused with the state unchanged.
-  void set_theta(Theta theta);
-  void set_schedule(const Schedule& s);
-  void set_rules(const LabelRules& rules);
-  void set_weight_decay(double wd) { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
-  void set_mult_1d(double m) { opts_.opt.mult_1d = require_finite("mult_1d", m); }
+  void set_theta(Theta theta) override;
+  void set_schedule(const Schedule& s) override;
+  void set_rules(const LabelRules& rules) override;
+  void set_weight_decay(double wd) override { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
+  void set_mult_1d(double m) override { opts_.opt.mult_1d = require_finite("mult_1d", m); }
   // Re-read the float32 masters of bf16 parameters from the parameters (after the trainer
   // changed them itself, e.g. loaded a model checkpoint).
   void refresh_masters();
@@ -106,16 +106,18 @@ class GpuEngine {
   const GpuPlan& plan();  // builds it if needed (closes registration)
   int owner_of(size_t i);  // owner of tensor i's first piece (-1: frozen or empty)
   std::string routing_table() const;
-  int rank() const;
-  int world_size() const;
-  int64_t step_count() const { return step_; }
-  int64_t skipped_steps() const { return skipped_; }
-  size_t num_tensors() const;
-  Label label_of(size_t i) const;
+  int rank() const override;
+  int world_size() const override;
+  Communicator& comm() override { return *comm_; }
+  int64_t step_count() const override { return step_; }
+  int64_t skipped_steps() const override { return skipped_; }
+  size_t num_tensors() const override;
+  Label label_of(size_t i) const override;
   const GpuEngineOptions& options() const { return opts_; }
+  const OptimizerOptions& optimizer_options() const override { return opts_.opt; }
   // Seconds of the last step: "check" (non-finite pre-pass and decision), "pipeline"
   // (reduce / compute / broadcast until both streams finished), "report" (norms all-reduce).
-  const PhaseStats& last_phase_stats() const { return stats_; }
+  const PhaseStats& last_phase_stats() const override { return stats_; }
   // Optimizer-state bytes this rank holds on its device (state + flat buffers).
   int64_t device_bytes() const;
 
