@@ -857,30 +857,29 @@ void scale_zero_nonfinite_device(float* x, int64_t n, float scale, unsigned long
   CELO2_CUDA_LAUNCH_CHECK("k_scale_zero_nonfinite");
 }
 
-void sumsq_device(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {
+// The two launches of every sumsq variant: per-block partials, then their fixed-order sum.
+template <int kMode>
+void launch_sumsq(float* a, const float* b, int64_t n, float lr, float wd, double* partials,
+                  double* out, cudaStream_t stream) {
   if (n <= 0) return;
-  k_sumsq_partial<0><<<kSumsqBlocks, kThreads, 0, stream>>>(const_cast<float*>(x), nullptr, n, 0.f, 0.f, partials);
+  k_sumsq_partial<kMode><<<kSumsqBlocks, kThreads, 0, stream>>>(a, b, n, lr, wd, partials);
   CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial");
   k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
   CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
 }
 
+void sumsq_device(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {
+  launch_sumsq<0>(const_cast<float*>(x), nullptr, n, 0.f, 0.f, partials, out, stream);  // read only
+}
+
 void sumsq_diff_device(const float* a, const float* b, int64_t n, double* partials, double* out,
                        cudaStream_t stream) {
-  if (n <= 0) return;
-  k_sumsq_partial<1><<<kSumsqBlocks, kThreads, 0, stream>>>(const_cast<float*>(a), b, n, 0.f, 0.f, partials);
-  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial(diff)");
-  k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
-  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
+  launch_sumsq<1>(const_cast<float*>(a), b, n, 0.f, 0.f, partials, out, stream);  // read only
 }
 
 void apply_step_sumsq_device(float lr, float wd, int64_t n, float* p, const float* u,
                              double* partials, double* out, cudaStream_t stream) {
-  if (n <= 0) return;
-  k_sumsq_partial<2><<<kSumsqBlocks, kThreads, 0, stream>>>(p, u, n, lr, wd, partials);
-  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_partial(apply)");
-  k_sumsq_combine<<<1, 32, 0, stream>>>(partials, kSumsqBlocks, out);
-  CELO2_CUDA_LAUNCH_CHECK("k_sumsq_combine");
+  launch_sumsq<2>(p, u, n, lr, wd, partials, out, stream);
 }
 
 void scale_device(float* x, float s, int64_t n, cudaStream_t stream) {

@@ -733,6 +733,38 @@ void agree_on_error(Communicator& comm, const std::string& local_error) {
   throw flax::FormatError(msg);
 }
 
+std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, const std::string& path,
+                                                            const std::vector<TensorIdentity>& tensors,
+                                                            StateFile& f) {
+  // Rank 0 reads; every rank parses the same bytes and so reaches the same verdict.
+  std::vector<uint8_t> bytes;
+  std::string err;
+  if (comm.rank() == 0) {
+    try {
+      bytes = flax::read_file(path);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+  }
+  agree_on_error(comm, err);
+  int64_t n = static_cast<int64_t>(bytes.size());
+  comm.broadcast(&n, sizeof(n), 0);
+  bytes.resize(n);
+  comm.broadcast(bytes.data(), n, 0);
+  f = parse_state_file(bytes, path);
+  if (f.tensors.size() != tensors.size())
+    throw flax::FormatError("optimizer state " + path + ": holds " + std::to_string(f.tensors.size()) +
+                            " tensors, the engine has " + std::to_string(tensors.size()));
+  std::vector<const TensorStateRecord*> recs;
+  for (const TensorIdentity& t : tensors) {
+    const TensorStateRecord* r = find_record(f, *t.name);
+    if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + *t.name + "'");
+    check_state_record(path, *r, *t.shape, t.label);
+    recs.push_back(r);
+  }
+  return recs;
+}
+
 void Engine::save_state(const std::string& path) {
   if (!plan_ready_) build_plan();
   const bool root = comm_->rank() == 0;
@@ -802,32 +834,10 @@ void Engine::save_state(const std::string& path) {
 
 void Engine::load_state(const std::string& path) {
   if (!plan_ready_) build_plan();
-  // Rank 0 reads; every rank parses the same bytes and so reaches the same verdict.
-  std::vector<uint8_t> bytes;
-  std::string err;
-  if (comm_->rank() == 0) {
-    try {
-      bytes = flax::read_file(path);
-    } catch (const std::exception& e) {
-      err = e.what();
-    }
-  }
-  agree_on_error(*comm_, err);
-  int64_t n = static_cast<int64_t>(bytes.size());
-  comm_->broadcast(&n, sizeof(n), 0);
-  bytes.resize(n);
-  comm_->broadcast(bytes.data(), n, 0);
-  StateFile f = parse_state_file(bytes, path);
-  if (f.tensors.size() != entries_.size())
-    throw flax::FormatError("optimizer state " + path + ": holds " + std::to_string(f.tensors.size()) +
-                            " tensors, the engine has " + std::to_string(entries_.size()));
-  std::vector<const TensorStateRecord*> recs;
-  for (const auto& e : entries_) {
-    const TensorStateRecord* r = find_record(f, e->name);
-    if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + e->name + "'");
-    check_state_record(path, *r, e->geo.shape, e->label);
-    recs.push_back(r);
-  }
+  std::vector<TensorIdentity> ids;
+  for (const auto& e : entries_) ids.push_back({&e->name, &e->geo.shape, e->label});
+  StateFile f;
+  const std::vector<const TensorStateRecord*> recs = read_state_collective(*comm_, path, ids, f);
   auto take = [](const std::vector<float>& whole, int planes, int64_t numel, int64_t lo, int64_t len) {
     std::vector<float> out;
     out.reserve(planes * len);

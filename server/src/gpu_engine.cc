@@ -771,38 +771,10 @@ void GpuEngine::save_state(const std::string& path) {
 void GpuEngine::load_state(const std::string& path) {
   if (!plan_ready_) rebuild();
   CELO2_CUDA_CHECK(cudaSetDevice(dev_->device));
-  std::vector<uint8_t> bytes;
-  std::string err;
-  if (comm_->rank() == 0) {
-    try {
-      bytes = flax::read_file(path);
-    } catch (const std::exception& e) {
-      err = e.what();
-    }
-  }
-  agree_on_error(*comm_, err);
-  int64_t n = static_cast<int64_t>(bytes.size());
-  comm_->broadcast(&n, sizeof(n), 0);
-  bytes.resize(n);
-  comm_->broadcast(bytes.data(), n, 0);
-  StateFile f = parse_state_file(bytes, path);
-  if (f.tensors.size() != entries_.size())
-    throw flax::FormatError("optimizer state " + path + ": holds " + std::to_string(f.tensors.size()) +
-                            " tensors, the engine has " + std::to_string(entries_.size()));
-  std::vector<const TensorStateRecord*> recs;
-  for (const auto& e : entries_) {
-    const TensorStateRecord* r = find_record(f, e->name);
-    if (!r) throw flax::FormatError("optimizer state " + path + ": no state for tensor '" + e->name + "'");
-    check_state_record(path, *r, e->geo.shape, e->label);
-    if (e->label == Label::kCelo2) {  // exactly the arrays the CUDA rule holds
-      const RuleState z = RuleState::zeros(e->geo);
-      if (r->m.size() != z.m.size() || r->rms.size() != z.rms.size() || r->v_row.size() != z.v_row.size() ||
-          r->v_col.size() != z.v_col.size() || r->v_diag.size() != z.v_diag.size())
-        throw flax::FormatError("optimizer state " + path + ": tensors/" + e->name +
-                                ": state arrays do not have the sizes of a " + e->geo.shape_str() + " tensor");
-    }
-    recs.push_back(r);
-  }
+  std::vector<TensorIdentity> ids;
+  for (const auto& e : entries_) ids.push_back({&e->name, &e->geo.shape, e->label});
+  StateFile f;
+  const std::vector<const TensorStateRecord*> recs = read_state_collective(*comm_, path, ids, f);
   // Valid: take it. Labels are those of the plan (checked), so placement stays: each rank
   // keeps the records of the tensors it owns pieces of; masters stay where they are.
   snapshot_states(false);

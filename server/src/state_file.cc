@@ -158,12 +158,10 @@ void check_state_record(const std::string& path, const TensorStateRecord& r,
     if (r.iteration < 0) fail("negative iteration");
     size_is(r.m, kMom * want.numel, "m");
     size_is(r.rms, kRms * want.numel, "rms");
-    if (want.factored) {
-      size_is(r.v_row, kFac * want.row_count, "v_row");
-      size_is(r.v_col, kFac * want.col_count, "v_col");
-    } else {
-      size_is(r.v_diag, kFac * want.numel, "v_diag");
-    }
+    // The arrays the tensor's geometry does not use must be absent (empty).
+    size_is(r.v_row, want.factored ? kFac * want.row_count : 0, "v_row");
+    size_is(r.v_col, want.factored ? kFac * want.col_count : 0, "v_col");
+    size_is(r.v_diag, want.factored ? 0 : kFac * want.numel, "v_diag");
   } else if (label == Label::kAdamW) {
     if (r.count < 0) fail("negative count");
     size_is(r.mu, want.numel, "mu");

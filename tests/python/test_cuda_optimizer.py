@@ -13,23 +13,12 @@ import celo2
 from celo2 import _celo2
 from celo2.torch import Celo2
 from celo2.torch_cuda import Celo2CUDA
+from tinylm import TinyLM
 
 HAVE_GPU = _celo2.gpu_engine_supported() and torch.cuda.is_available()
 if not HAVE_GPU and os.environ.get("CELO2_REQUIRE_GPU") == "1":
     raise RuntimeError("CELO2_REQUIRE_GPU=1 but the GPU engine or a CUDA device is missing")
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs the GPU engine and a CUDA device")
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self, vocab=17, width=8):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, width)
-        self.fc = torch.nn.Linear(width, 2 * width)
-        self.norm = torch.nn.LayerNorm(2 * width)
-        self.head = torch.nn.Linear(2 * width, vocab, bias=False)
-
-    def forward(self, x):
-        return self.head(self.norm(torch.relu(self.fc(self.embed(x)))))
 
 
 def loss_of(model, t, device):

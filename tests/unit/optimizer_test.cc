@@ -8,6 +8,8 @@
 
 #include "celo2/flax_msgpack.h"
 #include "celo2/optimizer.h"
+#include "celo2/state_file.h"
+#include "celo2/theta_io.h"
 
 namespace celo2 {
 namespace {
@@ -253,6 +255,22 @@ TEST(Optimizer, BadCheckpointsAreRefusedAndStateIsKept) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("head/w"), std::string::npos) << e.what();
   }
+
+  // A well-formed file (valid checksum) whose factored tensor also carries a v_diag, an
+  // array its geometry does not use: refused by name (the writer never emits one, so the
+  // file is made by hand).
+  flax::Value root = flax::decode(bytes);
+  flax::Value& state = root.map.at("celo2_state");
+  bool planted = false;
+  for (auto& [name, t] : state.map.at("tensors").map) {
+    if (planted || !t.find("v_row")) continue;
+    t.map["v_diag"] = t.map.at("m");  // same size as 3 planes of the tensor
+    planted = true;
+  }
+  ASSERT_TRUE(planted);
+  root.map["sha256"] = flax::Value::of_string(sha256_hex(flax::encode(state)));
+  const std::vector<uint8_t> extra_bytes = flax::encode(root);
+  expect_refused(extra_bytes, "v_diag");
 }
 
 TEST(Optimizer, RelabelStartsFreshBranchState) {

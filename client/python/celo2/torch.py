@@ -116,7 +116,30 @@ class _Entry:
         self.ptr = param.data_ptr() if direct else None
 
 
-class Celo2(torch.optim.Optimizer):
+class _ControlSetters:
+    """The settings both optimizers forward to their engine (``self._engine``)."""
+
+    def set_schedule(self, text: str):
+        self._engine.set_schedule(text)
+        self._external_lr = False
+
+    def set_rules(self, text: str):
+        self._engine.set_rules(text)
+
+    def set_theta(self, path):
+        self._engine.set_theta_file(os.fspath(path))
+
+    def routing_table(self) -> str:
+        return self._engine.routing_table()
+
+    def plan_report(self) -> str:
+        return self._engine.plan_report()
+
+    def phase_seconds(self) -> dict:
+        return dict(self._engine.phase_seconds())
+
+
+class Celo2(_ControlSetters, torch.optim.Optimizer):
     """The Celo2 learned optimizer (sharded C++ engine) for PyTorch; see the module docstring.
 
     Args:
@@ -401,25 +424,6 @@ class Celo2(torch.optim.Optimizer):
 
     def status(self) -> dict:
         return self._engine.status()
-
-    def routing_table(self) -> str:
-        return self._engine.routing_table()
-
-    def plan_report(self) -> str:
-        return self._engine.plan_report()
-
-    def phase_seconds(self) -> dict:
-        return dict(self._engine.phase_seconds())
-
-    def set_schedule(self, text: str):
-        self._engine.set_schedule(text)
-        self._external_lr = False
-
-    def set_rules(self, text: str):
-        self._engine.set_rules(text)
-
-    def set_theta(self, path):
-        self._engine.set_theta_file(os.fspath(path))
 
     def set_weight_decay(self, wd: float):
         self._engine.set_weight_decay(wd)

@@ -35,12 +35,12 @@ import time
 import torch
 
 from . import _celo2
-from .torch import _GRADS, _NAN, _VARIANTS, _is_number, _named
+from .torch import _GRADS, _NAN, _VARIANTS, _ControlSetters, _is_number, _named
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-class Celo2CUDA(torch.optim.Optimizer):
+class Celo2CUDA(_ControlSetters, torch.optim.Optimizer):
     """Celo2 on the GPU engine; arguments as ``celo2.torch.Celo2`` (``control=...`` serves the
     same gRPC control plane from rank 0, started at the first step) plus ``bucket_bytes``
     (gradient bytes per communication bucket) and ``ns_precision`` (``"float32"`` |
@@ -204,22 +204,9 @@ class Celo2CUDA(torch.optim.Optimizer):
                     f.write(bytes(state_dict["celo2_state_file"]))
             self._engine.load(path)
 
-    def set_schedule(self, text: str):
-        self._engine.set_schedule(text)
-        self._external_lr = False
-
-    def set_rules(self, text: str):
-        self._engine.set_rules(text)
-
-    def set_theta(self, path):
-        self._engine.set_theta_file(os.fspath(path))
-
     def refresh_masters(self):
         """After changing bfloat16 parameters outside the optimizer (e.g. loading a model)."""
         self._engine.refresh_masters()
-
-    def routing_table(self) -> str:
-        return self._engine.routing_table()
 
     def start_control(self) -> str:
         """Collective: start the control plane now (else at the first step); its address."""
@@ -229,12 +216,6 @@ class Celo2CUDA(torch.optim.Optimizer):
     @property
     def control_address(self) -> str:
         return self._engine.control_address
-
-    def plan_report(self) -> str:
-        return self._engine.plan_report()
-
-    def phase_seconds(self) -> dict:
-        return dict(self._engine.phase_seconds())
 
     @property
     def rank(self) -> int:

@@ -66,6 +66,21 @@ OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
 // so that every rank reaches the same verdict about a file only rank 0 read or wrote.
 void agree_on_error(Communicator& comm, const std::string& local_error);
 
+struct StateFile;
+struct TensorStateRecord;
+// Collective: rank 0 reads the checkpoint at `path`, every rank parses the same bytes (and so
+// reaches the same verdict) and gets, for each registered tensor (names, shapes, labels in
+// registration order), its checked record in `f` (celo2/state_file.h). Throws
+// flax::FormatError naming the file and the problem; nothing is changed by a failure.
+struct TensorIdentity {
+  const std::string* name;
+  const std::vector<int64_t>* shape;
+  Label label;
+};
+std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, const std::string& path,
+                                                            const std::vector<TensorIdentity>& tensors,
+                                                            StateFile& f);
+
 class Engine : public EngineControl {
  public:
   Engine(EngineOptions options, std::shared_ptr<Communicator> comm);
