@@ -123,7 +123,7 @@ struct DeviceModel {
       float *a = nullptr, *b = nullptr;
       cudaMalloc(&a, std::max<size_t>(1, m.p[i].size()) * 4);
       cudaMalloc(&b, std::max<size_t>(1, m.p[i].size()) * 4);
-      std::memcpy(a, m.p[i].data(), m.p[i].size() * 4);
+      std::copy(m.p[i].begin(), m.p[i].end(), a);
       p.push_back(a);
       g.push_back(b);
     }
@@ -133,7 +133,7 @@ struct DeviceModel {
     for (float* x : g) cudaFree(x);
   }
   void set_grads(const Model& m) {
-    for (size_t i = 0; i < m.g.size(); ++i) std::memcpy(g[i], m.g[i].data(), m.g[i].size() * 4);
+    for (size_t i = 0; i < m.g.size(); ++i) std::copy(m.g[i].begin(), m.g[i].end(), g[i]);
   }
   std::vector<float> params(size_t i, size_t n) const { return std::vector<float>(p[i], p[i] + n); }
 };
@@ -298,7 +298,7 @@ TEST(GpuEngineHost, CheckpointsWithTheCpuOptimizerAtAnyWorldSize) {
   for (size_t i = 0; i < u.init.p.size(); ++i) {  // in place: the optimizer holds these pointers
     std::copy(t.cpu.p[i].begin(), t.cpu.p[i].end(), u.init.p[i].begin());
     std::copy(t.cpu.p[i].begin(), t.cpu.p[i].end(), u.cpu.p[i].begin());
-    std::memcpy(u.dev.p[i], t.cpu.p[i].data(), t.cpu.p[i].size() * 4);
+    std::copy(t.cpu.p[i].begin(), t.cpu.p[i].end(), u.dev.p[i]);
   }
   u.opt.load_state(path);
   u.eng.load_state(path);
