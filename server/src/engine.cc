@@ -163,14 +163,8 @@ OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
 Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
     : opts_(std::move(options)), comm_(std::move(comm)) {
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
-  OptimizerOptions& o = opts_.opt;
-  o.rule.validate();
-  if (o.theta.layers.empty()) o.theta = Theta::project_default(o.rule);
-  o.theta.check_fits(o.rule);
-  o.schedule.validate();
-  require_finite("weight_decay", o.weight_decay);
-  require_finite("mult_1d", o.mult_1d);
-  if (o.use_reference)
+  prepare_options(opts_.opt);
+  if (opts_.opt.use_reference)
     throw std::invalid_argument("Engine: use_reference is for the single-process Optimizer");
 }
 
@@ -184,11 +178,7 @@ void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, flo
                         const float* grads) {
   auto e = std::make_unique<Entry>();
   e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, params, grads,
-                              [&](const std::string& n) {
-                                for (const auto& x : entries_)
-                                  if (x->name == n) return true;
-                                return false;
-                              });
+                              [&](const std::string& n) { return name_taken(entries_, n); });
   e->name = name;
   e->params = params;
   e->grads = grads;

@@ -168,14 +168,8 @@ struct GpuEngine::Device {
 GpuEngine::GpuEngine(GpuEngineOptions options, std::shared_ptr<NcclCommunicator> comm)
     : opts_(std::move(options)), comm_(std::move(comm)) {
   if (!comm_) throw std::invalid_argument("GpuEngine: null communicator");
-  OptimizerOptions& o = opts_.opt;
-  o.rule.validate();
-  if (o.theta.layers.empty()) o.theta = Theta::project_default(o.rule);
-  o.theta.check_fits(o.rule);
-  o.schedule.validate();
-  require_finite("weight_decay", o.weight_decay);
-  require_finite("mult_1d", o.mult_1d);
-  if (o.use_reference) throw std::invalid_argument("GpuEngine: use_reference is a CPU option");
+  prepare_options(opts_.opt);
+  if (opts_.opt.use_reference) throw std::invalid_argument("GpuEngine: use_reference is a CPU option");
   if (opts_.bucket_bytes < 4) throw std::invalid_argument("GpuEngine: bucket_bytes must be >= 4");
   cuda::parse_ns_precision(opts_.ns_precision);  // throws on an unknown name
   dev_ = std::make_unique<Device>(comm_->device());
@@ -196,11 +190,8 @@ void GpuEngine::add_tensor(const std::string& name, std::vector<int64_t> shape, 
                            void* params, DType grad_dtype, const void* grads) {
   auto e = std::make_unique<Entry>();
   e->geo = check_registration(plan_ready_, name, shape, static_cast<const float*>(params),
-                              static_cast<const float*>(grads), [&](const std::string& n) {
-                                for (const auto& x : entries_)
-                                  if (x->name == n) return true;
-                                return false;
-                              });
+                              static_cast<const float*>(grads),
+                              [&](const std::string& n) { return name_taken(entries_, n); });
   if (e->geo.numel > 0) {
     if (!is_device_pointer(params, dev_->device))
       throw std::invalid_argument("add_tensor('" + name + "'): params are not memory of CUDA device " +

@@ -56,14 +56,16 @@ struct Optimizer::Entry {
   }
 };
 
-Optimizer::Optimizer(OptimizerOptions options) : opts_(std::move(options)) {
-  opts_.rule.validate();
-  if (opts_.theta.layers.empty()) opts_.theta = Theta::project_default(opts_.rule);
-  opts_.theta.check_fits(opts_.rule);
-  opts_.schedule.validate();
-  if (!std::isfinite(opts_.weight_decay) || !std::isfinite(opts_.mult_1d))
-    throw std::invalid_argument("weight_decay and mult_1d must be finite");
+void prepare_options(OptimizerOptions& o) {
+  o.rule.validate();
+  if (o.theta.layers.empty()) o.theta = Theta::project_default(o.rule);
+  o.theta.check_fits(o.rule);
+  o.schedule.validate();
+  require_finite("weight_decay", o.weight_decay);
+  require_finite("mult_1d", o.mult_1d);
 }
+
+Optimizer::Optimizer(OptimizerOptions options) : opts_(std::move(options)) { prepare_options(opts_); }
 
 Optimizer::~Optimizer() = default;
 
@@ -98,11 +100,7 @@ void Optimizer::add_tensor(const std::string& name, std::vector<int64_t> shape, 
                            const float* grads) {
   auto e = std::make_unique<Entry>();
   e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, params, grads,
-                              [&](const std::string& n) {
-                                for (const auto& x : entries_)
-                                  if (x->name == n) return true;
-                                return false;
-                              });
+                              [&](const std::string& n) { return name_taken(entries_, n); });
   e->name = name;
   e->params = params;
   e->grads = grads;

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../unit/test_util.h"
 #include "celo2/cuda/check.h"
 
 #define CELO2_NEED_GPU()                                                                  \
@@ -55,24 +56,10 @@ struct DeviceBuf {
   }
 };
 
-// max |got - want| / RMS(want) (spec §8); NaN anywhere gives NaN.
+// The spec §8 error measure and seeded normal data: tests/unit/test_util.h's.
 inline double rel_error(const float* got, const float* want, int64_t n) {
-  double max_err = 0.0, sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
-    if (!(e <= max_err)) max_err = e;
-    sq += static_cast<double>(want[i]) * want[i];
-  }
-  const double rms = n ? std::sqrt(sq / static_cast<double>(n)) : 0.0;
-  return max_err / std::max(rms, 1e-30);
+  return test_util::rel_err(got, want, static_cast<size_t>(n));
 }
-
-inline std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using test_util::randn;
 
 }  // namespace celo2::gputest

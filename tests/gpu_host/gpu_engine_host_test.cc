@@ -15,9 +15,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <random>
 
 #include "../mpi/mpi_test_main.h"
+#include "../unit/test_util.h"
 #include "celo2/gpu_engine.h"
 #include "celo2/optimizer.h"
 #include "celo2/state_file.h"
@@ -35,23 +35,8 @@ using celo2::GpuEngineOptions;
 using celo2::Label;
 
 constexpr double kTol = 1e-4;
-
-std::vector<float> randn(size_t n, uint64_t seed, float scale) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
-
-double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
-  double mx = 0, sq = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    mx = std::max(mx, std::fabs(static_cast<double>(got[i]) - want[i]));
-    sq += static_cast<double>(want[i]) * want[i];
-  }
-  return want.empty() ? 0.0 : mx / std::max(std::sqrt(sq / want.size()), 1e-30);
-}
+using celo2::test_util::randn;
+using celo2::test_util::rel_err;
 
 float round_bf16(float x) {
   uint32_t u;

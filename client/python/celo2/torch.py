@@ -116,8 +116,44 @@ class _Entry:
         self.ptr = param.data_ptr() if direct else None
 
 
-class _ControlSetters:
-    """The settings both optimizers forward to their engine (``self._engine``)."""
+class _EngineFront:
+    """What both optimizers share over their engine (``self._engine``): the settings, the
+    control plane, the rank, and the learning-rate bookkeeping of ``step()``."""
+
+    def _step_args(self, loss):
+        """(lr for the engine, or None to follow its schedule; loss as a float or None)."""
+        lr = self.param_groups[0]["lr"]
+        if not self._external_lr and lr != self._lr_written:
+            self._external_lr = True
+        if self._external_lr and (not _is_number(lr) or lr < 0):
+            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
+        loss_value = None
+        if loss is not None:
+            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        return (float(lr) if self._external_lr else None), loss_value
+
+    def _record(self, report, seconds):
+        self.param_groups[0]["lr"] = report["lr"]
+        self._lr_written = report["lr"]
+        self.last_report = report
+        self.last_step_seconds = seconds
+
+    @property
+    def rank(self) -> int:
+        return self._engine.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._engine.world_size
+
+    @property
+    def control_address(self) -> str:
+        return self._engine.control_address
+
+    def start_control(self) -> str:
+        """Collective: start the control plane now (else at the first step); its address."""
+        self._engine.start_control()
+        return self._engine.control_address
 
     def set_schedule(self, text: str):
         self._engine.set_schedule(text)
@@ -139,7 +175,7 @@ class _ControlSetters:
         return dict(self._engine.phase_seconds())
 
 
-class Celo2(_ControlSetters, torch.optim.Optimizer):
+class Celo2(_EngineFront, torch.optim.Optimizer):
     """The Celo2 learned optimizer (sharded C++ engine) for PyTorch; see the module docstring.
 
     Args:
@@ -294,24 +330,13 @@ class Celo2(_ControlSetters, torch.optim.Optimizer):
                 loss = closure()
         self._check_params()
         self._sync_grads()
-        group = self.param_groups[0]
-        lr = group["lr"]
-        if not self._external_lr and lr != self._lr_written:
-            self._external_lr = True
-        if self._external_lr and (not _is_number(lr) or lr < 0):
-            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
-        loss_value = None
-        if loss is not None:
-            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        lr, loss_value = self._step_args(loss)
         t0 = time.perf_counter()
-        report = self._engine.step(loss=loss_value, lr=float(lr) if self._external_lr else None)
+        report = self._engine.step(loss=loss_value, lr=lr)
         for e in self._entries:
             if not e.direct:
                 e.param.copy_(e.master, non_blocking=True)
-        self.last_step_seconds = time.perf_counter() - t0
-        group["lr"] = report["lr"]
-        self._lr_written = report["lr"]
-        self.last_report = report
+        self._record(report, time.perf_counter() - t0)
         return loss
 
     def zero_grad(self, set_to_none: bool = False):
@@ -403,24 +428,8 @@ class Celo2(_ControlSetters, torch.optim.Optimizer):
         return [e.name for e in self._entries]
 
     @property
-    def rank(self) -> int:
-        return self._engine.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._engine.world_size
-
-    @property
     def communicator(self):
         return self._engine.communicator
-
-    @property
-    def control_address(self) -> str:
-        return self._engine.control_address
-
-    def start_control(self):
-        self._engine.start_control()
-        return self._engine.control_address
 
     def status(self) -> dict:
         return self._engine.status()

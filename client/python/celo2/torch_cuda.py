@@ -35,12 +35,12 @@ import time
 import torch
 
 from . import _celo2
-from .torch import _GRADS, _NAN, _VARIANTS, _ControlSetters, _is_number, _named
+from .torch import _GRADS, _NAN, _VARIANTS, _EngineFront, _is_number, _named
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-class Celo2CUDA(_ControlSetters, torch.optim.Optimizer):
+class Celo2CUDA(_EngineFront, torch.optim.Optimizer):
     """Celo2 on the GPU engine; arguments as ``celo2.torch.Celo2`` (``control=...`` serves the
     same gRPC control plane from rank 0, started at the first step) plus ``bucket_bytes``
     (gradient bytes per communication bucket) and ``ns_precision`` (``"float32"`` |
@@ -146,22 +146,11 @@ class Celo2CUDA(_ControlSetters, torch.optim.Optimizer):
                 view.zero_()
             elif g.data_ptr() != view.data_ptr():
                 view.copy_(g)
-        group = self.param_groups[0]
-        lr = group["lr"]
-        if not self._external_lr and lr != self._lr_written:
-            self._external_lr = True
-        if self._external_lr and (not _is_number(lr) or lr < 0):
-            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
+        lr, loss_value = self._step_args(loss)
         stream = torch.cuda.current_stream(self._device).cuda_stream
         t0 = time.perf_counter()
-        loss_value = None
-        if loss is not None:
-            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
-        report = self._engine.step(lr=float(lr) if self._external_lr else None, stream=stream, loss=loss_value)
-        self.last_step_seconds = time.perf_counter() - t0
-        group["lr"] = report["lr"]
-        self._lr_written = report["lr"]
-        self.last_report = report
+        report = self._engine.step(lr=lr, stream=stream, loss=loss_value)
+        self._record(report, time.perf_counter() - t0)
         return loss
 
     def zero_grad(self, set_to_none: bool = False):
@@ -207,23 +196,6 @@ class Celo2CUDA(_ControlSetters, torch.optim.Optimizer):
     def refresh_masters(self):
         """After changing bfloat16 parameters outside the optimizer (e.g. loading a model)."""
         self._engine.refresh_masters()
-
-    def start_control(self) -> str:
-        """Collective: start the control plane now (else at the first step); its address."""
-        self._engine.start_control()
-        return self._engine.control_address
-
-    @property
-    def control_address(self) -> str:
-        return self._engine.control_address
-
-    @property
-    def rank(self) -> int:
-        return self._engine.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._engine.world_size
 
     def __repr__(self):
         return (f"Celo2CUDA(tensors={len(self._entries)}, device={self._device}, "

@@ -58,6 +58,19 @@ Geometry check_registration(bool closed, const std::string& name,
 // Returns x, or throws std::invalid_argument("<what> must be finite") (setters of the recipe).
 double require_finite(const char* what, double x);
 
+// The checks every engine makes of its options at construction (rule, theta, schedule, finite
+// recipe numbers), filling in the default theta (Theta::project_default) when none is given.
+void prepare_options(OptimizerOptions& o);
+
+// Whether `name` is already registered among `entries` (anything with a `name` member): the
+// `taken` predicate of check_registration.
+template <class Entries>
+bool name_taken(const Entries& entries, const std::string& name) {
+  for (const auto& e : entries)
+    if (e->name == name) return true;
+  return false;
+}
+
 class NonFiniteGradientError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
