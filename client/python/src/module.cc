@@ -381,8 +381,6 @@ struct PyGpuEngine {
 #endif
   }
 };
-
-py::dict gpu_report(const StepReport& r, double seconds) { return report_dict(r, seconds); }
 #endif
 
 }  // namespace
@@ -562,7 +560,7 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
                py::gil_scoped_release nogil;
                r = g.step(l, reinterpret_cast<CUstream_st*>(stream), lo);
              }
-             return gpu_report(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+             return report_dict(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
            },
            py::arg("lr") = py::none(), py::arg("stream") = 0, py::arg("loss") = py::none())
       .def("start_control", [](PyGpuEngine& g) { g.start_control(); })
