@@ -8,6 +8,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "backend.h"
 #include "celo2/adamw.h"
 #include "celo2/flax_msgpack.h"
 #include "celo2/newton_schulz.h"
@@ -164,15 +165,40 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
     : opts_(std::move(options)), comm_(std::move(comm)) {
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
   prepare_options(opts_.opt);
-  if (opts_.opt.use_reference)
-    throw std::invalid_argument("Engine: use_reference is for the single-process Optimizer");
+  if (opts_.bucket_elements < 1) throw std::invalid_argument("Engine: bucket_elements must be positive");
+  // The reference runs whole tensors only.
+  if (opts_.opt.use_reference) opts_.plan = Plan::kWholeTensors;
+  backend_ = make_cpu_backend(opts_.opt.use_reference);
+  if (opts_.plan == Plan::kFlat && !backend_->slice_phases())
+    throw UnsupportedError(std::string("backend '") + backend_->name() +
+                           "' does not support the flat plan (the rule in phases on slices)");
 }
+
+Plan parse_plan(const std::string& s) {
+  if (s == "flat") return Plan::kFlat;
+  if (s == "whole") return Plan::kWholeTensors;
+  throw std::invalid_argument("plan: '" + s + "' is not one of flat, whole");
+}
+
+const char* plan_name(Plan p) { return p == Plan::kFlat ? "flat" : "whole"; }
 
 Engine::~Engine() = default;
 
 size_t Engine::num_tensors() const { return entries_.size(); }
 Label Engine::label_of(size_t i) const { return entries_.at(i)->label; }
 int64_t Engine::offset_of(size_t i) const { return entries_.at(i)->offset; }
+const std::string& Engine::name_of(size_t i) const { return entries_.at(i)->name; }
+
+int64_t Engine::memory_bytes() const {
+  int64_t floats = static_cast<int64_t>(grad_local_.capacity() + u_local_.capacity() + send_buf_.capacity() +
+                                        recv_buf_.capacity() + mat_buf_.capacity() + bucket_send_.capacity() +
+                                        bucket_recv_.capacity() + adam_scratch_.capacity());
+  for (const auto& e : entries_)
+    floats += static_cast<int64_t>(e->m.capacity() + e->rms.capacity() + e->v_diag.capacity() +
+                                   e->v_row.capacity() + e->v_col.capacity() + e->mu.capacity() +
+                                   e->nu.capacity());
+  return floats * static_cast<int64_t>(sizeof(float));
+}
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                         const float* grads) {
@@ -202,7 +228,26 @@ void Engine::relabel() {
 
 void Engine::build_plan() {
   const int W = comm_->size(), r = comm_->rank();
-  auto cut = [&](int k) { return total_ * k / W; };
+  std::vector<int64_t> cuts(W + 1);
+  for (int k = 0; k <= W; ++k) cuts[k] = total_ * k / W;
+  if (whole()) {
+    // Snap each cut out of the Celo2 tensor it falls in, to that tensor's nearer end.
+    for (int k = 1; k < W; ++k) {
+      for (const auto& e : entries_) {
+        const int64_t a = e->offset, b = e->offset + e->geo.numel;
+        if (e->label != Label::kCelo2 || cuts[k] <= a || cuts[k] >= b) continue;
+        cuts[k] = (cuts[k] - a <= b - cuts[k]) ? a : b;
+        break;
+      }
+      cuts[k] = std::max(cuts[k], cuts[k - 1]);
+    }
+  }
+  // A plan whose cuts moved (kWholeTensors after a relabel) moves the state with them.
+  const bool reshard = !cuts_.empty() && cuts != cuts_;
+  StateFile snapshot;
+  if (reshard) snapshot = collect_state(/*all_ranks=*/true);
+  cuts_ = cuts;
+  auto cut = [&](int k) { return cuts_[k]; };
   my_lo_ = cut(r);
   my_hi_ = cut(r + 1);
   slice_counts_.assign(W, 0);
@@ -217,13 +262,18 @@ void Engine::build_plan() {
     e.local_off = n ? lo - my_lo_ : 0;
     if (e.needs_reset) e.reset_state();
   }
+  if (reshard)
+    for (size_t i = 0; i < entries_.size(); ++i)
+      if (const TensorStateRecord* rec = find_record(snapshot, entries_[i]->name); rec && rec->label == entries_[i]->label)
+        install_state(*entries_[i], *rec);
   // Newton–Schulz matrices and their owners: largest first onto the least-loaded rank.
   const RuleConfig& cfg = opts_.opt.rule;
   matrices_.clear();
   for (size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = *entries_[i];
     e.first_matrix = -1;
-    if (!e.ns(cfg) || e.geo.numel == 0) continue;
+    // The whole-tensor plan runs Newton–Schulz inside the rule, on the tensor's rank.
+    if (!e.ns(cfg) || e.geo.numel == 0 || whole()) continue;
     e.first_matrix = static_cast<int>(matrices_.size());
     for (int64_t k = 0; k < e.geo.norm_groups; ++k) {
       Matrix m;
@@ -286,6 +336,8 @@ void Engine::build_plan() {
   }
   grad_local_.assign(mine, 0.0f);
   u_local_.assign(mine, 0.0f);
+  grad_local_.shrink_to_fit();
+  u_local_.shrink_to_fit();
   send_buf_.assign(std::accumulate(a2a_send_counts_.begin(), a2a_send_counts_.end(), int64_t{0}), 0.0f);
   recv_buf_.assign(std::accumulate(a2a_recv_counts_.begin(), a2a_recv_counts_.end(), int64_t{0}), 0.0f);
   mat_buf_.assign(owned_floats_, 0.0f);
@@ -316,8 +368,76 @@ void Engine::phase_end() {
 
 StepReport Engine::step() { return step_with_lr(opts_.opt.schedule.at(step_)); }
 
+// 1. Gradients reduce-scattered and averaged, one bucket of the flat index space at a time:
+// no full-size copy of the gradients exists (the trainer's buffers are read in place into a
+// bucket of at most bucket_elements floats).
+void Engine::reduce_scatter_grads() {
+  const int W = comm_->size();
+  std::vector<int64_t> counts(W);
+  for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
+    const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
+    bucket_send_.resize(b1 - b0);
+    for (auto& e : entries_) {
+      int64_t lo = 0;
+      const int64_t n = overlap(e->offset, e->offset + e->geo.numel, b0, b1, &lo);
+      if (n) std::memcpy(bucket_send_.data() + (lo - b0), e->grads + (lo - e->offset), n * sizeof(float));
+    }
+    for (int k = 0; k < W; ++k) {
+      int64_t lo = 0;
+      counts[k] = overlap(b0, b1, cuts_[k], cuts_[k + 1], &lo);
+    }
+    int64_t mlo = 0;
+    const int64_t mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
+    float* dst = grad_local_.data() + (mine ? mlo - my_lo_ : 0);
+    comm_->reduce_scatter_sum(bucket_send_.data(), dst, counts);
+    const float inv = 1.0f / static_cast<float>(W);
+    for (int64_t i = 0; i < mine; ++i) dst[i] *= inv;
+  }
+}
+
+// 9. Parameters all-gathered: every rank contributes its pieces (gather_pieces_), streamed
+// in rounds of at most bucket_elements / W floats per rank.
+void Engine::gather_params_now() {
+  const int W = comm_->size(), me = comm_->rank();
+  const int64_t window = std::max<int64_t>(opts_.bucket_elements / W, 4096);
+  const int64_t longest = *std::max_element(gather_counts_.begin(), gather_counts_.end());
+  // Walks rank k's piece stream over [s0, s1), calling fn(param pointer, stream position, n).
+  auto walk = [&](int k, int64_t s0, int64_t s1, auto fn) {
+    int64_t at = 0;
+    for (const Piece& pc : gather_pieces_[k]) {
+      int64_t lo = 0;
+      const int64_t n = overlap(at, at + pc.n, s0, s1, &lo);
+      if (n) fn(entries_[pc.entry]->params + pc.lo + (lo - at), lo - s0, n);
+      at += pc.n;
+      if (at >= s1) break;
+    }
+  };
+  std::vector<int64_t> counts(W);
+  for (int64_t s0 = 0; s0 < longest; s0 += window) {
+    int64_t sum = 0;
+    for (int k = 0; k < W; ++k) {
+      counts[k] = std::clamp<int64_t>(gather_counts_[k] - s0, 0, window);
+      sum += counts[k];
+    }
+    bucket_send_.resize(counts[me]);
+    walk(me, s0, s0 + counts[me], [&](const float* p, int64_t at, int64_t n) {
+      std::memcpy(bucket_send_.data() + at, p, n * sizeof(float));
+    });
+    bucket_recv_.resize(sum);
+    comm_->all_gather(bucket_send_.data(), bucket_recv_.data(), counts);
+    int64_t base = 0;
+    for (int k = 0; k < W; ++k) {
+      if (k != me)
+        walk(k, s0, s0 + counts[k], [&](float* p, int64_t at, int64_t n) {
+          std::memcpy(p, bucket_recv_.data() + base + at, n * sizeof(float));
+        });
+      base += counts[k];
+    }
+  }
+}
+
 StepReport Engine::step_with_lr(double lr) {
-  if (!std::isfinite(lr)) throw std::invalid_argument("step: learning rate is not finite");
+  check_step_lr(lr);
   if (!plan_ready_) build_plan();
   stats_ = PhaseStats{};
   const OptimizerOptions& o = opts_.opt;
@@ -329,48 +449,120 @@ StepReport Engine::step_with_lr(double lr) {
   // 1. Gradients: reduce-scatter and average, or take this rank's part of reduced ones.
   phase_begin("grads");
   if (opts_.grad_mode == GradMode::kLocal && W > 1) {
-    flat_buf_.resize(total_);
-    for (auto& e : entries_)
-      if (e->geo.numel) std::memcpy(flat_buf_.data() + e->offset, e->grads, e->geo.numel * sizeof(float));
-    comm_->reduce_scatter_sum(flat_buf_.data(), grad_local_.data(), slice_counts_);
-    const float inv = 1.0f / static_cast<float>(W);
-    for (float& g : grad_local_) g *= inv;
+    reduce_scatter_grads();
   } else {
     for (auto& e : entries_)
       if (e->len()) std::memcpy(grad_local_.data() + e->local_off, e->grads + e->lo, e->len() * sizeof(float));
   }
   // Non-finite entries and gradient norms, decided globally.
   double red[4] = {0, 0, 0, 0};
-  for (auto& e : entries_) {
-    if (e->label == Label::kFrozen || !e->len()) continue;
-    const float* g = grad_local_.data() + e->local_off;
+  std::vector<double> bad(entries_.size(), 0.0);
+  for (size_t t = 0; t < entries_.size(); ++t) {
+    const Entry& e = *entries_[t];
+    if (e.label == Label::kFrozen || !e.len()) continue;
+    const float* g = grad_local_.data() + e.local_off;
     double s = 0, nb = 0;
-    for (int64_t i = 0; i < e->len(); ++i) {
+#pragma omp parallel for reduction(+ : nb, s) schedule(static) if (e.len() > 65536)
+    for (int64_t i = 0; i < e.len(); ++i) {
       if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
       else nb += 1;
     }
+    bad[t] = nb;
     red[0] += nb;
-    red[1 + static_cast<int>(e->label)] += s;
+    red[1 + static_cast<int>(e.label)] += s;
   }
   comm_->all_reduce_sum(red, 4);
   phase_end();
   rep.nonfinite = static_cast<int64_t>(red[0]);
   for (int l = 0; l < 3; ++l) rep.grad_norm[l] = std::sqrt(red[1 + l]);
-  if (rep.nonfinite > 0) {
-    if (o.nan_policy == NanPolicy::kError)
-      throw NonFiniteGradientError("non-finite gradient: " + std::to_string(rep.nonfinite) +
-                                   " entries are NaN or Inf across ranks (step " +
-                                   std::to_string(step_) + ")");
-    if (o.nan_policy == NanPolicy::kSkipStep) {
+  std::string where;
+  if (rep.nonfinite > 0 && o.nan_policy == NanPolicy::kError) {
+    // Name the tensors (rare path: one more small all-reduce).
+    comm_->all_reduce_sum(bad.data(), static_cast<int64_t>(bad.size()));
+    for (size_t t = 0; t < entries_.size(); ++t)
+      if (bad[t] > 0)
+        where += (where.empty() ? "" : ", ") + std::to_string(static_cast<int64_t>(bad[t])) + " in '" +
+                 entries_[t]->name + "'";
+  }
+  switch (decide_nan(o.nan_policy, rep.nonfinite, step_, where)) {
+    case NanAction::kProceed: break;
+    case NanAction::kSkip:
       ++skipped_;
       rep.skipped = true;
       rep.step = step_;
       return rep;
-    }
-    for (float& g : grad_local_)
-      if (!std::isfinite(g)) g = 0.0f;
+    case NanAction::kZeroEntries:
+      for (float& g : grad_local_)
+        if (!std::isfinite(g)) g = 0.0f;
+      break;
   }
+  double usq[3] = {0, 0, 0};
+  const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
 
+  if (whole()) {
+    // 2–8 on whole tensors: every Celo2 tensor lies on one rank (the plan's cuts).
+    phase_begin("rule");
+    for (auto& ep : entries_) {
+      Entry& e = *ep;
+      if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
+      if (!e.len()) {  // another rank's tensor: keep the counter in step
+        e.iteration += 1;
+        continue;
+      }
+      RuleState st;
+      st.m.swap(e.m);
+      st.rms.swap(e.rms);
+      st.v_row.swap(e.v_row);
+      st.v_col.swap(e.v_col);
+      st.v_diag.swap(e.v_diag);
+      st.iteration = e.iteration;
+      backend_->rule_whole(cfg, o.theta, e.geo, st, grad_local_.data() + e.local_off, e.params,
+                           u_local_.data() + e.local_off);
+      st.m.swap(e.m);
+      st.rms.swap(e.rms);
+      st.v_row.swap(e.v_row);
+      st.v_col.swap(e.v_col);
+      st.v_diag.swap(e.v_diag);
+      e.iteration = st.iteration;
+      usq[0] += apply_update(flr, wd, e.len(), e.params, u_local_.data() + e.local_off);
+    }
+    phase_end();
+  } else {
+    usq[0] = step_phases(lr);
+  }
+  phase_begin("apply");
+  for (auto& ep : entries_) {
+    Entry& e = *ep;
+    if (e.label != Label::kAdamW || e.geo.numel == 0) continue;
+    e.count += 1;
+    if (!e.len()) continue;
+    usq[1] += backend_->adamw(adamw_params(o, lr, e.count), e.len(), e.params + e.lo,
+                              grad_local_.data() + e.local_off, e.mu.data(), e.nu.data());
+  }
+  comm_->all_reduce_sum(usq, 3);
+  int64_t cnt[3] = {0, 0, 0};
+  for (auto& e : entries_) cnt[static_cast<int>(e->label)] += e->geo.numel;
+  set_update_rms(rep, usq, cnt);
+  phase_end();
+
+  if (opts_.gather_params && W > 1) {
+    phase_begin("gather");
+    gather_params_now();
+    phase_end();
+  }
+  (void)me;
+  ++step_;
+  rep.step = step_;
+  return rep;
+}
+
+// 2–8 of the flat plan: the rule in phases on this rank's slices, with the small
+// statistics summed between phases and Newton–Schulz at the matrices' owners. Applies the
+// celo2 branch; returns its applied update's sum of squares on this rank.
+double Engine::step_phases(double lr) {
+  const OptimizerOptions& o = opts_.opt;
+  const RuleConfig& cfg = o.rule;
+  const int W = comm_->size(), me = comm_->rank();
   // 2. Local accumulators and partial row/col statistics.
   phase_begin("accumulate");
   std::vector<Entry*> celo;
@@ -502,7 +694,7 @@ StepReport Engine::step_with_lr(double lr) {
   double celo_usq_from_owners = 0.0;
   if (!matrices_.empty()) {
     phase_begin("newton_schulz");
-    auto cut = [&](int k) { return total_ * k / W; };
+    auto cut = [&](int k) { return cuts_[k]; };
     // This rank's pieces of the matrices, in the send layout: by destination (owner), then
     // matrix order. fn(offset in u_local_, count, offset in send_buf_).
     auto walk_mine = [&](auto fn) {
@@ -561,12 +753,7 @@ StepReport Engine::step_with_lr(double lr) {
         if (merged_) {
           const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
           phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
-          float* p = e.params + m.group * e.geo.norm_size;
-          for (int64_t i = 0; i < e.geo.norm_size; ++i) {
-            const float d = flr_ns * (x[i] + wd_ns * p[i]);
-            p[i] -= d;
-            owner_usq += static_cast<double>(d) * d;
-          }
+          owner_usq += apply_update(flr_ns, wd_ns, e.geo.norm_size, e.params + m.group * e.geo.norm_size, x);
         }
       }
     }
@@ -587,7 +774,7 @@ StepReport Engine::step_with_lr(double lr) {
 
   // 8. Output normalization and the update, locally.
   phase_begin("apply");
-  double usq[3] = {celo_usq_from_owners, 0, 0};
+  double usq0 = celo_usq_from_owners;
   const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
   {
     double acc_all = 0.0;
@@ -599,68 +786,12 @@ StepReport Engine::step_with_lr(double lr) {
       const Slice s = sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi);
       const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
       phase_finish(cfg, e.geo, sc[w.k], s, gsq);
-      float* p = e.params + w.lo;
-      const float* u = s.u;
-      double acc = 0;
-      for (int64_t i = 0; i < w.hi - w.lo; ++i) {
-        const float d = flr * (u[i] + wd * p[i]);
-        p[i] -= d;
-        acc += static_cast<double>(d) * d;
-      }
-      acc_all += acc;
+      acc_all += apply_update(flr, wd, w.hi - w.lo, e.params + w.lo, s.u);
     }
-    usq[0] += acc_all;
+    usq0 += acc_all;
   }
-  for (auto& ep : entries_) {
-    Entry& e = *ep;
-    if (e.label != Label::kAdamW || e.geo.numel == 0) continue;
-    e.count += 1;
-    if (!e.len()) continue;
-    AdamWParams a;
-    a.b1 = o.adam_b1;
-    a.b2 = o.adam_b2;
-    a.eps = o.adam_eps;
-    a.lr = static_cast<float>(lr * o.mult_1d);
-    a.wd = static_cast<float>(o.weight_decay);
-    a.count = e.count;
-    float* p = e.params + e.lo;
-    std::vector<float> old(p, p + e.len());
-    adamw_update(a, e.len(), p, grad_local_.data() + e.local_off, e.mu.data(), e.nu.data());
-    double acc = 0;
-    for (int64_t i = 0; i < e.len(); ++i) {
-      const double d = static_cast<double>(old[i]) - p[i];
-      acc += d * d;
-    }
-    usq[1] += acc;
-  }
-  comm_->all_reduce_sum(usq, 3);
-  int64_t cnt[3] = {0, 0, 0};
-  for (auto& e : entries_) cnt[static_cast<int>(e->label)] += e->geo.numel;
-  for (int l = 0; l < 3; ++l) rep.update_rms[l] = cnt[l] ? std::sqrt(usq[l] / cnt[l]) : 0.0;
   phase_end();
-
-  // 9. Parameters all-gathered: every rank contributes its pieces (gather_pieces_).
-  if (opts_.gather_params && W > 1) {
-    phase_begin("gather");
-    send_buf_.resize(std::max<size_t>(send_buf_.size(), gather_counts_[me]));
-    int64_t at = 0;
-    for (const Piece& pc : gather_pieces_[me]) {
-      std::memcpy(send_buf_.data() + at, entries_[pc.entry]->params + pc.lo, pc.n * sizeof(float));
-      at += pc.n;
-    }
-    flat_buf_.resize(total_);
-    comm_->all_gather(send_buf_.data(), flat_buf_.data(), gather_counts_);
-    at = 0;
-    for (int k = 0; k < W; ++k)
-      for (const Piece& pc : gather_pieces_[k]) {
-        if (k != me) std::memcpy(entries_[pc.entry]->params + pc.lo, flat_buf_.data() + at, pc.n * sizeof(float));
-        at += pc.n;
-      }
-    phase_end();
-  }
-  ++step_;
-  rep.step = step_;
-  return rep;
+  return usq0;
 }
 
 void Engine::set_theta(Theta theta) {
@@ -755,68 +886,133 @@ std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, 
   return recs;
 }
 
-void Engine::save_state(const std::string& path) {
-  if (!plan_ready_) build_plan();
-  const bool root = comm_->rank() == 0;
+// Every tensor's whole state by name, gathered over the slices (collective). With
+// all_ranks = false only rank 0's records hold the per-element arrays (checkpoints: rank 0
+// writes). Entries whose label changed since their state was made contribute none.
+StateFile Engine::collect_state(bool all_ranks) {
+  const bool keep = all_ranks || comm_->rank() == 0;
   StateFile f;
   f.step = step_;
   f.skipped = skipped_;
   f.theta_sha256 = sha256_hex(theta_to_bytes(opts_.opt.theta));
-  for (auto& e : entries_) {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
     TensorStateRecord r;
-    r.name = e->name;
-    r.shape = e->geo.shape;
-    r.label = e->label;
-    r.iteration = e->iteration;
-    r.count = e->count;
-    r.v_row = e->v_row;
-    r.v_col = e->v_col;
+    r.name = e.name;
+    r.shape = e.geo.shape;
+    r.label = e.label;
+    r.iteration = e.iteration;
+    r.count = e.count;
+    if (e.label == Label::kCelo2 && e.geo.factored && !e.needs_reset) {
+      // Replicated on every rank in the flat plan; on the tensor's rank in the whole plan.
+      r.v_row = e.v_row;
+      r.v_col = e.v_col;
+      if (whole() && comm_->size() > 1) {
+        const int holder = static_cast<int>(std::upper_bound(cuts_.begin(), cuts_.end(), e.offset) - cuts_.begin()) - 1;
+        comm_->broadcast(r.v_row.data(), static_cast<int64_t>(r.v_row.size() * sizeof(float)), std::min(holder, comm_->size() - 1));
+        comm_->broadcast(r.v_col.data(), static_cast<int64_t>(r.v_col.size() * sizeof(float)), std::min(holder, comm_->size() - 1));
+      }
+    }
     f.tensors.push_back(std::move(r));
   }
-  // Gather each per-element state plane over the flat index space.
-  std::vector<float> send(my_hi_ - my_lo_), full(total_);
-  auto gather_plane = [&](auto get, auto put) {
-    std::fill(send.begin(), send.end(), 0.0f);
-    for (auto& e : entries_)
-      if (const float* src = get(*e); src && e->len())
-        std::memcpy(send.data() + e->local_off, src, e->len() * sizeof(float));
-    comm_->all_gather(send.data(), full.data(), slice_counts_);
-    if (root)
-      for (size_t i = 0; i < entries_.size(); ++i) put(*entries_[i], f.tensors[i], full.data() + entries_[i]->offset);
+  // Gather each per-element state plane, one bucket of the flat index space at a time.
+  auto gather_plane = [&](Label label, auto get, auto put) {
+    for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
+      const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
+      std::vector<int64_t> counts(comm_->size());
+      for (int k = 0; k < comm_->size(); ++k) {
+        int64_t lo = 0;
+        counts[k] = overlap(b0, b1, cuts_[k], cuts_[k + 1], &lo);
+      }
+      int64_t mlo = 0;
+      const int64_t mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
+      bucket_send_.assign(mine, 0.0f);
+      bucket_recv_.resize(b1 - b0);
+      for (auto& e : entries_) {
+        if (e->label != label || e->needs_reset || !e->len()) continue;
+        int64_t lo = 0;
+        const int64_t n = overlap(e->offset + e->lo, e->offset + e->hi, mlo, mlo + mine, &lo);
+        if (n) std::memcpy(bucket_send_.data() + (lo - mlo), get(*e) + (lo - e->offset - e->lo), n * sizeof(float));
+      }
+      comm_->all_gather(bucket_send_.data(), bucket_recv_.data(), counts);
+      if (!keep) continue;
+      for (size_t i = 0; i < entries_.size(); ++i) {
+        Entry& e = *entries_[i];
+        if (e.label != label || e.needs_reset) continue;
+        int64_t lo = 0;
+        const int64_t n = overlap(e.offset, e.offset + e.geo.numel, b0, b1, &lo);
+        if (n) put(f.tensors[i], lo - e.offset, bucket_recv_.data() + (lo - b0), n);
+      }
+    }
   };
-  for (int k = 0; k < kMom; ++k)
-    gather_plane([&](Entry& e) { return e.label == Label::kCelo2 ? e.m.data() + k * e.len() : nullptr; },
-                 [&](Entry& e, TensorStateRecord& r, const float* x) {
-                   if (e.label != Label::kCelo2) return;
-                   r.m.insert(r.m.end(), x, x + e.geo.numel);
-                 });
-  gather_plane([&](Entry& e) { return e.label == Label::kCelo2 ? e.rms.data() : nullptr; },
-               [&](Entry& e, TensorStateRecord& r, const float* x) {
-                 if (e.label == Label::kCelo2) r.rms.assign(x, x + e.geo.numel);
-               });
-  for (int k = 0; k < kFac; ++k)
-    gather_plane(
-        [&](Entry& e) {
-          return e.label == Label::kCelo2 && !e.geo.factored ? e.v_diag.data() + k * e.len() : nullptr;
-        },
-        [&](Entry& e, TensorStateRecord& r, const float* x) {
-          if (e.label == Label::kCelo2 && !e.geo.factored) r.v_diag.insert(r.v_diag.end(), x, x + e.geo.numel);
-        });
-  gather_plane([&](Entry& e) { return e.label == Label::kAdamW ? e.mu.data() : nullptr; },
-               [&](Entry& e, TensorStateRecord& r, const float* x) {
-                 if (e.label == Label::kAdamW) r.mu.assign(x, x + e.geo.numel);
-               });
-  gather_plane([&](Entry& e) { return e.label == Label::kAdamW ? e.nu.data() : nullptr; },
-               [&](Entry& e, TensorStateRecord& r, const float* x) {
-                 if (e.label == Label::kAdamW) r.nu.assign(x, x + e.geo.numel);
-               });
+  auto plane = [&](Label label, std::vector<float> TensorStateRecord::*field, int planes,
+                   std::vector<float> Entry::*src) {
+    for (size_t i = 0; i < entries_.size(); ++i)
+      if (keep && entries_[i]->label == label && !entries_[i]->needs_reset)
+        (f.tensors[i].*field).assign(static_cast<size_t>(planes) * entries_[i]->geo.numel, 0.0f);
+    for (int k = 0; k < planes; ++k)
+      gather_plane(label, [&](Entry& e) { return (e.*src).data() + k * e.len(); },
+                   [&](TensorStateRecord& r, int64_t at, const float* x, int64_t n) {
+                     const int64_t numel = static_cast<int64_t>((r.*field).size()) / planes;
+                     std::memcpy((r.*field).data() + k * numel + at, x, n * sizeof(float));
+                   });
+  };
+  plane(Label::kCelo2, &TensorStateRecord::m, kMom, &Entry::m);
+  plane(Label::kCelo2, &TensorStateRecord::rms, kRms, &Entry::rms);
+  plane(Label::kAdamW, &TensorStateRecord::mu, 1, &Entry::mu);
+  plane(Label::kAdamW, &TensorStateRecord::nu, 1, &Entry::nu);
+  // v_diag: only unfactored Celo2 tensors have it.
+  {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      Entry& e = *entries_[i];
+      if (keep && e.label == Label::kCelo2 && !e.geo.factored && !e.needs_reset)
+        f.tensors[i].v_diag.assign(static_cast<size_t>(kFac) * e.geo.numel, 0.0f);
+    }
+    for (int k = 0; k < kFac; ++k)
+      gather_plane(Label::kCelo2,
+                   [&](Entry& e) { return e.geo.factored ? u_local_.data() : e.v_diag.data() + k * e.len(); },
+                   [&](TensorStateRecord& r, int64_t at, const float* x, int64_t n) {
+                     if (r.v_diag.empty()) return;
+                     const int64_t numel = static_cast<int64_t>(r.v_diag.size()) / kFac;
+                     std::memcpy(r.v_diag.data() + k * numel + at, x, n * sizeof(float));
+                   });
+  }
+  return f;
+}
+
+void Engine::install_state(Entry& e, const TensorStateRecord& r) {
+  auto take = [](const std::vector<float>& whole, int planes, int64_t numel, int64_t lo, int64_t len) {
+    std::vector<float> out;
+    out.reserve(planes * len);
+    for (int k = 0; k < planes; ++k)
+      out.insert(out.end(), whole.begin() + k * numel + lo, whole.begin() + k * numel + lo + len);
+    return out;
+  };
+  const int64_t N = e.geo.numel;
+  e.iteration = r.iteration;
+  e.count = r.count;
+  e.needs_reset = false;
+  if (e.label == Label::kCelo2) {
+    e.m = take(r.m, kMom, N, e.lo, e.len());
+    e.rms = take(r.rms, kRms, N, e.lo, e.len());
+    e.v_row = r.v_row;
+    e.v_col = r.v_col;
+    e.v_diag = e.geo.factored ? std::vector<float>{} : take(r.v_diag, kFac, N, e.lo, e.len());
+  } else if (e.label == Label::kAdamW) {
+    e.mu = take(r.mu, 1, N, e.lo, e.len());
+    e.nu = take(r.nu, 1, N, e.lo, e.len());
+  }
+}
+
+void Engine::save_state(const std::string& path) {
+  if (!plan_ready_) build_plan();
+  const StateFile f = collect_state(/*all_ranks=*/false);
   std::string err;
-  if (root) {
+  if (comm_->rank() == 0) {
     try {
       write_state_file(path, f);
     } catch (const std::exception& e) {
       err = std::string("saving optimizer state: ") + e.what();
-      if (err.empty()) err = "saving optimizer state failed";
     }
   }
   agree_on_error(*comm_, err);
@@ -828,30 +1024,7 @@ void Engine::load_state(const std::string& path) {
   for (const auto& e : entries_) ids.push_back({&e->name, &e->geo.shape, e->label});
   StateFile f;
   const std::vector<const TensorStateRecord*> recs = read_state_collective(*comm_, path, ids, f);
-  auto take = [](const std::vector<float>& whole, int planes, int64_t numel, int64_t lo, int64_t len) {
-    std::vector<float> out;
-    out.reserve(planes * len);
-    for (int k = 0; k < planes; ++k)
-      out.insert(out.end(), whole.begin() + k * numel + lo, whole.begin() + k * numel + lo + len);
-    return out;
-  };
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    Entry& e = *entries_[i];
-    const TensorStateRecord& r = *recs[i];
-    const int64_t N = e.geo.numel;
-    e.iteration = r.iteration;
-    e.count = r.count;
-    if (e.label == Label::kCelo2) {
-      e.m = take(r.m, kMom, N, e.lo, e.len());
-      e.rms = take(r.rms, kRms, N, e.lo, e.len());
-      e.v_row = r.v_row;
-      e.v_col = r.v_col;
-      e.v_diag = e.geo.factored ? std::vector<float>{} : take(r.v_diag, kFac, N, e.lo, e.len());
-    } else if (e.label == Label::kAdamW) {
-      e.mu = take(r.mu, 1, N, e.lo, e.len());
-      e.nu = take(r.nu, 1, N, e.lo, e.len());
-    }
-  }
+  for (size_t i = 0; i < entries_.size(); ++i) install_state(*entries_[i], *recs[i]);
   step_ = f.step;
   skipped_ = f.skipped;
 }

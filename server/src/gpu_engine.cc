@@ -450,7 +450,7 @@ std::string GpuEngine::routing_table() const {
 StepReport GpuEngine::step(CUstream_st* stream) { return step_with_lr(opts_.opt.schedule.at(step_), stream); }
 
 StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
-  if (!std::isfinite(lr)) throw std::invalid_argument("step: learning rate is not finite");
+  check_step_lr(lr);
   if (!plan_ready_) rebuild();
   CELO2_CUDA_CHECK(cudaSetDevice(dev_->device));
   stats_ = PhaseStats{};
@@ -485,17 +485,11 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
   comm_->all_reduce_sum(&bad, 1);
   rep.nonfinite = static_cast<int64_t>(bad);
   stats_.seconds["check"] = now_s() - t0;
-  if (rep.nonfinite > 0) {
-    if (o.nan_policy == NanPolicy::kError)
-      throw NonFiniteGradientError("non-finite gradient: " + std::to_string(rep.nonfinite) +
-                                   " entries are NaN or Inf across ranks (step " +
-                                   std::to_string(step_) + ")");
-    if (o.nan_policy == NanPolicy::kSkipStep) {
-      ++skipped_;
-      rep.skipped = true;
-      rep.step = step_;
-      return rep;
-    }
+  if (decide_nan(o.nan_policy, rep.nonfinite, step_, "across ranks") == NanAction::kSkip) {
+    ++skipped_;
+    rep.skipped = true;
+    rep.step = step_;
+    return rep;
   }
 
   // 1. Reduce every bucket to its owner, in the plan's order.
@@ -560,14 +554,7 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
       cuda::apply_step_sumsq_device(flr, wd, n, p, u, dev_->partials, dev_->stats + 3 + l, cs);
     } else {
       CELO2_CUDA_CHECK(cudaMemcpyAsync(u, p, n * 4, cudaMemcpyDeviceToDevice, cs));
-      AdamWParams a;
-      a.b1 = o.adam_b1;
-      a.b2 = o.adam_b2;
-      a.eps = o.adam_eps;
-      a.lr = static_cast<float>(lr * o.mult_1d);
-      a.wd = wd;
-      a.count = bk.counter + 1;
-      cuda::adamw_device(a, n, p, g, grp.mu, grp.nu, cs);
+      cuda::adamw_device(adamw_params(o, lr, bk.counter + 1), n, p, g, grp.mu, grp.nu, cs);
       cuda::sumsq_diff_device(u, p, n, dev_->partials, dev_->stats + 3 + l, cs);
     }
     for (int pk : bk.pieces) {
@@ -627,11 +614,10 @@ StepReport GpuEngine::step_with_lr(double lr, CUstream_st* user_stream) {
   red[6] = static_cast<double>(dev_->h_counters[1]);
   comm_->all_reduce_sum(red, 7);
   int64_t ucount[3] = {};
-  for (const auto& e : entries_) ucount[static_cast<int>(e->label)] += e->geo.numel;
-  for (int l = 0; l < 3; ++l) {
-    rep.grad_norm[l] = std::sqrt(red[l]);
-    rep.update_rms[l] = l != 2 && ucount[l] ? std::sqrt(red[3 + l] / static_cast<double>(ucount[l])) : 0.0;
-  }
+  for (const auto& e : entries_)
+    if (e->label != Label::kFrozen) ucount[static_cast<int>(e->label)] += e->geo.numel;
+  for (int l = 0; l < 3; ++l) rep.grad_norm[l] = std::sqrt(red[l]);
+  set_update_rms(rep, red + 3, ucount);
   if (rep.nonfinite == 0) rep.nonfinite = static_cast<int64_t>(red[6]);  // overflow in the sum
   stats_.seconds["report"] = now_s() - t0;
   ++step_;

@@ -17,6 +17,15 @@
 //      trainer).
 // Reductions are done in double over exact float squares, so the result is the same as
 // the single-process Optimizer's for any W (to the last bit in practice; tests bound it).
+//
+// Two plans, one step (Plan below). kFlat is the above. kWholeTensors snaps the slice cuts
+// to Celo2 tensor boundaries (AdamW and frozen tensors are still cut anywhere), so every
+// Celo2 tensor lies on one rank and the rule runs whole there (phases 2–7 need no
+// collective): what a backend without slice kernels (the reference; a multi-tensor device
+// rule) runs. The gradient, NaN, AdamW, apply, report and gather phases are the same code.
+// Memory: the engine's own buffers are its slice (gradient, step, state) plus buckets of at
+// most `bucket_elements` floats for the reduce-scatter and the all-gather; it never holds
+// a full-size copy of the gradients or the parameters.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +36,8 @@
 
 #include "celo2/communicator.h"
 #include "celo2/engine_control.h"
-#include "celo2/optimizer.h"
+#include "celo2/recipe.h"
+#include "celo2/state_file.h"
 
 namespace celo2 {
 
@@ -36,11 +46,24 @@ enum class GradMode {
   kReduced,  // every rank passes the same, already averaged, full gradients
 };
 
+enum class Plan {
+  kFlat,          // even slices of the flat index space; the rule in phases on slices
+  kWholeTensors,  // cuts at Celo2 tensor boundaries; the rule on whole tensors
+};
+Plan parse_plan(const std::string& s);  // flat | whole
+const char* plan_name(Plan p);
+
 struct EngineOptions {
   OptimizerOptions opt;
   GradMode grad_mode = GradMode::kLocal;
   bool gather_params = true;  // all-gather parameters after the update (else: the trainer does)
+  Plan plan = Plan::kFlat;    // use_reference implies kWholeTensors
+  // Floats per bucket of the gradient reduce-scatter and of the parameter all-gather (the
+  // engine's only buffers not proportional to its slice).
+  int64_t bucket_elements = int64_t{1} << 22;
 };
+
+class Backend;
 
 // Seconds and bytes (sent by this rank) of each phase of the last step.
 struct PhaseStats {
@@ -66,8 +89,7 @@ OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
 // so that every rank reaches the same verdict about a file only rank 0 read or wrote.
 void agree_on_error(Communicator& comm, const std::string& local_error);
 
-struct StateFile;
-struct TensorStateRecord;
+
 // Collective: rank 0 reads the checkpoint at `path`, every rank parses the same bytes (and so
 // reaches the same verdict) and gets, for each registered tensor (names, shapes, labels in
 // registration order), its checked record in `f` (celo2/state_file.h). Throws
@@ -89,6 +111,7 @@ class Engine : public EngineControl {
   Engine& operator=(const Engine&) = delete;
 
   // Same order on every rank. params/grads: the full tensor on every rank.
+  // (grads = kReduced: only this rank's slice of `grads` is read.)
   void add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                   const float* grads);
 
@@ -125,6 +148,11 @@ class Engine : public EngineControl {
   Communicator& comm() override { return *comm_; }
   size_t num_tensors() const override;
   Label label_of(size_t i) const override;
+  const std::string& name_of(size_t i) const;
+  // Where slice k starts, for k = 0..W (valid after the first step or owner_plan()).
+  const std::vector<int64_t>& cuts() const { return cuts_; }
+  // Bytes this rank's engine holds: state, slice buffers and buckets (after a step).
+  int64_t memory_bytes() const;
 
  private:
   struct Entry;
@@ -133,20 +161,28 @@ class Engine : public EngineControl {
   void build_plan();
   void phase_begin(const char* name);
   void phase_end();
+  void reduce_scatter_grads();
+  double step_phases(double lr);
+  StateFile collect_state(bool all_ranks);
+  void install_state(Entry& e, const TensorStateRecord& r);
+  void gather_params_now();
+  bool whole() const { return opts_.plan == Plan::kWholeTensors; }
 
   EngineOptions opts_;
+  std::unique_ptr<Backend> backend_;
   std::shared_ptr<Communicator> comm_;
   std::vector<std::unique_ptr<Entry>> entries_;
   int64_t total_ = 0;
   int64_t my_lo_ = 0, my_hi_ = 0;  // this rank's flat slice
-  std::vector<int64_t> slice_counts_;
+  std::vector<int64_t> slice_counts_, cuts_;
   bool plan_ready_ = false;
   std::vector<Matrix> matrices_;
   OwnerPlan owners_;
   // all-to-all layout
   std::vector<int64_t> a2a_send_counts_, a2a_recv_counts_;
   int64_t owned_floats_ = 0;
-  std::vector<float> grad_local_, u_local_, send_buf_, recv_buf_, mat_buf_, flat_buf_;
+  std::vector<float> grad_local_, u_local_, send_buf_, recv_buf_, mat_buf_, bucket_send_, bucket_recv_;
+  std::vector<float> adam_scratch_;
   // The merged return path (gather_params without precondition_output): owners apply the
   // update to whole matrices and contribute them to the parameter all-gather, so directions
   // never travel back. Per rank: the (tensor, first element, count) pieces it contributes.

@@ -10,7 +10,7 @@
 
 #include "celo2/communicator.h"
 #include "celo2/labels.h"
-#include "celo2/optimizer.h"
+#include "celo2/recipe.h"
 
 namespace celo2 {
 

@@ -1,0 +1,113 @@
+// The Celo2 recipe (spec/celo2.md §4), once: what every engine, backend and client shares.
+// The options, the step report, the checks of a registration, the NaN-policy decision, the
+// AdamW branch's parameters, the one element-wise apply p ← p − lr·(u + wd·p) and the update
+// RMS report. The sharded Engine (celo2/engine.h) is the only step that calls them; the
+// single-process Optimizer (celo2/optimizer.h) is that engine at W = 1.
+//
+// Labels: celo2 tensors take p ← p − lr(t)·(u + wd·p) with u the Celo2 step; adamw tensors
+// take Optax AdamW at mult_1d·lr(t) (mult_1d multiplies the weight decay's effect too,
+// because the decay term is inside the lr product); frozen tensors are untouched.
+// Non-finite gradients never reach the parameters: the NaN policy decides whether the whole
+// step is skipped (default, counted), raised as an error, or the bad entries are treated as
+// zero (counted).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "celo2/adamw.h"
+#include "celo2/config.h"
+#include "celo2/labels.h"
+#include "celo2/rule.h"
+#include "celo2/schedule.h"
+
+namespace celo2 {
+
+enum class NanPolicy { kSkipStep, kError, kZero };
+NanPolicy parse_nan_policy(const std::string& s);  // skip | error | zero
+const char* nan_policy_name(NanPolicy p);
+
+struct OptimizerOptions {
+  RuleConfig rule;
+  Theta theta;  // empty = Theta::project_default(rule)
+  Schedule schedule;
+  LabelRules rules = LabelRules::seed_default();
+  double weight_decay = 0.0;
+  double mult_1d = 20.0;
+  float adam_b1 = 0.9f, adam_b2 = 0.95f, adam_eps = 1e-8f;
+  NanPolicy nan_policy = NanPolicy::kSkipStep;
+  // The plain reference kernels (celo2_reference, adamw_reference) instead of the fast CPU
+  // backend: the labelled reference of tests and debugging. Needs whole tensors per rank
+  // (celo2/engine.h Plan::kWholeTensors, which W = 1 always is).
+  bool use_reference = false;
+};
+
+struct StepReport {
+  int64_t step = 0;          // updates applied so far, after this call
+  double lr = 0.0;
+  bool skipped = false;      // non-finite gradients and NanPolicy::kSkipStep
+  int64_t nonfinite = 0;     // non-finite gradient entries seen this call
+  double update_rms[3] = {};  // per label (celo2, adamw, frozen): RMS of the applied update
+  double grad_norm[3] = {};   // per label: L2 norm of the gradients
+};
+
+class NonFiniteGradientError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The checks of a tensor registration: registration still open, a non-empty unique name
+// (`taken(name)` says whether it is already registered), a valid shape, non-null pointers for
+// a non-empty tensor. Returns the tensor's geometry; throws std::logic_error /
+// std::invalid_argument naming the tensor otherwise.
+Geometry check_registration(bool closed, const std::string& name,
+                            const std::vector<int64_t>& shape, const float* params,
+                            const float* grads, const std::function<bool(const std::string&)>& taken);
+
+// Returns x, or throws std::invalid_argument("<what> must be finite") (setters of the recipe).
+double require_finite(const char* what, double x);
+
+// The learning rate of one step: finite and not negative (a negative rate moves the
+// parameters uphill). Throws std::invalid_argument naming the value otherwise.
+double check_step_lr(double lr);
+
+// The checks every engine makes of its options at construction (rule, theta, schedule, finite
+// recipe numbers), filling in the default theta (Theta::project_default) when none is given.
+void prepare_options(OptimizerOptions& o);
+
+// What a step does about the non-finite gradient entries it found (after the NaN policy).
+enum class NanAction { kProceed, kSkip, kZeroEntries };
+// The NaN-policy decision for a step that saw `nonfinite` entries (summed over ranks).
+// kError throws NonFiniteGradientError naming `where` (the tensors) and the step.
+NanAction decide_nan(NanPolicy policy, int64_t nonfinite, int64_t step, const std::string& where);
+
+// The AdamW branch's parameters for one update: lr·mult_1d, the recipe's decay and betas,
+// `count` the update count after increment.
+AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count);
+
+// The one element-wise apply of the celo2 branch on the CPU: p ← p − lr·(u + wd·p) on n
+// elements; returns Σ (lr·(u + wd·p))², the applied update's squares, in double. (The CUDA
+// counterpart with the same arithmetic is celo2::cuda::apply_step_sumsq_device.)
+double apply_update(float lr, float wd, int64_t n, float* p, const float* u);
+
+// The AdamW branch on the CPU (adamw_update, or adamw_reference when `reference`); returns
+// Σ (p_old − p_new)² in double. `scratch` holds the old parameters (reused across calls).
+double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu, float* nu,
+                   bool reference, std::vector<float>& scratch);
+
+// Fills rep.update_rms from the per-label sums of squares and element counts.
+void set_update_rms(StepReport& rep, const double usq[3], const int64_t count[3]);
+
+// Whether `name` is already registered among `entries` (anything with a `name` member): the
+// `taken` predicate of check_registration.
+template <class Entries>
+bool name_taken(const Entries& entries, const std::string& name) {
+  for (const auto& e : entries)
+    if (e->name == name) return true;
+  return false;
+}
+
+}  // namespace celo2

@@ -1,0 +1,118 @@
+// The recipe pieces of celo2/recipe.h.
+#include "celo2/recipe.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace celo2 {
+
+NanPolicy parse_nan_policy(const std::string& s) {
+  if (s == "skip") return NanPolicy::kSkipStep;
+  if (s == "error") return NanPolicy::kError;
+  if (s == "zero") return NanPolicy::kZero;
+  throw std::invalid_argument("unknown NaN policy '" + s + "' (expected skip, error or zero)");
+}
+
+const char* nan_policy_name(NanPolicy p) {
+  switch (p) {
+    case NanPolicy::kSkipStep: return "skip";
+    case NanPolicy::kError: return "error";
+    case NanPolicy::kZero: return "zero";
+  }
+  return "?";
+}
+
+double require_finite(const char* what, double x) {
+  if (!std::isfinite(x)) throw std::invalid_argument(std::string(what) + " must be finite");
+  return x;
+}
+
+double check_step_lr(double lr) {
+  if (!std::isfinite(lr)) throw std::invalid_argument("step: learning rate is not finite");
+  if (lr < 0.0)
+    throw std::invalid_argument("step: learning rate " + std::to_string(lr) +
+                                " is negative (it would move the parameters uphill)");
+  return lr;
+}
+
+void prepare_options(OptimizerOptions& o) {
+  o.rule.validate();
+  if (o.theta.layers.empty()) o.theta = Theta::project_default(o.rule);
+  o.theta.check_fits(o.rule);
+  o.schedule.validate();
+  require_finite("weight_decay", o.weight_decay);
+  require_finite("mult_1d", o.mult_1d);
+}
+
+Geometry check_registration(bool closed, const std::string& name,
+                            const std::vector<int64_t>& shape, const float* params,
+                            const float* grads, const std::function<bool(const std::string&)>& taken) {
+  if (closed)
+    throw std::logic_error("add_tensor('" + name + "'): registration closed at the first step");
+  if (name.empty()) throw std::invalid_argument("add_tensor: empty tensor name");
+  if (taken(name)) throw std::invalid_argument("add_tensor: duplicate tensor name '" + name + "'");
+  Geometry geo;
+  try {
+    geo = Geometry::of(shape);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("add_tensor('" + name + "'): " + e.what());
+  }
+  if (geo.numel > 0 && (params == nullptr || grads == nullptr))
+    throw std::invalid_argument("add_tensor('" + name + "'): null params or grads pointer");
+  return geo;
+}
+
+NanAction decide_nan(NanPolicy policy, int64_t nonfinite, int64_t step, const std::string& where) {
+  if (nonfinite == 0) return NanAction::kProceed;
+  switch (policy) {
+    case NanPolicy::kError:
+      throw NonFiniteGradientError("non-finite gradient: " + std::to_string(nonfinite) +
+                                   " entries are NaN or Inf (" + where + "; step " +
+                                   std::to_string(step) + ")");
+    case NanPolicy::kSkipStep: return NanAction::kSkip;
+    case NanPolicy::kZero: return NanAction::kZeroEntries;
+  }
+  return NanAction::kSkip;
+}
+
+AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count) {
+  AdamWParams a;
+  a.b1 = o.adam_b1;
+  a.b2 = o.adam_b2;
+  a.eps = o.adam_eps;
+  a.lr = static_cast<float>(lr * o.mult_1d);
+  a.wd = static_cast<float>(o.weight_decay);
+  a.count = count;
+  return a;
+}
+
+double apply_update(float lr, float wd, int64_t n, float* p, const float* u) {
+  double sq = 0.0;
+#pragma omp parallel for simd reduction(+ : sq) schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = lr * (u[i] + wd * p[i]);
+    p[i] -= d;
+    sq += static_cast<double>(d) * d;
+  }
+  return sq;
+}
+
+double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu, float* nu,
+                   bool reference, std::vector<float>& scratch) {
+  scratch.assign(p, p + n);
+  if (reference) adamw_reference(a, n, p, g, mu, nu);
+  else adamw_update(a, n, p, g, mu, nu);
+  double sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(scratch[i]) - p[i];
+    sq += d * d;
+  }
+  return sq;
+}
+
+void set_update_rms(StepReport& rep, const double usq[3], const int64_t count[3]) {
+  for (int l = 0; l < 3; ++l)
+    rep.update_rms[l] = count[l] ? std::sqrt(usq[l] / static_cast<double>(count[l])) : 0.0;
+}
+
+}  // namespace celo2
