@@ -143,8 +143,8 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
                     variant=a.variant, weight_decay=a.weight_decay, mult_1d=a.mult_1d,
                     communicator=comm, control=a.control or None,
                     control_token_file=control_token_file if a.control else None,
-                    checkpoint_dir=out_dir if a.control else None,
-                    weights_root=os.path.dirname(os.path.abspath(a.theta)) if a.theta and a.control else None)
+                    control_checkpoint_dir=out_dir if a.control else None,
+                    control_weights_root=os.path.dirname(os.path.abspath(a.theta)) if a.theta and a.control else None)
         if a.control:
             control_address = opt.start_control()
             if rank == 0:

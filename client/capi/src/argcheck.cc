@@ -93,21 +93,6 @@ void check_out_buffer(char* buf, size_t len) {
   if (len > 0) check_not_null(buf, "buf");
 }
 
-double parse_number(const std::string& key, const std::string& value) {
-  char* end = nullptr;
-  errno = 0;
-  const double v = std::strtod(value.c_str(), &end);
-  if (value.empty() || end != value.c_str() + value.size() || errno == ERANGE || !std::isfinite(v))
-    throw ArgError(CELO2_ERR_INVALID_ARGUMENT, key + ": '" + value + "' is not a finite number");
-  return v;
-}
-
-bool parse_bool(const std::string& key, const std::string& value) {
-  if (value == "1" || value == "true" || value == "on" || value == "yes") return true;
-  if (value == "0" || value == "false" || value == "off" || value == "no") return false;
-  throw ArgError(CELO2_ERR_INVALID_ARGUMENT, key + ": '" + value + "' is not a boolean (1/0, true/false)");
-}
-
 celo2_status_t status_of_current_exception(const char* api) noexcept {
   const std::string a = std::string(api) + ": ";
   try {

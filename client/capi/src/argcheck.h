@@ -41,8 +41,6 @@ void check_dtype_supported(celo2_dtype_t dtype);
 // params and grads non-null when the tensor has elements, 4-byte aligned (float32).
 void check_buffers(const void* params, const void* grads, int64_t numel);
 void check_out_buffer(char* buf, size_t len);
-double parse_number(const std::string& key, const std::string& value);
-bool parse_bool(const std::string& key, const std::string& value);
 
 // Records `msg` as this thread's last error and returns `status`.
 celo2_status_t fail(celo2_status_t status, const std::string& msg);

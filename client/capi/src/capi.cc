@@ -24,35 +24,6 @@ using celo2::capi::guarded;
 
 namespace {
 
-void set_option(celo2::ClientOptions& o, const std::string& key, const std::string& value) {
-  using celo2::capi::parse_bool;
-  using celo2::capi::parse_number;
-  if (key == "variant") o.variant = value;
-  else if (key == "theta") o.theta_path = value;
-  else if (key == "schedule") o.schedule = value;
-  else if (key == "rules") o.rules = value;
-  else if (key == "weight_decay") o.weight_decay = parse_number(key, value);
-  else if (key == "mult_1d") o.mult_1d = parse_number(key, value);
-  else if (key == "adam_b1") o.adam_b1 = parse_number(key, value);
-  else if (key == "adam_b2") o.adam_b2 = parse_number(key, value);
-  else if (key == "adam_eps") o.adam_eps = parse_number(key, value);
-  else if (key == "nan_policy") o.nan_policy = value;
-  else if (key == "grads") o.grads = value;
-  else if (key == "gather_params") o.gather_params = parse_bool(key, value);
-  else if (key == "communicator") o.communicator = value;
-  else if (key == "control_address") o.control.address = value;
-  else if (key == "control_token") o.control.token = value;
-  else if (key == "control_token_file") o.control.token_file = value;
-  else if (key == "control_weights_root") o.control.weights_root = value;
-  else if (key == "control_checkpoint_dir") o.control.checkpoint_dir = value;
-  else
-    throw ArgError(CELO2_ERR_INVALID_ARGUMENT,
-                   "unknown option '" + key +
-                       "' (variant, theta, schedule, rules, weight_decay, mult_1d, adam_b1, adam_b2, "
-                       "adam_eps, nan_policy, grads, gather_params, communicator, control_address, "
-                       "control_token, control_token_file, control_weights_root, control_checkpoint_dir)");
-}
-
 void fill_report(const celo2::StepReport& r, double seconds, celo2_step_report_t* out) {
   if (!out) return;
   out->step = r.step;
@@ -155,7 +126,7 @@ celo2_status_t celo2_options_set(celo2_options_t* options, const char* key, cons
     celo2::capi::check_handle(options, "options");
     const std::string k = celo2::capi::check_string(key, "key", 64);
     const std::string v = celo2::capi::check_string(value, "value", celo2::capi::kMaxTextBytes, true);
-    set_option(options->o, k, v);
+    celo2::set_client_option(options->o, k, v);
   });
 }
 
@@ -218,16 +189,7 @@ celo2_status_t celo2_set(celo2_t* opt, const char* key, const char* value) {
     celo2::capi::check_handle(opt);
     const std::string k = celo2::capi::check_string(key, "key", 64);
     const std::string v = celo2::capi::check_string(value, "value");
-    celo2::Client& c = *opt->client;
-    if (k == "schedule") c.set_schedule(v);
-    else if (k == "rules") c.set_rules(v);
-    else if (k == "theta") c.set_theta_file(v);
-    else if (k == "weight_decay") c.set_weight_decay(celo2::capi::parse_number(k, v));
-    else if (k == "mult_1d") c.set_mult_1d(celo2::capi::parse_number(k, v));
-    else
-      throw ArgError(CELO2_ERR_INVALID_ARGUMENT,
-                     "celo2_set: '" + k + "' cannot change at run time (schedule, rules, theta, "
-                     "weight_decay, mult_1d)");
+    opt->client->set(k, v);
   });
 }
 

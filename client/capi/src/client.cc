@@ -112,6 +112,9 @@ EngineOptions engine_options_from(const ClientOptions& o) {
   }
   eo.grad_mode = parse_grads(o.grads);
   eo.gather_params = o.gather_params;
+  eo.plan = parse_plan(o.plan);
+  if (o.bucket_elements < 1) throw std::invalid_argument("bucket_elements must be positive");
+  eo.bucket_elements = o.bucket_elements;
   return eo;
 }
 

@@ -45,66 +45,10 @@ from typing import Iterable
 import torch
 
 from . import _celo2
+from ._front import _GRADS, _NAN, _VARIANTS, _EngineFront, _is_number, _named  # noqa: F401
 from .distributed import choose_communicator
 
-_GRADS = ("local", "reduced", "sharded")
-_VARIANTS = ("celo2", "celo2-base")
-_NAN = ("skip", "error", "zero")
 _NO_SETTER = "Celo2 registers its tensors once, at construction"
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _named(params) -> list[tuple[str, torch.Tensor, dict]]:
-    """(name, tensor, group options) for every parameter, from a module, named_parameters(),
-    a list of tensors or a list of parameter-group dicts."""
-    if isinstance(params, torch.nn.Module):
-        params = params.named_parameters()
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, "
-                        "not a single tensor")
-    items = list(params)
-    if not items:
-        raise ValueError("Celo2 got an empty parameter list")
-    out: list[tuple[str, torch.Tensor, dict]] = []
-
-    def add(item, group, index):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, t = item
-        elif isinstance(item, torch.Tensor):
-            name, t = f"params.{index}", item
-        else:
-            raise TypeError(f"parameter {index}: expected a tensor or a (name, tensor) pair, got "
-                            f"{type(item).__name__}")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"parameter {name!r}: expected a tensor, got {type(t).__name__}")
-        out.append((name, t, group))
-
-    for i, item in enumerate(items):
-        if isinstance(item, dict):
-            group = {k: v for k, v in item.items() if k != "params"}
-            if "params" not in item:
-                raise ValueError(f"parameter group {i} has no 'params'")
-            ps = item["params"]
-            if isinstance(ps, torch.nn.Module):
-                ps = ps.named_parameters()
-            if isinstance(ps, torch.Tensor):
-                ps = [ps]
-            for j, p in enumerate(list(ps)):
-                add(p, group, len(out) if not isinstance(p, tuple) else j)
-        else:
-            add(item, {}, i)
-    names, seen = set(), set()
-    for name, t, _ in out:
-        if name in names:
-            raise ValueError(f"parameter name {name!r} appears twice")
-        if id(t) in seen:
-            raise ValueError(f"parameter {name!r} appears twice (the same tensor under two names)")
-        names.add(name)
-        seen.add(id(t))
-    return out
 
 
 class _Entry:
@@ -114,65 +58,6 @@ class _Entry:
         self.name, self.param, self.grad_view = name, param, grad_view
         self.master, self.direct = master, direct
         self.ptr = param.data_ptr() if direct else None
-
-
-class _EngineFront:
-    """What both optimizers share over their engine (``self._engine``): the settings, the
-    control plane, the rank, and the learning-rate bookkeeping of ``step()``."""
-
-    def _step_args(self, loss):
-        """(lr for the engine, or None to follow its schedule; loss as a float or None)."""
-        lr = self.param_groups[0]["lr"]
-        if not self._external_lr and lr != self._lr_written:
-            self._external_lr = True
-        if self._external_lr and (not _is_number(lr) or lr < 0):
-            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
-        loss_value = None
-        if loss is not None:
-            loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
-        return (float(lr) if self._external_lr else None), loss_value
-
-    def _record(self, report, seconds):
-        self.param_groups[0]["lr"] = report["lr"]
-        self._lr_written = report["lr"]
-        self.last_report = report
-        self.last_step_seconds = seconds
-
-    @property
-    def rank(self) -> int:
-        return self._engine.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._engine.world_size
-
-    @property
-    def control_address(self) -> str:
-        return self._engine.control_address
-
-    def start_control(self) -> str:
-        """Collective: start the control plane now (else at the first step); its address."""
-        self._engine.start_control()
-        return self._engine.control_address
-
-    def set_schedule(self, text: str):
-        self._engine.set_schedule(text)
-        self._external_lr = False
-
-    def set_rules(self, text: str):
-        self._engine.set_rules(text)
-
-    def set_theta(self, path):
-        self._engine.set_theta_file(os.fspath(path))
-
-    def routing_table(self) -> str:
-        return self._engine.routing_table()
-
-    def plan_report(self) -> str:
-        return self._engine.plan_report()
-
-    def phase_seconds(self) -> dict:
-        return dict(self._engine.phase_seconds())
 
 
 class Celo2(_EngineFront, torch.optim.Optimizer):
@@ -194,8 +79,27 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         communicator: ``"auto"`` | ``"local"`` | ``"mpi"`` | ``"torch"`` | a communicator.
         control: ``"host:port"`` to serve the control plane from rank 0 (``":0"`` or
             ``"127.0.0.1:0"`` picks a free port); control_token / control_token_file (or
-            CELO2_CONTROL_TOKEN), weights_root, checkpoint_dir as in celo2/control.h.
+            CELO2_CONTROL_TOKEN), control_weights_root, control_checkpoint_dir as in
+            celo2/control.h.
+
+    Option names are the one table of ``celo2/client.h`` (docs/OPERATIONS.md "Options"); the
+    torch-style ``betas`` and ``eps`` are the AdamW branch's ``adam_b1``, ``adam_b2`` and
+    ``adam_eps``. Given CUDA parameters, ``Celo2(...)`` returns a
+    ``celo2.torch_cuda.Celo2CUDA`` (the GPU engine; same arguments, plus ``bucket_bytes`` and
+    ``ns_precision``): the backend follows where the tensors live.
     """
+
+    def __new__(cls, params, *args, **kwargs):
+        if isinstance(params, torch.nn.Module):
+            params = list(params.named_parameters())
+        elif not isinstance(params, torch.Tensor):
+            params = list(params)  # a generator is walked once, here
+        if cls is Celo2 and _on_cuda(params):
+            from .torch_cuda import Celo2CUDA  # noqa: PLC0415  (only for CUDA tensors)
+            return Celo2CUDA(params, *args, **kwargs)
+        obj = super().__new__(cls)
+        obj._given_params = params
+        return obj
 
     def __init__(self, params, lr: float = 1e-3, *, schedule: str | None = None,
                  rules: str | None = None, weight_decay: float = 0.0, mult_1d: float = 20.0,
@@ -203,8 +107,9 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                  config: dict | None = None, theta=None, nan_policy: str = "skip",
                  grads: str = "local", gather_params: bool = True, communicator="auto",
                  control: str | None = None, control_token: str | None = None,
-                 control_token_file: str | None = None, weights_root: str | None = None,
-                 checkpoint_dir: str | None = None):
+                 control_token_file: str | None = None, control_weights_root: str | None = None,
+                 control_checkpoint_dir: str | None = None):
+        params = self.__dict__.pop("_given_params", params)
         if not _is_number(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not _is_number(weight_decay) or weight_decay < 0:
@@ -261,10 +166,11 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         options = dict(variant=variant, config=config, theta=bytes(theta) if isinstance(theta, bytearray) else theta,
                        schedule=schedule if schedule is not None else f"constant:lr={float(lr)!r}",
                        rules=rules, weight_decay=float(weight_decay), mult_1d=float(mult_1d),
-                       betas=(float(betas[0]), float(betas[1])), eps=float(eps), nan_policy=nan_policy,
-                       grads=grads, gather_params=bool(gather_params), control_address=control,
-                       control_token=control_token, control_token_file=control_token_file,
-                       weights_root=weights_root, checkpoint_dir=checkpoint_dir)
+                       adam_b1=float(betas[0]), adam_b2=float(betas[1]), adam_eps=float(eps),
+                       nan_policy=nan_policy, grads=grads, gather_params=bool(gather_params),
+                       control_address=control, control_token=control_token,
+                       control_token_file=control_token_file, control_weights_root=control_weights_root,
+                       control_checkpoint_dir=control_checkpoint_dir)
         self._grads_mode = grads
         self._gather = bool(gather_params)
         self._engine = _celo2.Optimizer(options, choose_communicator(communicator))
@@ -448,13 +354,30 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                 f"rank={st['rank']}/{st['world_size']} ({st['backend']}), schedule={st['schedule']!r})")
 
 
+def _on_cuda(params) -> bool:
+    """Whether the parameters (as Celo2 accepts them) live on CUDA devices."""
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor):
+            yield x[1]
+        elif isinstance(x, dict):
+            ps = x.get("params", [])
+            ps = ps.parameters() if isinstance(ps, torch.nn.Module) else ([ps] if isinstance(ps, torch.Tensor) else ps)
+            for p in ps:
+                yield from tensors(p)
+    items = [params] if isinstance(params, torch.Tensor) else params
+    devs = {t.device.type for x in items for t in tensors(x)}
+    return devs == {"cuda"}
+
+
 def named_parameters_of(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """The trainable named parameters of a model, for ``Celo2(...)``."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def __getattr__(name):
-    # celo2.torch.Celo2CUDA: the GPU engine's optimizer (celo2/torch_cuda.py), imported lazily.
+    # celo2.torch.Celo2CUDA: what Celo2 returns for CUDA tensors (celo2/torch_cuda.py), imported lazily.
     if name == "Celo2CUDA":
         from .torch_cuda import Celo2CUDA  # noqa: PLC0415
         return Celo2CUDA

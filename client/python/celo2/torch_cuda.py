@@ -35,7 +35,7 @@ import time
 import torch
 
 from . import _celo2
-from .torch import _GRADS, _NAN, _VARIANTS, _EngineFront, _is_number, _named
+from ._front import _GRADS, _NAN, _VARIANTS, _EngineFront, _is_number, _named
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -53,8 +53,11 @@ class Celo2CUDA(_EngineFront, torch.optim.Optimizer):
                  grads: str = "local", gather_params: bool = True,
                  bucket_bytes: int = 64 << 20, ns_precision: str = "float32",
                  control: str | None = None, control_token: str | None = None,
-                 control_token_file: str | None = None, weights_root: str | None = None,
-                 checkpoint_dir: str | None = None):
+                 control_token_file: str | None = None, control_weights_root: str | None = None,
+                 control_checkpoint_dir: str | None = None, communicator="auto"):
+        if communicator not in ("auto", "nccl", None):
+            raise ValueError(f"Celo2 on CUDA tensors runs over NCCL; communicator={communicator!r} "
+                             "is not supported there (use 'auto')")
         if not _celo2.gpu_engine_supported():
             raise RuntimeError("Celo2CUDA needs a CUDA build of celo2 with NCCL "
                                "(celo2._celo2.gpu_engine_supported() is False)")
@@ -97,11 +100,12 @@ class Celo2CUDA(_EngineFront, torch.optim.Optimizer):
         options = dict(variant=variant, config=config, theta=theta,
                        schedule=schedule if schedule is not None else f"constant:lr={float(lr)!r}",
                        rules=rules, weight_decay=float(weight_decay), mult_1d=float(mult_1d),
-                       betas=(float(betas[0]), float(betas[1])), eps=float(eps), nan_policy=nan_policy,
+                       adam_b1=float(betas[0]), adam_b2=float(betas[1]), adam_eps=float(eps),
+                       nan_policy=nan_policy,
                        grads=grads, gather_params=bool(gather_params), bucket_bytes=int(bucket_bytes),
                        ns_precision=ns_precision, control_address=control, control_token=control_token,
-                       control_token_file=control_token_file, weights_root=weights_root,
-                       checkpoint_dir=checkpoint_dir)
+                       control_token_file=control_token_file, control_weights_root=control_weights_root,
+                       control_checkpoint_dir=control_checkpoint_dir)
         with torch.cuda.device(self._device):
             self._engine = _celo2.GpuEngine(options)
         # One flat gradient buffer per dtype; .grad are views of it.

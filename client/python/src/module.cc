@@ -62,6 +62,23 @@ flax::Value to_flax(py::handle h, const std::string& where) {
                               py::str(py::type::of(h)).cast<std::string>());
 }
 
+// Python keyword values to the one option table (celo2/client.h): every key but the two
+// with Python-only forms (theta as bytes, config as a dict) goes through set_client_option
+// as text, so Python and the C ABI spell and parse options the same way.
+std::string option_text(const std::string& key, py::handle v) {
+  if (py::isinstance<py::bool_>(v)) return v.cast<bool>() ? "true" : "false";
+  if (py::isinstance<py::str>(v)) return v.cast<std::string>();
+  if (py::hasattr(v, "__fspath__")) return py::str(v).cast<std::string>();
+  if (py::hasattr(v, "__index__")) return std::to_string(v.cast<int64_t>());
+  if (py::hasattr(v, "__float__")) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.17g", v.cast<double>());
+    return buf;
+  }
+  throw std::invalid_argument(key + ": unsupported value of type " +
+                              py::str(py::type::of(v)).cast<std::string>());
+}
+
 ClientOptions options_from(const py::dict& d) {
   ClientOptions o;
   // The variant first: `config` overrides start from its RuleConfig.
@@ -69,16 +86,9 @@ ClientOptions options_from(const py::dict& d) {
   for (auto [k, v] : d) {
     const std::string key = py::str(k).cast<std::string>();
     if (v.is_none()) continue;
-    auto str = [&] { return v.cast<std::string>(); };
-    auto num = [&] { return v.cast<double>(); };
-    if (key == "variant") o.variant = str();
-    else if (key == "theta") {
-      if (py::isinstance<py::bytes>(v)) {
-        const std::string b = v.cast<std::string>();
-        o.theta_bytes.assign(b.begin(), b.end());
-      } else {
-        o.theta_path = py::str(v).cast<std::string>();  // str or os.PathLike
-      }
+    if (key == "theta" && py::isinstance<py::bytes>(v)) {
+      const std::string b = v.cast<std::string>();
+      o.theta_bytes.assign(b.begin(), b.end());
     } else if (key == "config") {
       RuleConfig base = o.variant == "celo2-base" ? RuleConfig::celo2_base() : RuleConfig{};
       const flax::Value cfg = to_flax(v, "config");
@@ -86,25 +96,9 @@ ClientOptions options_from(const py::dict& d) {
       RuleConfig c = config_from_value(cfg);
       if (!cfg.find("orthogonalize")) c.orthogonalize = base.orthogonalize;
       o.rule = c;
-    } else if (key == "schedule") o.schedule = str();
-    else if (key == "rules") o.rules = str();
-    else if (key == "weight_decay") o.weight_decay = num();
-    else if (key == "mult_1d") o.mult_1d = num();
-    else if (key == "betas") {
-      auto b = v.cast<std::pair<double, double>>();
-      o.adam_b1 = b.first;
-      o.adam_b2 = b.second;
-    } else if (key == "eps") o.adam_eps = num();
-    else if (key == "nan_policy") o.nan_policy = str();
-    else if (key == "grads") o.grads = str();
-    else if (key == "gather_params") o.gather_params = v.cast<bool>();
-    else if (key == "control_address") o.control.address = str();
-    else if (key == "control_token") o.control.token = str();
-    else if (key == "control_token_file") o.control.token_file = str();
-    else if (key == "weights_root") o.control.weights_root = str();
-    else if (key == "checkpoint_dir") o.control.checkpoint_dir = str();
-    else
-      throw std::invalid_argument("unknown option '" + key + "'");
+    } else {
+      set_client_option(o, key, option_text(key, v));
+    }
   }
   return o;
 }

@@ -50,6 +50,8 @@ struct ClientOptions {
   //            of the flat gradient space needs to hold averaged gradients.
   std::string grads = "local";
   bool gather_params = true;          // false: the trainer all-gathers (or gather_params())
+  std::string plan = "flat";          // flat | whole (engine.h Plan)
+  int64_t bucket_elements = int64_t{1} << 22;
   std::string communicator = "auto";  // auto | local | mpi (unused when one is passed in)
   struct Control {
     std::string address;  // empty: no control plane; "127.0.0.1:0" picks a free port
@@ -57,6 +59,20 @@ struct ClientOptions {
     std::string weights_root, checkpoint_dir;
   } control;
 };
+
+// The one table of option keys: the C ABI (celo2_options_set, celo2_set), Python (the
+// keyword arguments of celo2.torch.Celo2 and celo2._celo2.Optimizer) and docs/OPERATIONS.md
+// use these spellings and no others.
+struct ClientOptionInfo {
+  const char* key;
+  const char* type;     // text | path | number | bool | count: how the text form parses
+  bool runtime;         // may change while running (Client::set)
+  const char* meaning;  // one line
+};
+const std::vector<ClientOptionInfo>& client_option_table();
+// Sets one option from its text form; throws std::invalid_argument naming an unknown key
+// (and listing the known ones) or a value that does not parse.
+void set_client_option(ClientOptions& o, const std::string& key, const std::string& value);
 
 // The engine's communicator choice for `kind` and the launcher's variables: "auto" is MPI
 // when an MPI launcher started more than one rank, else local.
@@ -104,6 +120,8 @@ class Client {
 
   // Changes at a step boundary on every rank (collective by contract: same calls, same
   // order). The control plane's commands do the same from outside.
+  // One option of client_option_table() marked runtime, by key and text value.
+  void set(const std::string& key, const std::string& value);
   void set_schedule(const std::string& text);
   void set_rules(const std::string& text);
   void set_theta_file(const std::string& path);
