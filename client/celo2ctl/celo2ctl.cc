@@ -20,6 +20,7 @@
 #include <sstream>
 #include <string>
 
+#include "celo2/params.h"
 #include "celo2/v1/control.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -137,7 +138,7 @@ class Client {
     health_ = grpc::health::v1::Health::NewStub(channel_);
     if (!g.token_file.empty()) {
       token_ = first_line(read_file(g.token_file, "token file"));
-    } else if (const char* env = std::getenv("CELO2_CONTROL_TOKEN"); env && *env) {
+    } else if (const std::string env = celo2::param::control_token(); !env.empty()) {
       token_ = first_line(env);
     }
   }
@@ -441,7 +442,7 @@ int run(int argc, char** argv) {
   app.require_subcommand(1);
   app.fallthrough();
   Globals g;
-  if (const char* env = std::getenv("CELO2_CONTROL_ADDR"); env && *env) g.addr = env;
+  if (const std::string env = celo2::param::control_addr(); !env.empty()) g.addr = env;
   app.add_option("--addr", g.addr, "server host:port (or $CELO2_CONTROL_ADDR)")
       ->capture_default_str();
   app.add_option("--token-file", g.token_file, "bearer token file (default: $CELO2_CONTROL_TOKEN)");

@@ -2,6 +2,8 @@
 //   celo2-tool theta info FILE [--json]   what a theta.state holds, or why it is unusable
 //   celo2-tool golden FILE... [--engine local|reference|sharded] [--tol T] [--verbose]
 //                                         check an engine against golden vectors
+//   celo2-tool params [--markdown]        the environment tunables in effect and the launch
+//                                         detected (--markdown: docs/OPERATIONS.md's tables)
 // Every failure is one line on stderr and a non-zero exit status, so scripts can rely on it.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -13,6 +15,8 @@
 #include <vector>
 
 #include "celo2/flax_msgpack.h"
+#include "celo2/launch.h"
+#include "celo2/params.h"
 #include "celo2/theta_io.h"
 #include "golden.h"
 
@@ -156,10 +160,26 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   golden->add_flag("--verbose", verbose, "Print every tensor's error");
 
+  CLI::App* params = app.add_subcommand(
+      "params", "The environment tunables (CELO2_*) in effect, and the launch detected");
+  bool markdown = false;
+  params->add_flag("--markdown", markdown,
+                   "Print docs/OPERATIONS.md's tables of tunables and launcher variables instead");
+
   CLI11_PARSE(app, argc, argv);
 
   try {
     if (info->parsed()) return celo2::theta_info(theta_file, json);
+    if (params->parsed()) {
+      if (markdown) {
+        std::printf("%s\n%s", celo2::param::markdown_table().c_str(),
+                    celo2::launch_markdown_tables().c_str());
+        return 0;
+      }
+      std::printf("%s\nlaunch: %s\n", celo2::param::describe().c_str(),
+                  celo2::detect_launch().describe().c_str());
+      return 0;
+    }
     if (golden->parsed()) {
       const auto which = engine == "reference" ? celo2::GoldenEngine::kReference
                          : engine == "sharded" ? celo2::GoldenEngine::kSharded

@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <stdexcept>
 
+#include "celo2/params.h"
+
 namespace celo2::data {
 namespace {
 
@@ -175,11 +177,7 @@ void downsample_area(const uint8_t* src, int src_side, float* dst, int dst_side)
 
 const char* split_name(Split s) { return s == Split::kTrain ? "train" : "t10k"; }
 
-std::string fashion_mnist_dir() {
-  const char* env = std::getenv("CELO2_FASHION_MNIST_DIR");
-  if (env != nullptr && *env != '\0') return env;
-  return "/usr/share/datasets/fashion-mnist";
-}
+std::string fashion_mnist_dir() { return param::fashion_mnist_dir(); }
 
 Dataset load_fashion_mnist(Split split, int side, const std::string& dir_in) {
   if (side < 1 || side > kFashionMnistSide) {

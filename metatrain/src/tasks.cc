@@ -5,12 +5,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "celo2/params.h"
+
 namespace celo2::meta {
 
-std::string digits_csv_path() {
-  if (const char* env = std::getenv("CELO2_DIGITS_CSV"); env && *env) return env;
-  return "/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz";
-}
+std::string digits_csv_path() { return param::digits_csv(); }
 
 data::Dataset load_digits_all(const std::string& path_in) {
   const std::string path = path_in.empty() ? digits_csv_path() : path_in;

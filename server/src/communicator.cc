@@ -2,9 +2,10 @@
 // backend choice.
 #include "celo2/communicator.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
+
+#include "celo2/params.h"
 
 namespace celo2 {
 
@@ -47,42 +48,12 @@ class LocalCommunicator final : public Communicator {
   void barrier() override {}
 };
 
-bool launched_with_many_ranks() {
-  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "PMIX_SIZE"}) {
-    const char* s = std::getenv(v);
-    if (s && std::atoi(s) > 1) return true;
-  }
-  return false;
-}
-
 }  // namespace
-
-#if !defined(CELO2_WITH_NCCL)
-std::unique_ptr<Communicator> make_nccl_communicator() {
-  throw CommError("the NCCL communicator was not built (configure with a CUDA toolkit and NCCL: "
-                  "-DCELO2_CUDA=ON)");
-}
-#endif
 
 std::unique_ptr<Communicator> make_local_communicator() {
   return std::make_unique<LocalCommunicator>();
 }
 
-std::unique_ptr<Communicator> make_communicator(const std::string& kind) {
-  if (kind == "local") return make_local_communicator();
-  if (kind == "mpi") return make_mpi_communicator();
-  if (kind == "nccl") return make_nccl_communicator();
-  if (kind == "auto") return launched_with_many_ranks() ? make_mpi_communicator() : make_local_communicator();
-  throw std::invalid_argument("unknown communicator '" + kind + "' (expected auto, local, mpi or nccl)");
-}
-
-double comm_timeout_seconds() {
-  const char* s = std::getenv("CELO2_COMM_TIMEOUT_S");
-  if (!s || !*s) return 600.0;
-  char* end = nullptr;
-  const double v = std::strtod(s, &end);
-  if (end == s || v < 0) return 600.0;
-  return v;
-}
+double comm_timeout_seconds() { return param::comm_timeout_s(); }
 
 }  // namespace celo2

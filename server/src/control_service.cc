@@ -19,6 +19,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "celo2/params.h"
 #include "celo2/v1/control.grpc.pb.h"
 #include "control_impl.h"
 
@@ -58,7 +59,7 @@ std::string resolve_token(const ControlOptions& o) {
     if (::stat(o.token_file.c_str(), &st) == 0 && (st.st_mode & 077) != 0)
       std::fprintf(stderr, "control: warning: token file '%s' is readable by other users\n",
                    o.token_file.c_str());
-  } else if (const char* env = std::getenv("CELO2_CONTROL_TOKEN"); env && *env) {
+  } else if (const std::string env = param::control_token(); !env.empty()) {
     token = first_line_stripped(env);
   }
   if (token.empty())

@@ -84,10 +84,10 @@ struct MpiRuntime {
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator() {
+    timeout_ = comm_timeout_seconds();  // a malformed CELO2_COMM_TIMEOUT_S is refused before MPI starts
     MpiRuntime::get();
     CELO2_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
     CELO2_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
-    timeout_ = comm_timeout_seconds();
     if (timeout_ > 0) watchdog_ = std::thread([this] { watch(); });
   }
   ~MpiCommunicator() override {

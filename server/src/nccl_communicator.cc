@@ -68,7 +68,7 @@ struct MpiBoot {
 
 class Nccl final : public NcclCommunicator {
  public:
-  explicit Nccl(const RankInfo& ri) : info_(ri) {
+  explicit Nccl(const LaunchInfo& ri) : info_(ri) {
     int devices = 0;
     CELO2_CUDA_CHECK(cudaGetDeviceCount(&devices));
     if (devices == 0) throw CommError("NCCL communicator: no CUDA device");
@@ -87,7 +87,7 @@ class Nccl final : public NcclCommunicator {
         CELO2_MPI_BOOT_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank));
         CELO2_MPI_BOOT_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &mpi_size));
         if (mpi_rank != ri.rank || mpi_size != ri.size)
-          throw CommError("NCCL bootstrap: " + ri.source + " says rank " + std::to_string(ri.rank) +
+          throw CommError("NCCL bootstrap: " + ri.launcher + " says rank " + std::to_string(ri.rank) +
                           " of " + std::to_string(ri.size) + " but MPI says " +
                           std::to_string(mpi_rank) + " of " + std::to_string(mpi_size) +
                           " (set CELO2_NCCL_BOOTSTRAP=tcp when MPI does not start these ranks)");
@@ -333,7 +333,7 @@ class Nccl final : public NcclCommunicator {
     }
   }
 
-  RankInfo info_;
+  LaunchInfo info_;
   std::string bootstrap_ = "none";  // how the NCCL id travelled: none (one rank), mpi or tcp
   int device_ = 0;
   ncclComm_t comm_ = nullptr;
@@ -348,7 +348,7 @@ class Nccl final : public NcclCommunicator {
 }  // namespace
 
 std::unique_ptr<NcclCommunicator> make_nccl_communicator_ex() {
-  return std::make_unique<Nccl>(discover_ranks());
+  return std::make_unique<Nccl>(detect_launch());
 }
 
 std::unique_ptr<Communicator> make_nccl_communicator() { return make_nccl_communicator_ex(); }

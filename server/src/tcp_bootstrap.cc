@@ -1,4 +1,4 @@
-// Rank discovery, the rendezvous endpoint and the TCP bootstrap (celo2/tcp_bootstrap.h).
+// The rendezvous endpoint and the TCP bootstrap (celo2/tcp_bootstrap.h).
 // POSIX sockets only; every socket is non-blocking and waited on with poll() against one
 // deadline, so no call blocks past the timeout. Every syscall is checked and its error names
 // the call and the errno text.
@@ -22,35 +22,19 @@
 #include <thread>
 #include <utility>
 
+#include "celo2/params.h"
+
 namespace celo2 {
 namespace {
 
 // ---------------------------------------------------------------- environment
 
-const char* env(const char* name) {
-  const char* s = std::getenv(name);
-  return (s && *s) ? s : nullptr;
-}
-
-bool read_int(const char* name, int* out) {
-  const char* s = env(name);
-  if (!s) return false;
+// A port variable's value (MASTER_PORT), plus `add` (the bootstrap uses MASTER_PORT+1).
+int read_port(const char* name, const std::string& s, int add = 0) {
   char* end = nullptr;
   errno = 0;
-  const long v = std::strtol(s, &end, 10);
-  if (errno != 0 || *end != '\0' || v < 0 || v > (1 << 24))
-    throw CommError(std::string("environment variable ") + name + "='" + s +
-                    "' is not a valid rank count or index");
-  *out = static_cast<int>(v);
-  return true;
-}
-
-int read_port(const char* name, int add = 0) {
-  const char* s = env(name);
-  char* end = nullptr;
-  errno = 0;
-  const long v = std::strtol(s, &end, 10);
-  if (errno != 0 || *end != '\0' || v < 1 || v + add > 65535)
+  const long v = std::strtol(s.c_str(), &end, 10);
+  if (errno != 0 || end == s.c_str() || *end != '\0' || v < 1 || v + add > 65535)
     throw CommError(std::string("environment variable ") + name + "='" + s + "' is not a TCP port" +
                     (add ? " (the bootstrap uses it + " + std::to_string(add) + ")" : std::string()));
   return static_cast<int>(v + add);
@@ -256,98 +240,58 @@ struct Conn {
 
 }  // namespace
 
-// ---------------------------------------------------------------- discovery
+// ---------------------------------------------------------------- endpoint
 
-RankInfo discover_ranks() {
-  struct Source {
-    const char* name;
-    const char* rank;
-    const char* size;
-    const char* local;
-  };
-  static const Source sources[] = {
-      {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"},
-      {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
-      {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-  };
-  for (const Source& s : sources) {
-    RankInfo r;
-    const bool has_rank = read_int(s.rank, &r.rank);
-    const bool has_size = read_int(s.size, &r.size);
-    if (!has_rank && !has_size) continue;
-    if (!has_rank || !has_size)
-      throw CommError(std::string(s.name) + " environment incomplete: " + s.rank + " and " +
-                      s.size + " must both be set");
-    if (!read_int(s.local, &r.local_rank)) r.local_rank = r.rank;
-    if (r.size < 1 || r.rank >= r.size)
-      throw CommError(std::string(s.name) + " environment: rank " + std::to_string(r.rank) +
-                      " is not below the world size " + std::to_string(r.size));
-    r.source = s.name;
-    return r;
-  }
-  return RankInfo{};
-}
-
-BootstrapEndpoint discover_bootstrap_endpoint(const RankInfo& ranks) {
+BootstrapEndpoint discover_bootstrap_endpoint(const LaunchInfo& launch) {
   BootstrapEndpoint ep;
   std::string host_from;
-  if (const char* a = env("CELO2_BOOTSTRAP_ADDR")) {
-    ep.host = a, host_from = "CELO2_BOOTSTRAP_ADDR";
-  } else if (ranks.source == "torchrun") {
-    if (const char* a = env("MASTER_ADDR")) ep.host = a, host_from = "MASTER_ADDR";
-  } else if (ranks.source == "slurm") {
-    const char* list = env("SLURM_JOB_NODELIST");
-    if (!list) list = env("SLURM_NODELIST");
-    const std::string first = list ? first_slurm_host(list) : "";
+  const std::string addr = param::bootstrap_addr();
+  if (!addr.empty()) {
+    ep.host = addr, host_from = "CELO2_BOOTSTRAP_ADDR";
+  } else if (launch.launcher == "torchrun") {
+    if (!launch.master_addr.empty()) ep.host = launch.master_addr, host_from = "MASTER_ADDR";
+  } else if (launch.launcher == "slurm") {
+    const std::string first = launch.slurm_nodelist.empty() ? "" : first_slurm_host(launch.slurm_nodelist);
     if (!first.empty()) {
       ep.host = first, host_from = "first host of SLURM_JOB_NODELIST";
-    } else if (const char* a = env("MASTER_ADDR")) {
-      ep.host = a, host_from = "MASTER_ADDR";
+    } else if (!launch.master_addr.empty()) {
+      ep.host = launch.master_addr, host_from = "MASTER_ADDR";
     } else {
-      throw CommError(std::string("TCP bootstrap under Slurm: cannot tell rank 0's host from "
-                                  "SLURM_JOB_NODELIST='") + (list ? list : "") +
-                      "'; set CELO2_BOOTSTRAP_ADDR to the host of SLURM_PROCID 0");
+      throw CommError("TCP bootstrap under Slurm: cannot tell rank 0's host from SLURM_JOB_NODELIST='" +
+                      launch.slurm_nodelist + "'; set CELO2_BOOTSTRAP_ADDR to the host of SLURM_PROCID 0");
     }
   } else {
-    int size = 0, local_size = 0;
-    if (const char* a = env("MASTER_ADDR")) {
-      ep.host = a, host_from = "MASTER_ADDR";
-    } else if (ranks.source == "openmpi" && read_int("OMPI_COMM_WORLD_SIZE", &size) &&
-               read_int("OMPI_COMM_WORLD_LOCAL_SIZE", &local_size) && size == local_size) {
-      ep.host = "127.0.0.1", host_from = "one node (OMPI_COMM_WORLD_LOCAL_SIZE)";
+    if (!launch.master_addr.empty()) {
+      ep.host = launch.master_addr, host_from = "MASTER_ADDR";
+    } else if (launch.launcher == "openmpi" && !launch.local_size_from.empty() &&
+               launch.local_size == launch.size) {
+      ep.host = "127.0.0.1", host_from = "one node (" + launch.local_size_from + ")";
     }
   }
   if (ep.host.empty())
-    throw CommError("TCP bootstrap (" + ranks.source + ", " + std::to_string(ranks.size) +
+    throw CommError("TCP bootstrap (" + launch.launcher + ", " + std::to_string(launch.size) +
                     " ranks): no address for rank 0; set CELO2_BOOTSTRAP_ADDR" +
-                    (ranks.source == "torchrun" ? " or MASTER_ADDR" : ""));
+                    (launch.launcher == "torchrun" ? " or MASTER_ADDR" : ""));
   std::string port_from = "default";
-  if (env("CELO2_BOOTSTRAP_PORT")) {
-    ep.port = read_port("CELO2_BOOTSTRAP_PORT"), port_from = "CELO2_BOOTSTRAP_PORT";
-  } else if (env("MASTER_PORT")) {
-    ep.port = read_port("MASTER_PORT", 1), port_from = "MASTER_PORT+1";
+  if (const int port = param::bootstrap_port(); port > 0) {
+    ep.port = port, port_from = "CELO2_BOOTSTRAP_PORT";
+  } else if (!launch.master_port.empty()) {
+    ep.port = read_port("MASTER_PORT", launch.master_port, 1), port_from = "MASTER_PORT+1";
   }
-  if (const char* b = env("CELO2_BOOTSTRAP_BIND")) ep.bind_host = b;
+  ep.bind_host = param::bootstrap_bind();
   ep.source = host_from + ", port " + port_from;
   return ep;
 }
 
-std::string choose_nccl_bootstrap(const RankInfo& ranks, bool mpi_initialized) {
-  const char* v = env("CELO2_NCCL_BOOTSTRAP");
-  const std::string s = v ? v : "auto";
-  if (s == "mpi" || s == "tcp") return s;
-  if (s != "auto")
-    throw CommError("CELO2_NCCL_BOOTSTRAP='" + s + "': expected mpi, tcp or auto");
+std::string choose_nccl_bootstrap(const LaunchInfo& launch, bool mpi_initialized) {
+  const std::string s = param::nccl_bootstrap();
+  if (s != "auto") return s;
   if (mpi_initialized) return "mpi";
-  // An MPI launcher started this process, and its ranks are the ranks discovered (srun
+  // An MPI launcher started this process, and its ranks are the ranks of the launch (srun
   // --mpi=pmix torchrun ... has fewer MPI ranks than torchrun ranks: TCP then).
-  int mpi_size = -1;
-  const bool launched = env("OMPI_COMM_WORLD_SIZE") || env("PMIX_RANK") || env("PMI_SIZE");
-  if (!launched) return "tcp";
-  if (!read_int("OMPI_COMM_WORLD_SIZE", &mpi_size) && !read_int("PMI_SIZE", &mpi_size) &&
-      !read_int("SLURM_NTASKS", &mpi_size))
-    return "mpi";
-  return mpi_size == ranks.size ? "mpi" : "tcp";
+  if (!launch.mpi_variables()) return "tcp";
+  if (launch.mpi_size < 0) return "mpi";
+  return launch.mpi_size == launch.size ? "mpi" : "tcp";
 }
 
 // ---------------------------------------------------------------- TcpBootstrap

@@ -29,6 +29,7 @@
 #include "celo2/communicator.h"
 #include "celo2/control.h"
 #include "celo2/engine.h"
+#include "celo2/params.h"
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
 #include "celo2/v1/control.grpc.pb.h"
@@ -1336,6 +1337,7 @@ TEST(ControlStartup, BadOptionsFailCleanly) {
   o.address = "127.0.0.1:0";
   o.token = kToken;
   ::unsetenv("CELO2_CONTROL_TOKEN");
+  celo2::param::reload();  // tunables are read once: forget a token read before
   {
     celo2::ControlOptions x = o;
     x.token.clear();

@@ -29,34 +29,34 @@ struct EnvGuard {
 TEST(NcclRanks, DiscoveryOrderTorchrunSlurmOpenMpi) {
   EnvGuard g({"RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
               "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"});
-  EXPECT_EQ(celo2::discover_ranks().source, "none");
+  EXPECT_EQ(celo2::detect_launch().launcher, "none");
   setenv("OMPI_COMM_WORLD_RANK", "3", 1);
   setenv("OMPI_COMM_WORLD_SIZE", "4", 1);
   setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);
-  celo2::RankInfo r = celo2::discover_ranks();
-  EXPECT_EQ(r.source, "openmpi");
+  celo2::LaunchInfo r = celo2::detect_launch();
+  EXPECT_EQ(r.launcher, "openmpi");
   EXPECT_EQ(r.rank, 3);
   EXPECT_EQ(r.local_rank, 1);
   setenv("SLURM_PROCID", "5", 1);
   setenv("SLURM_NTASKS", "8", 1);
   setenv("SLURM_LOCALID", "2", 1);
-  r = celo2::discover_ranks();
-  EXPECT_EQ(r.source, "slurm");
+  r = celo2::detect_launch();
+  EXPECT_EQ(r.launcher, "slurm");
   EXPECT_EQ(r.size, 8);
   EXPECT_EQ(r.local_rank, 2);
   setenv("RANK", "0", 1);
   setenv("WORLD_SIZE", "2", 1);
   setenv("LOCAL_RANK", "0", 1);
-  r = celo2::discover_ranks();
-  EXPECT_EQ(r.source, "torchrun");
+  r = celo2::detect_launch();
+  EXPECT_EQ(r.launcher, "torchrun");
   EXPECT_EQ(r.size, 2);
   setenv("RANK", "2", 1);
-  EXPECT_THROW(celo2::discover_ranks(), celo2::CommError);  // rank >= size
+  EXPECT_THROW(celo2::detect_launch(), celo2::CommError);  // rank >= size
   setenv("RANK", "x", 1);
-  EXPECT_THROW(celo2::discover_ranks(), celo2::CommError);
+  EXPECT_THROW(celo2::detect_launch(), celo2::CommError);
   unsetenv("WORLD_SIZE");
   setenv("RANK", "0", 1);
-  EXPECT_THROW(celo2::discover_ranks(), celo2::CommError);  // incomplete
+  EXPECT_THROW(celo2::detect_launch(), celo2::CommError);  // incomplete
 }
 
 struct Model {

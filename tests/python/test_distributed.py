@@ -136,3 +136,43 @@ def test_state_dict_saved_on_two_ranks_resumes_on_one(tmp_path, ref):
     worst = max(float(np.abs(got[n] - ref[n]).max()) for n in ref)
     print(f"resumed on 1 rank from a 2-rank state_dict: max |diff| = {worst:.3e}")
     assert worst <= TOL
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_RANK", "PMIX_SIZE",
+                "PMI_RANK", "PMI_SIZE")
+
+
+@pytest.mark.parametrize("env,want,mpi", [
+    ({}, ("none", 0, 1, 0), None),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, ("torchrun", 1, 4, 1), None),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, ("slurm", 3, 8, 1), (3, 8)),
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+     ("openmpi", 2, 4, 0), (2, 4)),
+], ids=["none", "torchrun", "slurm", "openmpi"])
+def test_rank_discovery_is_the_cpp_detector(monkeypatch, env, want, mpi):
+    """celo2.distributed reads the launchers through the C++ detect_launch() (celo2/launch.h)."""
+    from celo2.distributed import detect_launch, discover_rank, mpi_launched
+
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    info = discover_rank()
+    assert (info.source, info.rank, info.world_size, info.local_rank) == want
+    assert mpi_launched() == mpi
+    launch = detect_launch()
+    assert launch["launcher"] == want[0] and launch["rank"] == want[1] and launch["size"] == want[2]
+
+
+def test_malformed_launcher_variable_is_refused_by_name(monkeypatch):
+    import celo2
+    from celo2.distributed import discover_rank
+
+    for k in _LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(celo2.CommError, match="RANK='x'"):
+        discover_rank()

@@ -23,6 +23,7 @@
 
 #include <gtest/gtest.h>
 
+#include "celo2/params.h"
 #include "celo2/tcp_bootstrap.h"
 
 namespace {
@@ -300,11 +301,11 @@ TEST(TcpBootstrap, BadArguments) {
 // ------------------------------------------------------------ launcher variables
 
 const char* kLauncherVars[] = {
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-    "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_RANK",
-    "PMIX_SIZE", "PMI_RANK", "PMI_SIZE", "CELO2_BOOTSTRAP_ADDR", "CELO2_BOOTSTRAP_PORT",
-    "CELO2_BOOTSTRAP_BIND", "CELO2_NCCL_BOOTSTRAP"};
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+    "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "PMIX_RANK", "PMIX_SIZE", "PMI_RANK", "PMI_SIZE", "CELO2_BOOTSTRAP_ADDR", "CELO2_BOOTSTRAP_PORT",
+    "CELO2_BOOTSTRAP_BIND", "CELO2_NCCL_BOOTSTRAP", "CELO2_SLURM_MPI"};
 
 // In a child with exactly `vars` of the launcher variables set: "source rank size local"
 // then " host:port bootstrap" (more than one rank), or "ERR:...".
@@ -312,8 +313,9 @@ std::string discover_with(std::vector<std::pair<std::string, std::string>> vars)
   Child c = spawn([vars](int) {
     for (const char* v : kLauncherVars) ::unsetenv(v);
     for (const auto& [k, v] : vars) ::setenv(k.c_str(), v.c_str(), 1);
-    const celo2::RankInfo r = celo2::discover_ranks();
-    std::string s = r.source + " " + std::to_string(r.rank) + " " + std::to_string(r.size) + " " +
+    celo2::param::reload();  // the tunables as this child's environment has them
+    const celo2::LaunchInfo r = celo2::detect_launch();
+    std::string s = r.launcher + " " + std::to_string(r.rank) + " " + std::to_string(r.size) + " " +
                     std::to_string(r.local_rank);
     if (r.size > 1) {
       const BootstrapEndpoint ep = celo2::discover_bootstrap_endpoint(r);

@@ -1,8 +1,13 @@
 """Which rank this process is, and which transport the engine uses.
 
-Rank discovery follows Megatron's order: an initialized ``torch.distributed``, then
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun), then ``SLURM_PROCID``/``SLURM_NTASKS``
-(srun), then ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` (Open MPI's mpirun).
+Rank discovery: an initialized ``torch.distributed`` first (Megatron's order), else the
+launcher's variables as the C++ detector reads them (``detect_launch()``, celo2/launch.h:
+torchrun ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, then Slurm ``SLURM_PROCID``/
+``SLURM_NTASKS``/``SLURM_LOCALID``, then Open MPI ``OMPI_COMM_WORLD_RANK``/``_SIZE``/
+``_LOCAL_RANK``). Python does not read those variables itself: the detector is the one
+in the C++ library, reached through the extension (``celo2._launch``), so Python, the C++
+communicators and the NCCL bootstrap always agree. A malformed or inconsistent variable
+raises ``celo2.CommError`` naming it.
 
 The transport (``choose_communicator``) is chosen in this one place:
 
@@ -18,11 +23,10 @@ A launch that fits none of these raises ``RuntimeError`` saying what is missing.
 from __future__ import annotations
 
 import atexit
-import os
+import importlib.machinery
+import importlib.util
+import sys
 from dataclasses import dataclass
-
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE")
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 
 @dataclass(frozen=True)
@@ -30,17 +34,41 @@ class RankInfo:
     rank: int
     world_size: int
     local_rank: int
-    source: str  # torch.distributed | env | slurm | openmpi | single
+    source: str  # torch.distributed | torchrun | slurm | openmpi | none
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+_LAUNCH = None
+
+
+def _launch_module():
+    """The extension's launcher detector: ``_celo2`` itself when it registers the functions,
+    else ``celo2._launch``, a second module name the same shared object answers to."""
+    global _LAUNCH
+    if _LAUNCH is None:
+        from . import _celo2  # noqa: PLC0415
+
+        if hasattr(_celo2, "detect_launch"):
+            _LAUNCH = _celo2
+        else:
+            name = f"{__package__}._launch"
+            mod = sys.modules.get(name)
+            if mod is None:
+                loader = importlib.machinery.ExtensionFileLoader(name, _celo2.__file__)
+                spec = importlib.util.spec_from_file_location(name, _celo2.__file__, loader=loader)
+                mod = importlib.util.module_from_spec(spec)
+                loader.exec_module(mod)
+                sys.modules[name] = mod
+            _LAUNCH = mod
+    return _LAUNCH
+
+
+def detect_launch() -> dict:
+    """The launcher that started this process, as the C++ ``celo2::detect_launch()`` reads it:
+    ``launcher`` (torchrun, slurm, openmpi or none), ``rank``, ``size``, ``local_rank``,
+    ``local_size`` (-1: unknown), the variable each came from (``rank_from``, ...), the MPI
+    launcher (``mpi_launcher``, ``mpi_rank``, ``mpi_size``; -1: unknown), ``master_addr``,
+    ``master_port`` and ``describe`` (one line for people)."""
+    return _launch_module().detect_launch()
 
 
 def _torch_dist():
@@ -54,39 +82,21 @@ def _torch_dist():
 
 
 def discover_rank() -> RankInfo:
-    """Rank, world size and local rank, in Megatron's order (see the module docstring)."""
+    """Rank, world size and local rank: torch.distributed when initialized, else the
+    launcher's (see the module docstring)."""
+    launch = detect_launch()
     dist = _torch_dist()
     if dist is not None and dist.is_initialized():
-        local = _env_int("LOCAL_RANK")
-        if local is None:
-            local = _env_int("SLURM_LOCALID")
-        if local is None:
-            local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK")
-        return RankInfo(dist.get_rank(), dist.get_world_size(), local or 0, "torch.distributed")
-    for rank_var, size_var, local_var, source in (
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "env"),
-        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "slurm"),
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "openmpi"),
-    ):
-        rank, size = _env_int(rank_var), _env_int(size_var)
-        if rank is None or size is None:
-            continue
-        if size < 1 or not 0 <= rank < size:
-            raise ValueError(f"{rank_var}={rank} does not fit {size_var}={size}")
-        return RankInfo(rank, size, _env_int(local_var) or 0, source)
-    return RankInfo(0, 1, 0, "single")
+        return RankInfo(dist.get_rank(), dist.get_world_size(), launch["local_rank"], "torch.distributed")
+    return RankInfo(launch["rank"], launch["size"], launch["local_rank"], launch["launcher"])
 
 
 def mpi_launched() -> tuple[int, int] | None:
-    """(rank, size) when an MPI launcher started more than one rank, else None."""
-    for size_var, rank_var in zip(_MPI_SIZE_VARS, _MPI_RANK_VARS):
-        size, rank = _env_int(size_var), _env_int(rank_var)
-        if size is not None and size > 1 and rank is not None:
-            return rank, size
-    size = _env_int("SLURM_NTASKS")
-    rank = _env_int("SLURM_PROCID")
-    if size is not None and size > 1 and rank is not None and os.environ.get("CELO2_SLURM_MPI", "1") != "0":
-        return rank, size  # srun --mpi=pmix; set CELO2_SLURM_MPI=0 for srun + torchrun jobs
+    """(rank, size) when an MPI launcher started more than one rank, else None: mpirun,
+    srun --mpi=pmix, or plain srun unless CELO2_SLURM_MPI=0 (srun + torchrun jobs)."""
+    launch = detect_launch()
+    if launch["mpi_size"] > 1 and launch["mpi_rank"] >= 0:
+        return launch["mpi_rank"], launch["mpi_size"]
     return None
 
 
@@ -176,7 +186,8 @@ def _init_torch_from_env(info: RankInfo):
         raise RuntimeError(
             f"{info.world_size} ranks from the launcher's variables, but torch.distributed is "
             "unavailable and no MPI launcher started this process")
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+    launch = detect_launch()
+    if not launch["master_addr"] or not launch["master_port"]:
         raise RuntimeError(
             f"{info.world_size} ranks ({info.source}), no MPI launcher and no torch.distributed: call "
             "torch.distributed.init_process_group() first, or set MASTER_ADDR and MASTER_PORT")
@@ -214,7 +225,7 @@ def choose_communicator(kind="auto"):
         return "mpi"
     if info.source == "torch.distributed":
         return TorchCommunicator()
-    if info.source == "env":
+    if info.source == "torchrun":
         _init_torch_from_env(info)
         return TorchCommunicator()
     if mpi is not None:

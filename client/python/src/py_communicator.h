@@ -50,4 +50,8 @@ class PyCommunicator : public Communicator {
   std::string backend_;
 };
 
+// Adds detect_launch(), launcher_table() and param_table() to `m` (launch.cc; the same
+// functions are the module celo2._launch, which celo2/distributed.py uses).
+void register_launch(pybind11::module_& m);
+
 }  // namespace celo2::python

@@ -77,13 +77,14 @@ std::unique_ptr<Communicator> make_mpi_communicator();
 // NCCL over the launcher's ranks, one GPU per rank (celo2/nccl_communicator.h). Throws
 // CommError if the project was built without CUDA and NCCL.
 std::unique_ptr<Communicator> make_nccl_communicator();
-// The one place a backend is chosen: "local", "mpi", "nccl" (CUDA builds), or "auto" (MPI when launched by
-// mpirun/srun with more than one rank — OMPI_COMM_WORLD_SIZE, PMIX_RANK or SLURM_NTASKS —
-// else local).
+// The one place a backend is chosen: "local", "mpi", "nccl" (CUDA builds), or "auto" (MPI when an
+// MPI launcher — mpirun, srun; detect_launch() in celo2/launch.h — started more than one
+// rank, else local).
 std::unique_ptr<Communicator> make_communicator(const std::string& kind = "auto");
 
-// Seconds a collective may take before the process reports a dead or hung rank and exits
-// (environment CELO2_COMM_TIMEOUT_S, default 600; 0 disables).
+// Seconds a collective may take before the process reports a dead or hung rank and exits:
+// celo2::param::comm_timeout_s() (CELO2_COMM_TIMEOUT_S, default 600; 0 disables; a
+// malformed value throws ParamError).
 double comm_timeout_seconds();
 
 }  // namespace celo2

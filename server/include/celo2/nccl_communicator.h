@@ -2,7 +2,7 @@
 //
 // Bootstrap: ranks are read from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), Slurm
 // (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) and Open MPI (OMPI_COMM_WORLD_RANK/SIZE/
-// LOCAL_RANK) variables, in that order (discover_ranks(), celo2/tcp_bootstrap.h); the device
+// LOCAL_RANK) variables, in that order (detect_launch(), celo2/launch.h); the device
 // is the local rank (modulo the visible devices). With more than one rank, rank 0 creates the
 // ncclUniqueId and hands it to the others, by MPI_Bcast or by the TCP bootstrap
 // (TcpBootstrap: rank 0 listens, the others connect), as choose_nccl_bootstrap() says
@@ -24,7 +24,7 @@
 #include <string>
 
 #include "celo2/communicator.h"
-#include "celo2/tcp_bootstrap.h"  // RankInfo, discover_ranks()
+#include "celo2/tcp_bootstrap.h"  // LaunchInfo, detect_launch()
 
 struct CUstream_st;
 struct CUevent_st;

@@ -1,6 +1,6 @@
-// How the ranks of a job find each other without MPI: the launcher's rank variables, the
-// rendezvous endpoint, and a small TCP store that lets rank 0 hand an opaque byte blob (the
-// 128-byte ncclUniqueId) to every other rank. CUDA-independent, compiled in every build;
+// How the ranks of a job find each other without MPI: the rendezvous endpoint (from the
+// launch that celo2/launch.h detects), and a small TCP store that lets rank 0 hand an opaque
+// byte blob (the 128-byte ncclUniqueId) to every other rank. CUDA-independent, compiled in every build;
 // the NCCL communicator (celo2/nccl_communicator.h) uses it under torchrun, where there is
 // no MPI to MPI_Bcast the id.
 //
@@ -21,18 +21,9 @@
 #include <vector>
 
 #include "celo2/communicator.h"
+#include "celo2/launch.h"  // LaunchInfo, detect_launch()
 
 namespace celo2 {
-
-// Where this process sits in the job, from the launcher's environment.
-struct RankInfo {
-  int rank = 0, size = 1, local_rank = 0;
-  std::string source = "none";  // torchrun, slurm, openmpi or none
-};
-// Ranks from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), Slurm (SLURM_PROCID/SLURM_NTASKS/
-// SLURM_LOCALID), then Open MPI (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK), the first present.
-// Throws CommError when a variable is present but malformed or inconsistent.
-RankInfo discover_ranks();
 
 // Default TCP bootstrap port when neither CELO2_BOOTSTRAP_PORT nor MASTER_PORT is set.
 constexpr int kDefaultBootstrapPort = 29510;
@@ -44,20 +35,21 @@ struct BootstrapEndpoint {
   std::string bind_host;  // what rank 0 binds ("" = every address, INADDR_ANY)
   std::string source;     // which variables gave host and port, for messages
 };
-// host: CELO2_BOOTSTRAP_ADDR, else by launcher: torchrun MASTER_ADDR; Slurm the first host of
+// From the launch (detect_launch()) and the tunables (celo2/params.h). host:
+// CELO2_BOOTSTRAP_ADDR, else by launcher: torchrun MASTER_ADDR; Slurm the first host of
 // SLURM_JOB_NODELIST (a plain list or one bracket range, e.g. "gpu[003-010]" -> gpu003), else
 // MASTER_ADDR; Open MPI MASTER_ADDR, else 127.0.0.1 when every rank is on this node
 // (OMPI_COMM_WORLD_LOCAL_SIZE == OMPI_COMM_WORLD_SIZE). port: CELO2_BOOTSTRAP_PORT, else
 // MASTER_PORT+1 (torch's own store has MASTER_PORT), else kDefaultBootstrapPort. bind_host:
 // CELO2_BOOTSTRAP_BIND. Throws CommError naming the variable to set when no host is known.
-BootstrapEndpoint discover_bootstrap_endpoint(const RankInfo& ranks);
+BootstrapEndpoint discover_bootstrap_endpoint(const LaunchInfo& launch);
 
 // How the NCCL id travels: CELO2_NCCL_BOOTSTRAP = mpi | tcp | auto (default). auto: "mpi"
-// when MPI is already initialized or an MPI launcher started the process
-// (OMPI_COMM_WORLD_SIZE, PMIX_RANK or PMI_SIZE: mpirun, srun --mpi=pmix) with as many ranks
-// as `ranks` says (OMPI_COMM_WORLD_SIZE, PMI_SIZE or SLURM_NTASKS), else "tcp" (torchrun,
-// plain srun, srun --mpi=pmix torchrun ...). Throws CommError on another value.
-std::string choose_nccl_bootstrap(const RankInfo& ranks, bool mpi_initialized);
+// when MPI is already initialized or an MPI launcher's variables are present
+// (launch.mpi_variables(): mpirun, srun --mpi=pmix) with as many ranks as the launch has
+// (launch.mpi_size; unknown counts as equal), else "tcp" (torchrun, plain srun,
+// srun --mpi=pmix torchrun ...). Throws ParamError on another value.
+std::string choose_nccl_bootstrap(const LaunchInfo& launch, bool mpi_initialized);
 
 class TcpBootstrap {
  public:
