@@ -29,12 +29,12 @@
 #include "celo2/comm_model.h"
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
-#include "celo2/gpu_plan.h"
+#include "celo2/plan.h"
 #if CELO2_BENCH_ENGINE
 #include <chrono>
 
-#include "celo2/gpu_engine.h"
-#include "celo2/nccl_communicator.h"
+#include "celo2/cuda_backend.h"
+#include "celo2/engine.h"
 #endif
 
 namespace {
@@ -130,54 +130,39 @@ double gemm_rate(int n, NsPrecision prec, int iters) {
 }
 
 #if CELO2_BENCH_ENGINE
-// The whole GpuEngine step on one rank (NCCL communicator of one): what a trainer calls.
-// Tensors are views into the flat p / g buffers (float32) or into bf16 copies of them. Host
-// wall time per step (step() returns after both streams finish), median of `iters`.
-nlohmann::json engine_bench(const std::vector<celo2::ModelTensor>& tensors, float* p, float* g,
-                            int64_t n_all, bool bf16, int iters) {
-  auto comm = std::shared_ptr<celo2::NcclCommunicator>(celo2::make_nccl_communicator_ex());
-  celo2::GpuEngineOptions go;
-  go.opt.rules = celo2::LabelRules::seed_default();
-  go.opt.theta = celo2::Theta::adam_like(go.opt.rule);
-  go.opt.weight_decay = 0.1;
-  uint16_t *pb = nullptr, *gb = nullptr;
-  if (bf16) {
-    CELO2_CUDA_CHECK(cudaMalloc(&pb, n_all * 2));
-    CELO2_CUDA_CHECK(cudaMalloc(&gb, n_all * 2));
-    celo2::cuda::float_to_bf16_device(p, pb, n_all);
-    celo2::cuda::float_to_bf16_device(g, gb, n_all);
+// The whole engine step on its cuda backend, one rank (local communicator): what a trainer
+// calls. Tensors are views into the flat p / g buffers (float32). Host wall time per step
+// (step() returns when the update is in place), median of `iters`; the engine's phases.
+nlohmann::json engine_bench(const std::vector<celo2::ModelTensor>& tensors, float* p, float* g, int iters) {
+  celo2::register_cuda_backend();
+  celo2::EngineOptions eo;
+  eo.opt.rules = celo2::LabelRules::seed_default();
+  eo.opt.theta = celo2::Theta::adam_like(eo.opt.rule);
+  eo.opt.weight_decay = 0.1;
+  eo.backend = "cuda";
+  eo.grad_mode = celo2::GradMode::kReduced;
+  celo2::Engine eng(eo, celo2::make_local_communicator());
+  int64_t off = 0;
+  for (const auto& t : tensors) {
+    int64_t n = 1;
+    for (int64_t s : t.shape) n *= s;
+    eng.add_tensor(t.name, t.shape, p + off, g + off);
+    off += n;
   }
-  nlohmann::json r;
-  {
-    celo2::GpuEngine eng(go, comm);
-    int64_t off = 0;
-    for (const auto& t : tensors) {
-      int64_t n = 1;
-      for (int64_t s : t.shape) n *= s;
-      if (bf16)
-        eng.add_tensor(t.name, t.shape, celo2::DType::kBFloat16, pb + off, celo2::DType::kBFloat16, gb + off);
-      else
-        eng.add_tensor(t.name, t.shape, p + off, g + off);
-      off += n;
-    }
-    std::vector<double> ms, check, pipe;
-    for (int i = 0; i <= iters; ++i) {
-      CELO2_CUDA_CHECK(cudaDeviceSynchronize());
-      const auto t0 = std::chrono::steady_clock::now();
-      eng.step_with_lr(1e-4);
-      const double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (i == 0) continue;  // warm-up (plan, allocation)
-      ms.push_back(dt);
-      check.push_back(eng.last_phase_stats().seconds.at("check") * 1e3);
-      pipe.push_back(eng.last_phase_stats().seconds.at("pipeline") * 1e3);
-    }
-    auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
-    r = {{"step_ms", med(ms)}, {"check_ms", med(check)}, {"pipeline_ms", med(pipe)},
-         {"buckets", eng.plan().buckets.size()}, {"device_state_bytes", eng.device_bytes()},
-         {"params", bf16 ? "bfloat16" : "float32"}};
+  std::vector<double> ms;
+  std::map<std::string, std::vector<double>> phase;
+  for (int i = 0; i <= iters; ++i) {
+    CELO2_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto t0 = std::chrono::steady_clock::now();
+    eng.step_with_lr(1e-4);
+    const double dt = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (i == 0) continue;  // warm-up (plan, allocation, RuleSet groups)
+    ms.push_back(dt);
+    for (const auto& [k, v] : eng.last_phase_stats().seconds) phase[k].push_back(v * 1e3);
   }
-  cudaFree(pb);
-  cudaFree(gb);
+  auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+  nlohmann::json r = {{"step_ms", med(ms)}, {"engine_bytes", eng.memory_bytes()}, {"params", "float32"}};
+  for (auto& [k, v] : phase) r["phase_ms"][k] = med(v);
   return r;
 }
 #endif
@@ -195,8 +180,8 @@ int main(int argc, char** argv) {
   app.add_option("--ns", precisions, "Newton-Schulz precisions to run (float32 tf32 bf16)");
   bool engine = true;
   std::vector<int> ranks = {8, 64};
-  app.add_option("--ranks", ranks, "World sizes whose per-rank compute share is timed (GpuEngine plan)");
-  app.add_option("--engine", engine, "Also time the whole GpuEngine step (float32 and bf16; NCCL builds)");
+  app.add_option("--ranks", ranks, "World sizes whose per-rank compute share is timed (the whole-tensor plan)");
+  app.add_option("--engine", engine, "Also time the whole engine step on its cuda backend");
   app.add_option("--out", out_dir, "Directory for the JSON and CSV (default $OUT or ./celo2-bench-gpu-out)");
   CLI11_PARSE(app, argc, argv);
   if (out_dir.empty()) {
@@ -302,16 +287,17 @@ int main(int argc, char** argv) {
     }
     J["targets"] = {{"elementwise_frac_of_copy_min", 0.5}, {"step_over_adamw_max", 3.0}};
 
-    // Per-rank compute at W ranks: the GPU engine's plan for W (gpu_plan.h) gives each rank
-    // its Celo2 tensors and AdamW pieces; each rank's share is timed here on this one GPU
-    // (one RuleSet over its tensors + update + fused AdamW over its pieces) and the slowest
-    // rank is compared with fused AdamW over N/W elements (ZeRO-sharded AdamW). Measured
-    // compute, no communication (which overlaps in the engine's pipeline).
+    // Per-rank compute at W ranks: the engine's whole-tensor plan for W (celo2/plan.h, what
+    // the cuda backend runs) gives each rank its Celo2 tensors and pieces of AdamW tensors;
+    // each rank's share is timed here on this one GPU (one RuleSet over its tensors + update +
+    // fused AdamW over its pieces) and the slowest rank is compared with fused AdamW over N/W
+    // elements (ZeRO-sharded AdamW). Measured compute, no communication.
     {
-      std::vector<celo2::GpuPlanTensor> pt;
-      for (const auto& t : tensors) pt.push_back({t.shape, t.label, 0});
+      std::vector<celo2::PlanTensor> pt;
+      for (const auto& t : tensors) pt.push_back({[&] { int64_t n = 1; for (int64_t s : t.shape) n *= s; return n; }(),
+                                                  t.label, celo2::tensor_step_cost(t.shape, t.label, cfg)});
       for (int W : ranks) {
-        const celo2::GpuPlan plan = celo2::GpuPlan::build(pt, W, 64ll << 20);
+        const std::vector<int64_t> cuts = celo2::plan_cuts(pt, W, celo2::Plan::kWholeTensors);
         const int64_t share = (n_all + W - 1) / W;
         const double adamw_w_ms = median_ms(iters, [&] { celo2::cuda::adamw_device(aw, share, p.p, g.p, mu.p, nu.p); });
         for (const std::string& pname : precisions) {
@@ -321,14 +307,16 @@ int main(int argc, char** argv) {
           int worst_rank = 0;
           for (int r = 0; r < W; ++r) {
             std::vector<std::vector<int64_t>> shapes;
-            int64_t n_c = 0, n_a = 0;
-            for (const celo2::GpuPiece& pc : plan.pieces) {
-              if (pc.owner != r) continue;
-              if (tensors[pc.tensor].label == celo2::Label::kCelo2) {
-                shapes.push_back(tensors[pc.tensor].shape);
-                n_c += pc.n;
+            int64_t n_c = 0, n_a = 0, off = 0;
+            for (size_t i = 0; i < tensors.size(); ++i) {
+              const int64_t lo = std::max(off, cuts[r]), hi = std::min(off + pt[i].numel, cuts[r + 1]);
+              off += pt[i].numel;
+              if (hi <= lo) continue;
+              if (tensors[i].label == celo2::Label::kCelo2) {
+                shapes.push_back(tensors[i].shape);
+                n_c += hi - lo;
               } else {
-                n_a += pc.n;
+                n_a += hi - lo;
               }
             }
             std::unique_ptr<celo2::cuda::RuleSet> set;
@@ -345,18 +333,15 @@ int main(int argc, char** argv) {
           }
           J["ranks"][std::to_string(W)][pname] = {{"max_rank_ms", worst}, {"max_rank", worst_rank},
                                                    {"adamw_share_ms", adamw_w_ms},
-                                                   {"max_rank_over_adamw_share", worst / adamw_w_ms},
-                                                   {"plan_imbalance", plan.imbalance}};
+                                                   {"max_rank_over_adamw_share", worst / adamw_w_ms}};
         }
       }
     }
 #if CELO2_BENCH_ENGINE
     if (engine) {
-      for (bool bf16 : {false, true}) {
-        nlohmann::json r = engine_bench(tensors, p.p, g.p, n_all, bf16, iters);
-        r["step_over_adamw"] = r["step_ms"].get<double>() / adamw_ms;
-        J["engine"][bf16 ? "bfloat16" : "float32"] = r;
-      }
+      nlohmann::json r = engine_bench(tensors, p.p, g.p, iters);
+      r["step_over_adamw"] = r["step_ms"].get<double>() / adamw_ms;
+      J["engine"]["float32"] = r;
     }
 #endif
 
@@ -384,9 +369,9 @@ int main(int argc, char** argv) {
                       v["max_rank_over_adamw_share"].get<double>());
     if (J.contains("engine"))
       for (const auto& [k, v] : J["engine"].items())
-        std::printf("GpuEngine step, %s params/grads, 1 rank, float32 NS: %.3f ms (%.2fx AdamW; "
-                    "non-finite check %.3f ms, %d buckets)\n", k.c_str(), v["step_ms"].get<double>(),
-                    v["step_over_adamw"].get<double>(), v["check_ms"].get<double>(), v["buckets"].get<int>());
+        std::printf("engine step (cuda backend), %s params/grads, 1 rank, float32 NS: %.3f ms (%.2fx AdamW; "
+                    "engine memory %.1f MB)\n", k.c_str(), v["step_ms"].get<double>(),
+                    v["step_over_adamw"].get<double>(), v["engine_bytes"].get<double>() / 1e6);
     std::printf("targets: element-wise >= 0.50 of copy bandwidth; step <= 3x AdamW. JSON/CSV in %s\n",
                 out_dir.c_str());
   } catch (const std::exception& e) {

@@ -7,7 +7,9 @@
 #include <cstdio>
 
 #include "celo2/comm_model.h"
-#include "celo2/gpu_plan.h"
+#include "celo2/newton_schulz.h"
+#include "celo2/plan.h"
+#include "celo2/rule.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"celo2-plan: bytes per rank per step of the sharded Celo2 engine"};
@@ -50,23 +52,46 @@ int main(int argc, char** argv) {
                 "state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices), m.ns_imbalance,
                 m.layerwise_state_imbalance);
   }
-  // The GPU engine's plan (gpu_plan.h): whole tensors to owners by modelled cost.
-  std::vector<celo2::GpuPlanTensor> gt;
-  for (const auto& t : tensors) gt.push_back({t.shape, t.label, 0});
-  std::printf("GPU engine (whole-tensor owners, 64 MiB buckets): modelled per-rank load and "
-              "state\n%-6s %10s %14s %18s %10s\n", "ranks", "imbalance", "max-rank ms",
-              "max-rank elements", "/ (N/W)");
+  // The whole-tensor plan (celo2/plan.h; what the engine's cuda backend runs): cuts at Celo2
+  // tensor boundaries by modelled cost. Per rank: optimizer-state bytes (celo2: m 3 + rms 1
+  // floats per element, factored vectors aside; adamw: 2), Newton–Schulz FLOPs, modelled cost.
+  std::vector<celo2::PlanTensor> pt;
+  for (const auto& t : tensors) {
+    int64_t k = 1;
+    for (auto s : t.shape) k *= s;
+    pt.push_back({k, t.label, celo2::tensor_step_cost(t.shape, t.label, cfg)});
+  }
+  std::printf("Whole-tensor plan (the cuda backend): per-rank max/mean\n%-6s %14s %14s %14s %16s\n", "ranks",
+              "state bytes", "NS FLOPs", "modelled cost", "max-rank ms");
   for (int W : worlds) {
-    const celo2::GpuPlan p = celo2::GpuPlan::build(gt, W, 64ll << 20);
-    double mx = 0;
-    for (double l : p.load) mx = std::max(mx, l);
-    int64_t me = 0, tot = 0;
-    for (int64_t e : p.owned_elements) {
-      me = std::max(me, e);
-      tot += e;
+    const std::vector<int64_t> cuts = celo2::plan_cuts(pt, W, celo2::Plan::kWholeTensors);
+    std::vector<double> state(W, 0), nsf(W, 0), cost(W, 0);
+    int64_t off = 0;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      for (int r = 0; r < W; ++r) {
+        const int64_t lo = std::max(off, cuts[r]), hi = std::min(off + pt[i].numel, cuts[r + 1]);
+        if (hi <= lo) continue;
+        const double frac = static_cast<double>(hi - lo) / static_cast<double>(pt[i].numel);
+        state[r] += 4.0 * (tensors[i].label == celo2::Label::kCelo2 ? 4 : tensors[i].label == celo2::Label::kAdamW ? 2 : 0) *
+                    static_cast<double>(hi - lo);
+        cost[r] += pt[i].cost * frac;
+        if (tensors[i].label == celo2::Label::kCelo2 && cfg.orthogonalize) {
+          const celo2::Geometry g = celo2::Geometry::of(tensors[i].shape);
+          if (g.factored) nsf[r] += g.norm_groups * celo2::newton_schulz_flops(cfg, g.mat_rows, g.mat_cols);
+        }
+      }
+      off += pt[i].numel;
     }
-    std::printf("%-6d %10.3f %14.3f %18lld %10.3f\n", W, p.imbalance, mx * 1e3,
-                static_cast<long long>(me), static_cast<double>(me) / (static_cast<double>(tot) / W));
+    auto ratio = [&](const std::vector<double>& v) {
+      double mx = 0, sum = 0;
+      for (double x : v) {
+        mx = std::max(mx, x);
+        sum += x;
+      }
+      return sum > 0 ? mx / (sum / W) : 1.0;
+    };
+    std::printf("%-6d %14.3f %14.3f %14.3f %16.3f\n", W, ratio(state), ratio(nsf), ratio(cost),
+                *std::max_element(cost.begin(), cost.end()) * 1e3);
   }
   return 0;
 }

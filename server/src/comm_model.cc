@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "celo2/engine.h"
+#include "celo2/plan.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
 
@@ -45,7 +45,9 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
   // All-to-all: what of each matrix lies outside its owner's slice, averaged over ranks.
   double moved = 0, ns_elems = 0;
   if (!flat.empty()) {
-    const OwnerPlan plan = plan_owners(flat, cost, N, W);
+    std::vector<int64_t> cuts(W + 1);
+    for (int k = 0; k <= W; ++k) cuts[k] = N * k / W;
+    const OwnerPlan plan = plan_owners(flat, cost, cuts);
     m.ns_imbalance = plan.imbalance;
     for (size_t i = 0; i < flat.size(); ++i) {
       const int o = plan.owner[i];

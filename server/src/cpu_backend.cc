@@ -1,52 +1,158 @@
-// The CPU backends of the one engine (backend.h): the fast kernels and the reference.
-#include <vector>
+// The host backends of the one engine (backend.h): "cpu" (the fast kernels) and "reference"
+// (the plain kernels), and the backend registry.
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
 
 #include "backend.h"
+#include "celo2/communicator.h"
 #include "celo2/recipe.h"
 
 namespace celo2 {
+
+SliceState SliceState::zeros(Label label, const Geometry& geo, int64_t len) {
+  SliceState s;
+  if (label == Label::kCelo2) {
+    s.m.assign(kMom * len, 0.0f);
+    s.rms.assign(kRms * len, 0.0f);
+    if (geo.factored) {
+      s.v_row.assign(kFac * geo.row_count, 0.0f);
+      s.v_col.assign(kFac * geo.col_count, 0.0f);
+    } else {
+      s.v_diag.assign(kFac * len, 0.0f);
+    }
+  } else if (label == Label::kAdamW) {
+    s.mu.assign(len, 0.0f);
+    s.nu.assign(len, 0.0f);
+  }
+  return s;
+}
+
 namespace {
 
-class CpuBackend final : public Backend {
+class HostBackend : public Backend {
  public:
-  const char* name() const override { return "cpu"; }
-  bool slice_phases() const override { return true; }
-  void rule_whole(const RuleConfig& cfg, const Theta& theta, const Geometry& geo, RuleState& st,
-                  const float* g, const float* p, float* u) override {
-    celo2_update(cfg, theta, geo, st, g, p, u, ws_);
+  explicit HostBackend(bool reference) : reference_(reference) {}
+  const char* name() const override { return reference_ ? "reference" : "cpu"; }
+
+  float* alloc(int64_t n) override { return new float[n > 0 ? n : 1](); }
+  void release(float* p) noexcept override { delete[] p; }
+  void copy(float* dst, const float* src, int64_t n) override {
+    if (n > 0 && dst != src) std::memcpy(dst, src, n * sizeof(float));
   }
-  double adamw(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu,
-               float* nu) override {
-    return adamw_apply(a, n, p, g, mu, nu, /*reference=*/false, scratch_);
+  void to_host(float* host, const float* src, int64_t n) override { copy(host, src, n); }
+  void from_host(float* dst, const float* host, int64_t n) override { copy(dst, host, n); }
+
+  void scale(float* x, int64_t n, float s) override {
+    for (int64_t i = 0; i < n; ++i) x[i] *= s;
+  }
+  void grad_stats(const float* g, int64_t n, double* nonfinite, double* sumsq) override {
+    double s = 0, nb = 0;
+#pragma omp parallel for reduction(+ : nb, s) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+      if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
+      else nb += 1;
+    }
+    *nonfinite += nb;
+    *sumsq += s;
+  }
+  void zero_nonfinite(float* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(x[i])) x[i] = 0.0f;
+  }
+  double apply(float lr, float wd, int64_t n, float* p, const float* u) override {
+    return apply_update(lr, wd, n, p, u);
+  }
+
+  void set_state(size_t t, SliceState s) override {
+    if (states_.size() <= t) states_.resize(t + 1);
+    states_[t] = std::move(s);
+  }
+  SliceState get_state(size_t t) override { return t < states_.size() ? states_[t] : SliceState{}; }
+  int64_t state_bytes() const override {
+    int64_t f = 0;
+    for (const SliceState& s : states_)
+      f += static_cast<int64_t>(s.m.capacity() + s.rms.capacity() + s.v_diag.capacity() + s.v_row.capacity() +
+                                s.v_col.capacity() + s.mu.capacity() + s.nu.capacity());
+    return f * static_cast<int64_t>(sizeof(float));
+  }
+  bool slice_phases() const override { return !reference_; }
+  SliceState* host_state(size_t t) override {
+    if (reference_) return nullptr;  // the reference has no slice kernels
+    return &states_.at(t);
+  }
+
+  void rule_whole(const RuleConfig& cfg, const Theta& theta, const std::vector<Whole>& tensors) override {
+    for (const Whole& w : tensors) {
+      SliceState& s = states_.at(w.t);
+      RuleState st;  // a view by swap: no copy of the state
+      st.m.swap(s.m);
+      st.rms.swap(s.rms);
+      st.v_row.swap(s.v_row);
+      st.v_col.swap(s.v_col);
+      st.v_diag.swap(s.v_diag);
+      st.iteration = w.iteration - 1;  // the rule counts this update itself
+      if (reference_) celo2_reference(cfg, theta, *w.geo, st, w.g, w.p, w.u);
+      else celo2_update(cfg, theta, *w.geo, st, w.g, w.p, w.u, ws_);
+      st.m.swap(s.m);
+      st.rms.swap(s.rms);
+      st.v_row.swap(s.v_row);
+      st.v_col.swap(s.v_col);
+      st.v_diag.swap(s.v_diag);
+    }
+  }
+  double adamw(size_t t, const AdamWParams& a, int64_t n, float* p, const float* g) override {
+    SliceState& s = states_.at(t);
+    return adamw_apply(a, n, p, g, s.mu.data(), s.nu.data(), reference_, scratch_);
   }
 
  private:
+  bool reference_;
+  std::vector<SliceState> states_;
   Workspace ws_;
   std::vector<float> scratch_;
 };
 
-class ReferenceBackend final : public Backend {
- public:
-  const char* name() const override { return "reference"; }
-  bool slice_phases() const override { return false; }
-  void rule_whole(const RuleConfig& cfg, const Theta& theta, const Geometry& geo, RuleState& st,
-                  const float* g, const float* p, float* u) override {
-    celo2_reference(cfg, theta, geo, st, g, p, u);
-  }
-  double adamw(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu,
-               float* nu) override {
-    return adamw_apply(a, n, p, g, mu, nu, /*reference=*/true, scratch_);
-  }
-
- private:
-  std::vector<float> scratch_;
-};
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<std::string, std::function<std::unique_ptr<Backend>()>>& registry() {
+  static std::map<std::string, std::function<std::unique_ptr<Backend>()>> r = {
+      {"cpu", [] { return std::make_unique<HostBackend>(false); }},
+      {"reference", [] { return std::make_unique<HostBackend>(true); }},
+  };
+  return r;
+}
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(bool reference) {
-  if (reference) return std::make_unique<ReferenceBackend>();
-  return std::make_unique<CpuBackend>();
+void register_backend(const std::string& name, std::function<std::unique_ptr<Backend>()> factory) {
+  std::lock_guard<std::mutex> l(registry_mutex());
+  registry()[name] = std::move(factory);
+}
+
+std::vector<std::string> backend_names() {
+  std::lock_guard<std::mutex> l(registry_mutex());
+  std::vector<std::string> v;
+  for (const auto& [k, f] : registry()) v.push_back(k);
+  return v;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+  std::function<std::unique_ptr<Backend>()> f;
+  {
+    std::lock_guard<std::mutex> l(registry_mutex());
+    auto it = registry().find(name);
+    if (it != registry().end()) f = it->second;
+  }
+  if (!f) {
+    std::string known;
+    for (const std::string& k : backend_names()) known += (known.empty() ? "" : ", ") + k;
+    throw UnsupportedError("backend '" + name + "' is not available in this build (" + known + ")");
+  }
+  return f();
 }
 
 }  // namespace celo2

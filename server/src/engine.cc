@@ -28,14 +28,11 @@ struct Engine::Entry {
   int64_t offset = 0;          // first flat index
   int64_t lo = 0, hi = 0;      // this rank's part, in tensor coordinates
   int64_t local_off = 0;       // where [lo, hi) sits in this rank's flat slice
-  // celo2 (local slice; v_row/v_col whole and replicated)
-  int64_t iteration = 0;
-  std::vector<float> m, rms, v_diag, v_row, v_col;
-  FacTables tables;
+  // Update counters (the state itself is the backend's: backend.h SliceState).
+  int64_t iteration = 0;       // celo2
+  int64_t count = 0;           // adamw
+  FacTables tables;            // the flat plan's feature tables (host)
   int first_matrix = -1;       // Newton–Schulz matrices of this tensor start here
-  // adamw (local slice)
-  int64_t count = 0;
-  std::vector<float> mu, nu;
   // offsets into the step's reduction buffers
   int64_t stat_off = 0, sq_off = 0, small_off = 0;
 
@@ -43,37 +40,19 @@ struct Engine::Entry {
   bool ns(const RuleConfig& cfg) const {
     return label == Label::kCelo2 && cfg.orthogonalize && geo.factored;
   }
-  Slice slice(float* g_local, float* u_local) {
+  // The flat plan's view of this slice (host state of a host backend).
+  Slice slice(float* g_local, float* u_local, SliceState& st) {
     Slice s;
     s.lo = lo;
     s.hi = hi;
     s.g = g_local + local_off;
     s.p = params + lo;
-    s.m = m.data();
-    s.rms = rms.data();
-    s.v_diag = v_diag.empty() ? nullptr : v_diag.data();
+    s.m = st.m.data();
+    s.rms = st.rms.data();
+    s.v_diag = st.v_diag.empty() ? nullptr : st.v_diag.data();
     s.plane = len();
     s.u = u_local + local_off;
     return s;
-  }
-  void reset_state() {
-    iteration = 0;
-    count = 0;
-    m.clear(); rms.clear(); v_diag.clear(); v_row.clear(); v_col.clear(); mu.clear(); nu.clear();
-    if (label == Label::kCelo2) {
-      m.assign(kMom * len(), 0.0f);
-      rms.assign(kRms * len(), 0.0f);
-      if (geo.factored) {
-        v_row.assign(kFac * geo.row_count, 0.0f);
-        v_col.assign(kFac * geo.col_count, 0.0f);
-      } else {
-        v_diag.assign(kFac * len(), 0.0f);
-      }
-    } else if (label == Label::kAdamW) {
-      mu.assign(len(), 0.0f);
-      nu.assign(len(), 0.0f);
-    }
-    needs_reset = false;
   }
 };
 
@@ -121,66 +100,22 @@ int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
 
 }  // namespace
 
-OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
-                      const std::vector<double>& cost, int64_t total, int W) {
-  auto cut = [&](int k) { return total * k / W; };
-  std::vector<size_t> order(flat.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost[a] > cost[b]; });
-  double total_cost = 0, max_cost = 0;
-  for (double c : cost) {
-    total_cost += c;
-    max_cost = std::max(max_cost, c);
-  }
-  constexpr double kOwnerSlack = 1.10;
-  const double capacity = std::max(kOwnerSlack * total_cost / W, max_cost);
-  OwnerPlan plan;
-  plan.load.assign(W, 0.0);
-  plan.owner.assign(flat.size(), 0);
-  for (size_t idx : order) {
-    // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
-    const int first = static_cast<int>(std::min<int64_t>(W - 1, flat[idx].first * W / std::max<int64_t>(total, 1)));
-    int best = -1;
-    int64_t best_overlap = 0;
-    for (int k = std::max(0, first - 1); k < W && cut(k) < flat[idx].second; ++k) {
-      int64_t lo = 0;
-      const int64_t ov = overlap(flat[idx].first, flat[idx].second, cut(k), cut(k + 1), &lo);
-      if (ov > best_overlap && plan.load[k] + cost[idx] <= capacity) {
-        best = k;
-        best_overlap = ov;
-      }
-    }
-    if (best < 0)
-      best = static_cast<int>(std::min_element(plan.load.begin(), plan.load.end()) - plan.load.begin());
-    plan.owner[idx] = best;
-    plan.load[best] += cost[idx];
-  }
-  plan.imbalance = total_cost > 0
-      ? *std::max_element(plan.load.begin(), plan.load.end()) / (total_cost / W)
-      : 1.0;
-  return plan;
-}
-
 Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
     : opts_(std::move(options)), comm_(std::move(comm)) {
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
   prepare_options(opts_.opt);
   if (opts_.bucket_elements < 1) throw std::invalid_argument("Engine: bucket_elements must be positive");
-  // The reference runs whole tensors only.
-  if (opts_.opt.use_reference) opts_.plan = Plan::kWholeTensors;
-  backend_ = make_cpu_backend(opts_.opt.use_reference);
-  if (opts_.plan == Plan::kFlat && !backend_->slice_phases())
-    throw UnsupportedError(std::string("backend '") + backend_->name() +
-                           "' does not support the flat plan (the rule in phases on slices)");
+  if (opts_.opt.use_reference) opts_.backend = "reference";
+  backend_ = make_backend(opts_.backend);
+  // Backends without slice kernels (the reference, CUDA) run whole tensors.
+  if (!backend_->slice_phases()) opts_.plan = Plan::kWholeTensors;
+  grad_local_ = std::make_unique<BackendBuffer>(backend_.get());
+  u_local_ = std::make_unique<BackendBuffer>(backend_.get());
+  bucket_send_ = std::make_unique<BackendBuffer>(backend_.get());
+  bucket_recv_ = std::make_unique<BackendBuffer>(backend_.get());
 }
 
-Plan parse_plan(const std::string& s) {
-  if (s == "flat") return Plan::kFlat;
-  if (s == "whole") return Plan::kWholeTensors;
-  throw std::invalid_argument("plan: '" + s + "' is not one of flat, whole");
-}
 
-const char* plan_name(Plan p) { return p == Plan::kFlat ? "flat" : "whole"; }
 
 Engine::~Engine() = default;
 
@@ -190,14 +125,18 @@ int64_t Engine::offset_of(size_t i) const { return entries_.at(i)->offset; }
 const std::string& Engine::name_of(size_t i) const { return entries_.at(i)->name; }
 
 int64_t Engine::memory_bytes() const {
-  int64_t floats = static_cast<int64_t>(grad_local_.capacity() + u_local_.capacity() + send_buf_.capacity() +
-                                        recv_buf_.capacity() + mat_buf_.capacity() + bucket_send_.capacity() +
-                                        bucket_recv_.capacity() + adam_scratch_.capacity());
-  for (const auto& e : entries_)
-    floats += static_cast<int64_t>(e->m.capacity() + e->rms.capacity() + e->v_diag.capacity() +
-                                   e->v_row.capacity() + e->v_col.capacity() + e->mu.capacity() +
-                                   e->nu.capacity());
-  return floats * static_cast<int64_t>(sizeof(float));
+  const int64_t floats = grad_local_->capacity() + u_local_->capacity() + bucket_send_->capacity() +
+                         bucket_recv_->capacity() +
+                         static_cast<int64_t>(send_buf_.capacity() + recv_buf_.capacity() + mat_buf_.capacity());
+  return floats * static_cast<int64_t>(sizeof(float)) + backend_->state_bytes();
+}
+
+void Engine::reset_state(size_t i) {
+  Entry& e = *entries_[i];
+  e.iteration = 0;
+  e.count = 0;
+  backend_->set_state(i, SliceState::zeros(e.label, e.geo, e.len()));
+  e.needs_reset = false;
 }
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
@@ -228,20 +167,10 @@ void Engine::relabel() {
 
 void Engine::build_plan() {
   const int W = comm_->size(), r = comm_->rank();
-  std::vector<int64_t> cuts(W + 1);
-  for (int k = 0; k <= W; ++k) cuts[k] = total_ * k / W;
-  if (whole()) {
-    // Snap each cut out of the Celo2 tensor it falls in, to that tensor's nearer end.
-    for (int k = 1; k < W; ++k) {
-      for (const auto& e : entries_) {
-        const int64_t a = e->offset, b = e->offset + e->geo.numel;
-        if (e->label != Label::kCelo2 || cuts[k] <= a || cuts[k] >= b) continue;
-        cuts[k] = (cuts[k] - a <= b - cuts[k]) ? a : b;
-        break;
-      }
-      cuts[k] = std::max(cuts[k], cuts[k - 1]);
-    }
-  }
+  std::vector<PlanTensor> pts;
+  for (const auto& e : entries_)
+    pts.push_back({e->geo.numel, e->label, whole() ? tensor_step_cost(e->geo.shape, e->label, opts_.opt.rule) : 0.0});
+  const std::vector<int64_t> cuts = plan_cuts(pts, W, opts_.plan);
   // A plan whose cuts moved (kWholeTensors after a relabel) moves the state with them.
   const bool reshard = !cuts_.empty() && cuts != cuts_;
   StateFile snapshot;
@@ -260,12 +189,13 @@ void Engine::build_plan() {
     e.lo = n ? lo - e.offset : 0;
     e.hi = e.lo + n;
     e.local_off = n ? lo - my_lo_ : 0;
-    if (e.needs_reset) e.reset_state();
   }
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (entries_[i]->needs_reset) reset_state(i);
   if (reshard)
     for (size_t i = 0; i < entries_.size(); ++i)
       if (const TensorStateRecord* rec = find_record(snapshot, entries_[i]->name); rec && rec->label == entries_[i]->label)
-        install_state(*entries_[i], *rec);
+        install_state(i, *rec);
   // Newton–Schulz matrices and their owners: largest first onto the least-loaded rank.
   const RuleConfig& cfg = opts_.opt.rule;
   matrices_.clear();
@@ -292,7 +222,7 @@ void Engine::build_plan() {
       flat.emplace_back(m.flat_lo, m.flat_hi);
       cost.push_back(m.cost);
     }
-    owners_ = plan_owners(flat, cost, total_, W);
+    owners_ = plan_owners(flat, cost, cuts_);
     for (size_t i = 0; i < matrices_.size(); ++i) matrices_[i].owner = owners_.owner[i];
   }
   // All-to-all layout: send grouped by destination, then matrix order; receive grouped by
@@ -334,10 +264,10 @@ void Engine::build_plan() {
       for (const Matrix& m : matrices_)
         if (m.owner == k) add_piece(m.entry, m.flat_lo - entries_[m.entry]->offset, m.flat_hi - m.flat_lo);
   }
-  grad_local_.assign(mine, 0.0f);
-  u_local_.assign(mine, 0.0f);
-  grad_local_.shrink_to_fit();
-  u_local_.shrink_to_fit();
+  grad_local_->reset();
+  u_local_->reset();
+  grad_local_->resize(mine);
+  u_local_->resize(mine);
   send_buf_.assign(std::accumulate(a2a_send_counts_.begin(), a2a_send_counts_.end(), int64_t{0}), 0.0f);
   recv_buf_.assign(std::accumulate(a2a_recv_counts_.begin(), a2a_recv_counts_.end(), int64_t{0}), 0.0f);
   mat_buf_.assign(owned_floats_, 0.0f);
@@ -376,11 +306,11 @@ void Engine::reduce_scatter_grads() {
   std::vector<int64_t> counts(W);
   for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
     const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
-    bucket_send_.resize(b1 - b0);
+    bucket_send_->resize(b1 - b0);
     for (auto& e : entries_) {
       int64_t lo = 0;
       const int64_t n = overlap(e->offset, e->offset + e->geo.numel, b0, b1, &lo);
-      if (n) std::memcpy(bucket_send_.data() + (lo - b0), e->grads + (lo - e->offset), n * sizeof(float));
+      if (n) backend_->copy(bucket_send_->data() + (lo - b0), e->grads + (lo - e->offset), n);
     }
     for (int k = 0; k < W; ++k) {
       int64_t lo = 0;
@@ -388,10 +318,9 @@ void Engine::reduce_scatter_grads() {
     }
     int64_t mlo = 0;
     const int64_t mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
-    float* dst = grad_local_.data() + (mine ? mlo - my_lo_ : 0);
-    comm_->reduce_scatter_sum(bucket_send_.data(), dst, counts);
-    const float inv = 1.0f / static_cast<float>(W);
-    for (int64_t i = 0; i < mine; ++i) dst[i] *= inv;
+    float* dst = grad_local_->data() + (mine ? mlo - my_lo_ : 0);
+    comm_->reduce_scatter_sum(bucket_send_->data(), dst, counts);
+    backend_->scale(dst, mine, 1.0f / static_cast<float>(W));
   }
 }
 
@@ -419,17 +348,17 @@ void Engine::gather_params_now() {
       counts[k] = std::clamp<int64_t>(gather_counts_[k] - s0, 0, window);
       sum += counts[k];
     }
-    bucket_send_.resize(counts[me]);
+    bucket_send_->resize(counts[me]);
     walk(me, s0, s0 + counts[me], [&](const float* p, int64_t at, int64_t n) {
-      std::memcpy(bucket_send_.data() + at, p, n * sizeof(float));
+      backend_->copy(bucket_send_->data() + at, p, n);
     });
-    bucket_recv_.resize(sum);
-    comm_->all_gather(bucket_send_.data(), bucket_recv_.data(), counts);
+    bucket_recv_->resize(sum);
+    comm_->all_gather(bucket_send_->data(), bucket_recv_->data(), counts);
     int64_t base = 0;
     for (int k = 0; k < W; ++k) {
       if (k != me)
         walk(k, s0, s0 + counts[k], [&](float* p, int64_t at, int64_t n) {
-          std::memcpy(p, bucket_recv_.data() + base + at, n * sizeof(float));
+          backend_->copy(p, bucket_recv_->data() + base + at, n);
         });
       base += counts[k];
     }
@@ -452,7 +381,7 @@ StepReport Engine::step_with_lr(double lr) {
     reduce_scatter_grads();
   } else {
     for (auto& e : entries_)
-      if (e->len()) std::memcpy(grad_local_.data() + e->local_off, e->grads + e->lo, e->len() * sizeof(float));
+      if (e->len()) backend_->copy(grad_local_->data() + e->local_off, e->grads + e->lo, e->len());
   }
   // Non-finite entries and gradient norms, decided globally.
   double red[4] = {0, 0, 0, 0};
@@ -460,13 +389,8 @@ StepReport Engine::step_with_lr(double lr) {
   for (size_t t = 0; t < entries_.size(); ++t) {
     const Entry& e = *entries_[t];
     if (e.label == Label::kFrozen || !e.len()) continue;
-    const float* g = grad_local_.data() + e.local_off;
     double s = 0, nb = 0;
-#pragma omp parallel for reduction(+ : nb, s) schedule(static) if (e.len() > 65536)
-    for (int64_t i = 0; i < e.len(); ++i) {
-      if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
-      else nb += 1;
-    }
+    backend_->grad_stats(grad_local_->data() + e.local_off, e.len(), &nb, &s);
     bad[t] = nb;
     red[0] += nb;
     red[1 + static_cast<int>(e.label)] += s;
@@ -492,8 +416,7 @@ StepReport Engine::step_with_lr(double lr) {
       rep.step = step_;
       return rep;
     case NanAction::kZeroEntries:
-      for (float& g : grad_local_)
-        if (!std::isfinite(g)) g = 0.0f;
+      backend_->zero_nonfinite(grad_local_->data(), grad_local_->size());
       break;
   }
   double usq[3] = {0, 0, 0};
@@ -502,42 +425,30 @@ StepReport Engine::step_with_lr(double lr) {
   if (whole()) {
     // 2–8 on whole tensors: every Celo2 tensor lies on one rank (the plan's cuts).
     phase_begin("rule");
-    for (auto& ep : entries_) {
-      Entry& e = *ep;
+    std::vector<Backend::Whole> mine;
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      Entry& e = *entries_[i];
       if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
-      if (!e.len()) {  // another rank's tensor: keep the counter in step
-        e.iteration += 1;
-        continue;
-      }
-      RuleState st;
-      st.m.swap(e.m);
-      st.rms.swap(e.rms);
-      st.v_row.swap(e.v_row);
-      st.v_col.swap(e.v_col);
-      st.v_diag.swap(e.v_diag);
-      st.iteration = e.iteration;
-      backend_->rule_whole(cfg, o.theta, e.geo, st, grad_local_.data() + e.local_off, e.params,
-                           u_local_.data() + e.local_off);
-      st.m.swap(e.m);
-      st.rms.swap(e.rms);
-      st.v_row.swap(e.v_row);
-      st.v_col.swap(e.v_col);
-      st.v_diag.swap(e.v_diag);
-      e.iteration = st.iteration;
-      usq[0] += apply_update(flr, wd, e.len(), e.params, u_local_.data() + e.local_off);
+      e.iteration += 1;  // on every rank, so any rank's counter is the tensor's
+      if (e.len())
+        mine.push_back({i, &e.geo, e.iteration, grad_local_->data() + e.local_off, e.params,
+                        u_local_->data() + e.local_off});
     }
+    backend_->rule_whole(cfg, o.theta, mine);
+    for (const Backend::Whole& w : mine)
+      usq[0] += backend_->apply(flr, wd, entries_[w.t]->len(), entries_[w.t]->params, w.u);
     phase_end();
   } else {
     usq[0] = step_phases(lr);
   }
   phase_begin("apply");
-  for (auto& ep : entries_) {
-    Entry& e = *ep;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
     if (e.label != Label::kAdamW || e.geo.numel == 0) continue;
     e.count += 1;
     if (!e.len()) continue;
-    usq[1] += backend_->adamw(adamw_params(o, lr, e.count), e.len(), e.params + e.lo,
-                              grad_local_.data() + e.local_off, e.mu.data(), e.nu.data());
+    usq[1] += backend_->adamw(i, adamw_params(o, lr, e.count), e.len(), e.params + e.lo,
+                              grad_local_->data() + e.local_off);
   }
   comm_->all_reduce_sum(usq, 3);
   int64_t cnt[3] = {0, 0, 0};
@@ -566,11 +477,15 @@ double Engine::step_phases(double lr) {
   // 2. Local accumulators and partial row/col statistics.
   phase_begin("accumulate");
   std::vector<Entry*> celo;
+  std::vector<SliceState*> hs;  // their state, on the host (a host backend's)
+  float* const G = grad_local_->data();
+  float* const U = u_local_->data();
   int64_t stat_w = 0, sq_w = 0, small_w = 0;
   for (auto& ep : entries_) {
     Entry& e = *ep;
     if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
     celo.push_back(&e);
+    hs.push_back(backend_->host_state(static_cast<size_t>(&ep - entries_.data())));
     e.iteration += 1;
     e.stat_off = stat_w;
     stat_w += (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0) + 1;
@@ -598,7 +513,7 @@ double Engine::step_phases(double lr) {
       part[it].assign(stat_width(e), 0.0);
       double* base = part[it].data();
       phase_accumulate(cfg, e.geo, sc[w.k],
-                       sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi),
+                       sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
                        e.geo.factored ? base : nullptr,
                        e.geo.factored ? base + e.geo.row_count : nullptr,
                        base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
@@ -622,8 +537,8 @@ double Engine::step_phases(double lr) {
     Entry& e = *celo[k];
     if (e.geo.factored) {
       const double* base = stat.data() + e.stat_off;
-      phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, e.v_row.data(),
-                            e.v_col.data(), e.tables);
+      phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, hs[k]->v_row.data(),
+                            hs[k]->v_col.data(), e.tables);
     }
   }
   // Per item: partial sums over the normalization groups the item touches.
@@ -639,7 +554,7 @@ double Engine::step_phases(double lr) {
       const auto [g0, g1] = group_range(e, w);
       part[it].assign((g1 - g0) * e.geo.channels(), 0.0);
       phase_feature_sumsq(cfg, e.geo, sc[w.k],
-                          sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi),
+                          sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
                           e.tables, part[it].data(), g0);
     }
     for (size_t it = 0; it < items.size(); ++it) {
@@ -659,7 +574,7 @@ double Engine::step_phases(double lr) {
     for (size_t it = 0; it < items.size(); ++it) {
       const WorkItem& w = items[it];
       Entry& e = *celo[w.k];
-      const Slice s = sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi);
+      const Slice s = sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi);
       const auto [g0, g1] = group_range(e, w);
       const bool out = !e.ns(cfg) && cfg.normalize_output;
       part[it].assign(1 + (out ? g1 - g0 : 0), 0.0);
@@ -685,7 +600,7 @@ double Engine::step_phases(double lr) {
     if (!e.ns(cfg))
       for (int64_t gi = 0; gi < e.geo.norm_groups; ++gi)
         small[e.small_off + 1 + gi] *= static_cast<double>(factor[k]) * factor[k];
-    if (e.len()) phase_scale(e.slice(grad_local_.data(), u_local_.data()), factor[k]);
+    if (e.len()) phase_scale(e.slice(G, U, *hs[k]), factor[k]);
   }
   phase_end();
 
@@ -709,7 +624,7 @@ double Engine::step_phases(double lr) {
       }
     };
     walk_mine([&](int64_t local, int64_t n, int64_t pos) {
-      std::memcpy(send_buf_.data() + pos, u_local_.data() + local, n * sizeof(float));
+      std::memcpy(send_buf_.data() + pos, U + local, n * sizeof(float));
     });
     comm_->all_to_all_v(send_buf_.data(), a2a_send_counts_, recv_buf_.data(), a2a_recv_counts_);
     // Unpack into whole matrices (by source, then matrix order), orthogonalize, pack back.
@@ -764,7 +679,7 @@ double Engine::step_phases(double lr) {
       });
       comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
       walk_mine([&](int64_t local, int64_t n, int64_t pos) {
-        std::memcpy(u_local_.data() + local, send_buf_.data() + pos, n * sizeof(float));
+        std::memcpy(U + local, send_buf_.data() + pos, n * sizeof(float));
       });
       if (cfg.normalize_output)
         comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
@@ -783,7 +698,7 @@ double Engine::step_phases(double lr) {
       const WorkItem& w = items[it];
       Entry& e = *celo[w.k];
       if (merged_ && e.ns(cfg)) continue;  // owners updated those
-      const Slice s = sub_slice(e.slice(grad_local_.data(), u_local_.data()), w.lo, w.hi);
+      const Slice s = sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi);
       const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
       phase_finish(cfg, e.geo, sc[w.k], s, gsq);
       acc_all += apply_update(flr, wd, w.hi - w.lo, e.params + w.lo, s.u);
@@ -891,6 +806,11 @@ std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, 
 // writes). Entries whose label changed since their state was made contribute none.
 StateFile Engine::collect_state(bool all_ranks) {
   const bool keep = all_ranks || comm_->rank() == 0;
+  const int W = comm_->size();
+  // This rank's slices, on the host (entries whose label changed since have none).
+  std::vector<SliceState> mine(entries_.size());
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (!entries_[i]->needs_reset) mine[i] = backend_->get_state(i);
   StateFile f;
   f.step = step_;
   f.skipped = skipped_;
@@ -905,103 +825,96 @@ StateFile Engine::collect_state(bool all_ranks) {
     r.count = e.count;
     if (e.label == Label::kCelo2 && e.geo.factored && !e.needs_reset) {
       // Replicated on every rank in the flat plan; on the tensor's rank in the whole plan.
-      r.v_row = e.v_row;
-      r.v_col = e.v_col;
-      if (whole() && comm_->size() > 1) {
-        const int holder = static_cast<int>(std::upper_bound(cuts_.begin(), cuts_.end(), e.offset) - cuts_.begin()) - 1;
-        comm_->broadcast(r.v_row.data(), static_cast<int64_t>(r.v_row.size() * sizeof(float)), std::min(holder, comm_->size() - 1));
-        comm_->broadcast(r.v_col.data(), static_cast<int64_t>(r.v_col.size() * sizeof(float)), std::min(holder, comm_->size() - 1));
+      r.v_row = mine[i].v_row;
+      r.v_col = mine[i].v_col;
+      if (whole() && W > 1) {
+        const int holder = std::min(
+            W - 1, static_cast<int>(std::upper_bound(cuts_.begin(), cuts_.end(), e.offset) - cuts_.begin()) - 1);
+        comm_->broadcast(r.v_row.data(), static_cast<int64_t>(r.v_row.size() * sizeof(float)), holder);
+        comm_->broadcast(r.v_col.data(), static_cast<int64_t>(r.v_col.size() * sizeof(float)), holder);
       }
     }
     f.tensors.push_back(std::move(r));
   }
-  // Gather each per-element state plane, one bucket of the flat index space at a time.
-  auto gather_plane = [&](Label label, auto get, auto put) {
-    for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
-      const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
-      std::vector<int64_t> counts(comm_->size());
-      for (int k = 0; k < comm_->size(); ++k) {
-        int64_t lo = 0;
-        counts[k] = overlap(b0, b1, cuts_[k], cuts_[k + 1], &lo);
-      }
-      int64_t mlo = 0;
-      const int64_t mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
-      bucket_send_.assign(mine, 0.0f);
-      bucket_recv_.resize(b1 - b0);
-      for (auto& e : entries_) {
-        if (e->label != label || e->needs_reset || !e->len()) continue;
-        int64_t lo = 0;
-        const int64_t n = overlap(e->offset + e->lo, e->offset + e->hi, mlo, mlo + mine, &lo);
-        if (n) std::memcpy(bucket_send_.data() + (lo - mlo), get(*e) + (lo - e->offset - e->lo), n * sizeof(float));
-      }
-      comm_->all_gather(bucket_send_.data(), bucket_recv_.data(), counts);
-      if (!keep) continue;
-      for (size_t i = 0; i < entries_.size(); ++i) {
-        Entry& e = *entries_[i];
-        if (e.label != label || e.needs_reset) continue;
-        int64_t lo = 0;
-        const int64_t n = overlap(e.offset, e.offset + e.geo.numel, b0, b1, &lo);
-        if (n) put(f.tensors[i], lo - e.offset, bucket_recv_.data() + (lo - b0), n);
-      }
-    }
-  };
-  auto plane = [&](Label label, std::vector<float> TensorStateRecord::*field, int planes,
-                   std::vector<float> Entry::*src) {
-    for (size_t i = 0; i < entries_.size(); ++i)
-      if (keep && entries_[i]->label == label && !entries_[i]->needs_reset)
-        (f.tensors[i].*field).assign(static_cast<size_t>(planes) * entries_[i]->geo.numel, 0.0f);
+  // Each per-element plane gathered over the slices, one bucket of the flat index space at a
+  // time (host buffers: checkpoints are written from the host).
+  std::vector<float> hsend, hrecv;
+  using Field = std::vector<float> SliceState::*;
+  using RecField = std::vector<float> TensorStateRecord::*;
+  auto plane = [&](Label label, Field src, RecField dst, int planes, bool factored_too) {
+    auto has = [&](const Entry& e) {
+      return e.label == label && !e.needs_reset && (factored_too || !e.geo.factored);
+    };
+    if (keep)
+      for (size_t i = 0; i < entries_.size(); ++i)
+        if (has(*entries_[i])) (f.tensors[i].*dst).assign(static_cast<size_t>(planes) * entries_[i]->geo.numel, 0.0f);
     for (int k = 0; k < planes; ++k)
-      gather_plane(label, [&](Entry& e) { return (e.*src).data() + k * e.len(); },
-                   [&](TensorStateRecord& r, int64_t at, const float* x, int64_t n) {
-                     const int64_t numel = static_cast<int64_t>((r.*field).size()) / planes;
-                     std::memcpy((r.*field).data() + k * numel + at, x, n * sizeof(float));
-                   });
+      for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
+        const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
+        std::vector<int64_t> counts(W);
+        for (int r = 0; r < W; ++r) {
+          int64_t lo = 0;
+          counts[r] = overlap(b0, b1, cuts_[r], cuts_[r + 1], &lo);
+        }
+        int64_t mlo = 0;
+        const int64_t n_mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
+        hsend.assign(n_mine, 0.0f);
+        hrecv.resize(b1 - b0);
+        for (size_t i = 0; i < entries_.size(); ++i) {
+          const Entry& e = *entries_[i];
+          if (!has(e) || !e.len()) continue;
+          int64_t lo = 0;
+          const int64_t n = overlap(e.offset + e.lo, e.offset + e.hi, mlo, mlo + n_mine, &lo);
+          if (n)
+            std::memcpy(hsend.data() + (lo - mlo), (mine[i].*src).data() + k * e.len() + (lo - e.offset - e.lo),
+                        n * sizeof(float));
+        }
+        comm_->all_gather(hsend.data(), hrecv.data(), counts);
+        if (!keep) continue;
+        for (size_t i = 0; i < entries_.size(); ++i) {
+          const Entry& e = *entries_[i];
+          if (!has(e)) continue;
+          int64_t lo = 0;
+          const int64_t n = overlap(e.offset, e.offset + e.geo.numel, b0, b1, &lo);
+          if (n)
+            std::memcpy((f.tensors[i].*dst).data() + k * e.geo.numel + (lo - e.offset), hrecv.data() + (lo - b0),
+                        n * sizeof(float));
+        }
+      }
   };
-  plane(Label::kCelo2, &TensorStateRecord::m, kMom, &Entry::m);
-  plane(Label::kCelo2, &TensorStateRecord::rms, kRms, &Entry::rms);
-  plane(Label::kAdamW, &TensorStateRecord::mu, 1, &Entry::mu);
-  plane(Label::kAdamW, &TensorStateRecord::nu, 1, &Entry::nu);
-  // v_diag: only unfactored Celo2 tensors have it.
-  {
-    for (size_t i = 0; i < entries_.size(); ++i) {
-      Entry& e = *entries_[i];
-      if (keep && e.label == Label::kCelo2 && !e.geo.factored && !e.needs_reset)
-        f.tensors[i].v_diag.assign(static_cast<size_t>(kFac) * e.geo.numel, 0.0f);
-    }
-    for (int k = 0; k < kFac; ++k)
-      gather_plane(Label::kCelo2,
-                   [&](Entry& e) { return e.geo.factored ? u_local_.data() : e.v_diag.data() + k * e.len(); },
-                   [&](TensorStateRecord& r, int64_t at, const float* x, int64_t n) {
-                     if (r.v_diag.empty()) return;
-                     const int64_t numel = static_cast<int64_t>(r.v_diag.size()) / kFac;
-                     std::memcpy(r.v_diag.data() + k * numel + at, x, n * sizeof(float));
-                   });
-  }
+  plane(Label::kCelo2, &SliceState::m, &TensorStateRecord::m, kMom, true);
+  plane(Label::kCelo2, &SliceState::rms, &TensorStateRecord::rms, kRms, true);
+  plane(Label::kCelo2, &SliceState::v_diag, &TensorStateRecord::v_diag, kFac, false);
+  plane(Label::kAdamW, &SliceState::mu, &TensorStateRecord::mu, 1, true);
+  plane(Label::kAdamW, &SliceState::nu, &TensorStateRecord::nu, 1, true);
   return f;
 }
 
-void Engine::install_state(Entry& e, const TensorStateRecord& r) {
-  auto take = [](const std::vector<float>& whole, int planes, int64_t numel, int64_t lo, int64_t len) {
+void Engine::install_state(size_t i, const TensorStateRecord& r) {
+  Entry& e = *entries_[i];
+  auto take = [&](const std::vector<float>& whole, int planes) {
+    const int64_t N = e.geo.numel;
     std::vector<float> out;
-    out.reserve(planes * len);
+    out.reserve(planes * e.len());
     for (int k = 0; k < planes; ++k)
-      out.insert(out.end(), whole.begin() + k * numel + lo, whole.begin() + k * numel + lo + len);
+      out.insert(out.end(), whole.begin() + k * N + e.lo, whole.begin() + k * N + e.hi);
     return out;
   };
-  const int64_t N = e.geo.numel;
+  SliceState s;
+  if (e.label == Label::kCelo2) {
+    s.m = take(r.m, kMom);
+    s.rms = take(r.rms, kRms);
+    s.v_row = r.v_row;
+    s.v_col = r.v_col;
+    if (!e.geo.factored) s.v_diag = take(r.v_diag, kFac);
+  } else if (e.label == Label::kAdamW) {
+    s.mu = take(r.mu, 1);
+    s.nu = take(r.nu, 1);
+  }
+  backend_->set_state(i, std::move(s));
   e.iteration = r.iteration;
   e.count = r.count;
   e.needs_reset = false;
-  if (e.label == Label::kCelo2) {
-    e.m = take(r.m, kMom, N, e.lo, e.len());
-    e.rms = take(r.rms, kRms, N, e.lo, e.len());
-    e.v_row = r.v_row;
-    e.v_col = r.v_col;
-    e.v_diag = e.geo.factored ? std::vector<float>{} : take(r.v_diag, kFac, N, e.lo, e.len());
-  } else if (e.label == Label::kAdamW) {
-    e.mu = take(r.mu, 1, N, e.lo, e.len());
-    e.nu = take(r.nu, 1, N, e.lo, e.len());
-  }
 }
 
 void Engine::save_state(const std::string& path) {
@@ -1024,7 +937,7 @@ void Engine::load_state(const std::string& path) {
   for (const auto& e : entries_) ids.push_back({&e->name, &e->geo.shape, e->label});
   StateFile f;
   const std::vector<const TensorStateRecord*> recs = read_state_collective(*comm_, path, ids, f);
-  for (size_t i = 0; i < entries_.size(); ++i) install_state(*entries_[i], *recs[i]);
+  for (size_t i = 0; i < entries_.size(); ++i) install_state(i, *recs[i]);
   step_ = f.step;
   skipped_ = f.skipped;
 }

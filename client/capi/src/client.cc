@@ -12,10 +12,16 @@
 #include <tuple>
 
 #include "celo2/flax_msgpack.h"
+#include "celo2/launch.h"
 #include "celo2/theta_io.h"
 
 #ifdef CELO2_HAVE_CONTROL
 #include "celo2/control.h"
+#endif
+#ifdef CELO2_HAVE_CUDA_BACKEND
+#include <mutex>
+
+#include "celo2/cuda_backend.h"
 #endif
 
 namespace celo2 {
@@ -113,13 +119,25 @@ EngineOptions engine_options_from(const ClientOptions& o) {
   eo.grad_mode = parse_grads(o.grads);
   eo.gather_params = o.gather_params;
   eo.plan = parse_plan(o.plan);
+  eo.backend = o.backend;
   if (o.bucket_elements < 1) throw std::invalid_argument("bucket_elements must be positive");
   eo.bucket_elements = o.bucket_elements;
   return eo;
 }
 
-std::shared_ptr<Communicator> client_communicator(const std::string& kind) {
+std::shared_ptr<Communicator> client_communicator(const std::string& kind, const std::string& backend) {
+  // Device memory travels over NCCL; one rank needs no transport at all.
+  if (kind == "auto" && backend == "cuda")
+    return std::shared_ptr<Communicator>(make_communicator(detect_launch().size > 1 ? "nccl" : "local"));
   return std::shared_ptr<Communicator>(make_communicator(kind));
+}
+
+bool cuda_backend_supported() {
+#ifdef CELO2_HAVE_CUDA_BACKEND
+  return true;
+#else
+  return false;
+#endif
 }
 
 // The control plane, when the build has it. Kept behind a holder so this header does not
@@ -144,7 +162,11 @@ Client::Client(ClientOptions options, std::shared_ptr<Communicator> comm)
   if (!opts_.control.address.empty() && !control_supported())
     throw UnsupportedError("control plane requested (" + opts_.control.address +
                            ") but this build of celo2 has no gRPC control plane");
-  if (!comm_) comm_ = client_communicator(opts_.communicator);
+#ifdef CELO2_HAVE_CUDA_BACKEND
+  static std::once_flag registered;
+  std::call_once(registered, register_cuda_backend);
+#endif
+  if (!comm_) comm_ = client_communicator(opts_.communicator, opts_.backend);
   engine_ = std::make_unique<Engine>(std::move(eo), comm_);
   last_lr_ = engine_->options().opt.schedule.at(0);
 }

@@ -66,6 +66,8 @@ const std::vector<Row>& rows() {
        [](O& o, S, S v) { o.grads = v; }},
       {{"gather_params", "bool", false, "all-gather the parameters after the update (false: the trainer does)"},
        [](O& o, S k, S v) { o.gather_params = parse_bool(k, v); }},
+      {{"backend", "text", false, "cpu, cuda (tensors in device memory; CUDA builds) or reference (the plain kernels)"},
+       [](O& o, S, S v) { o.backend = v; }},
       {{"plan", "text", false, "flat (even slices, the rule in phases) or whole (each Celo2 tensor on one rank)"},
        [](O& o, S, S v) { o.plan = v; }},
       {{"bucket_elements", "count", false, "floats per bucket of the gradient reduce-scatter and parameter all-gather"},

@@ -84,22 +84,13 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
 
     Option names are the one table of ``celo2/client.h`` (docs/OPERATIONS.md "Options"); the
     torch-style ``betas`` and ``eps`` are the AdamW branch's ``adam_b1``, ``adam_b2`` and
-    ``adam_eps``. Given CUDA parameters, ``Celo2(...)`` returns a
-    ``celo2.torch_cuda.Celo2CUDA`` (the GPU engine; same arguments, plus ``bucket_bytes`` and
-    ``ns_precision``): the backend follows where the tensors live.
-    """
+    ``adam_eps``.
 
-    def __new__(cls, params, *args, **kwargs):
-        if isinstance(params, torch.nn.Module):
-            params = list(params.named_parameters())
-        elif not isinstance(params, torch.Tensor):
-            params = list(params)  # a generator is walked once, here
-        if cls is Celo2 and _on_cuda(params):
-            from .torch_cuda import Celo2CUDA  # noqa: PLC0415  (only for CUDA tensors)
-            return Celo2CUDA(params, *args, **kwargs)
-        obj = super().__new__(cls)
-        obj._given_params = params
-        return obj
+    Where the tensors live chooses the engine's backend (``backend="auto"``): parameters on a
+    CUDA device run on the ``"cuda"`` backend (state, buffers and the rule on that device,
+    NCCL between ranks) in builds that have it; CPU parameters on ``"cpu"``. ``backend="cpu"``
+    keeps the engine on the CPU whatever the parameters (CUDA ones get CPU masters).
+    """
 
     def __init__(self, params, lr: float = 1e-3, *, schedule: str | None = None,
                  rules: str | None = None, weight_decay: float = 0.0, mult_1d: float = 20.0,
@@ -108,8 +99,10 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                  grads: str = "local", gather_params: bool = True, communicator="auto",
                  control: str | None = None, control_token: str | None = None,
                  control_token_file: str | None = None, control_weights_root: str | None = None,
-                 control_checkpoint_dir: str | None = None):
-        params = self.__dict__.pop("_given_params", params)
+                 control_checkpoint_dir: str | None = None, backend: str = "auto",
+                 bucket_elements: int | None = None):
+        if backend not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'cpu' or 'cuda', got {backend!r}")
         if not _is_number(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not _is_number(weight_decay) or weight_decay < 0:
@@ -157,6 +150,21 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         trainable = [(n, p) for n, p, _ in named if p.requires_grad]
         if not trainable:
             raise ValueError("Celo2: no parameter requires grad")
+        devices = {p.device for _, p in trainable}
+        on_cuda = all(d.type == "cuda" for d in devices)
+        if backend == "auto":
+            backend = "cuda" if on_cuda and _celo2.gpu_engine_supported() else "cpu"
+        if backend == "cuda":
+            if not _celo2.gpu_engine_supported():
+                raise RuntimeError("backend='cuda' needs a CUDA build of celo2 (the engine's cuda backend; "
+                                   "celo2._celo2.gpu_engine_supported() is False)")
+            if len(devices) != 1 or not on_cuda:
+                raise ValueError(f"backend='cuda': every parameter must be on one CUDA device, got "
+                                 f"{sorted(map(str, devices))}")
+            self._device = next(iter(devices))
+        else:
+            self._device = torch.device("cpu")
+        self._backend = backend
         self._frozen_names = [n for n, p, _ in named if not p.requires_grad]
         self._registering = True
         super().__init__([{"params": [p for _, p in trainable], "names": [n for n, _ in trainable]}],
@@ -171,24 +179,36 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                        control_address=control, control_token=control_token,
                        control_token_file=control_token_file, control_weights_root=control_weights_root,
                        control_checkpoint_dir=control_checkpoint_dir)
+        options["backend"] = backend
+        if bucket_elements is not None:
+            options["bucket_elements"] = int(bucket_elements)
         self._grads_mode = grads
         self._gather = bool(gather_params)
-        self._engine = _celo2.Optimizer(options, choose_communicator(communicator))
+        if backend == "cuda":
+            # Device memory travels over NCCL (or nowhere, on one rank): the C++ client picks it.
+            if communicator not in ("auto", "nccl", "local"):
+                raise ValueError(f"backend='cuda' runs over NCCL; communicator={communicator!r} is not "
+                                 "supported there (use 'auto')")
+            comm = "auto" if communicator == "auto" else communicator
+            with torch.cuda.device(self._device):
+                self._engine = _celo2.Optimizer(options, comm)
+        else:
+            self._engine = _celo2.Optimizer(options, choose_communicator(communicator))
 
         total = sum(p.numel() for _, p in trainable)
-        self._grad_buffer = torch.zeros(total, dtype=torch.float32)
+        self._grad_buffer = torch.zeros(total, dtype=torch.float32, device=self._device)
         self._entries: list[_Entry] = []
         offset = 0
         with torch.no_grad():
             for name, p in trainable:
                 n = p.numel()
                 view = self._grad_buffer[offset:offset + n].view(p.shape)
-                direct = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+                direct = p.device == self._device and p.dtype == torch.float32 and p.is_contiguous()
                 if not direct and not self._gather:
                     raise ValueError(
-                        f"gather_params=False needs float32 contiguous CPU parameters ({name!r} is "
-                        f"{p.dtype} on {p.device})")
-                master = p.data if direct else p.detach().to("cpu", torch.float32).contiguous()
+                        f"gather_params=False needs float32 contiguous parameters on the engine's device "
+                        f"({name!r} is {p.dtype} on {p.device}, the engine on {self._device})")
+                master = p.data if direct else p.detach().to(self._device, torch.float32).contiguous()
                 if p.grad is not None:
                     view.copy_(p.grad)
                 if direct:
@@ -238,6 +258,10 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         self._sync_grads()
         lr, loss_value = self._step_args(loss)
         t0 = time.perf_counter()
+        if self._backend == "cuda":
+            # The engine's device work runs on the legacy default stream and returns when done;
+            # work the trainer queued on its own stream is finished first.
+            torch.cuda.current_stream(self._device).synchronize()
         report = self._engine.step(loss=loss_value, lr=lr)
         for e in self._entries:
             if not e.direct:
@@ -354,30 +378,13 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                 f"rank={st['rank']}/{st['world_size']} ({st['backend']}), schedule={st['schedule']!r})")
 
 
-def _on_cuda(params) -> bool:
-    """Whether the parameters (as Celo2 accepts them) live on CUDA devices."""
-    def tensors(x):
-        if isinstance(x, torch.Tensor):
-            yield x
-        elif isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], torch.Tensor):
-            yield x[1]
-        elif isinstance(x, dict):
-            ps = x.get("params", [])
-            ps = ps.parameters() if isinstance(ps, torch.nn.Module) else ([ps] if isinstance(ps, torch.Tensor) else ps)
-            for p in ps:
-                yield from tensors(p)
-    items = [params] if isinstance(params, torch.Tensor) else params
-    devs = {t.device.type for x in items for t in tensors(x)}
-    return devs == {"cuda"}
-
-
 def named_parameters_of(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     """The trainable named parameters of a model, for ``Celo2(...)``."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def __getattr__(name):
-    # celo2.torch.Celo2CUDA: what Celo2 returns for CUDA tensors (celo2/torch_cuda.py), imported lazily.
+    # celo2.torch.Celo2CUDA: Celo2 that requires CUDA tensors (celo2/torch_cuda.py), imported lazily.
     if name == "Celo2CUDA":
         from .torch_cuda import Celo2CUDA  # noqa: PLC0415
         return Celo2CUDA

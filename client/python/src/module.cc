@@ -19,11 +19,6 @@
 
 #include "celo2/client.h"
 #include "celo2/flax_msgpack.h"
-#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
-#include <chrono>
-
-#include "celo2/gpu_engine.h"
-#endif
 #if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
 #include "celo2/control.h"
 #endif
@@ -289,93 +284,6 @@ void check_array(const py::array& a, const char* what) {
                                 py::str(py::dtype::of<T>()).cast<std::string>() + " array");
 }
 
-#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
-// The GPU engine (celo2/gpu_engine.h) for celo2.torch.Celo2CUDA: CUDA tensors by data pointer.
-struct PyGpuEngine {
-  std::unique_ptr<GpuEngine> eng;
-  std::vector<py::object> keepalive;
-  std::vector<TensorDesc> tensors;
-  ClientOptions::Control control_opts;
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-  std::unique_ptr<ControlPlane> control;  // rank 0 serves; every rank applies commands
-#endif
-
-  explicit PyGpuEngine(py::dict d) {
-    GpuEngineOptions go;
-    if (d.contains("bucket_bytes")) {
-      go.bucket_bytes = d["bucket_bytes"].cast<int64_t>();
-      d.attr("pop")("bucket_bytes");
-    }
-    if (d.contains("ns_precision")) {
-      go.ns_precision = d["ns_precision"].cast<std::string>();
-      d.attr("pop")("ns_precision");
-    }
-    const ClientOptions co = options_from(d);
-    if (co.grads == "sharded")
-      throw std::invalid_argument("grads='sharded' is not supported by the GPU engine (use local or reduced)");
-    if (!co.control.address.empty() && !Client::control_supported())
-      throw UnsupportedError("control plane requested (" + co.control.address +
-                             ") but this build of celo2 has no gRPC control plane");
-    control_opts = co.control;
-    const EngineOptions eo = engine_options_from(co);
-    go.opt = eo.opt;
-    go.grad_mode = eo.grad_mode;
-    go.gather_params = eo.gather_params;
-    std::shared_ptr<NcclCommunicator> comm;
-    {
-      py::gil_scoped_release nogil;
-      comm = std::shared_ptr<NcclCommunicator>(make_nccl_communicator_ex());
-    }
-    eng = std::make_unique<GpuEngine>(go, comm);
-  }
-
-  // Collective, at the first step (registration is complete then).
-  void start_control() {
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-    if (control) return;
-    ControlOptions o;
-    if (!control_opts.address.empty()) o.address = control_opts.address;
-    o.token = control_opts.token;
-    o.token_file = control_opts.token_file;
-    o.weights_root = control_opts.weights_root;
-    o.checkpoint_dir = control_opts.checkpoint_dir;
-    control = std::make_unique<ControlPlane>(std::move(o), *eng, tensors);
-#else
-    throw UnsupportedError("this build of celo2 has no gRPC control plane");
-#endif
-  }
-
-  StepReport step(std::optional<double> lr, CUstream_st* stream, std::optional<double> loss) {
-    if (!control_opts.address.empty()) start_control();
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-    if (control) control->apply_pending(*eng);
-#endif
-    const StepReport r = lr ? eng->step_with_lr(*lr, stream) : eng->step(stream);
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-    if (control) {
-      if (loss && !std::isfinite(*loss)) loss.reset();
-      control->publish(*eng, r, loss);
-    }
-#else
-    (void)loss;
-#endif
-    return r;
-  }
-
-  std::string control_address() const {
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-    if (control) return control->address();
-#endif
-    return {};
-  }
-
-  ~PyGpuEngine() {
-#if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
-    if (control) control->finish();
-#endif
-  }
-};
-#endif
 
 }  // namespace
 
@@ -520,66 +428,7 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
         [](py::object impl) { return PyComm{std::make_shared<python::PyCommunicator>(std::move(impl))}; },
         py::arg("impl"), "A Communicator over a Python object with the collectives (TorchCommunicator).");
 
-  m.def("gpu_engine_supported", [] { 
-#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
-    return true;
-#else
-    return false;
-#endif
-   },
-        "Whether this build has the GPU engine (CUDA and NCCL).");
-#if defined(CELO2_WITH_GPU_ENGINE) && CELO2_WITH_GPU_ENGINE
-  py::class_<PyGpuEngine>(m, "GpuEngine", "The sharded Celo2 engine on this rank's GPU (celo2/gpu_engine.h).")
-      .def(py::init<py::dict>(), py::arg("options"))
-      .def("add_tensor",
-           [](PyGpuEngine& g, const std::string& name, std::vector<int64_t> shape, uintptr_t params_ptr,
-              const std::string& param_dtype, uintptr_t grads_ptr, const std::string& grad_dtype,
-              py::object keepalive) {
-             g.eng->add_tensor(name, shape, parse_dtype(param_dtype),
-                               reinterpret_cast<void*>(params_ptr), parse_dtype(grad_dtype),
-                               reinterpret_cast<const void*>(grads_ptr));
-             g.tensors.push_back({name, std::move(shape)});
-             if (!keepalive.is_none()) g.keepalive.push_back(std::move(keepalive));
-           },
-           py::arg("name"), py::arg("shape"), py::arg("params_ptr"), py::arg("param_dtype"),
-           py::arg("grads_ptr"), py::arg("grad_dtype"), py::arg("keepalive") = py::none())
-      .def("step",
-           [](PyGpuEngine& g, py::object lr, uintptr_t stream, py::object loss) {
-             const auto t0 = std::chrono::steady_clock::now();
-             std::optional<double> l, lo;
-             if (!lr.is_none()) l = lr.cast<double>();
-             if (!loss.is_none()) lo = loss.cast<double>();
-             StepReport r;
-             {
-               py::gil_scoped_release nogil;
-               r = g.step(l, reinterpret_cast<CUstream_st*>(stream), lo);
-             }
-             return report_dict(r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-           },
-           py::arg("lr") = py::none(), py::arg("stream") = 0, py::arg("loss") = py::none())
-      .def("start_control", [](PyGpuEngine& g) { g.start_control(); })
-      .def_property_readonly("control_address", [](PyGpuEngine& g) { return g.control_address(); })
-      .def("save", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->save_state(p); })
-      .def("load", [](PyGpuEngine& g, const std::string& p) { py::gil_scoped_release nogil; g.eng->load_state(p); })
-      .def("set_schedule", [](PyGpuEngine& g, const std::string& s) { g.eng->set_schedule(Schedule::parse(s)); })
-      .def("set_rules", [](PyGpuEngine& g, const std::string& s) { g.eng->set_rules(LabelRules::parse(s)); })
-      .def("set_theta_file",
-           [](PyGpuEngine& g, const std::string& path) {
-             g.eng->set_theta(load_theta(path, g.eng->options().opt.rule));
-           })
-      .def("set_weight_decay", [](PyGpuEngine& g, double v) { g.eng->set_weight_decay(v); })
-      .def("set_mult_1d", [](PyGpuEngine& g, double v) { g.eng->set_mult_1d(v); })
-      .def("refresh_masters", [](PyGpuEngine& g) { g.eng->refresh_masters(); })
-      .def("routing_table", [](PyGpuEngine& g) { return g.eng->routing_table(); })
-      .def("plan_report", [](PyGpuEngine& g) { return g.eng->plan().describe(); })
-      .def("owner_of", [](PyGpuEngine& g, size_t i) { return g.eng->owner_of(i); })
-      .def("label_of", [](PyGpuEngine& g, size_t i) { return std::string(label_name(g.eng->label_of(i))); })
-      .def("phase_seconds", [](PyGpuEngine& g) { return g.eng->last_phase_stats().seconds; })
-      .def("phase_bytes", [](PyGpuEngine& g) { return g.eng->last_phase_stats().bytes; })
-      .def("device_bytes", [](PyGpuEngine& g) { return g.eng->device_bytes(); })
-      .def_property_readonly("step_count", [](PyGpuEngine& g) { return g.eng->step_count(); })
-      .def_property_readonly("skipped_steps", [](PyGpuEngine& g) { return g.eng->skipped_steps(); })
-      .def_property_readonly("rank", [](PyGpuEngine& g) { return g.eng->rank(); })
-      .def_property_readonly("world_size", [](PyGpuEngine& g) { return g.eng->world_size(); });
-#endif
+  // Whether this build has the engine's "cuda" backend (celo2.torch.Celo2 on CUDA tensors).
+  m.def("gpu_engine_supported", &cuda_backend_supported,
+        "Whether this build has the engine's cuda backend (CUDA kernels, NCCL).");
 }

@@ -65,6 +65,7 @@ struct DenseLayer {
   int in = 0, out = 0;
   std::vector<float> w;  // in * out
   std::vector<float> b;  // out
+  bool operator==(const DenseLayer&) const = default;
 };
 
 // The MLP 30 -> hidden -> ... -> 3. layers[0] has in = 30 with rows in feature-channel order
@@ -88,6 +89,7 @@ struct Theta {
   static Theta project_default(const RuleConfig& config);
   // Deterministic pseudo-random weights (tests and benchmarks).
   static Theta random(const RuleConfig& config, uint64_t seed, float scale = 0.5f);
+  bool operator==(const Theta&) const = default;
 };
 
 }  // namespace celo2

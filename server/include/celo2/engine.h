@@ -18,11 +18,13 @@
 // Reductions are done in double over exact float squares, so the result is the same as
 // the single-process Optimizer's for any W (to the last bit in practice; tests bound it).
 //
-// Two plans, one step (Plan below). kFlat is the above. kWholeTensors snaps the slice cuts
-// to Celo2 tensor boundaries (AdamW and frozen tensors are still cut anywhere), so every
-// Celo2 tensor lies on one rank and the rule runs whole there (phases 2–7 need no
-// collective): what a backend without slice kernels (the reference; a multi-tensor device
-// rule) runs. The gradient, NaN, AdamW, apply, report and gather phases are the same code.
+// Two plans, one step (celo2/plan.h chooses the cuts and owners). kFlat is the above.
+// kWholeTensors puts the cuts only at Celo2 tensor boundaries (AdamW and frozen tensors are
+// still cut anywhere), balanced by modelled cost, so every Celo2 tensor lies on one rank and
+// the rule runs whole there (phases 2–7 need no collective): what a backend without slice
+// kernels runs (the reference; "cuda", whose multi-tensor rule keeps a tensor's statistics
+// inside its launches). Either way the backend (server/src/backend.h) does the work on the
+// rank's memory and the engine does the rest once. The gradient, NaN, AdamW, apply, report and gather phases are the same code.
 // Memory: the engine's own buffers are its slice (gradient, step, state) plus buckets of at
 // most `bucket_elements` floats for the reduce-scatter and the all-gather; it never holds
 // a full-size copy of the gradients or the parameters.
@@ -36,6 +38,7 @@
 
 #include "celo2/communicator.h"
 #include "celo2/engine_control.h"
+#include "celo2/plan.h"
 #include "celo2/recipe.h"
 #include "celo2/state_file.h"
 
@@ -46,44 +49,27 @@ enum class GradMode {
   kReduced,  // every rank passes the same, already averaged, full gradients
 };
 
-enum class Plan {
-  kFlat,          // even slices of the flat index space; the rule in phases on slices
-  kWholeTensors,  // cuts at Celo2 tensor boundaries; the rule on whole tensors
-};
-Plan parse_plan(const std::string& s);  // flat | whole
-const char* plan_name(Plan p);
-
 struct EngineOptions {
   OptimizerOptions opt;
   GradMode grad_mode = GradMode::kLocal;
   bool gather_params = true;  // all-gather parameters after the update (else: the trainer does)
   Plan plan = Plan::kFlat;    // use_reference implies kWholeTensors
+  // Where the tensors live and what runs on them: "cpu", "reference" (= opt.use_reference)
+  // or, in CUDA builds, "cuda" (device pointers; whole-tensor plan).
+  std::string backend = "cpu";
   // Floats per bucket of the gradient reduce-scatter and of the parameter all-gather (the
   // engine's only buffers not proportional to its slice).
   int64_t bucket_elements = int64_t{1} << 22;
 };
 
 class Backend;
+class BackendBuffer;
 
 // Seconds and bytes (sent by this rank) of each phase of the last step.
 struct PhaseStats {
   std::map<std::string, double> seconds;
   std::map<std::string, int64_t> bytes;
 };
-
-struct OwnerPlan {
-  std::vector<int> owner;             // per matrix (global order)
-  std::vector<double> load;           // Newton–Schulz FLOPs per rank
-  double imbalance = 1.0;             // max / mean load (1 = perfect)
-};
-
-// Owners of the Newton–Schulz matrices. Largest first; each goes to the rank that already
-// holds most of it (so that part never travels) unless that would push the rank's load past
-// 1.1× the balanced share (or the largest single cost), else to the least-loaded rank.
-// `flat` are the matrices' [lo, hi) ranges in the flat index space of `total` elements
-// split evenly over W ranks. Shared by the Engine and the communication model.
-OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
-                      const std::vector<double>& cost, int64_t total, int W);
 
 // Collective: rank 0's `local_error` (empty: none) thrown on every rank as flax::FormatError,
 // so that every rank reaches the same verdict about a file only rank 0 read or wrote.
@@ -164,7 +150,8 @@ class Engine : public EngineControl {
   void reduce_scatter_grads();
   double step_phases(double lr);
   StateFile collect_state(bool all_ranks);
-  void install_state(Entry& e, const TensorStateRecord& r);
+  void install_state(size_t i, const TensorStateRecord& r);
+  void reset_state(size_t i);
   void gather_params_now();
   bool whole() const { return opts_.plan == Plan::kWholeTensors; }
 
@@ -181,8 +168,11 @@ class Engine : public EngineControl {
   // all-to-all layout
   std::vector<int64_t> a2a_send_counts_, a2a_recv_counts_;
   int64_t owned_floats_ = 0;
-  std::vector<float> grad_local_, u_local_, send_buf_, recv_buf_, mat_buf_, bucket_send_, bucket_recv_;
-  std::vector<float> adam_scratch_;
+  // This rank's slice of the gradients and of the raw step, and the buckets of the
+  // reduce-scatter / all-gather: the backend's memory (backend.h BackendBuffer).
+  std::unique_ptr<BackendBuffer> grad_local_, u_local_, bucket_send_, bucket_recv_;
+  // The flat plan's all-to-all of Newton–Schulz matrices (host backends only).
+  std::vector<float> send_buf_, recv_buf_, mat_buf_;
   // The merged return path (gather_params without precondition_output): owners apply the
   // update to whole matrices and contribute them to the parameter all-gather, so directions
   // never travel back. Per rank: the (tensor, first element, count) pieces it contributes.

@@ -1,7 +1,6 @@
 // What the control plane (celo2/control.h) drives: the settings, counters and collectives
-// an engine exposes at a step boundary. Both engines implement it — the CPU sharded Engine
-// (celo2/engine.h) and the GPU engine (celo2/gpu_engine.h) — so one control plane serves
-// either. Every setter is collective-safe: each rank applies the same change at the same
+// the engine (celo2/engine.h, on any backend) exposes at a step boundary; the control plane
+// depends on this narrow interface rather than on the whole engine. Every setter is collective-safe: each rank applies the same change at the same
 // step boundary, and a setter that throws changes nothing.
 #pragma once
 

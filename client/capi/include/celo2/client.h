@@ -50,9 +50,12 @@ struct ClientOptions {
   //            of the flat gradient space needs to hold averaged gradients.
   std::string grads = "local";
   bool gather_params = true;          // false: the trainer all-gathers (or gather_params())
-  std::string plan = "flat";          // flat | whole (engine.h Plan)
+  std::string backend = "cpu";        // cpu | cuda | reference (engine.h EngineOptions::backend)
+  std::string plan = "flat";          // flat | whole (engine.h Plan; cuda and reference: whole)
   int64_t bucket_elements = int64_t{1} << 22;
-  std::string communicator = "auto";  // auto | local | mpi (unused when one is passed in)
+  // auto | local | mpi | nccl (unused when one is passed in). auto: MPI when an MPI launcher
+  // started more than one rank, else local; with backend "cuda": NCCL when more than one rank.
+  std::string communicator = "auto";
   struct Control {
     std::string address;  // empty: no control plane; "127.0.0.1:0" picks a free port
     std::string token, token_file;
@@ -76,7 +79,9 @@ void set_client_option(ClientOptions& o, const std::string& key, const std::stri
 
 // The engine's communicator choice for `kind` and the launcher's variables: "auto" is MPI
 // when an MPI launcher started more than one rank, else local.
-std::shared_ptr<Communicator> client_communicator(const std::string& kind);
+std::shared_ptr<Communicator> client_communicator(const std::string& kind, const std::string& backend = "cpu");
+// Whether this build has the engine's "cuda" backend.
+bool cuda_backend_supported();
 
 struct ClientStatus {
   int64_t step = 0, skipped = 0;
