@@ -53,8 +53,8 @@ int main(int argc, char** argv) {
                 m.layerwise_state_imbalance);
   }
   // The whole-tensor plan (celo2/plan.h; what the engine's cuda backend runs): cuts at Celo2
-  // tensor boundaries by modelled cost. Per rank: optimizer-state bytes (celo2: m 3 + rms 1
-  // floats per element, factored vectors aside; adamw: 2), Newton–Schulz FLOPs, modelled cost.
+  // tensor boundaries by modelled cost and memory. Per rank: engine bytes (state and slice
+  // buffers, slice_bytes_per_element), Newton–Schulz FLOPs, modelled cost.
   std::vector<celo2::PlanTensor> pt;
   for (const auto& t : tensors) {
     int64_t k = 1;
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
     pt.push_back({k, t.label, celo2::tensor_step_cost(t.shape, t.label, cfg)});
   }
   std::printf("Whole-tensor plan (the cuda backend): per-rank max/mean\n%-6s %14s %14s %14s %16s\n", "ranks",
-              "state bytes", "NS FLOPs", "modelled cost", "max-rank ms");
+              "engine bytes", "NS FLOPs", "modelled cost", "max-rank ms");
   for (int W : worlds) {
     const std::vector<int64_t> cuts = celo2::plan_cuts(pt, W, celo2::Plan::kWholeTensors);
     std::vector<double> state(W, 0), nsf(W, 0), cost(W, 0);
@@ -72,8 +72,7 @@ int main(int argc, char** argv) {
         const int64_t lo = std::max(off, cuts[r]), hi = std::min(off + pt[i].numel, cuts[r + 1]);
         if (hi <= lo) continue;
         const double frac = static_cast<double>(hi - lo) / static_cast<double>(pt[i].numel);
-        state[r] += 4.0 * (tensors[i].label == celo2::Label::kCelo2 ? 4 : tensors[i].label == celo2::Label::kAdamW ? 2 : 0) *
-                    static_cast<double>(hi - lo);
+        state[r] += celo2::slice_bytes_per_element(tensors[i].label) * static_cast<double>(hi - lo);
         cost[r] += pt[i].cost * frac;
         if (tensors[i].label == celo2::Label::kCelo2 && cfg.orthogonalize) {
           const celo2::Geometry g = celo2::Geometry::of(tensors[i].shape);

@@ -27,7 +27,7 @@ for side in before after; do
   echo "- $side: \`$dir/bench/celo2-bench\` ($(date -r "$dir/bench/celo2-bench" '+%F %T'), sha256 $(sha256sum "$tmp/$side" | cut -c1-12))"
 done
 # Exact parameter count of the bench's default model: gpt_tensors(L = 8, d = 512, ffn = 4d,
-# vocab 50257, context 1024) in server/src/comm_model.cc (the bench prints only "51.5 M").
+# vocab 50257, context 1024) in server/src/engine/comm_model.cc (the bench prints only "51.5 M").
 L=8 d=512 f=2048
 N=$(( 50257*d + 1024*d + L*(4*d*d + 2*d*f + 9*d + f) + 2*d ))   # = 51,475,968
 Nm=$(awk -v N="$N" 'BEGIN {printf "%.1f", N/1e6}')   # as the bench prints it, checked in run()

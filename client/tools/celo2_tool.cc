@@ -18,7 +18,7 @@
 #include "celo2/launch.h"
 #include "celo2/params.h"
 #include "celo2/theta_io.h"
-#include "golden.h"
+#include "golden.h"  // tests/support: the golden-file runner (celo2_golden)
 
 namespace celo2 {
 namespace {

@@ -16,10 +16,9 @@
 #include <vector>
 
 #include "celo2/control.h"
-
-#include "fashion_mnist.h"
-#include "mlp_task.h"
-#include "train_loop.h"
+#include "celo2/train/fashion_mnist.h"
+#include "celo2/train/mlp_task.h"
+#include "celo2/train/train_loop.h"
 
 namespace {
 

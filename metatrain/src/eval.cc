@@ -11,7 +11,7 @@
 
 #include "celo2/metatrain/tasks.h"
 #include "celo2/theta_io.h"
-#include "train_loop.h"
+#include "celo2/train/train_loop.h"
 
 namespace celo2::meta {
 

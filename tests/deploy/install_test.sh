@@ -15,6 +15,21 @@ for f in include/celo2/optimizer.h include/celo2/engine.h include/celo2/celo2.h 
          lib/cmake/celo2/celo2Config.cmake lib/cmake/celo2/celo2Targets.cmake; do
   [ -f "$prefix/$f" ] || { echo "missing $prefix/$f"; exit 1; }
 done
+# Public headers only: no private header of the engine or the CUDA kernels is installed, every
+# header an installed one includes is installed too, and none declares the engine's internals.
+inc="$prefix/include"
+for h in backend.h control_impl.h engine_internal.h recipe_internal.h rule_layout.h rule_device.h \
+         newton_schulz_plan.h golden.h; do
+  if [ -n "$(find "$inc" -name "$h")" ]; then echo "private header installed: $(find "$inc" -name "$h")"; exit 1; fi
+done
+for h in $(cd "$inc" && find . -name '*.h'); do
+  for dep in $(sed -n 's/^[[:space:]]*#[[:space:]]*include[[:space:]]*"\([^"]*\)".*/\1/p' "$inc/$h"); do
+    [ -f "$inc/$dep" ] || { echo "installed ${h#./} includes \"$dep\", which is not installed"; exit 1; }
+  done
+done
+if grep -rnwE "agree_on_error|read_state_collective|TensorIdentity|check_registration|prepare_options|name_taken" "$inc"; then
+  echo "installed headers declare engine internals"; exit 1
+fi
 pc="$(find "$prefix" -name celo2.pc | head -1)"
 [ -n "$pc" ] || { echo "missing celo2.pc"; exit 1; }
 # The installed headers must not reach into the source or build tree.

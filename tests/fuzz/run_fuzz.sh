@@ -18,7 +18,7 @@ echo "building $work/theta_fuzz with $cxx"
 "$cxx" -std=c++20 -O1 -g -fno-omit-frame-pointer \
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$root/server/include" -I"$root/kernels/include" \
-  "$here/theta_fuzz.cc" "$root/server/src/flax_msgpack.cc" "$root/server/src/theta_io.cc" \
+  "$here/theta_fuzz.cc" "$root/server/src/io/flax_msgpack.cc" "$root/server/src/io/theta_io.cc" \
   "$root/kernels/src/config.cc" -lmsgpackc -lcrypto -o "$work/theta_fuzz"
 
 # Seeds: the golden theta and the smaller golden rule files (each holds a config and a theta).

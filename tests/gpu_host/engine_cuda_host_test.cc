@@ -1,4 +1,4 @@
-// The one engine on its "cuda" backend (server/src/cuda_backend.cc), compiled against the
+// The one engine on its "cuda" backend (server/src/engine/cuda_backend.cc), compiled against the
 // host emulation of the CUDA runtime and kernels (include/cuda_runtime.h, host_cuda.cc: each
 // kernel by the CPU function its CUDA version is tested against), on 1–3 MPI ranks. What
 // this checks where no GPU exists: that the backend's state, groups (one RuleSet per update

@@ -1,6 +1,6 @@
 // MlpTask gradients against finite differences, and the Fashion-MNIST IDX reader on the real
 // files and on broken ones.
-#include "mlp_task.h"
+#include "celo2/train/mlp_task.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "fashion_mnist.h"
+#include "celo2/train/fashion_mnist.h"
 
 namespace {
 

@@ -327,3 +327,29 @@ TEST(Optimizer, ReferenceAndFastAgree) {
 
 }  // namespace
 }  // namespace celo2
+
+namespace celo2 {
+namespace {
+
+// Rules written for names a model does not have route nothing; the routing table (and the
+// engine's warning) lists them. nanoGPT names its embeddings wte / wpe, so the README's
+// old 're:embed' rule silently sent them to Celo2.
+TEST(Labels, RulesThatRouteNoTensorAreListed) {
+  const std::vector<TensorDesc> nanogpt = {{"transformer.wte.weight", {50, 8}},
+                                           {"transformer.wpe.weight", {16, 8}},
+                                           {"transformer.h.0.attn.c_attn.weight", {24, 8}},
+                                           {"transformer.h.0.ln_1.weight", {8}}};
+  const LabelRules r = LabelRules::parse("re:embed => adamw; ndim<=1 => adamw; re:ln_ => frozen; * => celo2");
+  const std::vector<std::string> u = r.unused(nanogpt);
+  ASSERT_EQ(u.size(), 2u);
+  EXPECT_EQ(u[0], "'re:embed => adamw' matches no tensor");
+  EXPECT_EQ(u[1], "'re:ln_ => frozen' matches only tensors an earlier rule routes");
+  const std::string table = format_routing_table(nanogpt, r.assign(nanogpt), &r);
+  EXPECT_NE(table.find("unused rule: 're:embed => adamw' matches no tensor"), std::string::npos) << table;
+  const LabelRules good = LabelRules::parse("re:wte|wpe => adamw; ndim<=1 => adamw; * => celo2");
+  EXPECT_TRUE(good.unused(nanogpt).empty());
+  EXPECT_EQ(good.assign(nanogpt)[0], Label::kAdamW);
+}
+
+}  // namespace
+}  // namespace celo2

@@ -3,13 +3,13 @@
 //
 // HostRuleSet below emulates cuda::RuleSet::step(): it builds the descriptor table, chunks,
 // axis jobs, group runs and spans with the very code RuleSet uses
-// (celo2/cuda/rule_layout.h), allocates the set's buffers with the sizes RuleSet allocates,
-// and runs the kernels' per-element __host__ __device__ functions (celo2/cuda/rule_device.h)
+// (kernels/cuda/src: rule_layout.h), allocates the set's buffers with the sizes RuleSet allocates,
+// and runs the kernels' per-element __host__ __device__ functions (rule_device.h)
 // in plain host loops, kernel by kernel, in rule_cuda.cu's launch order:
 //   k_accumulate · k_axis_contig/k_axis_strided + k_axis_combine · k_factored (fold, rest,
 //   tables) · k_feature_sumsq + k_group_combine · k_mlp<H> (padded, packed weights as in
 //   shared memory) · k_tensor_factor · Newton–Schulz (run_gathered: norm, load with the
-//   factor, the GEMM plan of celo2/cuda/newton_schulz_plan.h through a host GEMM with
+//   factor, the GEMM plan of newton_schulz_plan.h through a host GEMM with
 //   cuBLAS's column-major semantics, store) · k_output_sumsq + k_group_combine · k_finish.
 // Each work item is indexed exactly as its kernel indexes it (find_span over the tables, the
 // same base-pointer arithmetic); only the order of additions inside a reduction differs
@@ -41,9 +41,9 @@
 #include "unit/test_util.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
-// The CUDA backend's host-only headers (the test target does not carry their include path).
-#include "../../kernels/cuda/include/celo2/cuda/newton_schulz_plan.h"
-#include "../../kernels/cuda/include/celo2/cuda/rule_layout.h"
+// The CUDA kernels' private host-only headers (kernels/cuda/src/, on this test's include path).
+#include "newton_schulz_plan.h"
+#include "rule_layout.h"
 
 namespace celo2 {
 namespace {

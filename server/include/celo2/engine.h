@@ -23,7 +23,7 @@
 // still cut anywhere), balanced by modelled cost, so every Celo2 tensor lies on one rank and
 // the rule runs whole there (phases 2–7 need no collective): what a backend without slice
 // kernels runs (the reference; "cuda", whose multi-tensor rule keeps a tensor's statistics
-// inside its launches). Either way the backend (server/src/backend.h) does the work on the
+// inside its launches). Either way the backend (server/src/engine/backend.h) does the work on the
 // rank's memory and the engine does the rest once. The gradient, NaN, AdamW, apply, report and gather phases are the same code.
 // Memory: the engine's own buffers are its slice (gradient, step, state) plus buckets of at
 // most `bucket_elements` floats for the reduce-scatter and the all-gather; it never holds
@@ -70,24 +70,6 @@ struct PhaseStats {
   std::map<std::string, double> seconds;
   std::map<std::string, int64_t> bytes;
 };
-
-// Collective: rank 0's `local_error` (empty: none) thrown on every rank as flax::FormatError,
-// so that every rank reaches the same verdict about a file only rank 0 read or wrote.
-void agree_on_error(Communicator& comm, const std::string& local_error);
-
-
-// Collective: rank 0 reads the checkpoint at `path`, every rank parses the same bytes (and so
-// reaches the same verdict) and gets, for each registered tensor (names, shapes, labels in
-// registration order), its checked record in `f` (celo2/state_file.h). Throws
-// flax::FormatError naming the file and the problem; nothing is changed by a failure.
-struct TensorIdentity {
-  const std::string* name;
-  const std::vector<int64_t>* shape;
-  Label label;
-};
-std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, const std::string& path,
-                                                            const std::vector<TensorIdentity>& tensors,
-                                                            StateFile& f);
 
 class Engine : public EngineControl {
  public:
@@ -147,6 +129,7 @@ class Engine : public EngineControl {
   void build_plan();
   void phase_begin(const char* name);
   void phase_end();
+  void warn_unused_rules();  // rank 0, stderr: rules that route no tensor
   void reduce_scatter_grads();
   double step_phases(double lr);
   StateFile collect_state(bool all_ranks);
@@ -163,6 +146,7 @@ class Engine : public EngineControl {
   int64_t my_lo_ = 0, my_hi_ = 0;  // this rank's flat slice
   std::vector<int64_t> slice_counts_, cuts_;
   bool plan_ready_ = false;
+  bool rules_checked_ = false;
   std::vector<Matrix> matrices_;
   OwnerPlan owners_;
   // all-to-all layout

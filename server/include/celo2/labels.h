@@ -50,17 +50,26 @@ class LabelRules {
   static LabelRules all_celo2();
 
   void add(Match match, const std::string& pattern, Label label);
-  // Labels of every tensor, in registration order.
-  std::vector<Label> assign(const std::vector<TensorDesc>& tensors) const;
+  // Labels of every tensor, in registration order; `routed_by` (optional): the index of the
+  // rule that decided each tensor, -1 for the seed's default.
+  std::vector<Label> assign(const std::vector<TensorDesc>& tensors, std::vector<int>* routed_by = nullptr) const;
+  // The rules that route no tensor, as "'<rule>' matches no tensor" or "'<rule>' matches only
+  // tensors an earlier rule routes": a rule written for names the model does not have (e.g.
+  // re:embed for nanoGPT's wte / wpe) is a silent misrouting otherwise.
+  std::vector<std::string> unused(const std::vector<TensorDesc>& tensors) const;
+  static std::string rule_text(const Rule& r);
   std::string to_string() const;
   const std::vector<Rule>& rules() const { return rules_; }
 
  private:
+  static bool matches(const Rule& r, const TensorDesc& t, int64_t index, int64_t first_matrix,
+                      int64_t last_matrix);
   std::vector<Rule> rules_;
 };
 
-// The routing table: name, shape, label, elements, bytes (float32), then totals per label.
+// The routing table: name, shape, label, elements, bytes (float32), then totals per label
+// and, given the rules, one "unused rule: ..." line per rule that routes no tensor.
 std::string format_routing_table(const std::vector<TensorDesc>& tensors,
-                                 const std::vector<Label>& labels);
+                                 const std::vector<Label>& labels, const LabelRules* rules = nullptr);
 
 }  // namespace celo2

@@ -7,9 +7,10 @@
 //     the rank that already holds most of it unless that rank is past 1.1x the balanced
 //     load, else to the least-loaded rank (plan_owners).
 //   kWholeTensors: cuts only at Celo2 tensor boundaries (AdamW and frozen tensors are cut
-//     anywhere: they are element-wise), placed to minimize the largest rank's modelled cost
-//     (binary search on the capacity, greedy fill: exact for contiguous partitions). A
-//     tensor's Newton–Schulz runs on the rank holding it.
+//     anywhere: they are element-wise), placed to minimize the worse of the largest rank's
+//     modelled cost and engine memory, each over its mean (binary search on the budget,
+//     greedy fill: exact for contiguous partitions). A tensor's Newton–Schulz runs on the
+//     rank holding it.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +40,11 @@ struct PlanTensor {
 // element-wise phases (about 110 B/element of DRAM traffic) at 4 TB/s plus its Newton–Schulz
 // FLOPs at 400 TFLOP/s; AdamW 28 B/element; frozen nothing. Ratios are what matter.
 double tensor_step_cost(const std::vector<int64_t>& shape, Label label, const RuleConfig& cfg);
+
+// The engine's bytes per element of a rank's slice: its gradient and step slices (8 B) plus
+// the optimizer state (celo2: m 3 + rms 1 floats; adamw: mu, nu). The whole-tensor plan
+// balances these as well as the modelled cost.
+double slice_bytes_per_element(Label label);
 
 // The W + 1 cuts (cuts[0] = 0, cuts[W] = total elements) of the flat index space.
 std::vector<int64_t> plan_cuts(const std::vector<PlanTensor>& tensors, int W, Plan plan);

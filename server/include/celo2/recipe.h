@@ -1,8 +1,9 @@
 // The Celo2 recipe (spec/celo2.md §4), once: what every engine, backend and client shares.
-// The options, the step report, the checks of a registration, the NaN-policy decision, the
-// AdamW branch's parameters, the one element-wise apply p ← p − lr·(u + wd·p) and the update
-// RMS report. The sharded Engine (celo2/engine.h) is the only step that calls them; the
-// single-process Optimizer (celo2/optimizer.h) is that engine at W = 1.
+// The options, the step report, the NaN-policy decision, the AdamW branch's parameters, the
+// one element-wise apply p ← p − lr·(u + wd·p) and the update RMS report (the checks of a
+// registration and of the options are the engine's own: server/src/engine/recipe_internal.h).
+// The sharded Engine (celo2/engine.h) is the only step that calls them; the single-process
+// Optimizer (celo2/optimizer.h) is that engine at W = 1.
 //
 // Labels: celo2 tensors take p ← p − lr(t)·(u + wd·p) with u the Celo2 step; adamw tensors
 // take Optax AdamW at mult_1d·lr(t) (mult_1d multiplies the weight decay's effect too,
@@ -13,7 +14,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -59,24 +59,12 @@ class NonFiniteGradientError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The checks of a tensor registration: registration still open, a non-empty unique name
-// (`taken(name)` says whether it is already registered), a valid shape, non-null pointers for
-// a non-empty tensor. Returns the tensor's geometry; throws std::logic_error /
-// std::invalid_argument naming the tensor otherwise.
-Geometry check_registration(bool closed, const std::string& name,
-                            const std::vector<int64_t>& shape, const float* params,
-                            const float* grads, const std::function<bool(const std::string&)>& taken);
-
 // Returns x, or throws std::invalid_argument("<what> must be finite") (setters of the recipe).
 double require_finite(const char* what, double x);
 
 // The learning rate of one step: finite and not negative (a negative rate moves the
 // parameters uphill). Throws std::invalid_argument naming the value otherwise.
 double check_step_lr(double lr);
-
-// The checks every engine makes of its options at construction (rule, theta, schedule, finite
-// recipe numbers), filling in the default theta (Theta::project_default) when none is given.
-void prepare_options(OptimizerOptions& o);
 
 // What a step does about the non-finite gradient entries it found (after the NaN policy).
 enum class NanAction { kProceed, kSkip, kZeroEntries };
@@ -100,14 +88,5 @@ double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, fl
 
 // Fills rep.update_rms from the per-label sums of squares and element counts.
 void set_update_rms(StepReport& rep, const double usq[3], const int64_t count[3]);
-
-// Whether `name` is already registered among `entries` (anything with a `name` member): the
-// `taken` predicate of check_registration.
-template <class Entries>
-bool name_taken(const Entries& entries, const std::string& name) {
-  for (const auto& e : entries)
-    if (e->name == name) return true;
-  return false;
-}
 
 }  // namespace celo2

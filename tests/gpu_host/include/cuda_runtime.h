@@ -1,4 +1,4 @@
-// Host emulation of the part of the CUDA runtime API that server/src/gpu_engine.cc and
+// Host emulation of the part of the CUDA runtime API that server/src/engine/cuda_backend.cc and
 // kernels/cuda/include/celo2/cuda/*.h use, for tests/gpu_host: "device" memory is host memory
 // (tracked so that cudaPointerGetAttributes tells it apart), every call runs at once, streams
 // and events only keep their bookkeeping. Not a CUDA replacement: it lets the GPU engine's

@@ -37,7 +37,7 @@
 #include "celo2/config.h"
 #include "celo2/metatrain/tasks.h"
 #include "celo2/optimizer.h"
-#include "mlp_task.h"
+#include "celo2/train/mlp_task.h"
 
 namespace celo2::meta {
 

@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "fashion_mnist.h"
+#include "celo2/train/fashion_mnist.h"
 
 namespace celo2::meta {
 

@@ -1,6 +1,6 @@
 // Error checking for every CUDA runtime and cuBLAS call (STYLE.md 8): a failed call throws
 // celo2::cuda::CudaError naming the call, the file and the line, so a bad launch is never a
-// silent wrong answer. NCCL calls use the same error type (server/src/nccl_communicator.cc).
+// silent wrong answer. NCCL calls use the same error type (server/src/comm/nccl_communicator.cc).
 #pragma once
 
 #include <cublas_v2.h>

@@ -41,56 +41,74 @@ double tensor_step_cost(const std::vector<int64_t>& shape, Label label, const Ru
   return t;
 }
 
+// Engine memory per element of a rank's slice: its gradient and step slices (8 B) plus the
+// optimizer state (celo2: m 3 + rms 1 floats; adamw: mu, nu).
+double slice_bytes_per_element(Label label) {
+  return label == Label::kCelo2 ? 24.0 : label == Label::kAdamW ? 16.0 : 8.0;
+}
+
 std::vector<int64_t> plan_cuts(const std::vector<PlanTensor>& tensors, int W, Plan plan) {
   if (W < 1) throw std::invalid_argument("plan_cuts: world size must be >= 1");
   int64_t total = 0;
-  double total_cost = 0, max_block = 0;
+  double total_cost = 0, total_bytes = 0;
   for (const PlanTensor& t : tensors) {
     total += t.numel;
     total_cost += t.cost;
-    if (t.label == Label::kCelo2) max_block = std::max(max_block, t.cost);
+    total_bytes += slice_bytes_per_element(t.label) * static_cast<double>(t.numel);
   }
   std::vector<int64_t> cuts(W + 1);
   for (int k = 0; k <= W; ++k) cuts[k] = total * k / W;
   if (plan == Plan::kFlat || W == 1 || total == 0) return cuts;
-  // Greedy fill under a capacity: segments as long as they fit; a Celo2 tensor whole, an
-  // element-wise tensor cut where the capacity runs out. Returns the cuts it made.
-  auto fill = [&](double cap, std::vector<int64_t>* out) {
+  // Two budgets, both a multiple `a` of the mean: modelled cost (time) and engine bytes
+  // (memory). Greedy fill: each segment as long as both fit; a Celo2 tensor whole, an
+  // element-wise tensor cut where a budget runs out. Feasibility is monotone in a segment's
+  // extent, so the greedy fill uses the fewest segments, and the smallest feasible `a`
+  // (binary search) minimizes the worse of the two max/mean ratios.
+  const double mean_cost = std::max(total_cost / W, 1e-300), mean_bytes = total_bytes / W;
+  auto fill = [&](double a, std::vector<int64_t>* out) {
+    const double cap_c = a * mean_cost, cap_b = a * mean_bytes;
     std::vector<int64_t> c = {0};
-    double acc = 0;
+    double acc_c = 0, acc_b = 0;
     int64_t at = 0;
     for (const PlanTensor& t : tensors) {
       if (t.numel == 0) continue;
+      const double bpe = slice_bytes_per_element(t.label);
       if (t.label == Label::kCelo2) {
-        if (acc > 0 && acc + t.cost > cap) {
+        const double tb = bpe * static_cast<double>(t.numel);
+        if ((acc_c > 0 || acc_b > 0) && (acc_c + t.cost > cap_c || acc_b + tb > cap_b)) {
           c.push_back(at);
-          acc = 0;
+          acc_c = acc_b = 0;
         }
-        acc += t.cost;
+        acc_c += t.cost;
+        acc_b += tb;
         at += t.numel;
         continue;
       }
-      const double per = t.cost / static_cast<double>(t.numel);
+      const double cpe = t.cost / static_cast<double>(t.numel);
       int64_t left = t.numel;
       while (left > 0) {
-        const int64_t fit = per > 0 ? static_cast<int64_t>(std::floor((cap - acc) / per)) : left;
+        int64_t fit = static_cast<int64_t>(std::floor((cap_b - acc_b) / bpe));
+        if (cpe > 0) fit = std::min(fit, static_cast<int64_t>(std::floor((cap_c - acc_c) / cpe)));
+        fit = std::max<int64_t>(fit, 0);
         if (fit >= left) {
-          acc += per * static_cast<double>(left);
+          acc_c += cpe * static_cast<double>(left);
+          acc_b += bpe * static_cast<double>(left);
           at += left;
           left = 0;
         } else {
-          const int64_t take = std::max<int64_t>(fit, 0);
-          at += take;
-          left -= take;
+          if (fit == 0 && acc_c == 0 && acc_b == 0) fit = 1;  // always progress
+          at += fit;
+          left -= fit;
           c.push_back(at);
-          acc = 0;
+          acc_c = acc_b = 0;
         }
       }
     }
     if (out) *out = c;
     return static_cast<int>(c.size());  // segments
   };
-  double lo = std::max(total_cost / W, max_block), hi = std::max(total_cost, lo);
+  double lo = 1.0, hi = static_cast<double>(W) + 1.0;
+  while (fill(hi, nullptr) > W) hi *= 2;  // a single tensor larger than W means
   for (int it = 0; it < 60 && hi > lo * (1 + 1e-9); ++it) {
     const double mid = 0.5 * (lo + hi);
     (fill(mid, nullptr) <= W ? hi : lo) = mid;

@@ -225,7 +225,7 @@ grpc::Status ControlCore::set_label_rules(const v1::SetLabelRulesRequest& req,
   } catch (const std::exception& e) {
     return reject(grpc::StatusCode::INVALID_ARGUMENT, std::string("label rules: ") + e.what());
   }
-  routing_table_to_proto(tensors_, labels, resp->mutable_table());
+  routing_table_to_proto(tensors_, labels, resp->mutable_table(), &rules);
   resp->set_rules(rules.to_string());
   resp->set_dry_run(req.dry_run());
   if (req.dry_run()) return grpc::Status::OK;

@@ -1,9 +1,9 @@
 // The Celo2 rule on a CUDA device: the multi-tensor kernels of rule_cuda.h and RuleSet.
-// Per-element arithmetic comes from celo2/elementwise.h through celo2/cuda/rule_device.h;
+// Per-element arithmetic comes from celo2/elementwise.h through rule_device.h (private, here);
 // this file holds launch geometry, reductions and the MLP.
 //
 // The work tables (chunks, axis jobs, group runs, spans) are built on the host by
-// celo2/cuda/rule_layout.h, which tests/unit/rule_layout_test.cc shares.
+// rule_layout.h (private, here), which tests/unit/rule_layout_test.cc shares.
 // All partial sums are double and combined in a fixed order: deterministic without atomics.
 #include <cuda_bf16.h>
 
@@ -15,8 +15,8 @@
 
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
-#include "celo2/cuda/rule_device.h"
-#include "celo2/cuda/rule_layout.h"
+#include "rule_device.h"
+#include "rule_layout.h"
 #include "celo2/newton_schulz.h"
 
 namespace celo2::cuda {

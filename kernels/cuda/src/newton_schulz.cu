@@ -1,7 +1,7 @@
 // Newton–Schulz (spec/celo2.md §3 step 9) on cuBLAS, batched over same-shaped matrices.
 //
 // The GEMMs of an iteration and their derivation (row-major data, column-major cuBLAS, no
-// transposes): celo2/cuda/newton_schulz_plan.h, shared with the host test.
+// transposes): newton_schulz_plan.h (private, here), shared with the host test.
 // The Frobenius norm is a fixed-partition double reduction (deterministic).
 #include <cuda_bf16.h>
 
@@ -11,7 +11,7 @@
 #include <string>
 
 #include "celo2/cuda/check.h"
-#include "celo2/cuda/newton_schulz_plan.h"
+#include "newton_schulz_plan.h"
 #include "celo2/cuda/rule_cuda.h"
 
 namespace celo2::cuda {

@@ -64,8 +64,10 @@ void schedule_to_proto(const Schedule& s, v1::Schedule* out);
 
 // Rules text -> parsed rules.
 grpc::Status check_rules(const std::string& text, LabelRules* rules);
+// `rules` (optional): the text table then lists the rules that route no tensor.
 void routing_table_to_proto(const std::vector<TensorDesc>& tensors,
-                            const std::vector<Label>& labels, v1::RoutingTable* out);
+                            const std::vector<Label>& labels, v1::RoutingTable* out,
+                            const LabelRules* rules = nullptr);
 
 // A checkpoint file name ([A-Za-z0-9._-], not starting with '.', at most 200 characters).
 grpc::Status check_checkpoint_name(const std::string& name);

@@ -4,7 +4,7 @@
 // (where an element's state, row/col statistics and normalization group live). Being
 // __host__ __device__ and free of CUDA headers, they also run in plain host loops:
 // tests/unit/rule_layout_test.cc emulates a RuleSet step with them on the tables of
-// celo2/cuda/rule_layout.h and checks it against celo2_update() and celo2_reference().
+// rule_layout.h and checks it against celo2_update() and celo2_reference().
 //
 // Layout: the tensors of a set are back to back in flat float buffers (g, p, u); each
 // tensor's state planes are decay-major (m[m_off + k*numel + i]) like RuleState.

@@ -1,6 +1,8 @@
 // Label rules: parsing, matching, the default rule sets.
 #include "celo2/labels.h"
 
+#include <algorithm>
+
 #include "celo2/config.h"
 
 #include <re2/re2.h>
@@ -122,7 +124,8 @@ LabelRules LabelRules::all_celo2() {
   return r;
 }
 
-std::vector<Label> LabelRules::assign(const std::vector<TensorDesc>& tensors) const {
+std::vector<Label> LabelRules::assign(const std::vector<TensorDesc>& tensors,
+                                      std::vector<int>* routed_by) const {
   int64_t first_matrix = -1, last_matrix = -1;
   for (size_t i = 0; i < tensors.size(); ++i)
     if (tensors[i].shape.size() >= 2) {
@@ -131,23 +134,16 @@ std::vector<Label> LabelRules::assign(const std::vector<TensorDesc>& tensors) co
     }
   std::vector<Label> out;
   out.reserve(tensors.size());
+  if (routed_by) routed_by->assign(tensors.size(), -1);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const TensorDesc& t = tensors[i];
     bool done = false;
-    for (const Rule& r : rules_) {
-      bool hit = false;
-      switch (r.match) {
-        case Match::kRegex: hit = RE2::PartialMatch(t.name, *r.re); break;
-        case Match::kNdimLe1: hit = t.shape.size() <= 1; break;
-        case Match::kFirstMatrix: hit = static_cast<int64_t>(i) == first_matrix; break;
-        case Match::kLastMatrix: hit = static_cast<int64_t>(i) == last_matrix; break;
-        case Match::kAny: hit = true; break;
-      }
-      if (hit) {
-        out.push_back(r.label);
-        done = true;
-        break;
-      }
+    for (size_t k = 0; k < rules_.size() && !done; ++k) {
+      const Rule& r = rules_[k];
+      if (!matches(r, t, static_cast<int64_t>(i), first_matrix, last_matrix)) continue;
+      out.push_back(r.label);
+      if (routed_by) (*routed_by)[i] = static_cast<int>(k);
+      done = true;
     }
     if (!done) {  // the seed's default
       const bool adam = t.shape.size() <= 1 || t.name.find("embed") != std::string::npos;
@@ -155,6 +151,51 @@ std::vector<Label> LabelRules::assign(const std::vector<TensorDesc>& tensors) co
     }
   }
   return out;
+}
+
+bool LabelRules::matches(const Rule& r, const TensorDesc& t, int64_t index, int64_t first_matrix,
+                         int64_t last_matrix) {
+  switch (r.match) {
+    case Match::kRegex: return RE2::PartialMatch(t.name, *r.re);
+    case Match::kNdimLe1: return t.shape.size() <= 1;
+    case Match::kFirstMatrix: return index == first_matrix;
+    case Match::kLastMatrix: return index == last_matrix;
+    case Match::kAny: return true;
+  }
+  return false;
+}
+
+std::vector<std::string> LabelRules::unused(const std::vector<TensorDesc>& tensors) const {
+  std::vector<int> by;
+  assign(tensors, &by);
+  int64_t first_matrix = -1, last_matrix = -1;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (tensors[i].shape.size() >= 2) {
+      if (first_matrix < 0) first_matrix = static_cast<int64_t>(i);
+      last_matrix = static_cast<int64_t>(i);
+    }
+  std::vector<std::string> out;
+  for (size_t k = 0; k < rules_.size(); ++k) {
+    if (std::find(by.begin(), by.end(), static_cast<int>(k)) != by.end()) continue;
+    bool any = false;
+    for (size_t i = 0; i < tensors.size() && !any; ++i)
+      any = matches(rules_[k], tensors[i], static_cast<int64_t>(i), first_matrix, last_matrix);
+    out.push_back("'" + rule_text(rules_[k]) + "' " +
+                  (any ? "matches only tensors an earlier rule routes" : "matches no tensor"));
+  }
+  return out;
+}
+
+std::string LabelRules::rule_text(const Rule& r) {
+  std::string m;
+  switch (r.match) {
+    case Match::kRegex: m = "re:" + r.pattern; break;
+    case Match::kNdimLe1: m = "ndim<=1"; break;
+    case Match::kFirstMatrix: m = "first_matrix"; break;
+    case Match::kLastMatrix: m = "last_matrix"; break;
+    case Match::kAny: m = "*"; break;
+  }
+  return m + " => " + label_name(r.label);
 }
 
 std::string LabelRules::to_string() const {
@@ -175,7 +216,7 @@ std::string LabelRules::to_string() const {
 }
 
 std::string format_routing_table(const std::vector<TensorDesc>& tensors,
-                                 const std::vector<Label>& labels) {
+                                 const std::vector<Label>& labels, const LabelRules* rules) {
   std::ostringstream s;
   size_t w = 4;
   for (const auto& t : tensors) w = std::max(w, t.name.size());
@@ -195,6 +236,8 @@ std::string format_routing_table(const std::vector<TensorDesc>& tensors,
   for (int l = 0; l < 3; ++l)
     s << "total " << label_name(static_cast<Label>(l)) << ": " << count[l] << " tensors, "
       << total[l] << " elements\n";
+  if (rules)
+    for (const std::string& u : rules->unused(tensors)) s << "unused rule: " << u << "\n";
   return s.str();
 }
 

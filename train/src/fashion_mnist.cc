@@ -1,4 +1,4 @@
-#include "fashion_mnist.h"
+#include "celo2/train/fashion_mnist.h"
 
 #include <zlib.h>
 

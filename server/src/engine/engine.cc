@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <sstream>
@@ -15,6 +16,8 @@
 #include "celo2/rule.h"
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
+#include "engine_internal.h"
+#include "recipe_internal.h"
 
 namespace celo2 {
 
@@ -165,7 +168,21 @@ void Engine::relabel() {
   plan_ready_ = false;
 }
 
+void Engine::warn_unused_rules() {
+  std::vector<TensorDesc> descs;
+  for (const auto& e : entries_) descs.push_back({e->name, e->geo.shape});
+  const std::vector<std::string> unused = opts_.opt.rules.unused(descs);
+  if (unused.empty() || comm_->rank() != 0) return;
+  std::string msg = "celo2: label rules that route no tensor (check the routing with --dry-run / routing_table()):";
+  for (const std::string& u : unused) msg += "\n  " + u;
+  std::fprintf(stderr, "%s\n", msg.c_str());
+}
+
 void Engine::build_plan() {
+  if (!rules_checked_) {
+    warn_unused_rules();
+    rules_checked_ = true;
+  }
   const int W = comm_->size(), r = comm_->rank();
   std::vector<PlanTensor> pts;
   for (const auto& e : entries_)
@@ -721,6 +738,7 @@ void Engine::set_schedule(const Schedule& s) {
 
 void Engine::set_rules(const LabelRules& rules) {
   opts_.opt.rules = rules;
+  rules_checked_ = false;
   relabel();
 }
 
@@ -731,7 +749,7 @@ std::string Engine::routing_table() const {
     descs.push_back({e->name, e->geo.shape});
     labels.push_back(e->label);
   }
-  return format_routing_table(descs, labels);
+  return format_routing_table(descs, labels, &opts_.opt.rules);
 }
 
 std::string Engine::plan_report() {

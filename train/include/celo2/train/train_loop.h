@@ -8,7 +8,7 @@
 //   celo2-base  RuleConfig::celo2_base() (no Newton–Schulz), every tensor celo2 (spec §4).
 //   adamw       every tensor adamw with mult_1d = 1, so lr is the true AdamW learning rate.
 //
-// Header-only (celo2_data holds one source file). Determinism: the model's initial values
+// Header-only (library celo2_train compiles only the reader). Determinism: the model's initial values
 // depend only on TrainOptions::seed, and so does the batch order, through a sampler seed
 // derived from it; neither depends on the recipe, so runs with the same seed see the same
 // start and the same batches.
@@ -26,8 +26,8 @@
 #include "celo2/engine.h"
 #include "celo2/optimizer.h"
 #include "celo2/theta_io.h"
-#include "fashion_mnist.h"
-#include "mlp_task.h"
+#include "celo2/train/fashion_mnist.h"
+#include "celo2/train/mlp_task.h"
 
 namespace celo2::train {
 

@@ -1,8 +1,10 @@
-// The recipe pieces of celo2/recipe.h.
+// The recipe pieces of celo2/recipe.h and of the engine's recipe_internal.h.
 #include "celo2/recipe.h"
 
 #include <cmath>
 #include <cstring>
+
+#include "recipe_internal.h"
 
 namespace celo2 {
 

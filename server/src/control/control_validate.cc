@@ -299,7 +299,8 @@ grpc::Status check_rules(const std::string& text, LabelRules* rules) {
 }
 
 void routing_table_to_proto(const std::vector<TensorDesc>& tensors,
-                            const std::vector<Label>& labels, v1::RoutingTable* out) {
+                            const std::vector<Label>& labels, v1::RoutingTable* out,
+                            const LabelRules* rules) {
   out->Clear();
   int64_t count[3] = {}, elements[3] = {};
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -324,7 +325,7 @@ void routing_table_to_proto(const std::vector<TensorDesc>& tensors,
     t->set_elements(elements[l]);
     t->set_bytes(4 * elements[l]);
   }
-  out->set_text(format_routing_table(tensors, labels));
+  out->set_text(format_routing_table(tensors, labels, rules));
 }
 
 grpc::Status check_checkpoint_name(const std::string& name) {
