@@ -48,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--adamw-lr", type=float, default=1e-3,
                     help="baseline AdamW learning rate (best of 1e-3, 3e-3, 6e-3 at the defaults)")
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--clip", type=float, default=1.0,
+                    help="global gradient-norm clipping for both runs (0: off): Celo2's max_grad_norm, "
+                         "torch.nn.utils.clip_grad_norm_ for AdamW")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--rules", default=DEFAULT_RULES, help="Celo2 label rules")
     ap.add_argument("--theta", default=None,
@@ -140,7 +143,7 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
     control_address = ""
     if name == "celo2":
         opt = Celo2(model.named_parameters(), schedule=schedule, rules=a.rules, theta=a.theta,
-                    variant=a.variant, weight_decay=a.weight_decay, mult_1d=a.mult_1d,
+                    variant=a.variant, weight_decay=a.weight_decay, mult_1d=a.mult_1d, max_grad_norm=a.clip,
                     communicator=comm, control=a.control or None,
                     control_token_file=control_token_file if a.control else None,
                     control_checkpoint_dir=out_dir if a.control else None,
@@ -182,8 +185,9 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
         loss.backward()
         t1 = time.perf_counter()
         if name == "celo2":
-            opt.step(loss=loss)  # averages the gradients over ranks, updates, all-gathers
+            opt.step(loss=loss)  # averages the gradients over ranks, clips, updates, all-gathers
             lr = opt.last_report["lr"]
+            grad_norm = opt.grad_norm
         else:
             # A data-parallel AdamW: average the gradients over the same ranks, then step.
             if world > 1:
@@ -198,6 +202,7 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
                     p.grad.copy_(flat[at:at + p.numel()].view_as(p.grad))
                     at += p.numel()
             lr = opt.param_groups[0]["lr"]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.clip if a.clip > 0 else float("inf")))
             opt.step()
             sched.step()
         t2 = time.perf_counter()
@@ -215,6 +220,7 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
                         opt_seconds / step_seconds if step_seconds else 0.0)
 
     result = {"curve": curve, "evals": evals, "opt_share": opt_seconds / max(step_seconds, 1e-9),
+              "grad_norm_last": grad_norm,
               "step_seconds": step_seconds / max(1, a.steps - 2),
               "opt_seconds": opt_seconds / max(1, a.steps - 2), "tokens_per_step": tokens_per_step}
     if name == "celo2":
@@ -274,7 +280,8 @@ def write_report(a, results, out_dir, world, wall):
     for name, r in results.items():
         lines.append(f"{name:<6} final train loss {np.mean(r['curve'][-20:]):.4f} (mean of last 20)  "
                      f"validation {final(r):.4f}  step {1e3 * r['step_seconds']:.0f} ms, "
-                     f"optimizer {100 * r['opt_share']:.1f}% of step time")
+                     f"optimizer {100 * r['opt_share']:.1f}% of step time, "
+                     f"last grad norm {r['grad_norm_last']:.3f}")
     c = results.get("celo2", {})
     if "adamw" in results and c:
         d = final(results["adamw"]) - final(c)

@@ -262,6 +262,8 @@ int cmd_status(Client& c, const Globals& g, bool routing) {
   std::printf("mult_1d  %g (v%lld)   weight_decay %g (v%lld)\n", r.mult_1d(),
               static_cast<long long>(v.mult_1d()), r.weight_decay(),
               static_cast<long long>(v.weight_decay()));
+  std::printf("clipping max_grad_norm %g (v%lld; 0: off)   last grad norm %g\n", r.max_grad_norm(),
+              static_cast<long long>(v.max_grad_norm()), r.grad_norm());
   std::printf("rules    %s (v%lld)\n", one_line(r.rules()).c_str(),
               static_cast<long long>(v.rules()));
   print_weights(r.weights());
@@ -339,11 +341,12 @@ int cmd_load_weights(Client& c, const Globals& g, const std::string& path,
 }
 
 int cmd_set_schedule(Client& c, const Globals& g, const std::string& text, CLI::Option* mult,
-                     double mult_1d, CLI::Option* wd_opt, double wd) {
+                     double mult_1d, CLI::Option* wd_opt, double wd, CLI::Option* clip_opt, double clip) {
   v1::SetScheduleRequest req;
   if (!text.empty()) req.set_schedule_text(text);
   if (mult->count() > 0) req.set_mult_1d(mult_1d);
   if (wd_opt->count() > 0) req.set_weight_decay(wd);
+  if (clip_opt->count() > 0) req.set_max_grad_norm(clip);
   grpc::ClientContext ctx;
   c.prepare(&ctx, g.timeout_s, true);
   v1::SetScheduleResponse r;
@@ -353,8 +356,8 @@ int cmd_set_schedule(Client& c, const Globals& g, const std::string& text, CLI::
     std::printf("%s\n", to_json(r, true).c_str());
     return 0;
   }
-  std::printf("schedule %s   mult_1d %g   weight_decay %g\n", r.schedule().text().c_str(),
-              r.mult_1d(), r.weight_decay());
+  std::printf("schedule %s   mult_1d %g   weight_decay %g   max_grad_norm %g\n", r.schedule().text().c_str(),
+              r.mult_1d(), r.weight_decay(), r.max_grad_norm());
   print_applied(r.applied());
   return 0;
 }
@@ -415,13 +418,14 @@ int cmd_watch(Client& c, const Globals& g, bool timeout_given, int64_t count, in
       std::printf("%s\n", to_json(m, false).c_str());
     } else {
       if (!header) {
-        std::printf("%8s  %8s  %9s", "step", "loss", "lr");
+        std::printf("%8s  %8s  %9s  %10s", "step", "loss", "lr", "grad norm");
         for (const auto& l : m.labels()) std::printf("  %-16s", ("rms " + l.label()).c_str());
         std::printf("\n");
         header = true;
       }
       std::printf("%8lld  %8s  %9.3e", static_cast<long long>(m.step()),
                   m.has_loss() ? std::to_string(m.loss()).substr(0, 8).c_str() : "-", m.lr());
+      std::printf("  %10.4g", m.grad_norm());
       for (const auto& l : m.labels()) std::printf("  %-16.3e", l.update_rms());
       if (m.skipped()) std::printf("  skipped");
       if (m.dropped() > 0) std::printf("  (%lld dropped)", static_cast<long long>(m.dropped()));
@@ -469,13 +473,14 @@ int run(int argc, char** argv) {
   load->add_option("path", path, "path under the server's weights root");
   load->add_option("--file", local_file, "send this local file's bytes instead");
 
-  auto* sched = app.add_subcommand("set-schedule", "learning-rate schedule, mult_1d, weight decay");
+  auto* sched = app.add_subcommand("set-schedule", "learning-rate schedule, mult_1d, weight decay, clipping");
   std::string sched_text;
-  double mult_1d = 0, wd = 0;
+  double mult_1d = 0, wd = 0, clip = 0;
   sched->add_option("schedule", sched_text,
                     "e.g. constant:lr=1e-3 or cosine:lr=3e-3,warmup=100,total=10000,final=0.1");
   auto* mult_opt = sched->add_option("--mult-1d", mult_1d, "lr multiplier of the adamw branch");
   auto* wd_opt = sched->add_option("--wd", wd, "weight decay");
+  auto* clip_opt = sched->add_option("--max-grad-norm", clip, "global gradient clipping threshold (0: off)");
 
   auto* rules = app.add_subcommand("set-rules", "parameter-label rules (with --dry-run: preview)");
   std::string rules_text;
@@ -507,9 +512,9 @@ int run(int argc, char** argv) {
   if (*health) return cmd_health(c, g, service);
   if (*load) return cmd_load_weights(c, g, path, local_file);
   if (*sched) {
-    if (sched_text.empty() && mult_opt->count() == 0 && wd_opt->count() == 0)
-      throw UsageError("set-schedule: give a schedule, --mult-1d or --wd");
-    return cmd_set_schedule(c, g, sched_text, mult_opt, mult_1d, wd_opt, wd);
+    if (sched_text.empty() && mult_opt->count() == 0 && wd_opt->count() == 0 && clip_opt->count() == 0)
+      throw UsageError("set-schedule: give a schedule, --mult-1d, --wd or --max-grad-norm");
+    return cmd_set_schedule(c, g, sched_text, mult_opt, mult_1d, wd_opt, wd, clip_opt, clip);
   }
   if (*rules) return cmd_set_rules(c, g, rules_text, dry_run);
   if (*watch) return cmd_watch(c, g, timeout_opt->count() > 0, count, every);

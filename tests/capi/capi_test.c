@@ -122,6 +122,13 @@ int main(int argc, char** argv) {
   EXPECT(celo2_set(opt, "variant", "celo2") == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT_OK(celo2_set(opt, "mult_1d", "10"));
   EXPECT(celo2_step(NULL, 0, NULL) == CELO2_ERR_INVALID_ARGUMENT);
+  /* A negative or non-finite learning rate is refused and changes nothing (it would move the
+     parameters uphill). */
+  EXPECT(celo2_step_with_lr(opt, -1.0, NAN, NULL) == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(strstr(celo2_last_error(), "negative") != NULL);
+  EXPECT(celo2_step_with_lr(opt, INFINITY, NAN, NULL) == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT_OK(celo2_set(opt, "max_grad_norm", "1.5"));
+  EXPECT(celo2_set(opt, "max_grad_norm", "-1") == CELO2_ERR_INVALID_ARGUMENT);
 
   double sum = 0;
   for (int i = 0; i < R * C; ++i) sum += w[i];

@@ -1347,6 +1347,16 @@ TEST(ControlStartup, BadOptionsFailCleanly) {
   }
   {
     celo2::ControlOptions x = o;
+    x.token = "abc";  // a 3-byte token is refused at start, not warned about
+    try {
+      make(x);
+      ADD_FAILURE() << "a 3-byte token was accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("at least 16"), std::string::npos) << e.what();
+    }
+  }
+  {
+    celo2::ControlOptions x = o;
     x.weights_root = "/nonexistent/weights";
     EXPECT_THROW(make(x), std::runtime_error);
   }

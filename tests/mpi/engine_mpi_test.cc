@@ -408,6 +408,50 @@ TEST(Engine, WholePlanRelabelMovesState) {
   EXPECT_EQ(again.p, ref.p);
 }
 
+
+TEST(Engine, GlobalGradientClippingAsTorch) {
+  // max_grad_norm clips the averaged gradients as torch.nn.utils.clip_grad_norm_ does: the
+  // same as the Optimizer (no clipping) fed the mean gradients scaled by
+  // min(1, max_norm / (norm + 1e-6)), norm over every celo2 and adamw tensor.
+  const int W = g_comm->size();
+  Model ref(12), dist(12);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  eo.opt.max_grad_norm = 2.0;
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  for (int s = 0; s < 4; ++s) {
+    dist.fill_grads(s, g_comm->rank());
+    std::vector<std::vector<float>> mean(ref.g.size());
+    for (int r = 0; r < W; ++r) {
+      Model tmp(12);
+      tmp.fill_grads(s, r);
+      for (size_t i = 0; i < mean.size(); ++i) {
+        mean[i].resize(tmp.g[i].size(), 0.0f);
+        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
+      }
+    }
+    double sq = 0;
+    for (const auto& v : mean)
+      for (float x : v) sq += static_cast<double>(x) * x;
+    const double norm = std::sqrt(sq), coef = std::min(1.0, 2.0 / (norm + 1e-6));
+    for (auto& v : mean)
+      for (float& x : v) x *= static_cast<float>(coef);
+    ref.g = mean;
+    opt.step();
+    const StepReport r = eng.step();
+    EXPECT_NEAR(r.grad_norm_total, norm, 1e-5 * norm) << "step " << s;
+    EXPECT_NEAR(r.clip_scale, coef, 1e-5) << "step " << s;
+    if (s % 2 == 0) EXPECT_LT(r.clip_scale, 1.0);  // unit gradients: clipped
+    else EXPECT_EQ(r.clip_scale, 1.0);             // 1e-2 gradients: below the threshold
+    expect_same(dist, ref, 1e-4, "clipped step " + std::to_string(s));
+  }
+  EXPECT_THROW(eng.set_max_grad_norm(-1.0), std::invalid_argument);
+  EXPECT_THROW(eng.set_max_grad_norm(std::nan("")), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace celo2
 

@@ -314,3 +314,33 @@ def test_celo2ctl_attaches_to_a_python_trainer(tmp_path):
     r = subprocess.run([ctl, "--addr", opt.control_address, "--token-file", str(bad), "status"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
+
+
+def test_global_clipping_equals_torch_clip_grad_norm():
+    """max_grad_norm inside the step == torch.nn.utils.clip_grad_norm_ before an unclipped
+    step (one rank; tests/mpi covers W ranks); opt.grad_norm is what clip_grad_norm_
+    returns. Tolerance: 1e-5 of the parameter change (torch takes the norm in float32, the
+    engine in double)."""
+    ma, a = make(seed=3, max_grad_norm=0.05)
+    mb, b = make(seed=3)
+    start = params(ma)
+    for t in range(5):
+        for m, o in ((ma, a), (mb, b)):
+            o.zero_grad()
+            loss_of(m, t).backward()
+        want = torch.nn.utils.clip_grad_norm_(list(mb.parameters()), 0.05)
+        a.step()
+        b.step()
+        assert a.grad_norm == pytest.approx(float(want), rel=1e-5)
+        assert a.last_report["clip_scale"] < 1.0
+    for (n, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+        da, db = pa.detach() - start[n], pb.detach() - start[n]
+        err = float((da - db).abs().max() / db.pow(2).mean().sqrt().clamp_min(1e-30))
+        assert err <= 1e-5, (n, err)
+    a.set_max_grad_norm(0.0)  # off from the next step
+    a.zero_grad()
+    loss_of(ma, 9).backward()
+    a.step()
+    assert a.last_report["clip_scale"] == 1.0
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make(max_grad_norm=-1.0)

@@ -66,6 +66,8 @@ nlohmann::json status_json(celo2::Client& c) {
           {"control_address", s.control_address},
           {"last_step_seconds", s.last_step_seconds},
           {"total_step_seconds", s.total_step_seconds},
+          {"grad_norm", s.grad_norm},
+          {"max_grad_norm", s.max_grad_norm},
           {"elements_by_label",
            {{"celo2", s.label_elements[0]}, {"adamw", s.label_elements[1]}, {"frozen", s.label_elements[2]}}}};
 }

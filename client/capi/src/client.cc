@@ -104,6 +104,9 @@ EngineOptions engine_options_from(const ClientOptions& o) {
   if (o.weight_decay < 0) throw std::invalid_argument("weight_decay must be >= 0");
   opt.weight_decay = o.weight_decay;
   opt.mult_1d = o.mult_1d;
+  if (!std::isfinite(o.max_grad_norm) || o.max_grad_norm < 0)
+    throw std::invalid_argument("max_grad_norm must be a finite number >= 0 (0: no clipping)");
+  opt.max_grad_norm = o.max_grad_norm;
   for (double b : {o.adam_b1, o.adam_b2})
     if (!(b >= 0.0 && b < 1.0)) throw std::invalid_argument("AdamW betas must lie in [0, 1)");
   if (!(o.adam_eps > 0.0) || !std::isfinite(o.adam_eps))
@@ -219,6 +222,7 @@ StepReport Client::step(std::optional<double> loss, std::optional<double> lr) {
   last_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   total_seconds_ += last_seconds_;
   last_lr_ = r.lr;
+  last_grad_norm_ = r.grad_norm_total;
 #ifdef CELO2_HAVE_CONTROL
   if (control_) {
     std::optional<double> l = loss;
@@ -296,6 +300,8 @@ void Client::set_weight_decay(double wd) {
   engine_->set_weight_decay(wd);
 }
 
+void Client::set_max_grad_norm(double v) { engine_->set_max_grad_norm(v); }
+
 void Client::set_mult_1d(double m) {
   check_finite("mult_1d", m);
   engine_->set_mult_1d(m);
@@ -340,6 +346,8 @@ ClientStatus Client::status() {
   s.control_address = control_address();
   s.last_step_seconds = last_seconds_;
   s.total_step_seconds = total_seconds_;
+  s.grad_norm = last_grad_norm_;
+  s.max_grad_norm = engine_->options().opt.max_grad_norm;
   for (size_t i = 0; i < tensors_.size(); ++i)
     s.label_elements[static_cast<int>(engine_->label_of(i))] +=
         numel_of(tensors_[i].shape);

@@ -54,6 +54,8 @@ const std::vector<Row>& rows() {
        [](O& o, S k, S v) { o.weight_decay = parse_number(k, v); }},
       {{"mult_1d", "number", true, "learning-rate multiplier of the AdamW branch (also scales its decay)"},
        [](O& o, S k, S v) { o.mult_1d = parse_number(k, v); }},
+      {{"max_grad_norm", "number", true, "clip the global gradient norm to this (torch clip_grad_norm_); 0: off"},
+       [](O& o, S k, S v) { o.max_grad_norm = parse_number(k, v); }},
       {{"adam_b1", "number", false, "AdamW branch beta1 (torch: betas[0])"},
        [](O& o, S k, S v) { o.adam_b1 = parse_number(k, v); }},
       {{"adam_b2", "number", false, "AdamW branch beta2 (torch: betas[1])"},
@@ -124,6 +126,7 @@ void Client::set(const std::string& key, const std::string& value) {
   else if (key == "theta") set_theta_file(value);
   else if (key == "weight_decay") set_weight_decay(parse_number(key, value));
   else if (key == "mult_1d") set_mult_1d(parse_number(key, value));
+  else if (key == "max_grad_norm") set_max_grad_norm(parse_number(key, value));
 }
 
 }  // namespace celo2

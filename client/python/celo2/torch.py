@@ -74,6 +74,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         variant: ``"celo2"`` or ``"celo2-base"``; config: RuleConfig overrides (spec §1 keys).
         theta: path of a published-layout ``theta.state`` (or its bytes); default: the
             project's own weights.
+        max_grad_norm: clip the global norm of the averaged gradients to this, as
+            ``torch.nn.utils.clip_grad_norm_`` (0: off); ``opt.grad_norm`` is the norm before.
         nan_policy: ``"skip"`` | ``"error"`` | ``"zero"``.
         grads: ``"local"`` | ``"reduced"`` | ``"sharded"``; gather_params: see module doc.
         communicator: ``"auto"`` | ``"local"`` | ``"mpi"`` | ``"torch"`` | a communicator.
@@ -100,7 +102,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                  control: str | None = None, control_token: str | None = None,
                  control_token_file: str | None = None, control_weights_root: str | None = None,
                  control_checkpoint_dir: str | None = None, backend: str = "auto",
-                 bucket_elements: int | None = None):
+                 bucket_elements: int | None = None, max_grad_norm: float = 0.0):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"backend must be 'auto', 'cpu' or 'cuda', got {backend!r}")
         if not _is_number(lr) or lr < 0:
@@ -109,6 +111,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if not _is_number(mult_1d):
             raise ValueError(f"mult_1d must be a finite number, got {mult_1d!r}")
+        if not _is_number(max_grad_norm) or max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: off), got {max_grad_norm!r}")
         if (not isinstance(betas, (tuple, list)) or len(betas) != 2
                 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -180,6 +184,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                        control_token_file=control_token_file, control_weights_root=control_weights_root,
                        control_checkpoint_dir=control_checkpoint_dir)
         options["backend"] = backend
+        options["max_grad_norm"] = float(max_grad_norm)
         if bucket_elements is not None:
             options["bucket_elements"] = int(bucket_elements)
         self._grads_mode = grads
@@ -371,6 +376,16 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
     def set_mult_1d(self, m: float):
         self._engine.set_mult_1d(m)
         self.param_groups[0]["mult_1d"] = m
+
+    def set_max_grad_norm(self, v: float):
+        """Global gradient-norm clipping threshold (0: off), from the next step on."""
+        self._engine.set_max_grad_norm(v)
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm (averaged gradients, before clipping): what
+        ``torch.nn.utils.clip_grad_norm_`` returns."""
+        return None if self.last_report is None else self.last_report["grad_norm_total"]
 
     def __repr__(self):
         st = self._engine.status()

@@ -121,6 +121,8 @@ py::dict report_dict(const StepReport& r, double seconds) {
   d["nonfinite"] = r.nonfinite;
   d["update_rms"] = py::make_tuple(r.update_rms[0], r.update_rms[1], r.update_rms[2]);
   d["grad_norm"] = py::make_tuple(r.grad_norm[0], r.grad_norm[1], r.grad_norm[2]);
+  d["grad_norm_total"] = r.grad_norm_total;  // before clipping
+  d["clip_scale"] = r.clip_scale;
   d["seconds"] = seconds;
   return d;
 }
@@ -143,6 +145,8 @@ py::dict status_dict(Client& c) {
   d["control_address"] = s.control_address;
   d["last_step_seconds"] = s.last_step_seconds;
   d["total_step_seconds"] = s.total_step_seconds;
+  d["grad_norm"] = s.grad_norm;
+  d["max_grad_norm"] = s.max_grad_norm;
   py::dict by;
   by["celo2"] = s.label_elements[0];
   by["adamw"] = s.label_elements[1];
@@ -394,6 +398,7 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
       .def("set_theta_file", [](PyOptimizer& o, const std::string& s) { o.client().set_theta_file(s); })
       .def("set_weight_decay", [](PyOptimizer& o, double v) { o.client().set_weight_decay(v); })
       .def("set_mult_1d", [](PyOptimizer& o, double v) { o.client().set_mult_1d(v); })
+      .def("set_max_grad_norm", [](PyOptimizer& o, double v) { o.client().set_max_grad_norm(v); })
       .def("gather_params", [](PyOptimizer& o) { o.collective([&] { o.client().gather_params(); }); })
       .def("start_control", [](PyOptimizer& o) { o.collective([&] { o.client().start_control(); }); })
       .def_property_readonly("control_address", [](PyOptimizer& o) { return o.client().control_address(); })

@@ -96,6 +96,7 @@ class Engine : public EngineControl {
   void set_rules(const LabelRules& rules) override;
   void set_weight_decay(double wd) override { opts_.opt.weight_decay = require_finite("weight_decay", wd); }
   void set_mult_1d(double m) override { opts_.opt.mult_1d = require_finite("mult_1d", m); }
+  void set_max_grad_norm(double v) override;
 
   // This rank's slice [first, last) of the flat index space (tensors in registration
   // order), and where a tensor starts in it: what a trainer that gathers parameters itself

@@ -33,6 +33,7 @@ class EngineControl {
   virtual void set_rules(const LabelRules& rules) = 0;
   virtual void set_weight_decay(double wd) = 0;
   virtual void set_mult_1d(double m) = 0;
+  virtual void set_max_grad_norm(double v) = 0;
   virtual void save_state(const std::string& path) = 0;  // collective; rank 0 writes
 };
 

@@ -39,6 +39,10 @@ struct OptimizerOptions {
   double mult_1d = 20.0;
   float adam_b1 = 0.9f, adam_b2 = 0.95f, adam_eps = 1e-8f;
   NanPolicy nan_policy = NanPolicy::kSkipStep;
+  // Global gradient-norm clipping (Megatron's --clip-grad, torch.nn.utils.clip_grad_norm_):
+  // > 0 scales the averaged gradients of every celo2 and adamw tensor by
+  // min(1, max_grad_norm / (norm + 1e-6)), norm = the L2 norm over all of them; 0: off.
+  double max_grad_norm = 0.0;
   // The plain reference kernels (celo2_reference, adamw_reference) instead of the fast CPU
   // backend: the labelled reference of tests and debugging. Needs whole tensors per rank
   // (celo2/engine.h Plan::kWholeTensors, which W = 1 always is).
@@ -51,7 +55,9 @@ struct StepReport {
   bool skipped = false;      // non-finite gradients and NanPolicy::kSkipStep
   int64_t nonfinite = 0;     // non-finite gradient entries seen this call
   double update_rms[3] = {};  // per label (celo2, adamw, frozen): RMS of the applied update
-  double grad_norm[3] = {};   // per label: L2 norm of the gradients
+  double grad_norm[3] = {};   // per label: L2 norm of the gradients (before clipping)
+  double grad_norm_total = 0.0;  // L2 norm over the celo2 and adamw gradients, before clipping
+  double clip_scale = 1.0;       // the factor clipping applied (1: none)
 };
 
 class NonFiniteGradientError : public std::runtime_error {
@@ -85,6 +91,11 @@ double apply_update(float lr, float wd, int64_t n, float* p, const float* u);
 // Σ (p_old − p_new)² in double. `scratch` holds the old parameters (reused across calls).
 double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu, float* nu,
                    bool reference, std::vector<float>& scratch);
+
+// The clipping factor of torch.nn.utils.clip_grad_norm_: min(1, max_norm / (norm + 1e-6));
+// 1 when max_norm <= 0 (clipping off). A non-finite norm cannot reach it: gradients are
+// summed over their finite entries after the NaN policy has decided.
+double clip_factor(double max_norm, double norm);
 
 // Fills rep.update_rms from the per-label sums of squares and element counts.
 void set_update_rms(StepReport& rep, const double usq[3], const int64_t count[3]);

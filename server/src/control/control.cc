@@ -88,6 +88,7 @@ ControlCore::ControlCore(const ControlOptions& options, EngineControl& engine,
   status_.set_lr(o.schedule.at(engine.step_count()));
   status_.set_mult_1d(o.mult_1d);
   status_.set_weight_decay(o.weight_decay);
+  status_.set_max_grad_norm(o.max_grad_norm);
   status_.set_rules(o.rules.to_string());
   const std::vector<uint8_t> theta = theta_to_bytes(o.theta);
   v1::WeightsSummary* w = status_.mutable_weights();
@@ -211,6 +212,7 @@ grpc::Status ControlCore::set_schedule(const v1::SetScheduleRequest& req,
   *resp->mutable_schedule() = status_.schedule();
   resp->set_mult_1d(status_.mult_1d());
   resp->set_weight_decay(status_.weight_decay());
+  resp->set_max_grad_norm(status_.max_grad_norm());
   return s;
 }
 
@@ -415,6 +417,12 @@ void ControlCore::apply_one(EngineControl& engine, const v1::Command& c, Outcome
           note_change(changes, "weight_decay", versions_.weight_decay(), step,
                       format_number(s.weight_decay()));
         }
+        if (s.has_max_grad_norm()) {
+          engine.set_max_grad_norm(s.max_grad_norm());
+          versions_.set_max_grad_norm(versions_.max_grad_norm() + 1);
+          note_change(changes, "max_grad_norm", versions_.max_grad_norm(), step,
+                      format_number(s.max_grad_norm()));
+        }
         break;
       }
       case v1::Command::kRules: {
@@ -518,6 +526,7 @@ std::vector<AppliedChange> ControlCore::apply_pending(EngineControl& engine) {
   schedule_to_proto(o.schedule, status_.mutable_schedule());
   status_.set_mult_1d(o.mult_1d);
   status_.set_weight_decay(o.weight_decay);
+  status_.set_max_grad_norm(o.max_grad_norm);
   status_.set_rules(o.rules.to_string());
   *status_.mutable_versions() = versions_;
   labels_ = std::move(labels);
@@ -541,6 +550,7 @@ void ControlCore::publish(EngineControl& engine, const StepReport& r, std::optio
     lm->set_grad_norm(r.grad_norm[l]);
   }
   m.set_skipped(r.skipped);
+  m.set_grad_norm(r.grad_norm_total);
   m.set_skipped_steps(engine.skipped_steps());
   m.set_step_seconds(step_seconds);
   *m.mutable_versions() = versions_;
@@ -557,6 +567,7 @@ void ControlCore::publish(EngineControl& engine, const StepReport& r, std::optio
   *status_.mutable_labels() = m.labels();
   status_.set_skipped_steps(engine.skipped_steps());
   status_.set_nonfinite_last(r.nonfinite);
+  status_.set_grad_norm(r.grad_norm_total);
   status_.set_step_seconds(step_seconds);
   status_.clear_phases();
   for (const auto& [name, seconds] : ph.seconds) {

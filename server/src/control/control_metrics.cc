@@ -85,13 +85,17 @@ std::string render_prometheus(const v1::GetStatusResponse& st) {
   const std::pair<const char*, int64_t> versions[] = {
       {"weights", v.weights()}, {"schedule", v.schedule()},       {"mult_1d", v.mult_1d()},
       {"weight_decay", v.weight_decay()}, {"rules", v.rules()}, {"checkpoints", v.checkpoints()},
-      {"commands", v.commands()}};
+      {"commands", v.commands()}, {"max_grad_norm", v.max_grad_norm()}};
   for (const auto& [name, ver] : versions)
     o << "celo2_setting_version{setting=\"" << name << "\"} " << ver << "\n";
   metric(o, "celo2_weight_decay", "gauge", "Weight decay in force.");
   o << "celo2_weight_decay " << num(st.weight_decay()) << "\n";
   metric(o, "celo2_mult_1d", "gauge", "Learning-rate multiplier of the AdamW branch.");
   o << "celo2_mult_1d " << num(st.mult_1d()) << "\n";
+  metric(o, "celo2_max_grad_norm", "gauge", "Global gradient clipping threshold (0: off).");
+  o << "celo2_max_grad_norm " << num(st.max_grad_norm()) << "\n";
+  metric(o, "celo2_grad_norm", "gauge", "Global gradient norm of the last step, before clipping.");
+  o << "celo2_grad_norm " << num(st.grad_norm()) << "\n";
   metric(o, "celo2_weights_info", "gauge", "The optimizer weights in use (checksum as a label).");
   o << "celo2_weights_info{sha256=\"" << esc(st.weights().sha256()) << "\"} 1\n";
   metric(o, "celo2_control_requests_total", "counter", "Control-plane RPCs received.");

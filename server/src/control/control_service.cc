@@ -66,9 +66,10 @@ std::string resolve_token(const ControlOptions& o) {
     throw std::invalid_argument(
         "the control plane needs a bearer token: give a token file (--control-token-file) or "
         "set CELO2_CONTROL_TOKEN");
+  // A guessable token is a remote control of the job: refuse it rather than warn.
   if (token.size() < 16)
-    std::fprintf(stderr, "control: warning: the bearer token has only %zu characters\n",
-                 token.size());
+    throw std::invalid_argument("the control plane's bearer token has only " + std::to_string(token.size()) +
+                                " bytes; use at least 16 (e.g. openssl rand -hex 32)");
   return token;
 }
 

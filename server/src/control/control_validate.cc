@@ -231,8 +231,8 @@ void schedule_to_proto(const Schedule& s, v1::Schedule* out) {
 grpc::Status check_schedule_request(const v1::SetScheduleRequest& req, v1::ScheduleChange* out) {
   out->Clear();
   if (req.schedule_spec_case() == v1::SetScheduleRequest::SCHEDULE_SPEC_NOT_SET &&
-      !req.has_mult_1d() && !req.has_weight_decay())
-    return invalid("nothing to set: give a schedule, mult_1d or weight_decay");
+      !req.has_mult_1d() && !req.has_weight_decay() && !req.has_max_grad_norm())
+    return invalid("nothing to set: give a schedule, mult_1d, weight_decay or max_grad_norm");
   Schedule s;
   bool have_schedule = true;
   try {
@@ -278,6 +278,12 @@ grpc::Status check_schedule_request(const v1::SetScheduleRequest& req, v1::Sched
     if (!std::isfinite(wd) || wd < 0 || wd > kMaxWeightDecay)
       return invalid("weight_decay must be finite and in [0, 100], got " + std::to_string(wd));
     out->set_weight_decay(wd);
+  }
+  if (req.has_max_grad_norm()) {
+    const double v = req.max_grad_norm();
+    if (!std::isfinite(v) || v < 0 || v > 1e6)
+      return invalid("max_grad_norm must be finite and in [0, 1e6] (0: no clipping), got " + std::to_string(v));
+    out->set_max_grad_norm(v);
   }
   return grpc::Status::OK;
 }

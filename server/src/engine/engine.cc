@@ -436,6 +436,12 @@ StepReport Engine::step_with_lr(double lr) {
       backend_->zero_nonfinite(grad_local_->data(), grad_local_->size());
       break;
   }
+  // Global clipping of the averaged gradients (sums over finite entries, so after the NaN
+  // decision the norm is finite).
+  rep.grad_norm_total = std::sqrt(red[1 + static_cast<int>(Label::kCelo2)] + red[1 + static_cast<int>(Label::kAdamW)]);
+  rep.clip_scale = clip_factor(o.max_grad_norm, rep.grad_norm_total);
+  if (rep.clip_scale < 1.0)
+    backend_->scale(grad_local_->data(), grad_local_->size(), static_cast<float>(rep.clip_scale));
   double usq[3] = {0, 0, 0};
   const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
 
@@ -734,6 +740,13 @@ void Engine::set_theta(Theta theta) {
 void Engine::set_schedule(const Schedule& s) {
   s.validate();
   opts_.opt.schedule = s;
+}
+
+void Engine::set_max_grad_norm(double v) {
+  if (!std::isfinite(v) || v < 0)
+    throw std::invalid_argument("max_grad_norm must be a finite number >= 0 (0: no clipping), got " +
+                                std::to_string(v));
+  opts_.opt.max_grad_norm = v;
 }
 
 void Engine::set_rules(const LabelRules& rules) {

@@ -1,6 +1,7 @@
 // The recipe pieces of celo2/recipe.h and of the engine's recipe_internal.h.
 #include "celo2/recipe.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -44,6 +45,8 @@ void prepare_options(OptimizerOptions& o) {
   o.schedule.validate();
   require_finite("weight_decay", o.weight_decay);
   require_finite("mult_1d", o.mult_1d);
+  if (!std::isfinite(o.max_grad_norm) || o.max_grad_norm < 0)
+    throw std::invalid_argument("max_grad_norm must be a finite number >= 0 (0: no clipping)");
 }
 
 Geometry check_registration(bool closed, const std::string& name,
@@ -110,6 +113,11 @@ double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, fl
     sq += d * d;
   }
   return sq;
+}
+
+double clip_factor(double max_norm, double norm) {
+  if (!(max_norm > 0.0)) return 1.0;
+  return std::min(1.0, max_norm / (norm + 1e-6));
 }
 
 void set_update_rms(StepReport& rep, const double usq[3], const int64_t count[3]) {

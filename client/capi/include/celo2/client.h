@@ -41,7 +41,8 @@ struct ClientOptions {
   std::string schedule = "constant:lr=1e-3";  // schedule.h text form
   std::string rules;                          // labels.h text form; empty: the seed's default
   double weight_decay = 0.0;
-  double mult_1d = 20.0;  // learning-rate multiplier of the AdamW branch
+  double mult_1d = 20.0;  // learning-rate multiplier of the AdamW branch (and of its decay)
+  double max_grad_norm = 0.0;  // global gradient-norm clipping; 0: off
   double adam_b1 = 0.9, adam_b2 = 0.95, adam_eps = 1e-8;
   std::string nan_policy = "skip";  // skip | error | zero
   // "local": every rank passes its own full gradients, the engine averages them.
@@ -95,6 +96,8 @@ struct ClientStatus {
   std::string control_address;  // empty when no control plane runs (or not rank 0)
   double last_step_seconds = 0.0;
   double total_step_seconds = 0.0;  // all steps so far, in this process
+  double grad_norm = 0.0;           // the last step's global gradient norm (before clipping)
+  double max_grad_norm = 0.0;       // the clipping threshold in force (0: off)
   int64_t label_elements[3] = {};   // celo2, adamw, frozen
 };
 
@@ -132,6 +135,7 @@ class Client {
   void set_theta_file(const std::string& path);
   void set_weight_decay(double wd);
   void set_mult_1d(double m);
+  void set_max_grad_norm(double v);
 
   // gather_params = false: every rank's updated slice to every rank (what the Engine does
   // when gather_params = true). Collective.
@@ -158,7 +162,7 @@ class Client {
   std::vector<TensorDesc> tensors_;
   std::vector<float*> params_;
   std::unique_ptr<ControlHolder> control_;
-  double last_lr_ = 0.0, last_seconds_ = 0.0, total_seconds_ = 0.0;
+  double last_lr_ = 0.0, last_seconds_ = 0.0, total_seconds_ = 0.0, last_grad_norm_ = 0.0;
 };
 
 // Builds the EngineOptions the text options describe (throws std::invalid_argument naming
