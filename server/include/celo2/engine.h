@@ -59,7 +59,7 @@ struct EngineOptions {
   std::string backend = "cpu";
   // Floats per bucket of the gradient reduce-scatter and of the parameter all-gather (the
   // engine's only buffers not proportional to its slice).
-  int64_t bucket_elements = int64_t{1} << 22;
+  int64_t bucket_elements = int64_t{1} << 24;  // 64 MiB of float32
 };
 
 class Backend;

@@ -48,8 +48,9 @@ class HostBackend : public Backend {
     for (int64_t i = 0; i < n; ++i) x[i] *= s;
   }
   void grad_stats(const float* g, int64_t n, double* nonfinite, double* sumsq) override {
+    // One plain pass (the compiler vectorizes it; an OpenMP region here cost the sharded
+    // step about 5 % at 7 M parameters on one thread per rank).
     double s = 0, nb = 0;
-#pragma omp parallel for reduction(+ : nb, s) schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) {
       if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
       else nb += 1;

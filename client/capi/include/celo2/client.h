@@ -53,7 +53,7 @@ struct ClientOptions {
   bool gather_params = true;          // false: the trainer all-gathers (or gather_params())
   std::string backend = "cpu";        // cpu | cuda | reference (engine.h EngineOptions::backend)
   std::string plan = "flat";          // flat | whole (engine.h Plan; cuda and reference: whole)
-  int64_t bucket_elements = int64_t{1} << 22;
+  int64_t bucket_elements = int64_t{1} << 24;
   // auto | local | mpi | nccl (unused when one is passed in). auto: MPI when an MPI launcher
   // started more than one rank, else local; with backend "cuda": NCCL when more than one rank.
   std::string communicator = "auto";
