@@ -71,8 +71,9 @@ int run(int argc, char** argv) {
       ->check(CLI::IsMember({"celo2", "celo2-base", "adamw"}))
       ->capture_default_str();
   app.add_option("--theta", theta_path,
-                 "Celo2 weights (published theta.state layout); default: the constructed "
-                 "Adam-like weights");
+                 "Celo2 weights (published theta.state layout); default: the project's default "
+                 "for the variant (Theta::project_default: the meta-trained weights for celo2, the "
+                 "constructed Adam-like weights where none are meta-trained)");
   auto* lr_opt = app.add_option("--lr", lr,
                                 "base learning rate (default 1e-3 for celo2/celo2-base, "
                                 "3e-3 for adamw)");
@@ -178,8 +179,11 @@ int run(int argc, char** argv) {
   std::printf("optimizer %s  theta %s  schedule %s  wd %g  mult_1d %g\n",
               train::optimizer_kind_name(recipe.kind),
               recipe.kind == train::OptimizerKind::kAdamW ? "-"
-              : theta_path.empty()                        ? "adam_like (constructed)"
-                                                          : theta_path.c_str(),
+              : !theta_path.empty() ? theta_path.c_str()
+              // What runs when no weights are given (prepare_options fills it in).
+              : celo2::Theta::project_default(options.rule) == celo2::Theta::adam_like(options.rule)
+                  ? "adam_like (constructed; the project default for this variant)"
+                  : "project default (meta-trained, weights/)",
               options.schedule.to_string().c_str(), options.weight_decay, options.mult_1d);
   std::printf("data %lld examples, %dx%d; model %s (%lld parameters); batch %d; seed %llu\n",
               static_cast<long long>(train_set.n), side, side, layers_text.c_str(),

@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--save", default="")
     ap.add_argument("--resume", default="")
+    ap.add_argument("--rank0-save", action="store_true",
+                    help="consolidate_state_dict(to=0), then state_dict() on rank 0 only")
     ap.add_argument("--emulate", type=int, default=1, help="one process plays this many ranks")
     ap.add_argument("--init-dist", action="store_true",
                     help="the trainer initializes torch.distributed (gloo) before Celo2")
@@ -104,7 +106,17 @@ def main():
         first = ck["step"]
     if a.save_at >= 0:
         train(opt, params, rank, world, first, a.save_at, a.grads)
-        sd = opt.state_dict()
+        if a.rank0_save:  # nanoGPT's pattern: only rank 0 asks for the optimizer's state
+            opt.consolidate_state_dict(to=0)
+            sd = opt.state_dict() if rank == 0 else None
+            if rank != 0:
+                try:
+                    opt.state_dict()
+                    raise AssertionError("state_dict() on a rank without the consolidated state")
+                except RuntimeError as e:
+                    assert "consolidated on rank 0" in str(e), e
+        else:
+            sd = opt.state_dict()
         if rank == 0:
             torch.save({"model": {n: p.detach().clone() for n, p in params}, "optimizer": sd,
                         "step": a.save_at}, a.save)

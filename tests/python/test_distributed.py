@@ -176,3 +176,19 @@ def test_malformed_launcher_variable_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(celo2.CommError, match="RANK='x'"):
         discover_rank()
+
+
+def test_rank0_checkpoint_after_consolidation_resumes_on_one(tmp_path, ref):
+    """nanoGPT / HF Trainer save optimizer state from rank 0 only: after
+    consolidate_state_dict(to=0) on every rank, state_dict() on rank 0 alone works (no
+    collective, no hang) and resumes exactly; another rank's state_dict() raises clearly."""
+    ck = tmp_path / "ck0.pt"
+    mpirun(["--steps", str(STEPS), "--save-at", "3", "--save", str(ck), "--rank0-save",
+            "--out", str(tmp_path / "a.npz")])
+    compare(tmp_path / "a.npz", ref)
+    out = tmp_path / "b.npz"
+    _run([sys.executable, WORKER, "--steps", str(STEPS), "--resume", str(ck), "--emulate", "2",
+          "--out", str(out)])
+    got = np.load(out)
+    worst = max(float(np.abs(got[n] - ref[n]).max()) for n in ref)
+    assert worst <= TOL

@@ -291,11 +291,39 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             elif g is not None:
                 g.zero_()
 
+    def consolidate_state_dict(self, to: int = 0):
+        """Collective (every rank): gather the optimizer state onto rank ``to``, so that
+        ``state_dict()`` there needs no communication until the next step, as torch's
+        ``ZeroRedundancyOptimizer.consolidate_state_dict(to=0)``. The rank-0 checkpoint of
+        nanoGPT and HF Trainer then works:
+
+            opt.consolidate_state_dict(to=0)          # on every rank
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+        """
+        if not isinstance(to, int) or not 0 <= to < self.world_size:
+            raise ValueError(f"to={to!r} is not a rank of this job (0..{self.world_size - 1})")
+        data = self._engine.state_bytes()
+        step = self._engine.status()["step"]
+        self._consolidated = (to, step, data if self.rank == to else None)
+
     def state_dict(self):
-        """Collective. ``celo2_state_file``: the engine checkpoint's bytes (what ``save``
-        writes); ``param_groups``: the hyperparameters, as torch optimizers keep them."""
+        """``celo2_state_file``: the engine checkpoint's bytes (what ``save`` writes);
+        ``param_groups``: the hyperparameters, as torch optimizers keep them. Collective
+        (every rank calls it) unless ``consolidate_state_dict(to=r)`` ran on every rank
+        since the last step: then rank ``r`` returns the gathered state without
+        communicating, and another rank raises (it holds no state)."""
         sd = super().state_dict()
-        sd["celo2_state_file"] = self._engine.state_bytes()
+        held = getattr(self, "_consolidated", None)
+        if held is not None and held[1] == self._engine.status()["step"]:
+            to, _, data = held
+            if data is None:
+                raise RuntimeError(f"state_dict(): the state was consolidated on rank {to}, not on this "
+                                   f"rank ({self.rank}); call state_dict() there, or on every rank "
+                                   "without consolidate_state_dict()")
+            sd["celo2_state_file"] = data
+        else:
+            sd["celo2_state_file"] = self._engine.state_bytes()
         sd["celo2"] = {"format": "celo2-optimizer-state/1", "external_lr": self._external_lr,
                        "names": [e.name for e in self._entries]}
         return sd

@@ -59,7 +59,7 @@ inline double default_lr(OptimizerKind k) { return k == OptimizerKind::kAdamW ? 
 
 struct Recipe {
   OptimizerKind kind = OptimizerKind::kCelo2;
-  std::string theta_path;  // empty: Theta::adam_like (the optimizer's constructed default)
+  std::string theta_path;  // empty: Theta::project_default (what the optimizer runs by default)
   Schedule schedule = Schedule::constant(1e-3);
   double weight_decay = 0.0;
   std::string rules_text;  // empty: the recipe's rules
