@@ -3,10 +3,10 @@
 # the project's device sessions; under 8 minutes there with 16 cores):
 #   1. configure + build the CUDA targets (CELO2_CORE_ONLY: kernels, engine, GPU tests,
 #      celo2-bench-gpu; no gRPC/client packages needed) in $BUILD_DIR;
-#   2. run the GPU tests (rule kernels, NCCL communicator, GpuEngine) with
+#   2. run the GPU tests (rule kernels, NCCL communicator, the engine on its cuda backend) with
 #      CELO2_REQUIRE_GPU=1 (a missing device is a failure, not a skip);
 #   3. run celo2-bench-gpu over GPT-3 XL's tensors (rule phases, Newton–Schulz in three
-#      precisions, fused AdamW, the whole GpuEngine step); JSON/CSV and logs go to $OUT.
+#      precisions, fused AdamW, the whole engine step on the cuda backend); JSON/CSV and logs go to $OUT.
 # Dependencies: CUDA toolkit (nvcc, cuBLAS), NCCL (toolkit, system, or the nvidia-nccl
 # Python wheel, found automatically), CMake, a C++20 compiler and the Debian packages of
 # scripts/setup.sh that the core needs (OpenBLAS, msgpack-c, RE2, OpenSSL, Open MPI,
