@@ -10,6 +10,7 @@
 
 #include "celo2/engine.h"
 #include "celo2/optimizer.h"
+#include "celo2/state_file.h"
 #include "mpi_test_main.h"
 #include "celo2/flax_msgpack.h"
 
@@ -450,6 +451,60 @@ TEST(Engine, GlobalGradientClippingAsTorch) {
   }
   EXPECT_THROW(eng.set_max_grad_norm(-1.0), std::invalid_argument);
   EXPECT_THROW(eng.set_max_grad_norm(std::nan("")), std::invalid_argument);
+}
+
+
+TEST(Engine, TensorsWithoutGradientsStayUnchanged) {
+  // torch.optim's rule: a parameter whose .grad is None is left as it is. Tensor 4 has no
+  // gradient on any rank: parameters, state and counters unchanged. Tensor 1 has none on
+  // rank 0 only: it is updated with rank 0 counting as zeros. Everything else as the
+  // Optimizer fed the mean gradients.
+  const int W = g_comm->size();
+  Model ref(13), dist(13);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  std::vector<uint8_t> has(dist.names.size(), 1);
+  has[4] = 0;
+  if (g_comm->rank() == 0) has[1] = 0;
+  for (int s = 0; s < 3; ++s) {
+    dist.fill_grads(s, g_comm->rank());
+    for (float& x : dist.g[4]) x = 0.0f;
+    if (g_comm->rank() == 0)
+      for (float& x : dist.g[1]) x = 0.0f;
+    std::vector<std::vector<float>> mean(ref.g.size());
+    for (int r = 0; r < W; ++r) {
+      Model tmp(13);
+      tmp.fill_grads(s, r);
+      for (size_t i = 0; i < mean.size(); ++i) {
+        mean[i].resize(tmp.g[i].size(), 0.0f);
+        if (i == 4 || (i == 1 && r == 0)) continue;
+        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
+      }
+    }
+    ref.g = mean;
+    const std::vector<float> before4 = dist.p[4], before1 = dist.p[1];
+    opt.step();
+    const StepReport r = eng.step(&has);
+    // On one rank, rank 0's missing gradient of tensor 1 is every rank's.
+    EXPECT_EQ(r.no_grad_tensors, W == 1 ? 2 : 1);
+    EXPECT_EQ(dist.p[4], before4) << "a tensor without gradients moved, step " << s;
+    if (W == 1) EXPECT_EQ(dist.p[1], before1);
+    for (size_t i = 0; i < dist.p.size(); ++i) {
+      if (i == 4 || (i == 1 && W == 1)) continue;
+      EXPECT_LE(rel_err(dist.p[i], ref.p[i]), 1e-4) << dist.names[i] << " step " << s;
+    }
+  }
+  const std::string path = ::testing::TempDir() + "/celo2_nograd_" + std::to_string(W) + ".state";
+  eng.save_state(path);
+  StateFile f = read_state_file(path);
+  EXPECT_EQ(find_record(f, dist.names[4])->iteration, 0);  // its counter never advanced
+  EXPECT_EQ(find_record(f, dist.names[0])->count, 3);
+  std::vector<uint8_t> wrong(2, 1);
+  EXPECT_THROW(eng.step(&wrong), std::invalid_argument);
 }
 
 }  // namespace

@@ -344,3 +344,19 @@ def test_global_clipping_equals_torch_clip_grad_norm():
     assert a.last_report["clip_scale"] == 1.0
     with pytest.raises(ValueError, match="max_grad_norm"):
         make(max_grad_norm=-1.0)
+
+
+def test_parameters_without_gradients_stay_unchanged():
+    """As torch.optim: a parameter whose .grad is None in a step (unused in the forward
+    pass, zero_grad(set_to_none=True)) is not updated, and its state does not advance."""
+    torch.manual_seed(4)
+    model = TinyLM()
+    extra = torch.nn.Parameter(torch.ones(8, 8))  # a matrix the forward pass never uses
+    opt2 = Celo2(list(model.named_parameters()) + [("unused.weight", extra)],
+                 schedule="constant:lr=1e-2", communicator="local")
+    for t in range(3):
+        opt2.zero_grad(set_to_none=True)
+        loss_of(model, t).backward()
+        opt2.step()
+        assert opt2.last_report["no_grad_tensors"] == 1
+    assert torch.equal(extra.detach(), torch.ones(8, 8))

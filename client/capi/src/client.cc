@@ -211,14 +211,15 @@ std::string Client::control_address() const {
   return {};
 }
 
-StepReport Client::step(std::optional<double> loss, std::optional<double> lr) {
+StepReport Client::step(std::optional<double> loss, std::optional<double> lr,
+                        const std::vector<uint8_t>* has_grad) {
   if (lr) check_finite("lr", *lr);
   if (!opts_.control.address.empty() && !control_) start_control();
   const auto t0 = std::chrono::steady_clock::now();
 #ifdef CELO2_HAVE_CONTROL
   if (control_) control_->plane->apply_pending(*engine_);
 #endif
-  const StepReport r = lr ? engine_->step_with_lr(*lr) : engine_->step();
+  const StepReport r = lr ? engine_->step_with_lr(*lr, has_grad) : engine_->step(has_grad);
   last_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   total_seconds_ += last_seconds_;
   last_lr_ = r.lr;

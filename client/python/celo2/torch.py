@@ -236,14 +236,21 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def _sync_grads(self):
+        """Copies gradients that are not views of the engine's buffer in; returns one byte
+        per tensor, 0 where ``.grad`` is None (the engine leaves a tensor without a
+        gradient on every rank unchanged, as torch.optim does)."""
         if self._grads_mode == "sharded":
-            return  # the trainer wrote this rank's slice of grad_buffer
-        for e in self._entries:
+            return None  # the trainer wrote this rank's slice of grad_buffer
+        has = bytearray(len(self._entries))
+        for i, e in enumerate(self._entries):
             g = e.param.grad
             if g is None:
                 e.grad_view.zero_()
-            elif g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
-                e.grad_view.copy_(g)
+            else:
+                has[i] = 1
+                if g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
+                    e.grad_view.copy_(g)
+        return bytes(has)
 
     def _check_params(self):
         for e in self._entries:
@@ -260,14 +267,14 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()
-        self._sync_grads()
+        has_grad = self._sync_grads()
         lr, loss_value = self._step_args(loss)
         t0 = time.perf_counter()
         if self._backend == "cuda":
             # The engine's device work runs on the legacy default stream and returns when done;
             # work the trainer queued on its own stream is finished first.
             torch.cuda.current_stream(self._device).synchronize()
-        report = self._engine.step(loss=loss_value, lr=lr)
+        report = self._engine.step(loss=loss_value, lr=lr, has_grad=has_grad)
         for e in self._entries:
             if not e.direct:
                 e.param.copy_(e.master, non_blocking=True)

@@ -123,6 +123,7 @@ py::dict report_dict(const StepReport& r, double seconds) {
   d["grad_norm"] = py::make_tuple(r.grad_norm[0], r.grad_norm[1], r.grad_norm[2]);
   d["grad_norm_total"] = r.grad_norm_total;  // before clipping
   d["clip_scale"] = r.clip_scale;
+  d["no_grad_tensors"] = r.no_grad_tensors;
   d["seconds"] = seconds;
   return d;
 }
@@ -242,11 +243,16 @@ class PyOptimizer {
     keep_.push_back(grads);
   }
 
-  py::dict step(std::optional<double> loss, std::optional<double> lr) {
+  py::dict step(std::optional<double> loss, std::optional<double> lr, std::optional<py::bytes> has_grad) {
     StepReport r;
+    std::vector<uint8_t> mask;
+    if (has_grad) {
+      const std::string b = *has_grad;
+      mask.assign(b.begin(), b.end());
+    }
     {
       py::gil_scoped_release nogil;  // a Python communicator takes it back per collective
-      r = client_->step(loss, lr);
+      r = client_->step(loss, lr, has_grad ? &mask : nullptr);
     }
     return report_dict(r, client_->status().last_step_seconds);
   }
@@ -388,7 +394,8 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
            "Register a tensor by data pointers (float32, C order); `keepalive` is held while the "
            "optimizer lives.")
       .def("add_array", &PyOptimizer::add_array, py::arg("name"), py::arg("params"), py::arg("grads"))
-      .def("step", &PyOptimizer::step, py::arg("loss") = py::none(), py::arg("lr") = py::none())
+      .def("step", &PyOptimizer::step, py::arg("loss") = py::none(), py::arg("lr") = py::none(),
+           py::arg("has_grad") = py::none())
       .def("save", [](PyOptimizer& o, const std::string& p) { o.collective([&] { o.client().save(p); }); })
       .def("load", [](PyOptimizer& o, const std::string& p) { o.collective([&] { o.client().load(p); }); })
       .def("state_bytes", &PyOptimizer::state_bytes)

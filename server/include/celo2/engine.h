@@ -83,8 +83,12 @@ class Engine : public EngineControl {
   void add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                   const float* grads);
 
-  StepReport step();
-  StepReport step_with_lr(double lr);
+  // `has_grad` (optional; one byte per tensor, registration order, same call on every rank):
+  // 0 where this rank has no gradient for the tensor this step (torch: .grad is None; its
+  // gradient memory must then hold zeros). A tensor without a gradient on every rank is left
+  // unchanged, state and update counters included, as torch.optim does.
+  StepReport step(const std::vector<uint8_t>* has_grad = nullptr);
+  StepReport step_with_lr(double lr, const std::vector<uint8_t>* has_grad = nullptr);
 
   // Collective. World-size-independent checkpoints (state_file.h); rank 0 writes. Load
   // validates everything (on every rank) before changing anything.
@@ -148,6 +152,7 @@ class Engine : public EngineControl {
   std::vector<int64_t> slice_counts_, cuts_;
   bool plan_ready_ = false;
   bool rules_checked_ = false;
+  std::vector<uint8_t> skip_;  // this step: tensors with no gradient on any rank
   std::vector<Matrix> matrices_;
   OwnerPlan owners_;
   // all-to-all layout

@@ -58,6 +58,7 @@ struct StepReport {
   double grad_norm[3] = {};   // per label: L2 norm of the gradients (before clipping)
   double grad_norm_total = 0.0;  // L2 norm over the celo2 and adamw gradients, before clipping
   double clip_scale = 1.0;       // the factor clipping applied (1: none)
+  int64_t no_grad_tensors = 0;   // tensors left unchanged: no gradient on any rank (has_grad)
 };
 
 class NonFiniteGradientError : public std::runtime_error {

@@ -313,7 +313,9 @@ void Engine::phase_end() {
   stats_.bytes[cur_phase_] += b;
 }
 
-StepReport Engine::step() { return step_with_lr(opts_.opt.schedule.at(step_)); }
+StepReport Engine::step(const std::vector<uint8_t>* has_grad) {
+  return step_with_lr(opts_.opt.schedule.at(step_), has_grad);
+}
 
 // 1. Gradients reduce-scattered and averaged, one bucket of the flat index space at a time:
 // no full-size copy of the gradients exists (the trainer's buffers are read in place into a
@@ -382,8 +384,11 @@ void Engine::gather_params_now() {
   }
 }
 
-StepReport Engine::step_with_lr(double lr) {
+StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad) {
   check_step_lr(lr);
+  if (has_grad && has_grad->size() != entries_.size())
+    throw std::invalid_argument("step: has_grad has " + std::to_string(has_grad->size()) +
+                                " entries for " + std::to_string(entries_.size()) + " tensors");
   if (!plan_ready_) build_plan();
   stats_ = PhaseStats{};
   const OptimizerOptions& o = opts_.opt;
@@ -400,12 +405,25 @@ StepReport Engine::step_with_lr(double lr) {
     for (auto& e : entries_)
       if (e->len()) backend_->copy(grad_local_->data() + e->local_off, e->grads + e->lo, e->len());
   }
+  // Tensors without a gradient on any rank this step (torch: .grad is None) are left as they
+  // are, state and counters included, as torch.optim does. One small all-reduce, only when
+  // the trainer says which tensors have gradients.
+  skip_.assign(entries_.size(), 0);
+  if (has_grad) {
+    std::vector<double> present(entries_.size());
+    for (size_t t = 0; t < present.size(); ++t) present[t] = (*has_grad)[t] ? 1.0 : 0.0;
+    comm_->all_reduce_sum(present.data(), static_cast<int64_t>(present.size()));
+    for (size_t t = 0; t < present.size(); ++t) {
+      skip_[t] = present[t] == 0.0;
+      rep.no_grad_tensors += skip_[t];
+    }
+  }
   // Non-finite entries and gradient norms, decided globally.
   double red[4] = {0, 0, 0, 0};
   std::vector<double> bad(entries_.size(), 0.0);
   for (size_t t = 0; t < entries_.size(); ++t) {
     const Entry& e = *entries_[t];
-    if (e.label == Label::kFrozen || !e.len()) continue;
+    if (e.label == Label::kFrozen || !e.len() || skip_[t]) continue;
     double s = 0, nb = 0;
     backend_->grad_stats(grad_local_->data() + e.local_off, e.len(), &nb, &s);
     bad[t] = nb;
@@ -451,7 +469,7 @@ StepReport Engine::step_with_lr(double lr) {
     std::vector<Backend::Whole> mine;
     for (size_t i = 0; i < entries_.size(); ++i) {
       Entry& e = *entries_[i];
-      if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
+      if (e.label != Label::kCelo2 || e.geo.numel == 0 || skip_[i]) continue;
       e.iteration += 1;  // on every rank, so any rank's counter is the tensor's
       if (e.len())
         mine.push_back({i, &e.geo, e.iteration, grad_local_->data() + e.local_off, e.params,
@@ -467,7 +485,7 @@ StepReport Engine::step_with_lr(double lr) {
   phase_begin("apply");
   for (size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = *entries_[i];
-    if (e.label != Label::kAdamW || e.geo.numel == 0) continue;
+    if (e.label != Label::kAdamW || e.geo.numel == 0 || skip_[i]) continue;
     e.count += 1;
     if (!e.len()) continue;
     usq[1] += backend_->adamw(i, adamw_params(o, lr, e.count), e.len(), e.params + e.lo,
@@ -475,7 +493,8 @@ StepReport Engine::step_with_lr(double lr) {
   }
   comm_->all_reduce_sum(usq, 3);
   int64_t cnt[3] = {0, 0, 0};
-  for (auto& e : entries_) cnt[static_cast<int>(e->label)] += e->geo.numel;
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (!skip_[i]) cnt[static_cast<int>(entries_[i]->label)] += entries_[i]->geo.numel;
   set_update_rms(rep, usq, cnt);
   phase_end();
 
@@ -506,7 +525,7 @@ double Engine::step_phases(double lr) {
   int64_t stat_w = 0, sq_w = 0, small_w = 0;
   for (auto& ep : entries_) {
     Entry& e = *ep;
-    if (e.label != Label::kCelo2 || e.geo.numel == 0) continue;
+    if (e.label != Label::kCelo2 || e.geo.numel == 0 || skip_[&ep - entries_.data()]) continue;
     celo.push_back(&e);
     hs.push_back(backend_->host_state(static_cast<size_t>(&ep - entries_.data())));
     e.iteration += 1;
@@ -681,6 +700,7 @@ double Engine::step_phases(double lr) {
       for (size_t t = 0; t < mine_idx.size(); ++t) {
         const Matrix& m = matrices_[mine_idx[t]];
         const Entry& e = *entries_[m.entry];
+        if (skip_[m.entry]) continue;  // no gradient this step: its parameters stay as they are
         float* x = mat_buf_.data() + m.owned_off;
         newton_schulz(cfg, e.geo.mat_rows, e.geo.mat_cols, x, scratch);
         Slice s;

@@ -117,7 +117,9 @@ class Client {
 
   // One update. `loss` (this step's, mean over ranks if known) goes to the control plane.
   // `lr`, when set, replaces the schedule's learning rate for this step.
-  StepReport step(std::optional<double> loss = std::nullopt, std::optional<double> lr = std::nullopt);
+  // `has_grad` (optional): Engine::step's, one byte per tensor (0: no gradient this step).
+  StepReport step(std::optional<double> loss = std::nullopt, std::optional<double> lr = std::nullopt,
+                  const std::vector<uint8_t>* has_grad = nullptr);
 
   // Checkpoints: the Engine's world-size-independent file (state_file.h). state_bytes()
   // returns the same bytes save() writes, on every rank; load_state_bytes() uses rank 0's.
