@@ -106,7 +106,10 @@ int main(int argc, char** argv) {
     EXPECT_OK(celo2_step(opt, NAN, NULL));
   }
   EXPECT(memcmp(w, w8, sizeof w) == 0);
-  EXPECT(celo2_load(opt, "/nonexistent/x.state") == CELO2_ERR_FORMAT);
+  /* A file that cannot be read is an I/O error, not a format error (issue 14 D6). */
+  EXPECT(celo2_load(opt, "/nonexistent/x.state") == CELO2_ERR_IO);
+  EXPECT(celo2_load(opt, "/tmp") == CELO2_ERR_IO);
+  EXPECT(celo2_save(opt, "/nonexistent-dir/x.state") == CELO2_ERR_IO);
 
   /* Strings: size query, short buffer, the real call. */
   size_t need = 0;

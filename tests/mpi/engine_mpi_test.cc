@@ -492,7 +492,9 @@ TEST(Engine, TensorsWithoutGradientsStayUnchanged) {
     // On one rank, rank 0's missing gradient of tensor 1 is every rank's.
     EXPECT_EQ(r.no_grad_tensors, W == 1 ? 2 : 1);
     EXPECT_EQ(dist.p[4], before4) << "a tensor without gradients moved, step " << s;
-    if (W == 1) EXPECT_EQ(dist.p[1], before1);
+    if (W == 1) {
+      EXPECT_EQ(dist.p[1], before1);
+    }
     for (size_t i = 0; i < dist.p.size(); ++i) {
       if (i == 4 || (i == 1 && W == 1)) continue;
       EXPECT_LE(rel_err(dist.p[i], ref.p[i]), 1e-4) << dist.names[i] << " step " << s;

@@ -360,3 +360,19 @@ def test_parameters_without_gradients_stay_unchanged():
         opt2.step()
         assert opt2.last_report["no_grad_tensors"] == 1
     assert torch.equal(extra.detach(), torch.ones(8, 8))
+
+
+def test_unreadable_or_unwritable_files_are_os_errors(tmp_path):
+    """Issue 14 D6: a missing file, a directory or a missing folder is an I/O error
+    (celo2.FileError: an OSError, and a FormatError as before), not a format error."""
+    model, opt = make()
+    with pytest.raises(OSError, match="missing.state"):
+        opt.load(tmp_path / "missing.state")
+    with pytest.raises(celo2.FileError):
+        opt.load(tmp_path)  # a directory
+    with pytest.raises(OSError, match="no-such-dir"):
+        opt.save(tmp_path / "no-such-dir" / "x.state")
+    with pytest.raises(celo2.FormatError) as bad:  # a corrupt file stays a format error
+        (tmp_path / "bad.state").write_bytes(b"\x00garbage")
+        opt.load(tmp_path / "bad.state")
+    assert not isinstance(bad.value, OSError)

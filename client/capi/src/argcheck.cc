@@ -101,6 +101,8 @@ celo2_status_t status_of_current_exception(const char* api) noexcept {
     return fail(e.status(), a + e.what());
   } catch (const flax::FormatError& e) {
     return fail(CELO2_ERR_FORMAT, a + e.what());
+  } catch (const flax::IoError& e) {
+    return fail(CELO2_ERR_IO, a + e.what());
   } catch (const NonFiniteGradientError& e) {
     return fail(CELO2_ERR_NONFINITE, a + e.what());
   } catch (const UnsupportedError& e) {

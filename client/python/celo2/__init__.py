@@ -13,6 +13,7 @@ without PyTorch:
 from ._celo2 import (  # noqa: F401
     CommError,
     Communicator,
+    FileError,
     FormatError,
     NonFiniteGradientError,
     Optimizer as Engine,
@@ -27,7 +28,7 @@ from .distributed import RankInfo, discover_rank  # noqa: F401
 STATE_FORMAT = "celo2-optimizer-state/1"
 
 __all__ = [
-    "CommError", "Communicator", "Engine", "FormatError", "NonFiniteGradientError", "RankInfo",
+    "CommError", "Communicator", "Engine", "FileError", "FormatError", "NonFiniteGradientError", "RankInfo",
     "STATE_FORMAT", "UnsupportedError", "control_supported", "discover_rank", "read_state_file",
     "theta_sha256",
 ]

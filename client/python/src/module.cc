@@ -305,9 +305,17 @@ PYBIND11_MODULE(_celo2, m) {
   static py::exception<CommError> comm_error(m, "CommError", PyExc_RuntimeError);
   static py::exception<UnsupportedError> unsupported(m, "UnsupportedError", PyExc_NotImplementedError);
   static py::exception<NonFiniteGradientError> nonfinite(m, "NonFiniteGradientError", PyExc_FloatingPointError);
+  // A file that cannot be opened, read or written: an OSError, and a FormatError for code
+  // that caught those before (flax::IoError).
+  static py::object file_error = py::module_::import("builtins").attr("type")(
+      "FileError", py::make_tuple(format_error, py::handle(PyExc_OSError)),
+      py::dict(py::arg("__module__") = "celo2._celo2"));
+  m.attr("FileError") = file_error;
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const flax::IoError& e) {
+      PyErr_SetString(file_error.ptr(), e.what());
     } catch (const flax::FormatError& e) {
       format_error(e.what());
     } catch (const CommError& e) {

@@ -26,6 +26,14 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A file that cannot be opened, read or written (missing, a directory, no permission, disk
+// full): not a bad format. The C ABI reports CELO2_ERR_IO; Python raises celo2.FileError, an
+// OSError (and a FormatError, for code that caught that before).
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 struct NdArray {
   std::vector<int64_t> shape;
   std::string dtype;        // as stored: float32, float64, bfloat16, float16

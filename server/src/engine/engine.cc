@@ -810,13 +810,14 @@ std::string Engine::plan_report() {
 // Checkpoints: whole tensors by name, so W ranks save and W' ranks load.
 // ---------------------------------------------------------------------------------------
 // Rank 0's outcome, shared with every rank so all throw the same error or none does.
-void agree_on_error(Communicator& comm, const std::string& local_error) {
-  int64_t len = static_cast<int64_t>(local_error.size());
-  comm.broadcast(&len, sizeof(len), 0);
-  if (len == 0) return;
-  std::string msg(static_cast<size_t>(len), '\0');
+void agree_on_error(Communicator& comm, const std::string& local_error, bool io) {
+  int64_t head[2] = {static_cast<int64_t>(local_error.size()), io ? 1 : 0};
+  comm.broadcast(head, sizeof(head), 0);
+  if (head[0] == 0) return;
+  std::string msg(static_cast<size_t>(head[0]), '\0');
   if (comm.rank() == 0) msg = local_error;
-  comm.broadcast(msg.data(), len, 0);
+  comm.broadcast(msg.data(), head[0], 0);
+  if (head[1]) throw flax::IoError(msg);
   throw flax::FormatError(msg);
 }
 
@@ -826,14 +827,18 @@ std::vector<const TensorStateRecord*> read_state_collective(Communicator& comm, 
   // Rank 0 reads; every rank parses the same bytes and so reaches the same verdict.
   std::vector<uint8_t> bytes;
   std::string err;
+  bool io = false;
   if (comm.rank() == 0) {
     try {
       bytes = flax::read_file(path);
+    } catch (const flax::IoError& e) {
+      err = e.what();
+      io = true;
     } catch (const std::exception& e) {
       err = e.what();
     }
   }
-  agree_on_error(comm, err);
+  agree_on_error(comm, err, io);
   int64_t n = static_cast<int64_t>(bytes.size());
   comm.broadcast(&n, sizeof(n), 0);
   bytes.resize(n);
@@ -972,14 +977,18 @@ void Engine::save_state(const std::string& path) {
   if (!plan_ready_) build_plan();
   const StateFile f = collect_state(/*all_ranks=*/false);
   std::string err;
+  bool io = false;
   if (comm_->rank() == 0) {
     try {
       write_state_file(path, f);
+    } catch (const flax::IoError& e) {
+      err = std::string("saving optimizer state: ") + e.what();
+      io = true;
     } catch (const std::exception& e) {
       err = std::string("saving optimizer state: ") + e.what();
     }
   }
-  agree_on_error(*comm_, err);
+  agree_on_error(*comm_, err, io);
 }
 
 void Engine::load_state(const std::string& path) {

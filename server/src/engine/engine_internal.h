@@ -12,9 +12,10 @@
 
 namespace celo2 {
 
-// Collective: rank 0's `local_error` (empty: none) thrown on every rank as flax::FormatError,
-// so that every rank reaches the same verdict about a file only rank 0 read or wrote.
-void agree_on_error(Communicator& comm, const std::string& local_error);
+// Collective: rank 0's `local_error` (empty: none) thrown on every rank as flax::FormatError
+// (flax::IoError when rank 0 says `io`: the file could not be opened, read or written), so
+// that every rank reaches the same verdict about a file only rank 0 read or wrote.
+void agree_on_error(Communicator& comm, const std::string& local_error, bool io = false);
 
 // Collective: rank 0 reads the checkpoint at `path`, every rank parses the same bytes (and so
 // reaches the same verdict) and gets, for each registered tensor (names, shapes, labels in

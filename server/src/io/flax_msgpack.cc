@@ -737,16 +737,16 @@ std::vector<uint8_t> encode(const Value& v) { return encode_with_chunk_limit(v, 
 
 std::vector<uint8_t> read_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw std::runtime_error("cannot open '" + path + "': " + errno_text(errno));
+  if (fd < 0) throw IoError("cannot open '" + path + "': " + errno_text(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
-    throw std::runtime_error("cannot stat '" + path + "': " + errno_text(err));
+    throw IoError("cannot stat '" + path + "': " + errno_text(err));
   }
   if (S_ISDIR(st.st_mode)) {
     ::close(fd);
-    throw std::runtime_error("cannot read '" + path + "': " + errno_text(EISDIR));
+    throw IoError("cannot read '" + path + "': " + errno_text(EISDIR));
   }
   std::vector<uint8_t> out;
   if (st.st_size > 0) out.reserve(static_cast<size_t>(st.st_size));
@@ -757,7 +757,7 @@ std::vector<uint8_t> read_file(const std::string& path) {
       if (errno == EINTR) continue;
       const int err = errno;
       ::close(fd);
-      throw std::runtime_error("cannot read '" + path + "': " + errno_text(err));
+      throw IoError("cannot read '" + path + "': " + errno_text(err));
     }
     if (n == 0) break;
     out.insert(out.end(), buf, buf + n);
@@ -773,13 +773,13 @@ void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes) 
   std::string tmp = path + ".tmp.XXXXXX";
   const int fd = ::mkstemp(tmp.data());
   if (fd < 0) {
-    throw std::runtime_error("cannot create a temporary file next to '" + path +
+    throw IoError("cannot create a temporary file next to '" + path +
                              "': " + errno_text(errno));
   }
   auto fail = [&](const std::string& what, int err, bool close_fd) {
     if (close_fd) ::close(fd);
     ::unlink(tmp.c_str());
-    throw std::runtime_error("cannot write '" + path + "' (" + what + " '" + tmp +
+    throw IoError("cannot write '" + path + "' (" + what + " '" + tmp +
                              "'): " + errno_text(err));
   };
   ::fchmod(fd, 0644);  // mkstemp makes 0600; checkpoints are meant to be shared read-only
@@ -798,14 +798,14 @@ void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes) 
   // Make the rename itself durable.
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) {
-    throw std::runtime_error("cannot open directory '" + dir + "' to sync '" + path +
+    throw IoError("cannot open directory '" + dir + "' to sync '" + path +
                              "': " + errno_text(errno));
   }
   const int rc = ::fsync(dfd);
   const int err = errno;
   ::close(dfd);
   if (rc != 0) {
-    throw std::runtime_error("cannot fsync directory '" + dir + "' after writing '" + path +
+    throw IoError("cannot fsync directory '" + dir + "' after writing '" + path +
                              "': " + errno_text(err));
   }
 }
