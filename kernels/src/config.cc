@@ -1,4 +1,5 @@
 // RuleConfig validation and the constructed thetas (adam_like, random).
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <sstream>
@@ -61,6 +62,39 @@ void Theta::check_fits(const RuleConfig& cfg) const {
       if (!std::isfinite(v)) throw std::invalid_argument("theta layer " + std::to_string(l) + " has a non-finite weight");
     for (float v : d.b)
       if (!std::isfinite(v)) throw std::invalid_argument("theta layer " + std::to_string(l) + " has a non-finite bias");
+  }
+  // The canary: finite weights can still be absurd (values near 1e37 pass the checks above
+  // and turn every later step non-finite). Run the MLP in double on a fixed batch of
+  // feature vectors of the size normalized features have (uniform in [-3, 3], all 30 channels
+  // and the 15 of a 1-D tensor) and refuse weights whose outputs are non-finite, whose
+  // direction exceeds 1e6 or whose magnitude exponent (mag · exp_mult) exceeds 60.
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto uniform = [&] {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return -3.0 + 6.0 * static_cast<double>(state >> 11) / static_cast<double>(1ull << 53);
+  };
+  for (int sample = 0; sample < 128; ++sample) {
+    const int in0 = sample % 2 ? kChannels1d : kChannels;
+    std::vector<double> h(kChannels, 0.0);
+    for (int c = 0; c < in0; ++c) h[c] = uniform();
+    for (int l = 0; l <= L; ++l) {
+      const DenseLayer& d = layers[l];
+      const int in = l == 0 ? in0 : d.in;
+      std::vector<double> o(d.out);
+      for (int j = 0; j < d.out; ++j) {
+        double v = d.b[j];
+        for (int c = 0; c < in; ++c) v += h[c] * d.w[static_cast<size_t>(c) * d.out + j];
+        o[j] = l < L ? (cfg.mlp_activation == Activation::kRelu ? std::max(v, 0.0) : std::tanh(v)) : v;
+      }
+      h.swap(o);
+    }
+    const double dir = h[0], mag_exp = h[1] * cfg.exp_mult;
+    if (!std::isfinite(dir) || !std::isfinite(h[1]) || std::fabs(dir) > 1e6 || mag_exp > 60.0) {
+      err << "theta gives absurd outputs on the canary features (direction " << dir << ", magnitude "
+          << h[1] << " x exp_mult " << cfg.exp_mult << "): refused; the weights are corrupt or "
+          << "not a Celo2 MLP";
+      throw std::invalid_argument(err.str());
+    }
   }
 }
 

@@ -353,3 +353,43 @@ TEST(Labels, RulesThatRouteNoTensorAreListed) {
 
 }  // namespace
 }  // namespace celo2
+
+namespace celo2 {
+namespace {
+
+// Issue 14 D1: finite but absurd weights (1e37) passed every check and made every later step
+// non-finite. The canary refuses them wherever weights enter (construction, set_theta, file
+// loads all call Theta::check_fits), and a refused swap changes nothing.
+TEST(Theta, AbsurdWeightsAreRefusedByTheCanary) {
+  const RuleConfig cfg;
+  Theta absurd = Theta::random(cfg, 3);
+  for (DenseLayer& d : absurd.layers)
+    for (float& w : d.w) w *= 1e37f;
+  try {
+    absurd.check_fits(cfg);
+    FAIL() << "absurd weights accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("canary"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(Theta::random(cfg, 3).check_fits(cfg));
+  EXPECT_NO_THROW(Theta::project_default(cfg).check_fits(cfg));
+  EXPECT_NO_THROW(Theta::adam_like(RuleConfig::celo2_base()).check_fits(RuleConfig::celo2_base()));
+  OptimizerOptions o;
+  o.theta = absurd;
+  EXPECT_THROW(Optimizer{o}, std::invalid_argument);
+  // A refused swap keeps the running weights: the next step equals an optimizer never asked.
+  OptimizerOptions good;
+  good.theta = Theta::random(cfg, 5);
+  Optimizer a(good), b(good);
+  std::vector<float> pa(24, 0.5f), pb(24, 0.5f), g(24, 0.1f);
+  a.add_tensor("w", {4, 6}, pa.data(), g.data());
+  b.add_tensor("w", {4, 6}, pb.data(), g.data());
+  EXPECT_THROW(a.set_theta(absurd), std::invalid_argument);
+  a.step();
+  b.step();
+  EXPECT_EQ(pa, pb);
+  for (float v : pa) EXPECT_TRUE(std::isfinite(v));
+}
+
+}  // namespace
+}  // namespace celo2
