@@ -12,6 +12,7 @@
 #include <cmath>
 #include <random>
 
+#include "../mpi/engine_test_model.h"
 #include "../mpi/mpi_test_main.h"
 #include "celo2/cuda_backend.h"
 #include "celo2/engine.h"
@@ -23,43 +24,13 @@ namespace {
 
 std::shared_ptr<Communicator> g_comm;
 
-struct Model {
-  std::vector<std::string> names = {"embed/table", "layer0/attn/w", "layer0/attn/b", "scalar", "layer0/mlp/w",
-                                    "conv/k",      "norm/scale",    "tiny/w",        "head/w", "cube"};
-  std::vector<std::vector<int64_t>> shapes = {{23, 8}, {8, 24}, {24}, {}, {24, 37},
-                                              {5, 3, 3, 4}, {8}, {2, 1}, {37, 23}, {3, 4, 5}};
-  std::vector<std::vector<float>> p, g;
-  explicit Model(uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> nd(0, 1);
-    for (auto& s : shapes) {
-      int64_t n = 1;
-      for (auto d : s) n *= d;
-      std::vector<float> v(n);
-      for (auto& x : v) x = nd(rng) * 0.5f;
-      p.push_back(v);
-      g.push_back(std::vector<float>(n, 0.0f));
-    }
-  }
-  template <class Opt>
-  void register_with(Opt& opt) {
-    for (size_t i = 0; i < names.size(); ++i) opt.add_tensor(names[i], shapes[i], p[i].data(), g[i].data());
-  }
-  void fill_grads(int step, int rank = -1) {
-    std::mt19937_64 rng(1000 + step + (rank + 1) * 7919);
-    std::normal_distribution<float> nd(0, 1);
-    for (auto& v : g)
-      for (auto& x : v) x = nd(rng) * (step % 2 ? 1e-2f : 1.0f);
-  }
-};
+using testing::Model;
+using testing::rule_variant;
 
 OptimizerOptions options(const RuleConfig& rule = {}) {
-  OptimizerOptions o;
+  OptimizerOptions o = testing::options();
   o.rule = rule;
   o.theta = Theta::random(rule, 11);
-  o.schedule = Schedule::parse("cosine:lr=1e-2,warmup=2,total=20,final=0.1");
-  o.weight_decay = 0.01;
-  o.rules = LabelRules::parse("re:^tiny => celo2; ndim<=1 => adamw; re:embed => adamw; * => celo2");
   return o;
 }
 
@@ -75,13 +46,7 @@ EngineOptions on_cuda(const OptimizerOptions& o, GradMode grads = GradMode::kRed
 class CudaBackendVsOptimizer : public ::testing::TestWithParam<int> {};
 
 TEST_P(CudaBackendVsOptimizer, SameBitsEveryStep) {
-  RuleConfig rule;
-  switch (GetParam()) {
-    case 1: rule = RuleConfig::celo2_base(); break;
-    case 2: rule.aggregate_mag = true; rule.exp_mult = 0.3f; rule.param_scale_mult = true; break;
-    case 3: rule.bias_correction = true; rule.precondition_output = true; break;
-    default: break;
-  }
+  const RuleConfig rule = rule_variant(GetParam());
   Model ref(1), dev(1);
   Optimizer opt(options(rule));
   ref.register_with(opt);
