@@ -1,6 +1,7 @@
 // Schedules, label rules, the optimizer recipe: NaN policies, checkpoints, relabelling.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -389,6 +390,29 @@ TEST(Theta, AbsurdWeightsAreRefusedByTheCanary) {
   b.step();
   EXPECT_EQ(pa, pb);
   for (float v : pa) EXPECT_TRUE(std::isfinite(v));
+}
+
+}  // namespace
+}  // namespace celo2
+
+namespace celo2 {
+namespace {
+
+// Issue 14 D3: regex rules have bounded cost; thirty re:\pL{400} rules are refused quickly,
+// naming the bound, and ordinary rules still pass.
+TEST(Labels, RegexCostIsBounded) {
+  std::string heavy;
+  for (int i = 0; i < 30; ++i) heavy += "re:\\pL{400} => adamw; ";
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    LabelRules::parse(heavy);
+    FAIL() << "thirty huge regexes accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("too complex"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2.0);
+  EXPECT_NO_THROW(LabelRules::parse(
+      "re:^transformer\\.(wte|wpe)\\. => adamw; re:(ln|norm|bias) => adamw; re:lm_head => adamw; * => celo2"));
 }
 
 }  // namespace

@@ -31,6 +31,11 @@ struct TensorDesc {
 
 class LabelRules {
  public:
+  // Bounds on the cost of regex rules (RE2): memory per regex, compiled instructions per
+  // regex and per rule set. docs/OPERATIONS.md lists them with the control plane's limits.
+  static constexpr int64_t kMaxRegexMemory = int64_t{1} << 20;
+  static constexpr int kMaxRegexProgram = 2000;
+  static constexpr int64_t kMaxRulesProgram = 10000;
   enum class Match { kRegex, kNdimLe1, kFirstMatrix, kLastMatrix, kAny };
   struct Rule {
     Match match = Match::kAny;

@@ -45,11 +45,30 @@ void LabelRules::add(Match match, const std::string& pattern, Label label) {
   r.match = match;
   r.label = label;
   if (match == Match::kRegex) {
+    // Bounded cost (issue 14 D3): a rule is compiled on every rank and matched against every
+    // tensor name, so one regex may use at most kMaxRegexMemory bytes and kMaxRegexProgram
+    // instructions, and one rule set kMaxRulesProgram in all (30 rules of re:\pL{400} took
+    // 8 s and 185 MB per rank before).
     RE2::Options o;
     o.set_log_errors(false);
+    o.set_max_mem(kMaxRegexMemory);
     auto re = std::make_shared<RE2>(pattern, o);
+    const std::string shown = pattern.size() > 80 ? pattern.substr(0, 80) + "..." : pattern;
+    if (re->error_code() == RE2::ErrorPatternTooLarge)
+      throw std::invalid_argument("regular expression '" + shown + "' is too complex (more than " +
+                                  std::to_string(kMaxRegexMemory >> 20) + " MiB compiled)");
     if (!re->ok())
       throw std::invalid_argument("bad regular expression '" + pattern + "': " + re->error());
+    if (re->ProgramSize() > kMaxRegexProgram)
+      throw std::invalid_argument("regular expression '" + shown + "' is too complex (" +
+                                  std::to_string(re->ProgramSize()) + " instructions; at most " +
+                                  std::to_string(kMaxRegexProgram) + ")");
+    int64_t total = re->ProgramSize();
+    for (const Rule& other : rules_)
+      if (other.re) total += other.re->ProgramSize();
+    if (total > kMaxRulesProgram)
+      throw std::invalid_argument("label rules too complex in all (" + std::to_string(total) +
+                                  " regex instructions; at most " + std::to_string(kMaxRulesProgram) + ")");
     r.pattern = pattern;
     r.re = std::move(re);
   }
@@ -180,8 +199,10 @@ std::vector<std::string> LabelRules::unused(const std::vector<TensorDesc>& tenso
     bool any = false;
     for (size_t i = 0; i < tensors.size() && !any; ++i)
       any = matches(rules_[k], tensors[i], static_cast<int64_t>(i), first_matrix, last_matrix);
-    out.push_back("'" + rule_text(rules_[k]) + "' " +
-                  (any ? "matches only tensors an earlier rule routes" : "matches no tensor"));
+    std::string line = "'";  // built by appends: GCC 12 warns (-Wrestrict) on the + chain
+    line += rule_text(rules_[k]);
+    line += any ? "' matches only tensors an earlier rule routes" : "' matches no tensor";
+    out.push_back(std::move(line));
   }
   return out;
 }

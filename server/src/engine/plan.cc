@@ -123,7 +123,6 @@ std::vector<int64_t> plan_cuts(const std::vector<PlanTensor>& tensors, int W, Pl
 OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
                       const std::vector<double>& cost, const std::vector<int64_t>& cuts) {
   const int W = static_cast<int>(cuts.size()) - 1;
-  const int64_t total = cuts.back();
   auto cut = [&](int k) { return cuts[k]; };
   std::vector<size_t> order(flat.size());
   std::iota(order.begin(), order.end(), 0);
