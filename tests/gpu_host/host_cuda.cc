@@ -231,7 +231,7 @@ void adamw_device(const AdamWParams& a, int64_t n, float* p, const float* g, flo
   if (n > 0) adamw_update(a, n, p, g, mu, nu);
 }
 void apply_step_device(float lr, float wd, int64_t n, float* p, const float* u, cudaStream_t) {
-  for (int64_t i = 0; i < n; ++i) p[i] -= lr * (u[i] + wd * p[i]);
+  for (int64_t i = 0; i < n; ++i) p[i] -= ew::applied_step(lr, wd, p[i], u[i]);
 }
 void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_t) {
   for (int64_t i = 0; i < n; ++i) {
@@ -290,7 +290,7 @@ void apply_step_sumsq_device(float lr, float wd, int64_t n, float* p, const floa
                              cudaStream_t) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float d = lr * (u[i] + wd * p[i]);
+    const float d = ew::applied_step(lr, wd, p[i], u[i]);
     p[i] -= d;
     s += static_cast<double>(d) * d;
   }

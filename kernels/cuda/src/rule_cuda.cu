@@ -341,7 +341,7 @@ __global__ void k_adamw(int64_t n, float* p, const float* g, float* mu, float* n
 __global__ void k_apply_step(int64_t n, float* p, const float* u, float lr, float wd) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    p[i] -= lr * (u[i] + wd * p[i]);
+    p[i] -= ew::applied_step(lr, wd, p[i], u[i]);
 }
 
 __global__ void k_bf16_to_float(const __nv_bfloat16* in, float* out, int64_t n) {
@@ -408,7 +408,7 @@ __global__ void k_sumsq_partial(float* a, const float* b, int64_t n, float lr, f
     } else if (kMode == 1) {
       v = static_cast<double>(a[i]) - b[i];
     } else {
-      const float d = lr * (b[i] + wd * a[i]);
+      const float d = ew::applied_step(lr, wd, a[i], b[i]);
       a[i] -= d;
       v = d;
     }

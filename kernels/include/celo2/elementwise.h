@@ -29,6 +29,9 @@ CELO2_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > h
 CELO2_HD float clip_grad(float g) { return clampf(g, -kGradClip, kGradClip); }
 CELO2_HD float safe_rsqrt(float x) { return 1.0f / sqrtf(x > kSafeFloor ? x : kSafeFloor); }
 CELO2_HD float ema(float beta, float acc, float x) { return beta * acc + (1.0f - beta) * x; }
+// The celo2 branch's applied update (spec §4): p ← p − applied_step(lr, wd, p, u), one
+// definition for the CPU apply (celo2::apply_update) and the CUDA kernels.
+CELO2_HD float applied_step(float lr, float wd, float p, float u) { return lr * (u + wd * p); }
 
 // Per row (index without axis d0) of a factored tensor, for decay k: everything the
 // features need from v_row. `vhat` is the (bias-corrected) accumulator.

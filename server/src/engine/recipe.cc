@@ -95,7 +95,7 @@ double apply_update(float lr, float wd, int64_t n, float* p, const float* u) {
   double sq = 0.0;
 #pragma omp parallel for simd reduction(+ : sq) schedule(static) if (n > 65536)
   for (int64_t i = 0; i < n; ++i) {
-    const float d = lr * (u[i] + wd * p[i]);
+    const float d = ew::applied_step(lr, wd, p[i], u[i]);
     p[i] -= d;
     sq += static_cast<double>(d) * d;
   }
