@@ -89,15 +89,7 @@ TEST(Engine, DataParallelGradientsAreAveraged) {
   dist.register_with(eng);
   for (int s = 0; s < 3; ++s) {
     dist.fill_grads(s, g_comm->rank());
-    std::vector<std::vector<float>> mean(ref.g.size());
-    for (int r = 0; r < W; ++r) {
-      Model tmp(2);
-      tmp.fill_grads(s, r);
-      for (size_t i = 0; i < mean.size(); ++i) {
-        mean[i].resize(tmp.g[i].size(), 0.0f);
-        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
-      }
-    }
+    std::vector<std::vector<float>> mean = testing::mean_grads(2, s, W);
     ref.g = mean;
     opt.step();
     eng.step();
@@ -376,15 +368,7 @@ TEST(Engine, GlobalGradientClippingAsTorch) {
   dist.register_with(eng);
   for (int s = 0; s < 4; ++s) {
     dist.fill_grads(s, g_comm->rank());
-    std::vector<std::vector<float>> mean(ref.g.size());
-    for (int r = 0; r < W; ++r) {
-      Model tmp(12);
-      tmp.fill_grads(s, r);
-      for (size_t i = 0; i < mean.size(); ++i) {
-        mean[i].resize(tmp.g[i].size(), 0.0f);
-        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
-      }
-    }
+    std::vector<std::vector<float>> mean = testing::mean_grads(12, s, W);
     double sq = 0;
     for (const auto& v : mean)
       for (float x : v) sq += static_cast<double>(x) * x;
@@ -426,16 +410,8 @@ TEST(Engine, TensorsWithoutGradientsStayUnchanged) {
     for (float& x : dist.g[4]) x = 0.0f;
     if (g_comm->rank() == 0)
       for (float& x : dist.g[1]) x = 0.0f;
-    std::vector<std::vector<float>> mean(ref.g.size());
-    for (int r = 0; r < W; ++r) {
-      Model tmp(13);
-      tmp.fill_grads(s, r);
-      for (size_t i = 0; i < mean.size(); ++i) {
-        mean[i].resize(tmp.g[i].size(), 0.0f);
-        if (i == 4 || (i == 1 && r == 0)) continue;
-        for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
-      }
-    }
+    std::vector<std::vector<float>> mean =
+        testing::mean_grads(13, s, W, [](size_t i, int r) { return i == 4 || (i == 1 && r == 0); });
     ref.g = mean;
     const std::vector<float> before4 = dist.p[4], before1 = dist.p[1];
     opt.step();

@@ -52,6 +52,27 @@ inline OptimizerOptions options() {
   return o;
 }
 
+// The mean over W ranks of the gradients Model(seed).fill_grads(step, r) gives rank r (what
+// the engine averages in GradMode::kLocal); `skip(tensor, rank)` drops a rank's part.
+template <class Skip>
+std::vector<std::vector<float>> mean_grads(uint64_t seed, int step, int W, Skip skip) {
+  std::vector<std::vector<float>> mean;
+  for (int r = 0; r < W; ++r) {
+    Model tmp(seed);
+    tmp.fill_grads(step, r);
+    mean.resize(tmp.g.size());
+    for (size_t i = 0; i < mean.size(); ++i) {
+      mean[i].resize(tmp.g[i].size(), 0.0f);
+      if (skip(i, r)) continue;
+      for (size_t k = 0; k < mean[i].size(); ++k) mean[i][k] += tmp.g[i][k] / W;
+    }
+  }
+  return mean;
+}
+inline std::vector<std::vector<float>> mean_grads(uint64_t seed, int step, int W) {
+  return mean_grads(seed, step, W, [](size_t, int) { return false; });
+}
+
 // The rule variants the engine tests run: 0 Celo2, 1 Celo2-base, 2 aggregate magnitude and
 // parameter scale, 3 bias correction and preconditioned output.
 inline RuleConfig rule_variant(int v) {
