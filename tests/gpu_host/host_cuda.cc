@@ -16,6 +16,7 @@
 #include "celo2/adamw.h"
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
+#include "celo2/lowp.h"
 #include "host_nccl.h"
 
 // ---- runtime ------------------------------------------------------------------------------
@@ -250,6 +251,17 @@ void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_
     u += 0x7fffu + ((u >> 16) & 1u);
     out[i] = static_cast<uint16_t>(u >> 16);
   }
+}
+void store_lowp_device(bool bf16, uint16_t* dst, const float* src, int64_t n, cudaStream_t) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = lowp::to_half(bf16, src[i]);
+}
+void reseed_master_device(bool bf16, float* master, const uint16_t* lowp_in, int64_t n,
+                          unsigned long long* counter, cudaStream_t) {
+  for (int64_t i = 0; i < n; ++i)
+    if (lowp::to_half(bf16, master[i]) != lowp_in[i]) {
+      master[i] = lowp::from_half(bf16, lowp_in[i]);
+      *counter += 1;
+    }
 }
 void scale_device(float* x, float s, int64_t n, cudaStream_t) {
   for (int64_t i = 0; i < n; ++i) x[i] *= s;

@@ -14,6 +14,7 @@
 #include "engine_test_model.h"
 #include "mpi_test_main.h"
 #include "celo2/flax_msgpack.h"
+#include "celo2/lowp.h"
 
 namespace celo2 {
 namespace {
@@ -435,6 +436,180 @@ TEST(Engine, TensorsWithoutGradientsStayUnchanged) {
   std::vector<uint8_t> wrong(2, 1);
   EXPECT_THROW(eng.step(&wrong), std::invalid_argument);
 }
+
+
+TEST(Engine, ParamGroupsAsSeparateRuns) {
+  // torch param groups: a celo2 tensor at half the lr with its own decay, an AdamW tensor at
+  // twice the lr without decay, the rest as the recipe says. Each tensor's update is the one
+  // a single-process optimizer gives with that lr and decay for every tensor.
+  struct Case {
+    size_t tensor;
+    TensorGroup group;
+  };
+  const std::vector<Case> cases = {{1, {0.5, 0.1}}, {2, {2.0, 0.0}}, {5, {1.0, std::nullopt}}};
+  for (Plan plan : {Plan::kFlat, Plan::kWholeTensors}) {
+    Model dist(21);
+    EngineOptions eo;
+    eo.opt = options();
+    eo.grad_mode = GradMode::kReduced;
+    eo.plan = plan;
+    Engine eng(eo, g_comm);
+    dist.register_with(eng);
+    for (const Case& c : cases) eng.set_group(c.tensor, c.group);
+    std::vector<Model> refs(cases.size(), Model(21));
+    std::vector<std::unique_ptr<Optimizer>> opts;
+    for (size_t k = 0; k < cases.size(); ++k) {
+      OptimizerOptions o = options();
+      o.weight_decay = cases[k].group.weight_decay.value_or(o.weight_decay);
+      opts.push_back(std::make_unique<Optimizer>(o));
+      refs[k].register_with(*opts.back());
+    }
+    for (int s = 0; s < 4; ++s) {
+      dist.fill_grads(s);
+      eng.step();
+      const double lr = options().schedule.at(s);
+      for (size_t k = 0; k < cases.size(); ++k) {
+        refs[k].fill_grads(s);
+        opts[k]->step_with_lr(lr * cases[k].group.lr_scale);
+        EXPECT_LE(rel_err(dist.p[cases[k].tensor], refs[k].p[cases[k].tensor]), 1e-6)
+            << "plan " << static_cast<int>(plan) << " tensor " << dist.names[cases[k].tensor] << " step " << s;
+      }
+    }
+    EXPECT_NE(dist.p[1], refs[2].p[1]) << "the group made no difference: the test would not see a bug";
+  }
+  Model m(1);
+  EngineOptions eo;
+  eo.opt = options();
+  Engine eng(eo, g_comm);
+  m.register_with(eng);
+  EXPECT_THROW(eng.set_group(0, {-1.0, std::nullopt}), std::invalid_argument);
+  EXPECT_THROW(eng.set_group(0, {1.0, std::nan("")}), std::invalid_argument);
+  EXPECT_THROW(eng.set_group(99, {}), std::invalid_argument);
+}
+
+// bf16/fp16 parameters: the trainer's low-precision copies of a Model.
+struct HalfModel {
+  DType dtype;
+  std::vector<std::vector<uint16_t>> h;
+  HalfModel(const Model& m, DType d) : dtype(d) {
+    for (const auto& v : m.p) {
+      std::vector<uint16_t> x(v.size());
+      for (size_t i = 0; i < v.size(); ++i) x[i] = lowp::to_half(d == DType::kBFloat16, v[i]);
+      h.push_back(x);
+    }
+  }
+  float at(size_t t, size_t i) const { return lowp::from_half(dtype == DType::kBFloat16, h[t][i]); }
+  void to_float(Model& m) const {
+    for (size_t t = 0; t < h.size(); ++t)
+      for (size_t i = 0; i < h[t].size(); ++i) m.p[t][i] = at(t, i);
+  }
+  void register_with(Engine& eng, Model& grads_of) {
+    for (size_t t = 0; t < h.size(); ++t)
+      eng.add_tensor(grads_of.names[t], grads_of.shapes[t], h[t].data(), dtype, grads_of.g[t].data());
+  }
+};
+
+class HalfMasters : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(HalfMasters, FollowTheFloat32RunAndTheTrainersWrites) {
+  // The engine's float32 masters evolve as a float32 run from the rounded start; the
+  // parameters hold round(master); elements the trainer writes re-seed their masters; the
+  // checkpoint holds the masters and a resume continues bit for bit.
+  const DType dtype = std::get<0>(GetParam()) ? DType::kFloat16 : DType::kBFloat16;
+  const Plan plan = std::get<1>(GetParam()) ? Plan::kWholeTensors : Plan::kFlat;
+  const bool bf = dtype == DType::kBFloat16;
+  const int W = g_comm->size();
+  Model ref(5), dist(5);
+  HalfModel half(dist, dtype);
+  half.to_float(ref);  // the float32 run starts from the rounded parameters
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  eo.grad_mode = GradMode::kReduced;
+  eo.plan = plan;
+  Engine eng(eo, g_comm);
+  half.register_with(eng, dist);
+  EXPECT_EQ(eng.dtype_of(1), dtype);
+  const std::string tag = std::string(dtype_name(dtype)) + " plan " + std::to_string(static_cast<int>(plan));
+  auto check = [&](int s) {
+    for (size_t t = 0; t < ref.p.size(); ++t) {
+      int64_t off = 0;
+      double worst = 0;
+      for (size_t i = 0; i < ref.p[t].size(); ++i) {
+        off += half.h[t][i] != lowp::to_half(bf, ref.p[t][i]);
+        worst = std::max<double>(worst, std::fabs(half.at(t, i) - ref.p[t][i]) / std::max(std::fabs(ref.p[t][i]), 1e-6f));
+      }
+      // round(master) vs round(float32 run): equal but where the two (equal to 1e-6) straddle
+      // a rounding boundary.
+      EXPECT_LE(off, 1 + static_cast<int64_t>(ref.p[t].size() / 100)) << tag << " " << ref.names[t] << " step " << s;
+      EXPECT_LE(worst, bf ? 1.0 / 128 : 1.0 / 1024) << tag << " " << ref.names[t] << " step " << s;
+    }
+  };
+  for (int s = 0; s < 5; ++s) {
+    if (s == 3) {
+      // The trainer loads new weights into ten elements of two tensors (every rank: the
+      // parameters are replicated).
+      for (size_t t : {size_t{1}, size_t{2}})
+        for (size_t i = 0; i < 10; ++i) {
+          half.h[t][i] = lowp::to_half(bf, 3.0f + 0.25f * i);
+          ref.p[t][i] = 3.0f + 0.25f * i;
+        }
+    }
+    ref.fill_grads(s);
+    dist.fill_grads(s);
+    opt.step();
+    const StepReport r = eng.step();
+    EXPECT_EQ(r.masters_reseeded, s == 3 ? 20 : 0) << tag << " step " << s;
+    check(s);
+  }
+  // The checkpoint's masters are the float32 run's parameters.
+  const std::string path = ::testing::TempDir() + "/celo2_half_" + std::to_string(W) + "_" + tag.substr(0, 4) +
+                           std::to_string(static_cast<int>(plan)) + ".state";
+  eng.save_state(path);
+  g_comm->barrier();
+  StateFile f = read_state_file(path);
+  for (size_t t = 0; t < ref.p.size(); ++t) {
+    const TensorStateRecord* rec = find_record(f, ref.names[t]);
+    ASSERT_TRUE(rec);
+    ASSERT_EQ(rec->master.size(), ref.p[t].size()) << ref.names[t];
+    EXPECT_LE(rel_err(rec->master, ref.p[t]), 1e-6) << tag << " " << ref.names[t];
+  }
+  // Resume: a fresh engine on the loaded parameters and the checkpoint continues as the
+  // running one does, bit for bit (its masters restored exactly, not re-seeded).
+  HalfModel resumed = half;
+  Model dist2(5);
+  EngineOptions eo2 = eo;
+  Engine eng2(eo2, g_comm);
+  resumed.register_with(eng2, dist2);
+  eng2.load_state(path);
+  for (int s = 5; s < 7; ++s) {
+    dist.fill_grads(s);
+    dist2.fill_grads(s);
+    eng.step();
+    EXPECT_EQ(eng2.step().masters_reseeded, 0);
+    for (size_t t = 0; t < half.h.size(); ++t) EXPECT_EQ(resumed.h[t], half.h[t]) << tag << " resume step " << s;
+  }
+  // A checkpoint without masters (written before masters existed) re-seeds them from the
+  // parameters: the saved masters are then exactly the parameters' values.
+  if (g_comm->rank() == 0) {
+    for (auto& rec : f.tensors) rec.master.clear();
+    write_state_file(path + ".old", f);
+  }
+  g_comm->barrier();
+  eng2.load_state(path + ".old");
+  eng2.save_state(path + ".resaved");
+  g_comm->barrier();
+  StateFile back = read_state_file(path + ".resaved");
+  for (size_t t = 0; t < resumed.h.size(); ++t) {
+    const TensorStateRecord* rec = find_record(back, ref.names[t]);
+    for (size_t i = 0; i < resumed.h[t].size(); ++i)
+      ASSERT_EQ(rec->master[i], resumed.at(t, i)) << ref.names[t] << " element " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypesAndPlans, HalfMasters,
+                         ::testing::Combine(::testing::Values(0, 1), ::testing::Values(0, 1)));
 
 }  // namespace
 }  // namespace celo2

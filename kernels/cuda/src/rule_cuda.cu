@@ -17,6 +17,7 @@
 #include "celo2/cuda/rule_cuda.h"
 #include "rule_device.h"
 #include "rule_layout.h"
+#include "celo2/lowp.h"
 #include "celo2/newton_schulz.h"
 
 namespace celo2::cuda {
@@ -375,6 +376,26 @@ __global__ void k_count_nonfinite_bf16(const __nv_bfloat16* x, int64_t n, unsign
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     c += isfinite(__bfloat162float(x[i])) ? 0ull : 1ull;
+  if (c) atomicAdd(counter, c);
+}
+
+__global__ void k_store_lowp(bool bf16, uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = lowp::to_half(bf16, src[i]);
+}
+
+__global__ void k_reseed_master(bool bf16, float* master, const uint16_t* lowp_in, int64_t n,
+                                unsigned long long* counter) {
+  unsigned long long c = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint16_t h = lowp_in[i];
+    if (lowp::to_half(bf16, master[i]) != h) {
+      master[i] = lowp::from_half(bf16, h);
+      ++c;
+    }
+  }
   if (c) atomicAdd(counter, c);
 }
 
@@ -848,6 +869,19 @@ void count_nonfinite_bf16_device(const uint16_t* x, int64_t n, unsigned long lon
   k_count_nonfinite_bf16<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(x), n, counter);
   CELO2_CUDA_LAUNCH_CHECK("k_count_nonfinite_bf16");
+}
+
+void store_lowp_device(bool bf16, uint16_t* dst, const float* src, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_store_lowp<<<grid_stride_blocks(n), kThreads, 0, stream>>>(bf16, dst, src, n);
+  CELO2_CUDA_LAUNCH_CHECK("k_store_lowp");
+}
+
+void reseed_master_device(bool bf16, float* master, const uint16_t* lowp_in, int64_t n,
+                          unsigned long long* counter, cudaStream_t stream) {
+  if (n <= 0) return;
+  k_reseed_master<<<grid_stride_blocks(n), kThreads, 0, stream>>>(bf16, master, lowp_in, n, counter);
+  CELO2_CUDA_LAUNCH_CHECK("k_reseed_master");
 }
 
 void scale_zero_nonfinite_device(float* x, int64_t n, float scale, unsigned long long* counter,

@@ -38,6 +38,7 @@
 
 #include "celo2/communicator.h"
 #include "celo2/engine_control.h"
+#include "celo2/lowp.h"
 #include "celo2/plan.h"
 #include "celo2/recipe.h"
 #include "celo2/state_file.h"
@@ -82,6 +83,21 @@ class Engine : public EngineControl {
   // (grads = kReduced: only this rank's slice of `grads` is read.)
   void add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                   const float* grads);
+  // bf16/fp16 parameters (celo2/lowp.h): `params` holds `dtype` values, the gradients stay
+  // float32. The engine keeps float32 masters of this rank's slice (its memory: 4 B per
+  // element / W), updates them, stores round(master) into the parameters and all-gathers
+  // those. Elements the trainer writes between steps (model.load_state_dict, an EMA swap)
+  // differ from round(master) and re-seed their masters at the next step
+  // (StepReport::masters_reseeded). Checkpoints hold the masters; loading a checkpoint
+  // without them re-seeds them from the parameters.
+  void add_tensor(const std::string& name, std::vector<int64_t> shape, void* params, DType dtype,
+                  const float* grads);
+
+  // Per-tensor hyperparameters (torch param groups: recipe.h TensorGroup), from the next
+  // step on; the same calls on every rank. Throws std::invalid_argument for bad values.
+  void set_group(size_t i, const TensorGroup& g);
+  const TensorGroup& group_of(size_t i) const;
+  DType dtype_of(size_t i) const;
 
   // `has_grad` (optional; one byte per tensor, registration order, same call on every rank):
   // 0 where this rank has no gradient for the tensor this step (torch: .grad is None; its
@@ -141,6 +157,8 @@ class Engine : public EngineControl {
   void install_state(size_t i, const TensorStateRecord& r);
   void reset_state(size_t i);
   void gather_params_now();
+  int64_t reseed_masters();     // before a step: the trainer's writes into bf16/fp16 params
+  void publish_masters();       // after the update: round(master) into this rank's slice
   bool whole() const { return opts_.plan == Plan::kWholeTensors; }
 
   EngineOptions opts_;

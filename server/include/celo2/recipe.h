@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -49,6 +50,19 @@ struct OptimizerOptions {
   bool use_reference = false;
 };
 
+// One tensor's hyperparameters, as a torch param group holds them: its learning rate is the
+// step's times lr_scale, and weight_decay, when set, replaces the recipe's for it (both
+// branches: the celo2 apply's wd and the AdamW branch's decay). Trainers use it for no decay
+// on biases and norms (nanoGPT's configure_optimizers, Megatron's no-wd parameters).
+struct TensorGroup {
+  double lr_scale = 1.0;
+  std::optional<double> weight_decay;
+  bool operator==(const TensorGroup&) const = default;
+};
+// Throws std::invalid_argument naming `what` unless lr_scale and weight_decay are finite
+// and >= 0.
+void check_group(const TensorGroup& g, const std::string& what);
+
 struct StepReport {
   int64_t step = 0;          // updates applied so far, after this call
   double lr = 0.0;
@@ -59,6 +73,8 @@ struct StepReport {
   double grad_norm_total = 0.0;  // L2 norm over the celo2 and adamw gradients, before clipping
   double clip_scale = 1.0;       // the factor clipping applied (1: none)
   int64_t no_grad_tensors = 0;   // tensors left unchanged: no gradient on any rank (has_grad)
+  int64_t masters_reseeded = 0;  // bf16/fp16 elements the trainer wrote since the last step
+                                 // (their float32 masters re-seeded from them; lowp.h)
 };
 
 class NonFiniteGradientError : public std::runtime_error {
@@ -81,7 +97,10 @@ NanAction decide_nan(NanPolicy policy, int64_t nonfinite, int64_t step, const st
 
 // The AdamW branch's parameters for one update: lr·mult_1d, the recipe's decay and betas,
 // `count` the update count after increment.
-AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count);
+AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count, const TensorGroup& g = {});
+// The celo2 branch's learning rate and weight decay for a tensor of group g at step lr.
+float group_lr(double lr, const TensorGroup& g);
+float group_wd(const OptimizerOptions& o, const TensorGroup& g);
 
 // The one element-wise apply of the celo2 branch on the CPU: p ← p − lr·(u + wd·p) on n
 // elements; returns Σ (lr·(u + wd·p))², the applied update's squares, in double. (The CUDA

@@ -2,7 +2,8 @@
 // Engine. The file holds world-size-independent state: whole tensors by name, so a job saved
 // on W ranks resumes on W' ranks. Layout (flax MessagePack):
 //   {"celo2_state": {"format": "celo2-optimizer-state/1", "step", "skipped", "theta_sha256",
-//                    "tensors": {name: {"shape", "label", ...state arrays...}}},
+//                    "tensors": {name: {"shape", "label", ...state arrays...,
+//                                       optional "master" (bf16/fp16 parameters)}}},
 //    "sha256": hex SHA-256 of the encoded celo2_state}
 // Writes are atomic (temporary file, fsync, rename). Reads check the checksum, the format
 // and every array's size, and throw flax::FormatError naming the file and the problem.
@@ -27,6 +28,9 @@ struct TensorStateRecord {
   // adamw
   int64_t count = 0;
   std::vector<float> mu, nu;
+  // bf16/fp16 parameters (any label): the float32 master of the whole tensor; empty for
+  // float32 parameters and in checkpoints written without masters (then re-seeded).
+  std::vector<float> master;
 };
 
 struct StateFile {

@@ -25,6 +25,7 @@
 #include "celo2/adamw.h"
 #include "celo2/config.h"
 #include "celo2/labels.h"
+#include "celo2/lowp.h"
 #include "celo2/rule.h"
 
 namespace celo2 {
@@ -58,6 +59,10 @@ class Backend {
   virtual void zero_nonfinite(float* x, int64_t n) = 0;
   // The celo2 branch's apply p ← p − lr·(u + wd·p); returns Σ (applied update)².
   virtual double apply(float lr, float wd, int64_t n, float* p, const float* u) = 0;
+  // bf16/fp16 parameters and their float32 masters (celo2/lowp.h): dst = round(src); and
+  // master re-seeded where the parameter differs from round(master), returning how many.
+  virtual void store_lowp(DType d, uint16_t* dst, const float* src, int64_t n) = 0;
+  virtual int64_t reseed_master(DType d, float* master, const uint16_t* lowp, int64_t n) = 0;
 
   // ---- the state of tensor t's slice ----
   virtual void set_state(size_t t, SliceState s) = 0;

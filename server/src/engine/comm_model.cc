@@ -38,7 +38,8 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
   m.elements = N;
   m.ns_matrices = static_cast<int64_t>(flat.size());
   const double bytesN = 4.0 * static_cast<double>(N);
-  m.bytes["grads"] = f * bytesN + all_reduce(4);
+  // the gradient statistics: non-finite count, per-label sums of squares, re-seeded masters
+  m.bytes["grads"] = f * bytesN + all_reduce(5);
   m.bytes["stats_reduce"] = all_reduce(stats);
   m.bytes["features"] = cfg.normalize_input ? all_reduce(sq) : 0.0;
   m.bytes["mlp"] = all_reduce(small);

@@ -64,7 +64,13 @@ class HostBackend : public Backend {
   }
   double apply(float lr, float wd, int64_t n, float* p, const float* u) override {
     return apply_update(lr, wd, n, p, u);
+  }  void store_lowp(DType d, uint16_t* dst, const float* src, int64_t n) override {
+    celo2::store_lowp(d, dst, src, n);
   }
+  int64_t reseed_master(DType d, float* master, const uint16_t* lowp, int64_t n) override {
+    return celo2::reseed_master(d, master, lowp, n);
+  }
+
 
   void set_state(size_t t, SliceState s) override {
     if (states_.size() <= t) states_.resize(t + 1);

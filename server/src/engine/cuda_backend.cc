@@ -115,7 +115,20 @@ class CudaBackend final : public Backend {
     CELO2_CUDA_CHECK(cudaMemset(out_, 0, sizeof(double)));
     cuda::apply_step_sumsq_device(lr, wd, n, p, u, partials_, out_, nullptr);
     return read_out();
+  }  void store_lowp(DType d, uint16_t* dst, const float* src, int64_t n) override {
+    if (n <= 0) return;
+    cuda::store_lowp_device(d == DType::kBFloat16, dst, src, n, nullptr);
+    sync();
   }
+  int64_t reseed_master(DType d, float* master, const uint16_t* lowp, int64_t n) override {
+    if (n <= 0) return 0;
+    CELO2_CUDA_CHECK(cudaMemset(counter_, 0, sizeof(unsigned long long)));
+    cuda::reseed_master_device(d == DType::kBFloat16, master, lowp, n, counter_, nullptr);
+    unsigned long long changed = 0;
+    CELO2_CUDA_CHECK(cudaMemcpy(&changed, counter_, sizeof changed, cudaMemcpyDeviceToHost));
+    return static_cast<int64_t>(changed);
+  }
+
 
   // ---- state ----
   void set_state(size_t t, SliceState s) override {

@@ -24,7 +24,12 @@ namespace celo2 {
 struct Engine::Entry {
   std::string name;
   Geometry geo;
-  float* params = nullptr;
+  float* params = nullptr;     // float32 parameters (the trainer's); null for bf16/fp16
+  void* raw = nullptr;         // the trainer's parameters, of `dtype`
+  DType dtype = DType::kFloat32;
+  BackendBuffer master;        // bf16/fp16: the float32 master of [master_lo, master_hi)
+  int64_t master_lo = -1, master_hi = -1;
+  TensorGroup group;
   const float* grads = nullptr;
   Label label = Label::kCelo2;
   bool needs_reset = true;
@@ -40,6 +45,11 @@ struct Engine::Entry {
   int64_t stat_off = 0, sq_off = 0, small_off = 0;
 
   int64_t len() const { return hi - lo; }
+  bool lowp() const { return dtype != DType::kFloat32; }
+  // The float32 values the update works on at tensor index i (this rank's part for bf16/fp16:
+  // i in [lo, hi)).
+  float* p_at(int64_t i) { return lowp() ? master.data() + (i - lo) : params + i; }
+  uint16_t* half_at(int64_t i) const { return static_cast<uint16_t*>(raw) + i; }
   bool ns(const RuleConfig& cfg) const {
     return label == Label::kCelo2 && cfg.orthogonalize && geo.factored;
   }
@@ -49,7 +59,7 @@ struct Engine::Entry {
     s.lo = lo;
     s.hi = hi;
     s.g = g_local + local_off;
-    s.p = params + lo;
+    s.p = p_at(lo);
     s.m = st.m.data();
     s.rms = st.rms.data();
     s.v_diag = st.v_diag.empty() ? nullptr : st.v_diag.data();
@@ -126,12 +136,39 @@ size_t Engine::num_tensors() const { return entries_.size(); }
 Label Engine::label_of(size_t i) const { return entries_.at(i)->label; }
 int64_t Engine::offset_of(size_t i) const { return entries_.at(i)->offset; }
 const std::string& Engine::name_of(size_t i) const { return entries_.at(i)->name; }
+const TensorGroup& Engine::group_of(size_t i) const { return entries_.at(i)->group; }
+DType Engine::dtype_of(size_t i) const { return entries_.at(i)->dtype; }
+
+void Engine::set_group(size_t i, const TensorGroup& g) {
+  if (i >= entries_.size())
+    throw std::invalid_argument("set_group: tensor index " + std::to_string(i) + " of " +
+                                std::to_string(entries_.size()));
+  check_group(g, "tensor '" + entries_[i]->name + "'");
+  entries_[i]->group = g;
+}
+
+int64_t Engine::reseed_masters() {
+  int64_t n = 0;
+  for (auto& e : entries_)
+    if (e->lowp() && e->len()) n += backend_->reseed_master(e->dtype, e->master.data(), e->half_at(e->lo), e->len());
+  return n;
+}
+
+void Engine::publish_masters() {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
+    if (e.lowp() && e.len() && e.label != Label::kFrozen && !skip_[i])
+      backend_->store_lowp(e.dtype, e.half_at(e.lo), e.master.data(), e.len());
+  }
+}
 
 int64_t Engine::memory_bytes() const {
   const int64_t floats = grad_local_->capacity() + u_local_->capacity() + bucket_send_->capacity() +
                          bucket_recv_->capacity() +
                          static_cast<int64_t>(send_buf_.capacity() + recv_buf_.capacity() + mat_buf_.capacity());
-  return floats * static_cast<int64_t>(sizeof(float)) + backend_->state_bytes();
+  int64_t masters = 0;
+  for (const auto& e : entries_) masters += e->master.capacity();
+  return (floats + masters) * static_cast<int64_t>(sizeof(float)) + backend_->state_bytes();
 }
 
 void Engine::reset_state(size_t i) {
@@ -144,11 +181,22 @@ void Engine::reset_state(size_t i) {
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, float* params,
                         const float* grads) {
+  add_tensor(name, std::move(shape), params, DType::kFloat32, grads);
+}
+
+void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, void* params, DType dtype,
+                        const float* grads) {
   auto e = std::make_unique<Entry>();
-  e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, params, grads,
+  e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, static_cast<const float*>(params), grads,
                               [&](const std::string& n) { return name_taken(entries_, n); });
+  if (dtype != DType::kFloat32 && reinterpret_cast<uintptr_t>(params) % 2 != 0)
+    throw std::invalid_argument("add_tensor('" + name + "'): " + dtype_name(dtype) +
+                                " parameters not aligned to 2 bytes");
   e->name = name;
-  e->params = params;
+  e->raw = params;
+  e->dtype = dtype;
+  e->params = dtype == DType::kFloat32 ? static_cast<float*>(params) : nullptr;
+  e->master.bind(backend_.get());
   e->grads = grads;
   e->offset = total_;
   total_ += e->geo.numel;
@@ -209,6 +257,17 @@ void Engine::build_plan() {
   }
   for (size_t i = 0; i < entries_.size(); ++i)
     if (entries_[i]->needs_reset) reset_state(i);
+  // bf16/fp16 masters of this rank's part, seeded from the parameters (a reshard then
+  // installs the exact ones below).
+  for (auto& ep : entries_) {
+    Entry& e = *ep;
+    if (!e.lowp() || (e.lo == e.master_lo && e.hi == e.master_hi)) continue;
+    e.master.reset();
+    e.master.resize(e.len());
+    e.master_lo = e.lo;
+    e.master_hi = e.hi;
+    if (e.len()) backend_->reseed_master(e.dtype, e.master.data(), e.half_at(e.lo), e.len());
+  }
   if (reshard)
     for (size_t i = 0; i < entries_.size(); ++i)
       if (const TensorStateRecord* rec = find_record(snapshot, entries_[i]->name); rec && rec->label == entries_[i]->label)
@@ -259,7 +318,9 @@ void Engine::build_plan() {
   }
   // Parameter all-gather pieces: each rank's slice without the Newton–Schulz matrices, plus
   // the whole matrices it owns (merged path), or simply its slice.
-  merged_ = opts_.gather_params && !cfg.precondition_output;
+  // (bf16/fp16 tensors: an owner holds no master outside its slice, so directions travel back.)
+  const bool any_lowp = std::any_of(entries_.begin(), entries_.end(), [](const auto& e) { return e->lowp(); });
+  merged_ = opts_.gather_params && !cfg.precondition_output && !any_lowp;
   gather_pieces_.assign(W, {});
   gather_counts_.assign(W, 0);
   std::vector<int> matrix_at_entry(entries_.size(), -1);
@@ -349,13 +410,14 @@ void Engine::gather_params_now() {
   const int W = comm_->size(), me = comm_->rank();
   const int64_t window = std::max<int64_t>(opts_.bucket_elements / W, 4096);
   const int64_t longest = *std::max_element(gather_counts_.begin(), gather_counts_.end());
-  // Walks rank k's piece stream over [s0, s1), calling fn(param pointer, stream position, n).
+  // Walks rank k's piece stream over [s0, s1), calling fn(entry, tensor index, stream
+  // position, n).
   auto walk = [&](int k, int64_t s0, int64_t s1, auto fn) {
     int64_t at = 0;
     for (const Piece& pc : gather_pieces_[k]) {
       int64_t lo = 0;
       const int64_t n = overlap(at, at + pc.n, s0, s1, &lo);
-      if (n) fn(entries_[pc.entry]->params + pc.lo + (lo - at), lo - s0, n);
+      if (n) fn(*entries_[pc.entry], pc.lo + (lo - at), lo - s0, n);
       at += pc.n;
       if (at >= s1) break;
     }
@@ -368,16 +430,18 @@ void Engine::gather_params_now() {
       sum += counts[k];
     }
     bucket_send_->resize(counts[me]);
-    walk(me, s0, s0 + counts[me], [&](const float* p, int64_t at, int64_t n) {
-      backend_->copy(bucket_send_->data() + at, p, n);
+    walk(me, s0, s0 + counts[me], [&](Entry& e, int64_t i, int64_t at, int64_t n) {
+      backend_->copy(bucket_send_->data() + at, e.p_at(i), n);  // bf16/fp16: from the master
     });
     bucket_recv_->resize(sum);
     comm_->all_gather(bucket_send_->data(), bucket_recv_->data(), counts);
     int64_t base = 0;
     for (int k = 0; k < W; ++k) {
       if (k != me)
-        walk(k, s0, s0 + counts[k], [&](float* p, int64_t at, int64_t n) {
-          backend_->copy(p, bucket_recv_->data() + base + at, n);
+        walk(k, s0, s0 + counts[k], [&](Entry& e, int64_t i, int64_t at, int64_t n) {
+          const float* src = bucket_recv_->data() + base + at;
+          if (e.lowp()) backend_->store_lowp(e.dtype, e.half_at(i), src, n);
+          else backend_->copy(e.params + i, src, n);
         });
       base += counts[k];
     }
@@ -418,8 +482,9 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
       rep.no_grad_tensors += skip_[t];
     }
   }
-  // Non-finite entries and gradient norms, decided globally.
-  double red[4] = {0, 0, 0, 0};
+  // Non-finite entries and gradient norms, decided globally; bf16/fp16 elements the trainer
+  // wrote since the last step re-seed their masters.
+  double red[5] = {0, 0, 0, 0, static_cast<double>(reseed_masters())};
   std::vector<double> bad(entries_.size(), 0.0);
   for (size_t t = 0; t < entries_.size(); ++t) {
     const Entry& e = *entries_[t];
@@ -430,9 +495,10 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
     red[0] += nb;
     red[1 + static_cast<int>(e.label)] += s;
   }
-  comm_->all_reduce_sum(red, 4);
+  comm_->all_reduce_sum(red, 5);
   phase_end();
   rep.nonfinite = static_cast<int64_t>(red[0]);
+  rep.masters_reseeded = static_cast<int64_t>(red[4]);
   for (int l = 0; l < 3; ++l) rep.grad_norm[l] = std::sqrt(red[1 + l]);
   std::string where;
   if (rep.nonfinite > 0 && o.nan_policy == NanPolicy::kError) {
@@ -461,7 +527,6 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   if (rep.clip_scale < 1.0)
     backend_->scale(grad_local_->data(), grad_local_->size(), static_cast<float>(rep.clip_scale));
   double usq[3] = {0, 0, 0};
-  const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
 
   if (whole()) {
     // 2–8 on whole tensors: every Celo2 tensor lies on one rank (the plan's cuts).
@@ -472,12 +537,14 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
       if (e.label != Label::kCelo2 || e.geo.numel == 0 || skip_[i]) continue;
       e.iteration += 1;  // on every rank, so any rank's counter is the tensor's
       if (e.len())
-        mine.push_back({i, &e.geo, e.iteration, grad_local_->data() + e.local_off, e.params,
+        mine.push_back({i, &e.geo, e.iteration, grad_local_->data() + e.local_off, e.p_at(e.lo),
                         u_local_->data() + e.local_off});
     }
     backend_->rule_whole(cfg, o.theta, mine);
-    for (const Backend::Whole& w : mine)
-      usq[0] += backend_->apply(flr, wd, entries_[w.t]->len(), entries_[w.t]->params, w.u);
+    for (const Backend::Whole& w : mine) {
+      Entry& e = *entries_[w.t];
+      usq[0] += backend_->apply(group_lr(lr, e.group), group_wd(o, e.group), e.len(), e.p_at(e.lo), w.u);
+    }
     phase_end();
   } else {
     usq[0] = step_phases(lr);
@@ -488,7 +555,7 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
     if (e.label != Label::kAdamW || e.geo.numel == 0 || skip_[i]) continue;
     e.count += 1;
     if (!e.len()) continue;
-    usq[1] += backend_->adamw(i, adamw_params(o, lr, e.count), e.len(), e.params + e.lo,
+    usq[1] += backend_->adamw(i, adamw_params(o, lr, e.count, e.group), e.len(), e.p_at(e.lo),
                               grad_local_->data() + e.local_off);
   }
   comm_->all_reduce_sum(usq, 3);
@@ -496,6 +563,7 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   for (size_t i = 0; i < entries_.size(); ++i)
     if (!skip_[i]) cnt[static_cast<int>(entries_[i]->label)] += entries_[i]->geo.numel;
   set_update_rms(rep, usq, cnt);
+  publish_masters();
   phase_end();
 
   if (opts_.gather_params && W > 1) {
@@ -691,7 +759,6 @@ double Engine::step_phases(double lr) {
     // Owners orthogonalize. On the merged path they also finish the step and update the
     // parameters of the whole matrix (parameters are replicated), which reach every rank
     // through the parameter all-gather.
-    const float flr_ns = static_cast<float>(lr), wd_ns = static_cast<float>(o.weight_decay);
     double owner_usq = 0.0;
 #pragma omp parallel if (mine_idx.size() > 1) reduction(+ : owner_usq)
     {
@@ -711,7 +778,8 @@ double Engine::step_phases(double lr) {
         if (merged_) {
           const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
           phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
-          owner_usq += apply_update(flr_ns, wd_ns, e.geo.norm_size, e.params + m.group * e.geo.norm_size, x);
+          owner_usq += apply_update(group_lr(lr, e.group), group_wd(o, e.group), e.geo.norm_size,
+                                    e.params + m.group * e.geo.norm_size, x);
         }
       }
     }
@@ -733,7 +801,6 @@ double Engine::step_phases(double lr) {
   // 8. Output normalization and the update, locally.
   phase_begin("apply");
   double usq0 = celo_usq_from_owners;
-  const float flr = static_cast<float>(lr), wd = static_cast<float>(o.weight_decay);
   {
     double acc_all = 0.0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : acc_all) if (items.size() > 1)
@@ -744,7 +811,7 @@ double Engine::step_phases(double lr) {
       const Slice s = sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi);
       const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
       phase_finish(cfg, e.geo, sc[w.k], s, gsq);
-      acc_all += apply_update(flr, wd, w.hi - w.lo, e.params + w.lo, s.u);
+      acc_all += apply_update(group_lr(lr, e.group), group_wd(o, e.group), w.hi - w.lo, e.p_at(w.lo), s.u);
     }
     usq0 += acc_all;
   }
@@ -865,8 +932,15 @@ StateFile Engine::collect_state(bool all_ranks) {
   const int W = comm_->size();
   // This rank's slices, on the host (entries whose label changed since have none).
   std::vector<SliceState> mine(entries_.size());
-  for (size_t i = 0; i < entries_.size(); ++i)
-    if (!entries_[i]->needs_reset) mine[i] = backend_->get_state(i);
+  std::vector<std::vector<float>> masters(entries_.size());  // bf16/fp16: this rank's part
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& e = *entries_[i];
+    if (!e.needs_reset) mine[i] = backend_->get_state(i);
+    if (e.lowp()) {
+      masters[i].resize(e.master.size());
+      backend_->to_host(masters[i].data(), e.master.data(), e.master.size());
+    }
+  }
   StateFile f;
   f.step = step_;
   f.skipped = skipped_;
@@ -895,12 +969,10 @@ StateFile Engine::collect_state(bool all_ranks) {
   // Each per-element plane gathered over the slices, one bucket of the flat index space at a
   // time (host buffers: checkpoints are written from the host).
   std::vector<float> hsend, hrecv;
-  using Field = std::vector<float> SliceState::*;
   using RecField = std::vector<float> TensorStateRecord::*;
-  auto plane = [&](Label label, Field src, RecField dst, int planes, bool factored_too) {
-    auto has = [&](const Entry& e) {
-      return e.label == label && !e.needs_reset && (factored_too || !e.geo.factored);
-    };
+  // One plane of the state: src(i) is entry i's slice data on this rank, has(e) whether it
+  // has the plane.
+  auto gather_plane = [&](auto has, auto src, RecField dst, int planes) {
     if (keep)
       for (size_t i = 0; i < entries_.size(); ++i)
         if (has(*entries_[i])) (f.tensors[i].*dst).assign(static_cast<size_t>(planes) * entries_[i]->geo.numel, 0.0f);
@@ -922,7 +994,7 @@ StateFile Engine::collect_state(bool all_ranks) {
           int64_t lo = 0;
           const int64_t n = overlap(e.offset + e.lo, e.offset + e.hi, mlo, mlo + n_mine, &lo);
           if (n)
-            std::memcpy(hsend.data() + (lo - mlo), (mine[i].*src).data() + k * e.len() + (lo - e.offset - e.lo),
+            std::memcpy(hsend.data() + (lo - mlo), src(i).data() + k * e.len() + (lo - e.offset - e.lo),
                         n * sizeof(float));
         }
         comm_->all_gather(hsend.data(), hrecv.data(), counts);
@@ -938,6 +1010,13 @@ StateFile Engine::collect_state(bool all_ranks) {
         }
       }
   };
+  using Field = std::vector<float> SliceState::*;
+  auto plane = [&](Label label, Field field, RecField dst, int planes, bool factored_too) {
+    gather_plane([&](const Entry& e) { return e.label == label && !e.needs_reset && (factored_too || !e.geo.factored); },
+                 [&](size_t i) -> const std::vector<float>& { return mine[i].*field; }, dst, planes);
+  };
+  gather_plane([](const Entry& e) { return e.lowp() && e.master_lo == e.lo && e.master_hi == e.hi; },
+               [&](size_t i) -> const std::vector<float>& { return masters[i]; }, &TensorStateRecord::master, 1);
   plane(Label::kCelo2, &SliceState::m, &TensorStateRecord::m, kMom, true);
   plane(Label::kCelo2, &SliceState::rms, &TensorStateRecord::rms, kRms, true);
   plane(Label::kCelo2, &SliceState::v_diag, &TensorStateRecord::v_diag, kFac, false);
@@ -968,6 +1047,16 @@ void Engine::install_state(size_t i, const TensorStateRecord& r) {
     s.nu = take(r.nu, 1);
   }
   backend_->set_state(i, std::move(s));
+  if (e.lowp() && e.len()) {
+    // The checkpoint's masters exactly; without them, re-seeded from the parameters.
+    if (!r.master.empty()) {
+      backend_->from_host(e.master.data(), r.master.data() + e.lo, e.len());
+    } else {
+      std::vector<float> zeros(e.len(), 0.0f);
+      backend_->from_host(e.master.data(), zeros.data(), e.len());
+      backend_->reseed_master(e.dtype, e.master.data(), e.half_at(e.lo), e.len());
+    }
+  }
   e.iteration = r.iteration;
   e.count = r.count;
   e.needs_reset = false;

@@ -80,13 +80,27 @@ NanAction decide_nan(NanPolicy policy, int64_t nonfinite, int64_t step, const st
   return NanAction::kSkip;
 }
 
-AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count) {
+void check_group(const TensorGroup& g, const std::string& what) {
+  if (!std::isfinite(g.lr_scale) || g.lr_scale < 0)
+    throw std::invalid_argument(what + ": lr_scale must be a finite number >= 0, got " + std::to_string(g.lr_scale));
+  if (g.weight_decay && (!std::isfinite(*g.weight_decay) || *g.weight_decay < 0))
+    throw std::invalid_argument(what + ": weight_decay must be a finite number >= 0, got " +
+                                std::to_string(*g.weight_decay));
+}
+
+float group_lr(double lr, const TensorGroup& g) { return static_cast<float>(lr * g.lr_scale); }
+
+float group_wd(const OptimizerOptions& o, const TensorGroup& g) {
+  return static_cast<float>(g.weight_decay.value_or(o.weight_decay));
+}
+
+AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count, const TensorGroup& g) {
   AdamWParams a;
   a.b1 = o.adam_b1;
   a.b2 = o.adam_b2;
   a.eps = o.adam_eps;
-  a.lr = static_cast<float>(lr * o.mult_1d);
-  a.wd = static_cast<float>(o.weight_decay);
+  a.lr = static_cast<float>(lr * g.lr_scale * o.mult_1d);
+  a.wd = group_wd(o, g);
   a.count = count;
   return a;
 }

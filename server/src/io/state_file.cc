@@ -64,6 +64,7 @@ void write_state_file(const std::string& path, const StateFile& s) {
       t.map["mu"] = flax::Value::of_array(r.shape, r.mu);
       t.map["nu"] = flax::Value::of_array(r.shape, r.nu);
     }
+    if (!r.master.empty()) t.map["master"] = flax::Value::of_array(r.shape, r.master);
     tensors.map[r.name] = std::move(t);
   }
   payload.map["tensors"] = std::move(tensors);
@@ -115,6 +116,7 @@ StateFile parse_state_file(std::span<const uint8_t> bytes, const std::string& pa
       r.v_diag = floats(t, "v_diag");
       r.mu = floats(t, "mu");
       r.nu = floats(t, "nu");
+      r.master = floats(t, "master");
       out.tensors.push_back(std::move(r));
     }
   } catch (const flax::FormatError& e) {
@@ -154,6 +156,7 @@ void check_state_record(const std::string& path, const TensorStateRecord& r,
       fail(std::string(key) + ": expected " + std::to_string(n) + " elements, got " +
            std::to_string(v.size()));
   };
+  if (!r.master.empty()) size_is(r.master, want.numel, "master");
   if (label == Label::kCelo2) {
     if (r.iteration < 0) fail("negative iteration");
     size_is(r.m, kMom * want.numel, "m");

@@ -94,6 +94,12 @@ void apply_step_device(float lr, float wd, int64_t n, float* p, const float* u,
 // bfloat16 <-> float32 (round to nearest even), n elements; bf16 as raw uint16 bits.
 void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_t stream = nullptr);
 void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t stream = nullptr);
+// Low-precision parameters (celo2/lowp.h's arithmetic), raw 16-bit values, bf16 or fp16:
+// dst = round(src); and master[i] = lowp[i] where lowp[i] != round(master[i]), counting
+// those into *counter.
+void store_lowp_device(bool bf16, uint16_t* dst, const float* src, int64_t n, cudaStream_t stream = nullptr);
+void reseed_master_device(bool bf16, float* master, const uint16_t* lowp, int64_t n,
+                          unsigned long long* counter, cudaStream_t stream = nullptr);
 // Non-finite gradient handling and statistics (the engine's NaN policy and StepReport).
 // *counter += number of non-finite entries of x (integer atomics: deterministic).
 void count_nonfinite_device(const float* x, int64_t n, unsigned long long* counter,
