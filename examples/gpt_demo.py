@@ -47,7 +47,9 @@ def parse_args(argv=None):
                     help="Celo2's AdamW-branch lr multiplier (embeddings, head, norms)")
     ap.add_argument("--adamw-lr", type=float, default=1e-3,
                     help="baseline AdamW learning rate (best of 1e-3, 3e-3, 6e-3 at the defaults)")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=0.1,
+                    help="decay of the >= 2-D tensors in both runs; biases and norms get none (nanoGPT's "
+                         "param groups)")
     ap.add_argument("--clip", type=float, default=1.0,
                     help="global gradient-norm clipping for both runs (0: off): Celo2's max_grad_norm, "
                          "torch.nn.utils.clip_grad_norm_ for AdamW")
@@ -135,6 +137,14 @@ def evaluate(model, val, device):
     return total, n
 
 
+def param_groups(model, weight_decay):
+    """nanoGPT's configure_optimizers groups: decay on >= 2-D tensors (matrices and
+    embeddings), none on biases and norms. Named, so Celo2's label rules see the names."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [(n, p) for n, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [(n, p) for n, p in named if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def train_run(name, a, comm, batches, device, rank, world, out_dir, control_token_file):
     """One run: `name` is celo2 or adamw. Returns the metrics rank 0 reports."""
     torch.manual_seed(a.seed)  # the same initial model on every rank and for both runs
@@ -142,8 +152,8 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
     schedule = f"cosine:lr={a.lr},warmup={a.warmup},total={a.steps},final=0.1"
     control_address = ""
     if name == "celo2":
-        opt = Celo2(model.named_parameters(), schedule=schedule, rules=a.rules, theta=a.theta,
-                    variant=a.variant, weight_decay=a.weight_decay, mult_1d=a.mult_1d, max_grad_norm=a.clip,
+        opt = Celo2(param_groups(model, a.weight_decay), schedule=schedule, rules=a.rules, theta=a.theta,
+                    variant=a.variant, mult_1d=a.mult_1d, max_grad_norm=a.clip,
                     communicator=comm, control=a.control or None,
                     control_token_file=control_token_file if a.control else None,
                     control_checkpoint_dir=out_dir if a.control else None,
@@ -162,8 +172,9 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
                   f"[{st['backend']}], theta {'published: ' + a.theta if a.theta else 'project default'}",
                   flush=True)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=a.adamw_lr, betas=(0.9, 0.95),
-                                weight_decay=a.weight_decay)
+        opt = torch.optim.AdamW([{"params": [p for _, p in g["params"]], "weight_decay": g["weight_decay"]}
+                                 for g in param_groups(model, a.weight_decay)],
+                                lr=a.adamw_lr, betas=(0.9, 0.95))
         warm = max(1, a.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: (t + 1) / warm if t < warm else

@@ -3,6 +3,7 @@
  * (then both ranks must reach the same parameters as the single-process run printed by
  * rank 0: the test prints a checksum that CTest compares across runs by regex). */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,21 @@ static int failures = 0;
 
 enum { R = 6, C = 10, B = 7 };
 static float w[R * C], dw[R * C], b[B], db[B];
+/* A bfloat16 copy of w (raw bits) with w's gradients, and a float32 twin it must follow. */
+static uint16_t h[R * C];
+static float hf[R * C];
+static uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+static float from_bf16(uint16_t x) {
+  const uint32_t u = (uint32_t)x << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
 
 static void fill_grads(int step, int rank, int world) {
   /* Every rank passes the mean gradient (grads=reduced), the same on all ranks. */
@@ -69,12 +85,27 @@ int main(int argc, char** argv) {
   EXPECT(celo2_add_tensor(opt, NULL, 2, ws, CELO2_FLOAT32, w, dw) == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(celo2_add_tensor(opt, "x", 1, neg, CELO2_FLOAT32, b, db) == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(celo2_add_tensor(opt, "x", 9, ws, CELO2_FLOAT32, b, db) == CELO2_ERR_INVALID_ARGUMENT);
-  EXPECT(celo2_add_tensor(opt, "x", 1, bs, CELO2_BFLOAT16, b, db) == CELO2_ERR_UNSUPPORTED);
+  EXPECT(celo2_add_tensor(opt, "x", 1, bs, (celo2_dtype_t)7, b, db) == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(celo2_add_tensor(opt, "x", 1, bs, CELO2_BFLOAT16, (char*)h + 1, db) == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(celo2_add_tensor(opt, "x", 1, bs, CELO2_FLOAT32, NULL, db) == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT_OK(celo2_add_tensor(opt, "layer.w", 2, ws, CELO2_FLOAT32, w, dw));
   EXPECT(celo2_add_tensor(opt, "layer.w", 1, bs, CELO2_FLOAT32, b, db) == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(strstr(celo2_last_error(), "duplicate") != NULL);
   EXPECT_OK(celo2_add_tensor(opt, "layer.b", 1, bs, CELO2_FLOAT32, b, db));
+  for (int i = 0; i < R * C; ++i) {
+    h[i] = to_bf16(0.5f * w[i] + 0.01f);
+    hf[i] = from_bf16(h[i]);
+  }
+  uint16_t h0[R * C];
+  memcpy(h0, h, sizeof h);
+  EXPECT_OK(celo2_add_tensor(opt, "half.w", 2, ws, CELO2_BFLOAT16, h, dw));
+  EXPECT_OK(celo2_add_tensor(opt, "twin.w", 2, ws, CELO2_FLOAT32, hf, dw));
+  /* Param groups: the bias frozen by a zero lr scale, no decay on it. */
+  EXPECT(celo2_set_tensor_group(opt, "layer.b", -1.0, NAN) == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(celo2_set_tensor_group(opt, "nope", 1.0, NAN) == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT_OK(celo2_set_tensor_group(opt, "layer.b", 0.0, 0.0));
+  float b0[B];
+  memcpy(b0, b, sizeof b);
 
   celo2_info_t info;
   EXPECT_OK(celo2_get_info(opt, &info));
@@ -85,6 +116,18 @@ int main(int argc, char** argv) {
     EXPECT_OK(celo2_step(opt, 1.0 / (t + 1), &rep));
   }
   EXPECT(rep.step == 4 && rep.skipped == 0 && rep.update_rms[0] > 0);
+  EXPECT(memcmp(b, b0, sizeof b) == 0); /* lr scale 0: unchanged */
+  {
+    /* The bf16 tensor holds round(its master), which follows the float32 twin. */
+    int same = 0, moved = 0;
+    for (int i = 0; i < R * C; ++i) {
+      same += h[i] == to_bf16(hf[i]);
+      moved += h[i] != h0[i];
+    }
+    EXPECT(same >= R * C - 1);
+    EXPECT(moved > R * C / 2);
+  }
+  EXPECT_OK(celo2_set_tensor_group(opt, "layer.b", 1.0, NAN));
   EXPECT(celo2_add_tensor(opt, "late", 1, bs, CELO2_FLOAT32, b, db) == CELO2_ERR_STATE);
 
   /* Save at 4, run to 8, reload at 4, run to 8 again: the same parameters. */

@@ -230,8 +230,10 @@ def test_bad_params_raise():
         Celo2([("a", m.fc.weight), ("b", m.fc.weight)], communicator="local")
     with pytest.raises(TypeError, match="tensor"):
         Celo2([("a", 3)], communicator="local")
-    with pytest.raises(ValueError, match="own lr"):
-        Celo2([{"params": [m.fc.weight]}, {"params": [m.fc.bias], "lr": 0.1}], communicator="local")
+    with pytest.raises(ValueError, match="own betas"):
+        Celo2([{"params": [m.fc.weight]}, {"params": [m.fc.bias], "betas": (0.8, 0.9)}], communicator="local")
+    with pytest.raises(ValueError, match="weight_decay .* must be a finite number"):
+        Celo2([{"params": [m.fc.bias], "weight_decay": -1.0}], communicator="local")
 
 
 def test_bad_use_raises(tmp_path):
@@ -376,3 +378,147 @@ def test_unreadable_or_unwritable_files_are_os_errors(tmp_path):
         (tmp_path / "bad.state").write_bytes(b"\x00garbage")
         opt.load(tmp_path / "bad.state")
     assert not isinstance(bad.value, OSError)
+
+
+def _nanogpt_groups(model, wd, nodecay_lr=None):
+    """nanoGPT's configure_optimizers: decay on >= 2-D tensors, none on biases and norms."""
+    named = list(model.named_parameters())
+    decay = [(n, p) for n, p in named if p.dim() >= 2]
+    nodecay = [(n, p) for n, p in named if p.dim() < 2]
+    g2 = {"params": nodecay, "weight_decay": 0.0}
+    if nodecay_lr is not None:
+        g2["lr"] = nodecay_lr
+    return [{"params": decay, "weight_decay": wd}, g2]
+
+
+def test_param_groups_as_torch():
+    # Each group's tensors move exactly as under an optimizer whose recipe is that group's
+    # lr and decay for every tensor (the update of one tensor does not depend on the others').
+    sched = "cosine:lr=1e-2,warmup=3,total=20,final=0.1"
+    torch.manual_seed(0)
+    a = TinyLM()
+    b, c = TinyLM(), TinyLM()
+    b.load_state_dict(a.state_dict())
+    c.load_state_dict(a.state_dict())
+    oa = Celo2(_nanogpt_groups(a, 0.1, nodecay_lr=5e-3), lr=1e-2, schedule=sched, communicator="local")
+    ob = Celo2(b.named_parameters(), lr=1e-2, schedule=sched, weight_decay=0.1, communicator="local")
+    oc = Celo2(c.named_parameters(), lr=1e-2, schedule="cosine:lr=5e-3,warmup=3,total=20,final=0.1",
+               weight_decay=0.0, communicator="local")
+    assert len(oa.param_groups) == 2 and oa.param_groups[1]["weight_decay"] == 0.0
+    for t in range(6):
+        oa.zero_grad()
+        loss_of(a, t).backward()
+        for m in (b, c):  # the same gradients for all three
+            for (_, pa), (_, pm) in zip(a.named_parameters(), m.named_parameters()):
+                pm.grad = pa.grad.clone()
+        for o in (oa, ob, oc):
+            o.step()
+        assert oa.param_groups[1]["lr"] == pytest.approx(oc.last_report["lr"])
+        assert oa.param_groups[0]["lr"] == pytest.approx(ob.last_report["lr"])
+    pb, pc = params(b), params(c)
+    for n, p in a.named_parameters():
+        want = pb[n] if p.dim() >= 2 else pc[n]
+        assert torch.equal(p.detach(), want), n
+    # The recipe's decay (set_weight_decay, the control plane) does not override a group's own.
+    oa.set_weight_decay(0.5)
+    assert oa.param_groups[1]["weight_decay"] == 0.0 and oa.param_groups[0]["weight_decay"] == 0.1
+    # A trainer's write into param_groups takes effect at the next step (here: lr 0 freezes).
+    before = params(a)
+    oa.param_groups[1]["lr"] = 0.0
+    oa.zero_grad()
+    loss_of(a, 9).backward()
+    oa.step()
+    for n, p in a.named_parameters():
+        if p.dim() < 2:
+            assert torch.equal(p.detach(), before[n]), n
+        else:
+            assert not torch.equal(p.detach(), before[n]), n
+    # Groups survive a state_dict round trip.
+    sd = oa.state_dict()
+    a2 = TinyLM()
+    oa2 = Celo2(_nanogpt_groups(a2, 0.1, nodecay_lr=5e-3), lr=1e-2, schedule=sched, communicator="local")
+    oa2.load_state_dict(sd)
+    assert oa2.param_groups[1]["lr"] == 0.0 and oa2._scales == oa._scales
+    with pytest.raises(RuntimeError, match="registers its tensors once"):
+        oa.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+
+
+def _bf16_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyLM().to(torch.bfloat16)
+
+
+def _bf16_train(model, opt, first, last):
+    for t in range(first, last):
+        opt.zero_grad()
+        x, y = batch(t)
+        loss = torch.nn.functional.cross_entropy(model(x).float().reshape(-1, 17), y.reshape(-1))
+        loss.backward()
+        opt.step()
+
+
+def test_bf16_masters_follow_the_float32_run():
+    # bf16 parameters are updated in place through the engine's float32 masters: given the
+    # same gradients, the masters move as float32 parameters do, and the bf16 values are
+    # round(master).
+    h = _bf16_model()
+    f = TinyLM()
+    f.load_state_dict({k: v.float() for k, v in h.state_dict().items()})
+    oh = Celo2(h.named_parameters(), schedule="constant:lr=1e-2", communicator="local")
+    of = Celo2(f.named_parameters(), schedule="constant:lr=1e-2", communicator="local")
+    ptr = h.fc.weight.data_ptr()
+    for t in range(4):
+        _bf16_train(h, oh, t, t + 1)
+        for (n, ph), (_, pf) in zip(h.named_parameters(), f.named_parameters()):
+            pf.grad = ph.grad.float()  # the same gradients
+        of.step()
+        assert oh.last_report["masters_reseeded"] == 0
+    assert h.fc.weight.data_ptr() == ptr  # in place: no copy of the model
+    for (n, ph), (_, pf) in zip(h.named_parameters(), f.named_parameters()):
+        assert ph.dtype == torch.bfloat16
+        same = (ph.detach() == pf.detach().to(torch.bfloat16)).float().mean().item()
+        assert same > 0.98, (n, same)
+    st = celo2.read_state_file(oh.state_dict()["celo2_state_file"])
+    assert np.allclose(st["tensors"]["fc.weight"]["master"], f.fc.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_resume_keeps_the_loaded_weights(tmp_path):
+    # The usual resume of a bf16 model: model.load_state_dict, then opt.load_state_dict (or
+    # the other order). The masters come from the checkpoint, exactly: the resumed run
+    # continues bit for bit as the original does.
+    h = _bf16_model()
+    oh = Celo2(h.named_parameters(), schedule="cosine:lr=1e-2,warmup=2,total=20,final=0.1",
+               communicator="local")
+    _bf16_train(h, oh, 0, 5)
+    torch.save({"model": h.state_dict(), "opt": oh.state_dict()}, tmp_path / "ck.pt")
+    _bf16_train(h, oh, 5, 8)
+    want = params(h)
+    for order in ("model_first", "opt_first"):
+        ck = torch.load(tmp_path / "ck.pt")
+        r = _bf16_model(seed=99)  # other weights: everything must come from the checkpoint
+        orr = Celo2(r.named_parameters(), schedule="cosine:lr=1e-2,warmup=2,total=20,final=0.1",
+                    communicator="local")
+        if order == "model_first":
+            r.load_state_dict(ck["model"])
+            orr.load_state_dict(ck["opt"])
+        else:
+            orr.load_state_dict(ck["opt"])
+            r.load_state_dict(ck["model"])
+        _bf16_train(r, orr, 5, 8)
+        for n, p in params(r).items():
+            assert torch.equal(p, want[n]), (order, n)
+
+
+def test_bf16_writes_between_steps_reseed_the_masters():
+    # Weights loaded into a running bf16 model (model.load_state_dict, an EMA swap) are what
+    # the next step updates, not the stale masters.
+    h = _bf16_model()
+    oh = Celo2(h.named_parameters(), schedule="constant:lr=1e-3", communicator="local")
+    _bf16_train(h, oh, 0, 3)
+    other = _bf16_model(seed=7).state_dict()
+    h.load_state_dict(other)
+    _bf16_train(h, oh, 3, 4)
+    assert oh.last_report["masters_reseeded"] > 0.9 * sum(p.numel() for p in h.parameters())
+    for n, p in h.named_parameters():
+        # One step of lr 1e-3 (AdamW branch: 20x) from the loaded weights, not from the old ones.
+        assert (p.detach().float() - other[n].float()).abs().max().item() < 0.05, n

@@ -69,24 +69,23 @@ int64_t check_shape(int32_t ndim, const int64_t* shape) {
   return n;
 }
 
-void check_dtype_supported(celo2_dtype_t dtype) {
+DType check_dtype(celo2_dtype_t dtype) {
   switch (dtype) {
-    case CELO2_FLOAT32: return;
-    case CELO2_BFLOAT16:
-    case CELO2_FLOAT16:
-      throw ArgError(CELO2_ERR_UNSUPPORTED,
-                     "dtype bfloat16/float16: this version takes float32 parameters and gradients "
-                     "(keep a float32 master copy, as the Python package does)");
+    case CELO2_FLOAT32: return DType::kFloat32;
+    case CELO2_BFLOAT16: return DType::kBFloat16;
+    case CELO2_FLOAT16: return DType::kFloat16;
   }
   throw ArgError(CELO2_ERR_INVALID_ARGUMENT, "dtype " + std::to_string(static_cast<int>(dtype)) + " is unknown");
 }
 
-void check_buffers(const void* params, const void* grads, int64_t numel) {
+void check_buffers(const void* params, const void* grads, int64_t numel, DType dtype) {
   if (numel == 0) return;
   check_not_null(params, "params");
   check_not_null(grads, "grads");
-  if (reinterpret_cast<uintptr_t>(params) % alignof(float) || reinterpret_cast<uintptr_t>(grads) % alignof(float))
-    throw ArgError(CELO2_ERR_INVALID_ARGUMENT, "params/grads are not aligned for float32");
+  if (reinterpret_cast<uintptr_t>(params) % dtype_bytes(dtype))
+    throw ArgError(CELO2_ERR_INVALID_ARGUMENT, std::string("params are not aligned for ") + dtype_name(dtype));
+  if (reinterpret_cast<uintptr_t>(grads) % alignof(float))
+    throw ArgError(CELO2_ERR_INVALID_ARGUMENT, "grads are not aligned for float32 (gradients are float32)");
 }
 
 void check_out_buffer(char* buf, size_t len) {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "celo2/celo2.h"
+#include "celo2/lowp.h"
 
 namespace celo2::capi {
 
@@ -37,9 +38,11 @@ std::string check_name(const char* name);
 std::string check_path(const char* path, const char* what);
 // ndim in [0, kMaxNdim], sizes >= 0, element count without overflow; returns the count.
 int64_t check_shape(int32_t ndim, const int64_t* shape);
-void check_dtype_supported(celo2_dtype_t dtype);
-// params and grads non-null when the tensor has elements, 4-byte aligned (float32).
-void check_buffers(const void* params, const void* grads, int64_t numel);
+// The engine dtype of a C dtype; an unknown value is CELO2_ERR_INVALID_ARGUMENT.
+DType check_dtype(celo2_dtype_t dtype);
+// params and grads non-null when the tensor has elements; params aligned for dtype, grads
+// for float32.
+void check_buffers(const void* params, const void* grads, int64_t numel, DType dtype);
 void check_out_buffer(char* buf, size_t len);
 
 // Records `msg` as this thread's last error and returns `status`.

@@ -157,10 +157,21 @@ celo2_status_t celo2_add_tensor(celo2_t* opt, const char* name, int32_t ndim, co
     celo2::capi::check_handle(opt);
     const std::string n = celo2::capi::check_name(name);
     const int64_t numel = celo2::capi::check_shape(ndim, shape);
-    celo2::capi::check_dtype_supported(dtype);
-    celo2::capi::check_buffers(params, grads, numel);
+    const celo2::DType d = celo2::capi::check_dtype(dtype);
+    celo2::capi::check_buffers(params, grads, numel, d);
     std::vector<int64_t> s(shape, shape + ndim);
-    opt->client->add_tensor(n, s, static_cast<float*>(params), static_cast<const float*>(grads));
+    opt->client->add_tensor(n, s, params, d, static_cast<const float*>(grads));
+  });
+}
+
+celo2_status_t celo2_set_tensor_group(celo2_t* opt, const char* name, double lr_scale, double weight_decay) {
+  return guarded("celo2_set_tensor_group", [&] {
+    celo2::capi::check_handle(opt);
+    const std::string n = celo2::capi::check_name(name);
+    celo2::TensorGroup g;
+    g.lr_scale = lr_scale;
+    if (!std::isnan(weight_decay)) g.weight_decay = weight_decay;
+    opt->client->set_group(n, g);
   });
 }
 

@@ -182,9 +182,19 @@ Client::~Client() {
 
 void Client::add_tensor(const std::string& name, const std::vector<int64_t>& shape, float* params,
                         const float* grads) {
-  engine_->add_tensor(name, shape, params, grads);
+  add_tensor(name, shape, params, DType::kFloat32, grads);
+}
+
+void Client::add_tensor(const std::string& name, const std::vector<int64_t>& shape, void* params, DType dtype,
+                        const float* grads) {
+  engine_->add_tensor(name, shape, params, dtype, grads);
   tensors_.push_back({name, shape});
-  params_.push_back(params);
+}
+
+void Client::set_group(const std::string& name, const TensorGroup& g) {
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    if (tensors_[i].name == name) return engine_->set_group(i, g);
+  throw std::invalid_argument("set_group: no tensor named '" + name + "'");
 }
 
 void Client::start_control() {
@@ -308,26 +318,7 @@ void Client::set_mult_1d(double m) {
   engine_->set_mult_1d(m);
 }
 
-void Client::gather_params() {
-  const int W = comm_->size();
-  if (W == 1) return;
-  engine_->owner_plan();  // makes the slice plan if no step ran yet
-  const auto [lo, hi] = engine_->local_range();
-  const int64_t total = engine_->total_elements();
-  std::vector<int64_t> counts(W);
-  for (int k = 0; k < W; ++k) counts[k] = total * (k + 1) / W - total * k / W;
-  std::vector<float> send(static_cast<size_t>(hi - lo)), full(static_cast<size_t>(total));
-  for (size_t i = 0; i < tensors_.size(); ++i) {
-    const int64_t off = engine_->offset_of(i), n = numel_of(tensors_[i].shape);
-    const int64_t a = std::max(off, lo), b = std::min(off + n, hi);
-    if (a < b) std::copy(params_[i] + (a - off), params_[i] + (b - off), send.data() + (a - lo));
-  }
-  comm_->all_gather(send.data(), full.data(), counts);
-  for (size_t i = 0; i < tensors_.size(); ++i) {
-    const int64_t off = engine_->offset_of(i), n = numel_of(tensors_[i].shape);
-    std::copy(full.data() + off, full.data() + off + n, params_[i]);
-  }
-}
+void Client::gather_params() { engine_->gather_params(); }
 
 ClientStatus Client::status() {
   ClientStatus s;

@@ -43,6 +43,7 @@ def _named(params) -> list[tuple[str, torch.Tensor, dict]]:
             raise TypeError(f"parameter {name!r}: expected a tensor, got {type(t).__name__}")
         out.append((name, t, group))
 
+    default: dict = {}  # the one group of parameters given outside group dicts
     for i, item in enumerate(items):
         if isinstance(item, dict):
             group = {k: v for k, v in item.items() if k != "params"}
@@ -56,7 +57,7 @@ def _named(params) -> list[tuple[str, torch.Tensor, dict]]:
             for j, p in enumerate(list(ps)):
                 add(p, group, len(out) if not isinstance(p, tuple) else j)
         else:
-            add(item, {}, i)
+            add(item, default, i)
     names, seen = set(), set()
     for name, t, _ in out:
         if name in names:
@@ -72,21 +73,58 @@ class _EngineFront:
     """What both optimizers share over their engine (``self._engine``): the settings, the
     control plane, the rank, and the learning-rate bookkeeping of ``step()``."""
 
+    # ---- learning rates and decays of the param groups (self._scales, self._own_wd, set by
+    # the optimizer) -------------------------------------------------------------------
+    def _push_groups(self):
+        """Sends each group's lr scale and weight decay (None: the recipe's) to the engine for
+        its tensors, where they changed."""
+        for gi, pg in enumerate(self.param_groups):
+            if pg["weight_decay"] != self._wd_written[gi]:
+                wd = pg["weight_decay"]
+                if not _is_number(wd) or wd < 0:
+                    raise ValueError(f"param_groups[{gi}]['weight_decay'] = {wd!r} is not a finite number >= 0")
+                self._own_wd[gi] = True  # the trainer set it
+                self._wd_written[gi] = wd
+            key = (self._scales[gi], float(pg["weight_decay"]) if self._own_wd[gi] else None)
+            if key != self._pushed[gi]:
+                for e in self._entries:
+                    if e.group == gi:
+                        self._engine.set_group(e.name, key[0], key[1])
+                self._pushed[gi] = key
+
+    def _write_lrs(self, lr):
+        """The groups' lr after a step at the schedule's rate `lr`."""
+        for gi, pg in enumerate(self.param_groups):
+            pg["lr"] = lr * self._scales[gi]
+        self._lr_written = [pg["lr"] for pg in self.param_groups]
+
     def _step_args(self, loss):
-        """(lr for the engine, or None to follow its schedule; loss as a float or None)."""
-        lr = self.param_groups[0]["lr"]
-        if not self._external_lr and lr != self._lr_written:
+        """(lr for the engine, or None to follow its schedule; loss as a float or None). A
+        group lr changed from outside switches to following the groups' lr values: the
+        engine steps at the first group's (or the largest) and each group's scale is its
+        ratio to that."""
+        lrs = [pg["lr"] for pg in self.param_groups]
+        if not self._external_lr and lrs != self._lr_written:
             self._external_lr = True
-        if self._external_lr and (not _is_number(lr) or lr < 0):
-            raise ValueError(f"param_groups[0]['lr'] = {lr!r} is not a finite number >= 0")
+        step_lr = None
+        if self._external_lr:
+            for gi, lr in enumerate(lrs):
+                if not _is_number(lr) or lr < 0:
+                    raise ValueError(f"param_groups[{gi}]['lr'] = {lr!r} is not a finite number >= 0")
+            step_lr = float(lrs[0] if lrs[0] > 0 else max(lrs))
+            if step_lr > 0:
+                self._scales = [lr / step_lr for lr in lrs]
+        self._push_groups()
         loss_value = None
         if loss is not None:
             loss_value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
-        return (float(lr) if self._external_lr else None), loss_value
+        return step_lr, loss_value
 
     def _record(self, report, seconds):
-        self.param_groups[0]["lr"] = report["lr"]
-        self._lr_written = report["lr"]
+        if self._external_lr:
+            self._lr_written = [pg["lr"] for pg in self.param_groups]
+        else:
+            self._write_lrs(report["lr"])
         self.last_report = report
         self.last_step_seconds = seconds
 
@@ -110,6 +148,7 @@ class _EngineFront:
     def set_schedule(self, text: str):
         self._engine.set_schedule(text)
         self._external_lr = False
+        self._lr_written = [pg["lr"] for pg in self.param_groups]
 
     def set_rules(self, text: str):
         self._engine.set_rules(text)

@@ -14,9 +14,23 @@ How tensors reach the engine. Gradients live in one flat float32 buffer
 (``opt.grad_buffer``) laid out in registration order, the engine's flat index space; each
 float32 CPU parameter's ``.grad`` is a view into it, so backward accumulates straight into
 the engine's memory. A ``.grad`` that is not that view (set to None and recreated, another
-dtype or device, replaced by DDP's bucket views) is copied in at ``step()``. Parameters that
-are float32, contiguous and on the CPU are updated in place; others (CUDA, bfloat16) get a
-float32 master copy on the CPU that is copied back after each step.
+dtype or device, replaced by DDP's bucket views) is copied in at ``step()``.
+
+Parameters. Contiguous float32, bfloat16 and float16 parameters on the engine's device are
+updated in place. For bfloat16/float16 the engine keeps float32 masters of its slice
+(4 bytes per parameter / ranks), writes round(master) into the parameters and all-gathers
+them. Writes the trainer makes between steps (``model.load_state_dict``, an EMA swap,
+weight surgery) are detected element by element and re-seed the masters at the next step,
+and checkpoints hold the masters, so ``model.load_state_dict`` + ``opt.load_state_dict``
+resumes exactly, in either order. Other parameters (another device, non-contiguous) go
+through a staging copy on the engine's device, refreshed from them before each step and
+copied back after.
+
+Param groups. As torch optimizers: a group's ``lr`` (relative to the base ``lr``: the
+schedule's rate is scaled by group lr / base lr) and ``weight_decay`` apply to its tensors
+in both branches (Celo2 and AdamW), e.g. nanoGPT's decay / no-decay groups. Changing a
+group's ``lr`` or ``weight_decay`` in ``param_groups`` between steps takes effect at the next
+step. ``betas``, ``eps`` and ``mult_1d`` are one per optimizer.
 
 Ranks. Under torchrun, mpirun or srun the engine is sharded over all ranks (see
 ``celo2.distributed``). ``grads`` says what the trainer did with the gradients:
@@ -26,9 +40,10 @@ Ranks. Under torchrun, mpirun or srun the engine is sharded over all ranks (see
 ``gather_params=False`` only this rank's slice of the parameters is updated; call
 ``opt.gather_params()`` (or gather them yourself) before the next forward.
 
-Learning rate. The engine's schedule drives ``param_groups[0]["lr"]`` (written after each
-step). If anything else changes that value (a ``torch.optim.lr_scheduler``, the trainer),
-the optimizer follows ``param_groups[0]["lr"]`` from then on.
+Learning rate. The engine's schedule drives every group's ``lr`` (written after each step:
+the schedule's rate times the group's scale). If anything else changes one of them (a
+``torch.optim.lr_scheduler``, the trainer), the optimizer follows the groups' ``lr`` values
+from then on.
 
 Checkpoints. ``state_dict()["celo2_state_file"]`` holds exactly the bytes ``save(path)``
 writes (the engine's world-size-independent checkpoint), so the two are interchangeable:
@@ -51,13 +66,20 @@ from .distributed import choose_communicator
 _NO_SETTER = "Celo2 registers its tensors once, at construction"
 
 
-class _Entry:
-    __slots__ = ("name", "param", "grad_view", "master", "direct", "ptr")
+_ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-    def __init__(self, name, param, grad_view, master, direct):
-        self.name, self.param, self.grad_view = name, param, grad_view
-        self.master, self.direct = master, direct
-        self.ptr = param.data_ptr() if direct else None
+
+class _Entry:
+    __slots__ = ("name", "param", "grad_view", "stage", "ptr", "group")
+
+    def __init__(self, name, param, grad_view, stage, group):
+        # stage: None when the engine updates `param` in place, else the copy it updates.
+        self.name, self.param, self.grad_view, self.stage, self.group = name, param, grad_view, stage, group
+        self.ptr = param.data_ptr() if stage is None else None
+
+    @property
+    def direct(self):
+        return self.stage is None
 
 
 class Celo2(_EngineFront, torch.optim.Optimizer):
@@ -65,7 +87,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
 
     Args:
         params: ``model``, ``model.named_parameters()``, tensors, or parameter-group dicts
-            (groups may not differ in hyperparameters: route tensors with ``rules``).
+            (a group may set ``lr`` and ``weight_decay``; tensors are routed to the Celo2 or
+            the AdamW branch by ``rules``).
         lr: base learning rate when no ``schedule`` is given (constant).
         schedule: text form, e.g. ``"cosine:lr=1e-3,warmup=100,total=10000,final=0.1"``.
         rules: label rules, e.g. ``"re:embed => adamw; ndim<=1 => adamw; * => celo2"``
@@ -91,7 +114,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
     Where the tensors live chooses the engine's backend (``backend="auto"``): parameters on a
     CUDA device run on the ``"cuda"`` backend (state, buffers and the rule on that device,
     NCCL between ranks) in builds that have it; CPU parameters on ``"cpu"``. ``backend="cpu"``
-    keeps the engine on the CPU whatever the parameters (CUDA ones get CPU masters).
+    keeps the engine on the CPU whatever the parameters (CUDA ones go through CPU staging
+    copies).
     """
 
     def __init__(self, params, lr: float = 1e-3, *, schedule: str | None = None,
@@ -142,19 +166,26 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                         eps=float(eps), mult_1d=float(mult_1d))
         for name, _, group in named:
             for k, v in group.items():
-                if k == "names":
+                if k in ("names", "lr", "weight_decay"):
                     continue
                 if k not in defaults:
                     raise ValueError(f"parameter group option {k!r} (of {name!r}) is not a Celo2 option")
                 if v != defaults[k] and not (k == "betas" and tuple(v) == defaults[k]):
                     raise ValueError(
                         f"parameter groups with their own {k} ({name!r}: {v!r} vs {defaults[k]!r}) are not "
-                        "supported: Celo2 takes one set of hyperparameters and routes tensors with label "
-                        "rules (rules=...)")
-        trainable = [(n, p) for n, p, _ in named if p.requires_grad]
+                        "supported: a group may set lr and weight_decay; betas, eps and mult_1d are one per "
+                        "optimizer")
+            for k in ("lr", "weight_decay"):
+                if k in group and (not _is_number(group[k]) or group[k] < 0):
+                    raise ValueError(f"parameter group {k} of {name!r} must be a finite number >= 0, "
+                                     f"got {group[k]!r}")
+            if "lr" in group and group["lr"] != lr and lr == 0:
+                raise ValueError(f"parameter group lr {group['lr']!r} of {name!r}: group lrs are scales of "
+                                 "the base lr, which is 0")
+        trainable = [(n, p, g) for n, p, g in named if p.requires_grad]
         if not trainable:
             raise ValueError("Celo2: no parameter requires grad")
-        devices = {p.device for _, p in trainable}
+        devices = {p.device for _, p, _ in trainable}
         on_cuda = all(d.type == "cuda" for d in devices)
         if backend == "auto":
             backend = "cuda" if on_cuda and _celo2.gpu_engine_supported() else "cpu"
@@ -170,10 +201,25 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             self._device = torch.device("cpu")
         self._backend = backend
         self._frozen_names = [n for n, p, _ in named if not p.requires_grad]
+        # One torch param group per distinct group dict of the caller (in order of appearance).
+        group_of: dict[int, int] = {}
+        torch_groups: list[dict] = []
+        for n, p, g in trainable:
+            k = group_of.setdefault(id(g), len(torch_groups))
+            if k == len(torch_groups):
+                torch_groups.append({**{a: b for a, b in g.items() if a in ("lr", "weight_decay")},
+                                     "params": [], "names": []})
+            torch_groups[k]["params"].append(p)
+            torch_groups[k]["names"].append(n)
+        # Groups that set their own decay keep it when the recipe's changes (set_weight_decay,
+        # the control plane); the others follow the recipe's.
+        self._own_wd = ["weight_decay" in tg for tg in torch_groups]
         self._registering = True
-        super().__init__([{"params": [p for _, p in trainable], "names": [n for n, _ in trainable]}],
-                         defaults)
+        super().__init__(torch_groups, defaults)
         self._registering = False
+        # The engine's per-tensor hyperparameters, per group: lr scale (of the schedule's rate).
+        self._scales = [pg["lr"] / lr if lr > 0 else 1.0 for pg in self.param_groups]
+        self._pushed = [None] * len(self.param_groups)
 
         options = dict(variant=variant, config=config, theta=bytes(theta) if isinstance(theta, bytearray) else theta,
                        schedule=schedule if schedule is not None else f"constant:lr={float(lr)!r}",
@@ -200,32 +246,39 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         else:
             self._engine = _celo2.Optimizer(options, choose_communicator(communicator))
 
-        total = sum(p.numel() for _, p in trainable)
+        total = sum(p.numel() for _, p, _ in trainable)
         self._grad_buffer = torch.zeros(total, dtype=torch.float32, device=self._device)
         self._entries: list[_Entry] = []
         offset = 0
         with torch.no_grad():
-            for name, p in trainable:
-                n = p.numel()
-                view = self._grad_buffer[offset:offset + n].view(p.shape)
-                direct = p.device == self._device and p.dtype == torch.float32 and p.is_contiguous()
-                if not direct and not self._gather:
-                    raise ValueError(
-                        f"gather_params=False needs float32 contiguous parameters on the engine's device "
-                        f"({name!r} is {p.dtype} on {p.device}, the engine on {self._device})")
-                master = p.data if direct else p.detach().to(self._device, torch.float32).contiguous()
-                if p.grad is not None:
-                    view.copy_(p.grad)
-                if direct:
-                    p.grad = view
-                self._engine.add_tensor(name, list(p.shape), master.data_ptr(), view.data_ptr(),
-                                        "float32", (master, view))
-                self._entries.append(_Entry(name, p, view, master, direct))
-                offset += n
+            for gi, pg in enumerate(self.param_groups):
+                for name, p in zip(pg["names"], pg["params"]):
+                    n = p.numel()
+                    view = self._grad_buffer[offset:offset + n].view(p.shape)
+                    direct = p.device == self._device and p.dtype in _ENGINE_DTYPES and p.is_contiguous()
+                    if not direct and not self._gather:
+                        raise ValueError(
+                            f"gather_params=False needs contiguous float32/bfloat16/float16 parameters on the "
+                            f"engine's device ({name!r} is {p.dtype} on {p.device}, the engine on {self._device})")
+                    if direct:
+                        stage = None
+                        target = p.data
+                    else:
+                        dtype = p.dtype if p.dtype in _ENGINE_DTYPES else torch.float32
+                        stage = target = p.detach().to(self._device, dtype).contiguous()
+                    if p.grad is not None:
+                        view.copy_(p.grad)
+                    if direct and p.dtype == torch.float32:
+                        p.grad = view
+                    self._engine.add_tensor(name, list(p.shape), target.data_ptr(), view.data_ptr(),
+                                            _ENGINE_DTYPES[target.dtype], (target, view))
+                    self._entries.append(_Entry(name, p, view, stage, gi))
+                    offset += n
+        self._wd_written = [pg["weight_decay"] for pg in self.param_groups]
+        self._push_groups()
         status = self._engine.status()
-        self._lr_written = status["lr"]
         self._external_lr = False
-        self.param_groups[0]["lr"] = status["lr"]
+        self._write_lrs(status["lr"])
         self.last_report: dict | None = None
         self.last_step_seconds = 0.0
 
@@ -267,6 +320,9 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()
+        for e in self._entries:
+            if e.stage is not None:  # the trainer may have written the parameter since
+                e.stage.copy_(e.param)
         has_grad = self._sync_grads()
         lr, loss_value = self._step_args(loss)
         t0 = time.perf_counter()
@@ -276,8 +332,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             torch.cuda.current_stream(self._device).synchronize()
         report = self._engine.step(loss=loss_value, lr=lr, has_grad=has_grad)
         for e in self._entries:
-            if not e.direct:
-                e.param.copy_(e.master, non_blocking=True)
+            if e.stage is not None:
+                e.param.copy_(e.stage, non_blocking=True)
         self._record(report, time.perf_counter() - t0)
         return loss
 
@@ -292,7 +348,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         self._grad_buffer.zero_()
         for e in self._entries:
             g = e.param.grad
-            if e.direct:
+            if e.direct and e.param.dtype == torch.float32:  # .grad is a view of the buffer
                 if g is None or g.data_ptr() != e.grad_view.data_ptr():
                     e.param.grad = e.grad_view
             elif g is not None:
@@ -332,7 +388,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         else:
             sd["celo2_state_file"] = self._engine.state_bytes()
         sd["celo2"] = {"format": "celo2-optimizer-state/1", "external_lr": self._external_lr,
-                       "names": [e.name for e in self._entries]}
+                       "names": [e.name for e in self._entries], "lr_scales": list(self._scales),
+                       "own_weight_decay": list(self._own_wd)}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -359,7 +416,12 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                         mine[k] = v
         meta = state_dict.get("celo2", {})
         self._external_lr = bool(meta.get("external_lr", False))
-        self._lr_written = self.param_groups[0]["lr"]
+        for key, attr in (("lr_scales", "_scales"), ("own_weight_decay", "_own_wd")):
+            if isinstance(meta.get(key), list) and len(meta[key]) == len(self.param_groups):
+                setattr(self, attr, list(meta[key]))
+        self._lr_written = [pg["lr"] for pg in self.param_groups]
+        self._wd_written = [pg["weight_decay"] for pg in self.param_groups]
+        self._push_groups()
 
     # ---------------------------------------------------------------- engine extras
     def save(self, path):
@@ -405,12 +467,16 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         return self._engine.status()
 
     def set_weight_decay(self, wd: float):
+        """The recipe's weight decay: every group that did not set its own follows it."""
         self._engine.set_weight_decay(wd)
-        self.param_groups[0]["weight_decay"] = wd
+        for gi, pg in enumerate(self.param_groups):
+            if not self._own_wd[gi]:
+                pg["weight_decay"] = self._wd_written[gi] = wd
 
     def set_mult_1d(self, m: float):
         self._engine.set_mult_1d(m)
-        self.param_groups[0]["mult_1d"] = m
+        for pg in self.param_groups:
+            pg["mult_1d"] = m
 
     def set_max_grad_norm(self, v: float):
         """Global gradient-norm clipping threshold (0: off), from the next step on."""

@@ -8,7 +8,8 @@ already runs on the engine's ``"cuda"`` backend (optimizer state, buffers and th
 rule on the device, NCCL between ranks; ``celo2/cuda_backend.h``). ``Celo2CUDA`` is that
 optimizer with the choice fixed: it raises when the build has no cuda backend, when no CUDA
 device is visible, or when a parameter is not on one CUDA device, instead of falling back to
-the CPU. bfloat16 parameters get float32 masters on the device. Checkpoints are the engine's
+the CPU. bfloat16/float16 parameters get float32 masters of each rank's slice on the device
+(kept by the engine; writes to the parameters between steps re-seed them). Checkpoints are the engine's
 world-size-independent files, so a GPU state loads on the CPU and back.
 """
 from __future__ import annotations
@@ -31,11 +32,3 @@ class Celo2CUDA(Celo2):
         if kwargs.setdefault("backend", "cuda") != "cuda":
             raise ValueError("Celo2CUDA runs on the cuda backend; use celo2.torch.Celo2 for others")
         super().__init__(params, *args, **kwargs)
-
-    def refresh_masters(self):
-        """After changing bfloat16 parameters outside the optimizer (e.g. loading a model):
-        re-read the float32 masters from the parameters."""
-        with torch.no_grad():
-            for e in self._entries:
-                if not e.direct:
-                    e.master.copy_(e.param.detach().to(torch.float32))

@@ -124,6 +124,7 @@ py::dict report_dict(const StepReport& r, double seconds) {
   d["grad_norm_total"] = r.grad_norm_total;  // before clipping
   d["clip_scale"] = r.clip_scale;
   d["no_grad_tensors"] = r.no_grad_tensors;
+  d["masters_reseeded"] = r.masters_reseeded;
   d["seconds"] = seconds;
   return d;
 }
@@ -189,6 +190,7 @@ py::dict state_file_dict(const py::bytes& b) {
     if (!r.v_col.empty()) t["v_col"] = to_numpy(r.v_col, {static_cast<int64_t>(r.v_col.size())});
     if (!r.mu.empty()) t["mu"] = to_numpy(r.mu, r.shape);
     if (!r.nu.empty()) t["nu"] = to_numpy(r.nu, r.shape);
+    if (!r.master.empty()) t["master"] = to_numpy(r.master, r.shape);
     ts[py::str(r.name)] = t;
   }
   d["tensors"] = ts;
@@ -211,9 +213,7 @@ class PyOptimizer {
 
   void add_tensor(const std::string& name, const std::vector<int64_t>& shape, uintptr_t params,
                   uintptr_t grads, const std::string& dtype, py::object keepalive) {
-    if (dtype != "float32")
-      throw std::invalid_argument("add_tensor('" + name + "'): dtype " + dtype +
-                                  ": the engine takes float32 (keep a float32 master copy)");
+    const DType d = parse_dtype(dtype);  // of the parameters; gradients are float32
     int64_t n = 1;
     for (int64_t s : shape) {
       if (s < 0) throw std::invalid_argument("add_tensor('" + name + "'): negative dimension");
@@ -221,9 +221,10 @@ class PyOptimizer {
     }
     if (n > 0 && (params == 0 || grads == 0))
       throw std::invalid_argument("add_tensor('" + name + "'): null params or grads pointer");
-    if (params % alignof(float) || grads % alignof(float))
-      throw std::invalid_argument("add_tensor('" + name + "'): pointers not aligned for float32");
-    client_->add_tensor(name, shape, reinterpret_cast<float*>(params), reinterpret_cast<const float*>(grads));
+    if (params % dtype_bytes(d) || grads % alignof(float))
+      throw std::invalid_argument("add_tensor('" + name + "'): pointers not aligned (params " + dtype +
+                                  ", grads float32)");
+    client_->add_tensor(name, shape, reinterpret_cast<void*>(params), d, reinterpret_cast<const float*>(grads));
     keep_.push_back(std::move(keepalive));
   }
 
@@ -413,6 +414,16 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
       .def("set_theta_file", [](PyOptimizer& o, const std::string& s) { o.client().set_theta_file(s); })
       .def("set_weight_decay", [](PyOptimizer& o, double v) { o.client().set_weight_decay(v); })
       .def("set_mult_1d", [](PyOptimizer& o, double v) { o.client().set_mult_1d(v); })
+      .def(
+          "set_group",
+          [](PyOptimizer& o, const std::string& name, double lr_scale, std::optional<double> wd) {
+            TensorGroup g;
+            g.lr_scale = lr_scale;
+            g.weight_decay = wd;
+            o.client().set_group(name, g);
+          },
+          py::arg("name"), py::arg("lr_scale") = 1.0, py::arg("weight_decay") = py::none(),
+          "A tensor's param group: lr multiplier and weight decay (None: the recipe's)")
       .def("set_max_grad_norm", [](PyOptimizer& o, double v) { o.client().set_max_grad_norm(v); })
       .def("gather_params", [](PyOptimizer& o) { o.collective([&] { o.client().gather_params(); }); })
       .def("start_control", [](PyOptimizer& o) { o.collective([&] { o.client().start_control(); }); })

@@ -97,6 +97,9 @@ class Engine : public EngineControl {
   // step on; the same calls on every rank. Throws std::invalid_argument for bad values.
   void set_group(size_t i, const TensorGroup& g);
   const TensorGroup& group_of(size_t i) const;
+  // Collective: every rank's updated slice into every rank's parameters (what step() does
+  // when gather_params is true), for a trainer that runs with gather_params = false.
+  void gather_params();
   DType dtype_of(size_t i) const;
 
   // `has_grad` (optional; one byte per tensor, registration order, same call on every rank):

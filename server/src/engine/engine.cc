@@ -147,6 +147,11 @@ void Engine::set_group(size_t i, const TensorGroup& g) {
   entries_[i]->group = g;
 }
 
+void Engine::gather_params() {
+  if (!plan_ready_) build_plan();
+  if (comm_->size() > 1) gather_params_now();
+}
+
 int64_t Engine::reseed_masters() {
   int64_t n = 0;
   for (auto& e : entries_)

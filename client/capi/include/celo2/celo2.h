@@ -100,8 +100,10 @@ CELO2_API celo2_status_t celo2_options_destroy(celo2_options_t* options);
 CELO2_API celo2_status_t celo2_create(const celo2_options_t* options, celo2_t** out);
 CELO2_API celo2_status_t celo2_destroy(celo2_t* opt);
 
-/* shape: ndim (0..8) non-negative sizes. dtype must be CELO2_FLOAT32 in this version (the
- * others fail with CELO2_ERR_UNSUPPORTED). Names are unique, non-empty, NUL-terminated. */
+/* shape: ndim (0..8) non-negative sizes. dtype is the parameters' (float32, bfloat16 or
+ * float16); gradients are float32. For bfloat16/float16 the engine keeps float32 masters of
+ * its slice, writes round(master) into params after each step, and re-seeds a master where
+ * params was written between steps. Names are unique, non-empty, NUL-terminated. */
 CELO2_API celo2_status_t celo2_add_tensor(celo2_t* opt, const char* name, int32_t ndim, const int64_t* shape,
                                 celo2_dtype_t dtype, void* params, const void* grads);
 
@@ -115,6 +117,12 @@ CELO2_API celo2_status_t celo2_load(celo2_t* opt, const char* path);
 
 /* Runtime changes, same keys as the options: schedule, rules, theta, weight_decay, mult_1d. */
 CELO2_API celo2_status_t celo2_set(celo2_t* opt, const char* key, const char* value);
+
+/* A tensor's param group (torch semantics): its learning rate is the step's times lr_scale
+ * (>= 0); weight_decay >= 0 replaces the recipe's for it, NaN keeps the recipe's. Same
+ * calls on every rank; takes effect at the next step. */
+CELO2_API celo2_status_t celo2_set_tensor_group(celo2_t* opt, const char* name, double lr_scale,
+                                                double weight_decay);
 
 /* gather_params=0: all-gather every rank's updated slice into the parameters. */
 CELO2_API celo2_status_t celo2_gather_params(celo2_t* opt);

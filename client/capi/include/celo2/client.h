@@ -114,6 +114,12 @@ class Client {
   // `grads` read at each step; both must stay valid (float32, C order, numel(shape)).
   void add_tensor(const std::string& name, const std::vector<int64_t>& shape, float* params,
                   const float* grads);
+  // bf16/fp16 parameters (float32 gradients): the engine keeps float32 masters of its slice
+  // (Engine::add_tensor with a DType).
+  void add_tensor(const std::string& name, const std::vector<int64_t>& shape, void* params, DType dtype,
+                  const float* grads);
+  // A tensor's param-group hyperparameters (recipe.h TensorGroup); same calls on every rank.
+  void set_group(const std::string& name, const TensorGroup& g);
 
   // One update. `loss` (this step's, mean over ranks if known) goes to the control plane.
   // `lr`, when set, replaces the schedule's learning rate for this step.
@@ -162,7 +168,6 @@ class Client {
   std::shared_ptr<Communicator> comm_;
   std::unique_ptr<Engine> engine_;
   std::vector<TensorDesc> tensors_;
-  std::vector<float*> params_;
   std::unique_ptr<ControlHolder> control_;
   double last_lr_ = 0.0, last_seconds_ = 0.0, total_seconds_ = 0.0, last_grad_norm_ = 0.0;
 };
