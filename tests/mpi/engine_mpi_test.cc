@@ -611,6 +611,66 @@ TEST_P(HalfMasters, FollowTheFloat32RunAndTheTrainersWrites) {
 INSTANTIATE_TEST_SUITE_P(DTypesAndPlans, HalfMasters,
                          ::testing::Combine(::testing::Values(0, 1), ::testing::Values(0, 1)));
 
+
+// Weights that pass the canary (features in [-3, 3]) but overflow the magnitude, exp(mag ·
+// exp_mult), on an outlier gradient: the project's Adam-like weights plus a magnitude that
+// grows with the normalized gradient (channel 0).
+Theta overflowing_theta(const RuleConfig& cfg) {
+  Theta t = Theta::adam_like(cfg);
+  const int L = static_cast<int>(t.layers.size()) - 1;
+  t.layers[0].w[0 * t.layers[0].out + 2] = 1.0f;  // unit 2 = relu(g)
+  for (int l = 1; l < L; ++l) t.layers[l].w[2 * t.layers[l].out + 2] = 1.0f;
+  t.layers[L].w[2 * t.layers[L].out + 1] = 19.0f / cfg.exp_mult;  // canary: 3 · 19 = 57 < 60
+  return t;
+}
+
+TEST(Engine, NonFiniteUpdatesFallUnderTheNanPolicy) {
+  // Finite gradients, finite accepted weights, a non-finite Celo2 update: it never reaches
+  // the parameters. skip: nothing moves and the step counts as skipped; zero: the bad entries
+  // are dropped; error: NonFiniteGradientError names the update.
+  for (Plan plan : {Plan::kFlat, Plan::kWholeTensors})
+    for (NanPolicy policy : {NanPolicy::kSkipStep, NanPolicy::kZero, NanPolicy::kError}) {
+      Model m(3);
+      EngineOptions eo;
+      eo.opt = options();
+      eo.opt.rule.exp_mult = 0.3f;  // per-element magnitude exp(mag · 0.3)
+      eo.opt.theta = overflowing_theta(eo.opt.rule);
+      eo.opt.nan_policy = policy;
+      eo.grad_mode = GradMode::kReduced;
+      eo.plan = plan;
+      Engine eng(eo, g_comm);
+      m.register_with(eng);
+      for (auto& v : m.g)
+        for (auto& x : v) x = 1e-3f;
+      m.g[4][100] = 1000.0f;  // an outlier in layer0/mlp/w (a Celo2 matrix)
+      const Model before = m;
+      const std::string tag = "plan " + std::to_string(static_cast<int>(plan)) + " policy " + nan_policy_name(policy);
+      if (policy == NanPolicy::kError) {
+        try {
+          eng.step();
+          ADD_FAILURE() << tag << ": no error";
+        } catch (const NonFiniteGradientError& e) {
+          EXPECT_NE(std::string(e.what()).find("Celo2 update"), std::string::npos) << e.what();
+        }
+        EXPECT_EQ(m.p, before.p) << tag;
+        continue;
+      }
+      const StepReport r = eng.step();
+      EXPECT_GT(r.nonfinite_update, 0) << tag << ": the weights did not overflow; the test tests nothing";
+      EXPECT_EQ(r.nonfinite, 0) << tag;
+      for (size_t t = 0; t < m.p.size(); ++t)
+        for (float x : m.p[t]) ASSERT_TRUE(std::isfinite(x)) << tag << " " << m.names[t];
+      if (policy == NanPolicy::kSkipStep) {
+        EXPECT_TRUE(r.skipped) << tag;
+        EXPECT_EQ(eng.skipped_steps(), 1) << tag;
+        EXPECT_EQ(m.p, before.p) << tag;
+      } else {
+        EXPECT_FALSE(r.skipped) << tag;
+        EXPECT_NE(m.p[1], before.p[1]) << tag << ": other tensors still update";
+      }
+    }
+}
+
 }  // namespace
 }  // namespace celo2
 

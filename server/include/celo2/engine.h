@@ -155,7 +155,11 @@ class Engine : public EngineControl {
   void phase_end();
   void warn_unused_rules();  // rank 0, stderr: rules that route no tensor
   void reduce_scatter_grads();
-  double step_phases(double lr);
+  // Returns false when the step was skipped (non-finite updates under NanPolicy::kSkipStep).
+  bool step_phases(double lr, StepReport& rep, double* usq0);
+  // The gate between computing the Celo2 updates and applying them: sums this rank's count
+  // of non-finite update entries over ranks and applies the NaN policy to it.
+  NanAction check_updates(double local_bad, StepReport& rep);
   StateFile collect_state(bool all_ranks);
   void install_state(size_t i, const TensorStateRecord& r);
   void reset_state(size_t i);

@@ -68,6 +68,8 @@ struct StepReport {
   double lr = 0.0;
   bool skipped = false;      // non-finite gradients and NanPolicy::kSkipStep
   int64_t nonfinite = 0;     // non-finite gradient entries seen this call
+  int64_t nonfinite_update = 0;  // non-finite entries of the Celo2 rule's update (finite
+                                 // gradients, weights that overflow): the NaN policy applies
   double update_rms[3] = {};  // per label (celo2, adamw, frozen): RMS of the applied update
   double grad_norm[3] = {};   // per label: L2 norm of the gradients (before clipping)
   double grad_norm_total = 0.0;  // L2 norm over the celo2 and adamw gradients, before clipping

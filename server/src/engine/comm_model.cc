@@ -64,7 +64,8 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
   m.bytes["newton_schulz"] = flat.empty() ? 0.0
       : merged ? a2a
                : 2.0 * a2a + (cfg.normalize_output ? all_reduce(static_cast<double>(flat.size())) : 0.0);
-  m.bytes["apply"] = all_reduce(3);
+  // the gate on non-finite updates (one count), then the update RMS sums
+  m.bytes["apply"] = all_reduce(1) + all_reduce(3);
   m.bytes["gather"] = gather_params ? f * bytesN : 0.0;
   for (const auto& [k, v] : m.bytes) m.celo2 += v;
   m.zero1_adamw = 2.0 * f * bytesN;

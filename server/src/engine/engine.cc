@@ -546,13 +546,21 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
                         u_local_->data() + e.local_off});
     }
     backend_->rule_whole(cfg, o.theta, mine);
+    double bad = 0, sq = 0;
+    for (const Backend::Whole& w : mine) backend_->grad_stats(w.u, entries_[w.t]->len(), &bad, &sq);
+    const NanAction act = check_updates(bad, rep);
+    if (act == NanAction::kSkip) {
+      phase_end();
+      return rep;
+    }
     for (const Backend::Whole& w : mine) {
       Entry& e = *entries_[w.t];
+      if (act == NanAction::kZeroEntries) backend_->zero_nonfinite(w.u, e.len());
       usq[0] += backend_->apply(group_lr(lr, e.group), group_wd(o, e.group), e.len(), e.p_at(e.lo), w.u);
     }
     phase_end();
-  } else {
-    usq[0] = step_phases(lr);
+  } else if (!step_phases(lr, rep, &usq[0])) {
+    return rep;
   }
   phase_begin("apply");
   for (size_t i = 0; i < entries_.size(); ++i) {
@@ -582,10 +590,26 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   return rep;
 }
 
+NanAction Engine::check_updates(double local_bad, StepReport& rep) {
+  comm_->all_reduce_sum(&local_bad, 1);
+  rep.nonfinite_update = static_cast<int64_t>(local_bad);
+  const NanAction act = decide_nan(opts_.opt.nan_policy, rep.nonfinite_update, step_,
+                                   "in the Celo2 update, from finite gradients: the MLP weights give "
+                                   "non-finite output");
+  if (act == NanAction::kSkip) {
+    // Nothing is applied. The rule's state has taken this step's (finite) gradients.
+    ++skipped_;
+    rep.skipped = true;
+    rep.step = step_;
+  }
+  return act;
+}
+
 // 2–8 of the flat plan: the rule in phases on this rank's slices, with the small
 // statistics summed between phases and Newton–Schulz at the matrices' owners. Applies the
-// celo2 branch; returns its applied update's sum of squares on this rank.
-double Engine::step_phases(double lr) {
+// celo2 branch (its applied update's sum of squares on this rank into *usq0) unless the
+// updates are non-finite and the NaN policy skips the step (returns false).
+bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   const OptimizerOptions& o = opts_.opt;
   const RuleConfig& cfg = o.rule;
   const int W = comm_->size(), me = comm_->rank();
@@ -721,7 +745,6 @@ double Engine::step_phases(double lr) {
 
   // 7b. Newton–Schulz at the owners.
   std::vector<double> mat_sq(matrices_.size(), 0.0);
-  double celo_usq_from_owners = 0.0;
   if (!matrices_.empty()) {
     phase_begin("newton_schulz");
     auto cut = [&](int k) { return cuts_[k]; };
@@ -764,8 +787,7 @@ double Engine::step_phases(double lr) {
     // Owners orthogonalize. On the merged path they also finish the step and update the
     // parameters of the whole matrix (parameters are replicated), which reach every rank
     // through the parameter all-gather.
-    double owner_usq = 0.0;
-#pragma omp parallel if (mine_idx.size() > 1) reduction(+ : owner_usq)
+#pragma omp parallel if (mine_idx.size() > 1)
     {
       std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
@@ -783,12 +805,9 @@ double Engine::step_phases(double lr) {
         if (merged_) {
           const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
           phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
-          owner_usq += apply_update(group_lr(lr, e.group), group_wd(o, e.group), e.geo.norm_size,
-                                    e.params + m.group * e.geo.norm_size, x);
         }
       }
     }
-    celo_usq_from_owners = owner_usq;
     if (!merged_) {
       walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
         std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
@@ -803,25 +822,58 @@ double Engine::step_phases(double lr) {
     phase_end();
   }
 
-  // 8. Output normalization and the update, locally.
+  // 8. Output normalization, the gate on non-finite updates, and the update, locally (the
+  // merged path's owners update their whole matrices).
   phase_begin("apply");
-  double usq0 = celo_usq_from_owners;
+  std::vector<size_t> owned;
+  for (size_t i = 0; i < matrices_.size(); ++i)
+    if (merged_ && matrices_[i].owner == me && !skip_[matrices_[i].entry]) owned.push_back(i);
+  double bad = 0;
   {
-    double acc_all = 0.0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : acc_all) if (items.size() > 1)
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (items.size() > 1)
     for (size_t it = 0; it < items.size(); ++it) {
       const WorkItem& w = items[it];
       Entry& e = *celo[w.k];
-      if (merged_ && e.ns(cfg)) continue;  // owners updated those
+      if (merged_ && e.ns(cfg)) continue;  // owners finished those
       const Slice s = sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi);
       const double* gsq = e.ns(cfg) ? &mat_sq[e.first_matrix] : &small[e.small_off + 1];
       phase_finish(cfg, e.geo, sc[w.k], s, gsq);
-      acc_all += apply_update(group_lr(lr, e.group), group_wd(o, e.group), w.hi - w.lo, e.p_at(w.lo), s.u);
+      double sq = 0;
+      backend_->grad_stats(s.u, w.hi - w.lo, &bad, &sq);
     }
-    usq0 += acc_all;
   }
+  for (size_t i : owned) {
+    double sq = 0;
+    backend_->grad_stats(mat_buf_.data() + matrices_[i].owned_off, entries_[matrices_[i].entry]->geo.norm_size, &bad, &sq);
+  }
+  const NanAction act = check_updates(bad, rep);
+  if (act == NanAction::kSkip) {
+    phase_end();
+    return false;
+  }
+  const bool zero = act == NanAction::kZeroEntries;
+  double usq0 = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : usq0) if (owned.size() > 1)
+  for (size_t t = 0; t < owned.size(); ++t) {
+    const Matrix& m = matrices_[owned[t]];
+    const Entry& e = *entries_[m.entry];
+    float* x = mat_buf_.data() + m.owned_off;
+    if (zero) backend_->zero_nonfinite(x, e.geo.norm_size);
+    usq0 += apply_update(group_lr(lr, e.group), group_wd(o, e.group), e.geo.norm_size,
+                         e.params + m.group * e.geo.norm_size, x);
+  }
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : usq0) if (items.size() > 1)
+  for (size_t it = 0; it < items.size(); ++it) {
+    const WorkItem& w = items[it];
+    Entry& e = *celo[w.k];
+    if (merged_ && e.ns(cfg)) continue;
+    float* u = U + e.local_off + (w.lo - e.lo);
+    if (zero) backend_->zero_nonfinite(u, w.hi - w.lo);
+    usq0 += apply_update(group_lr(lr, e.group), group_wd(o, e.group), w.hi - w.lo, e.p_at(w.lo), u);
+  }
+  *usq0_out = usq0;
   phase_end();
-  return usq0;
+  return true;
 }
 
 void Engine::set_theta(Theta theta) {
