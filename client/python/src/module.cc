@@ -125,6 +125,7 @@ py::dict report_dict(const StepReport& r, double seconds) {
   d["clip_scale"] = r.clip_scale;
   d["no_grad_tensors"] = r.no_grad_tensors;
   d["masters_reseeded"] = r.masters_reseeded;
+  d["nonfinite_update"] = r.nonfinite_update;
   d["seconds"] = seconds;
   return d;
 }
