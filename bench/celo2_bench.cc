@@ -46,6 +46,7 @@
 #include "celo2/adamw.h"
 #include "celo2/config.h"
 #include "celo2/newton_schulz.h"
+#include "ns_bench.h"
 #include "celo2/rule.h"
 
 namespace {
@@ -358,7 +359,25 @@ int main(int argc, char** argv) {
   app.add_option("--engine-d", eb.d, "GPT width of --engine")->capture_default_str();
   app.add_option("--engine-steps", eb.steps, "timed steps of --engine")->capture_default_str();
   app.add_flag("--engine-base", eb.base, "Celo2-base in --engine");
+  celo2::bench::NsGramOptions ng;
+  bool ns_gram_mode = false;
+  app.add_flag("--ns-gram", ns_gram_mode,
+               "Gram vs standard Newton-Schulz at the GPT-3 XL shapes: FLOPs, time, error vs float64");
+  app.add_option("--ns-gram-reps", ng.reps, "timed repetitions of --ns-gram")->capture_default_str();
+  std::vector<std::string> ng_shapes;
+  app.add_option("--ns-gram-shapes", ng_shapes, "shapes of --ns-gram, RxC (default: the GPT-3 XL ones)");
   CLI11_PARSE(app, argc, argv);
+  if (ns_gram_mode) {
+    ng.json_path = o.json_path;
+    if (!ng_shapes.empty()) ng.shapes.clear();
+    for (const std::string& t : ng_shapes) {
+      const size_t x = t.find('x');
+      if (x == std::string::npos) fail("--ns-gram-shapes: expected RxC, got " + t);
+      else ng.shapes.emplace_back(std::stoll(t.substr(0, x)), std::stoll(t.substr(x + 1)));
+    }
+    if (g_failed) return 1;
+    return celo2::bench::run_ns_gram_bench(ng);
+  }
   if (engine_mode) {
     eb.ffn = 4 * eb.d;
     return celo2::bench::run_engine_bench(eb);
@@ -513,13 +532,15 @@ int main(int argc, char** argv) {
       if (o.no_ns) break;
       std::vector<float> x(static_cast<size_t>(r * c)), scratch;
       fill_uniform(x, 7, 1.0f);
-      const double flops = celo2::newton_schulz_flops(cfg, r, c);
+      const double flops = celo2::newton_schulz_flops(cfg, r, c, celo2::NsMethod::kStandard);
       // What the BLAS calls execute: ssyrk does half of X Xt.
       const double rr = static_cast<double>(std::min(r, c)), cc = static_cast<double>(std::max(r, c));
       const double executed = cfg.ns_iters * (3.0 * rr * rr * cc + 2.0 * rr * rr * rr);
       for (int t : thread_counts) {
         set_threads(t);
-        const Timing tm = time_median(o, [&] { celo2::newton_schulz(cfg, r, c, x.data(), scratch); });
+        const Timing tm = time_median(o, [&] {
+          celo2::newton_schulz(cfg, r, c, x.data(), scratch, celo2::NsMethod::kStandard);
+        });
         if (!all_finite(x.data(), r * c)) fail("Newton-Schulz output is not finite");
         NsRow row{std::to_string(r) + "x" + std::to_string(c), t, flops / tm.median_s / 1e9,
                   executed / tm.median_s / 1e9, sgemm.at({t, gemm_key(r, c)}), 0};

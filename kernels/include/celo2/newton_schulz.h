@@ -13,12 +13,45 @@ namespace celo2 {
 // Plain triple loops in double precision: the reference.
 void newton_schulz_reference(const RuleConfig& cfg, int64_t rows, int64_t cols, float* x);
 
-// BLAS (sgemm/ssyrk) in float32; `scratch` is resized as needed and reused across calls.
-void newton_schulz(const RuleConfig& cfg, int64_t rows, int64_t cols, float* x,
-                   std::vector<float>& scratch);
+// How the iteration is computed (the same polynomial either way).
+//   kStandard: on the r×c matrix X (r <= c), as above.
+//   kGram: on the r×r Gram matrix. With G = X₀X₀ᵀ and p(A) = aI + bA + cA², every X_k is
+//     Q_k X₀ with Q_{k+1} = p(A_k) Q_k, and A_{k+1} = X_{k+1}X_{k+1}ᵀ = P_k A_k P_k (P_k = p(A_k)
+//     is symmetric and commutes with A_k), so the iterations touch only r×r matrices and X₀
+//     is read twice (G and the final Q·X₀). Exact in real arithmetic. Fewer FLOPs when c is
+//     a few times r (44 % fewer at c = 4r, 34 % at c = 3r, 5 iterations); more when c ≈ r. In float32 the Gram
+//     matrix squares X's condition number; `gram_restart` > 0 rebuilds X = Q·X₀ and G from it
+//     every that many iterations (a restart), trading r²c work for accuracy.
+//   kAuto: the process's choice (set_ns_method_default; CELO2_NS_METHOD), kStandard unless
+//     set. Gram is not the default anywhere: at the GPT-3 XL shapes it saves 26–44 % of the
+//     FLOPs, but on a low-rank-plus-noise input (the spectrum of gradient momenta) its error
+//     after the output normalization is 3–4x the standard float32 path's and above the
+//     golden files' 1e-4 (docs/PERF.md "Gram Newton–Schulz").
+enum class NsMethod { kAuto, kStandard, kGram };
+NsMethod ns_method_for(int64_t rows, int64_t cols, NsMethod requested = NsMethod::kAuto);
+// The restart interval kAuto uses with kGram.
+inline constexpr int kGramRestart = 2;
+// Process-wide: what kAuto means from now on (kAuto or kStandard: the standard iteration;
+// kGram: the Gram iteration for every matrix, with `gram_restart`). For tests and the
+// CELO2_NS_METHOD tunable.
+void set_ns_method_default(NsMethod m, int gram_restart = kGramRestart);
+const char* ns_method_name(NsMethod m);
 
-// FLOPs of one newton_schulz call (for benchmarks and owner load balancing).
+// BLAS (sgemm/ssyrk) in float32; `scratch` is resized as needed and reused across calls.
+// gram_restart < 0: kGramRestart (or the process-wide setting's) when kGram is used.
+void newton_schulz(const RuleConfig& cfg, int64_t rows, int64_t cols, float* x,
+                   std::vector<float>& scratch, NsMethod method = NsMethod::kAuto, int gram_restart = -1);
+
+// The float64 BLAS version of the standard iteration: the accuracy reference at sizes the
+// triple loops cannot reach (benchmarks' error tables).
+void newton_schulz_f64(const RuleConfig& cfg, int64_t rows, int64_t cols, double* x);
+
+// FLOPs of one newton_schulz call (for benchmarks and owner load balancing), for the method
+// kAuto means now. GEMM-equivalent: every product counts 2mnk, the symmetric
+// ones (X Xᵀ, A·A, computed by ssyrk at half that) included.
 double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols);
+double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols, NsMethod method,
+                           int gram_restart = -1);
 
 // Limit BLAS to `n` threads (0 = leave as is). OpenBLAS threads otherwise fight OpenMP's.
 void set_blas_threads(int n);

@@ -64,6 +64,9 @@ enum class Kind {
     "Control-plane bearer token when no token or token file is given (trainer and celo2ctl)")   \
   X(control_addr, "CELO2_CONTROL_ADDR", kString, "", "",                                         \
     "celo2ctl's server address (host:port) when --addr is not given")                            \
+  X(ns_method, "CELO2_NS_METHOD", kChoice, "auto", "auto|standard|gram",                          \
+    "Newton-Schulz on the CPU: standard (auto) or gram (the Gram iteration with restarts every " \
+    "2 iterations, for every matrix; fewer FLOPs on wide matrices, docs/PERF.md)")               \
   X(fashion_mnist_dir, "CELO2_FASHION_MNIST_DIR", kPath,                                         \
     "/usr/share/datasets/fashion-mnist", "",                                                     \
     "Directory of the Fashion-MNIST files (celo2-train, celo2-metatrain eval)")                  \

@@ -13,6 +13,7 @@
 #include "celo2/adamw.h"
 #include "celo2/flax_msgpack.h"
 #include "celo2/newton_schulz.h"
+#include "celo2/params.h"
 #include "celo2/rule.h"
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
@@ -118,6 +119,9 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   if (!comm_) throw std::invalid_argument("Engine: null communicator");
   prepare_options(opts_.opt);
   if (opts_.bucket_elements < 1) throw std::invalid_argument("Engine: bucket_elements must be positive");
+  // CELO2_NS_METHOD, when set to a method, is the process's (kernels' newton_schulz.h).
+  if (const std::string m = param::ns_method(); m != "auto")
+    set_ns_method_default(m == "gram" ? NsMethod::kGram : NsMethod::kStandard);
   if (opts_.opt.use_reference) opts_.backend = "reference";
   backend_ = make_backend(opts_.backend);
   // Backends without slice kernels (the reference, CUDA) run whole tensors.
