@@ -28,6 +28,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "celo2/communicator.h"
@@ -1480,6 +1481,66 @@ TEST(ControlStartup, BadOptionsFailCleanly) {
 }
 
 }  // namespace
+
+// The TCP ports this process listens on: sockets of /proc/self/fd in state LISTEN (0A) in
+// /proc/net/tcp and tcp6.
+std::multiset<int> listening_ports() {
+  std::set<std::string> inodes;
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const std::string target = fs::read_symlink(e.path(), ec).string();
+    if (!ec && target.rfind("socket:[", 0) == 0)
+      inodes.insert(target.substr(8, target.size() - 9));
+  }
+  std::multiset<int> ports;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream f(table);
+    std::string line;
+    std::getline(f, line);  // header
+    while (std::getline(f, line)) {
+      std::istringstream in(line);
+      std::string slot, local, remote, state, queues, timer, retr, uid, timeout, inode;
+      in >> slot >> local >> remote >> state >> queues >> timer >> retr >> uid >> timeout >> inode;
+      if (state == "0A" && inodes.count(inode))
+        ports.insert(std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16));
+    }
+  }
+  return ports;
+}
+
+// Port 0 used to open a second listener on another port, serving the same control plane:
+// gRPC clones each listener once per extra completion queue when SO_REUSEPORT is on, and
+// the clone of a port-0 listener asks for port 0 again. The server turns SO_REUSEPORT off;
+// with it a second server on a port in use now fails instead of sharing the port's
+// connections with the first.
+TEST(ControlStartup, OneListenerAndNoSharedPort) {
+  celo2::EngineOptions eo;
+  celo2::Engine engine(eo, celo2::make_local_communicator());
+  std::vector<float> p(4), g(4);
+  engine.add_tensor("w", {2, 2}, p.data(), g.data());
+  const std::vector<celo2::TensorDesc> descs{{"w", {2, 2}}};
+  celo2::ControlOptions o;
+  o.address = "127.0.0.1:0";
+  o.token = kToken;
+  const std::multiset<int> before = listening_ports();
+  celo2::ControlPlane first(o, engine, descs);
+  std::multiset<int> opened = listening_ports();
+  for (int port : before) opened.erase(opened.find(port));
+  ASSERT_GT(first.port(), 0);
+  EXPECT_EQ(opened, std::multiset<int>{first.port()})
+      << "the control plane listens on more than its one port";
+
+  celo2::ControlOptions same = o;
+  same.address = "127.0.0.1:" + std::to_string(first.port());
+  try {
+    celo2::ControlPlane second(same, engine, descs);
+    ADD_FAILURE() << "a second control plane started on port " << first.port()
+                  << ", which the first one serves";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("address in use"), std::string::npos) << e.what();
+  }
+  first.finish();
+}
 
 // ---------------------------------------------------------------------------------------
 // Memory of concurrent LoadWeights (issue 14 D4), measured from outside the server: a job in
