@@ -1482,6 +1482,34 @@ TEST(ControlStartup, BadOptionsFailCleanly) {
 
 }  // namespace
 
+// The checkpoint directory's orphan temporary files (a checkpoint killed mid-write) are
+// removed when the control plane opens it; nothing else there is.
+TEST(ControlStartup, CheckpointDirectoryOrphansRemovedAtOpen) {
+  const fs::path dir = fs::temp_directory_path() /
+                       ("celo2-control-orphans-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  write_file(dir / "step100.state", "a checkpoint");
+  write_file(dir / "step200.state.tmp.q7Rz0a", "half a checkpoint");
+  write_file(dir / "notes.txt.tmp.1", "not ours");
+  write_file(dir / "step100.state.tmp.toolong7", "not ours");
+  celo2::EngineOptions eo;
+  celo2::Engine engine(eo, celo2::make_local_communicator());
+  std::vector<float> p(4), g(4);
+  engine.add_tensor("w", {2, 2}, p.data(), g.data());
+  celo2::ControlOptions o;
+  o.address = "127.0.0.1:0";
+  o.token = kToken;
+  o.checkpoint_dir = dir.string();
+  celo2::ControlPlane control(o, engine, {{"w", {2, 2}}});
+  EXPECT_FALSE(fs::exists(dir / "step200.state.tmp.q7Rz0a"));
+  EXPECT_TRUE(fs::exists(dir / "step100.state"));
+  EXPECT_TRUE(fs::exists(dir / "notes.txt.tmp.1"));
+  EXPECT_TRUE(fs::exists(dir / "step100.state.tmp.toolong7"));
+  control.finish();
+  fs::remove_all(dir);
+}
+
 // The TCP ports this process listens on: sockets of /proc/self/fd in state LISTEN (0A) in
 // /proc/net/tcp and tcp6.
 std::multiset<int> listening_ports() {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "celo2/flax_msgpack.h"
 #include "celo2/schedule.h"
 #include "celo2/theta_io.h"
 #include "control_impl.h"
@@ -74,6 +75,17 @@ ControlCore::ControlCore(const ControlOptions& options, EngineControl& engine,
     if (ec || !fs::is_directory(checkpoint_dir_))
       throw std::invalid_argument("checkpoint directory '" + opts_.checkpoint_dir +
                                   "' is not a directory");
+    // What a checkpoint killed mid-write (a previous run of this job) left behind.
+    std::vector<std::string> removed;
+    try {
+      removed = flax::remove_orphan_temp_files(checkpoint_dir_.string());
+    } catch (const flax::IoError& e) {
+      throw std::invalid_argument("checkpoint directory '" + opts_.checkpoint_dir +
+                                  "': " + e.what());
+    }
+    for (const std::string& name : removed)
+      std::fprintf(stderr, "control: removed %s/%s, left by an interrupted checkpoint\n",
+                   checkpoint_dir_.c_str(), name.c_str());
   }
   if (opts_.max_message_bytes < 1024 || opts_.max_queued < 1 || opts_.max_watchers < 0)
     throw std::invalid_argument("control plane: bad limits");
