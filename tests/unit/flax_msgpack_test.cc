@@ -4,7 +4,9 @@
 #include "celo2/flax_msgpack.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <msgpack.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,8 +14,10 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -485,6 +489,66 @@ TEST(FlaxMsgpack, LookupErrors) {
   Packer dup;
   dup.map(2).str("k").i64(1).str("k").i64(2);
   expect_format_error(dup.bytes(), {"duplicate key 'k'"});
+}
+
+// A save killed between mkstemp and rename leaves "<path>.tmp.XXXXXX": the next save of the
+// same path removes it, and nothing else (other targets' orphans, names of another shape,
+// links, directories, and a temporary file whose writer is alive, i.e. holds its lock).
+TEST(FlaxMsgpack, NextSaveRemovesOrphanTemporaryFiles) {
+  namespace fs = std::filesystem;
+  const fs::path dir =
+      fs::path(CELO2_BINARY_DIR) / ("flax_orphans_test_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "elsewhere");
+  auto touch = [](const fs::path& p) { std::ofstream(p) << "partial"; };
+  const std::vector<std::string> orphans = {"ck.state.tmp.AbC123", "ck.state.tmp.000000",
+                                            "ck.state.tmp.zzzzzz"};
+  const std::vector<std::string> kept = {
+      "ck.state",              // the target itself (replaced, not removed)
+      "ck.state.tmp.AbC12",    // 5 characters
+      "ck.state.tmp.AbC1234",  // 7 characters
+      "ck.state.tmp.AbC12-",   // not mkstemp's alphabet
+      "ck.state.tmp.",         // nothing after the infix
+      "ck.statetmp.AbC123",    // no dot
+      "xck.state.tmp.AbC123",  // another target
+      "other.state.tmp.XyZ789",
+      "ck.state.TMP.AbC123",
+      "ck.state.tmp.Live01",   // a writer that is alive
+  };
+  for (const auto& n : orphans) touch(dir / n);
+  for (const auto& n : kept) touch(dir / n);
+  touch(dir / "elsewhere/secret");
+  fs::create_symlink(dir / "elsewhere/secret", dir / "ck.state.tmp.Link01");
+  fs::create_directory(dir / "ck.state.tmp.Dir001");
+  // The live writer: an exclusive lock, as write_file_atomic holds until its rename.
+  const int live = ::open((dir / "ck.state.tmp.Live01").c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(live, 0);
+  ASSERT_EQ(::flock(live, LOCK_EX), 0);
+
+  write_file_atomic((dir / "ck.state").string(), std::vector<uint8_t>{1, 2, 3});
+  EXPECT_EQ(read_file((dir / "ck.state").string()), (std::vector<uint8_t>{1, 2, 3}));
+  for (const auto& n : orphans) EXPECT_FALSE(fs::exists(fs::symlink_status(dir / n))) << n;
+  for (const auto& n : kept) EXPECT_TRUE(fs::exists(dir / n)) << n;
+  EXPECT_TRUE(fs::is_symlink(dir / "ck.state.tmp.Link01"));
+  EXPECT_TRUE(fs::exists(dir / "elsewhere/secret"));
+  EXPECT_TRUE(fs::is_directory(dir / "ck.state.tmp.Dir001"));
+  // The new file left no temporary file of its own.
+  int temps = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    temps += e.path().filename().string().rfind("ck.state.tmp.", 0) == 0;
+  EXPECT_EQ(temps, 7);  // the 5 kept names above that start so, the link, the directory
+
+  // Any target's orphans (what the control plane does to its checkpoint directory at start):
+  // the other targets' go, the live writer's, the link and the odd names stay.
+  const std::vector<std::string> removed = remove_orphan_temp_files(dir.string());
+  EXPECT_EQ(std::set<std::string>(removed.begin(), removed.end()),
+            (std::set<std::string>{"xck.state.tmp.AbC123", "other.state.tmp.XyZ789"}));
+  EXPECT_TRUE(fs::exists(dir / "ck.state.tmp.Live01"));
+  ::close(live);  // the writer "dies": now it is an orphan
+  EXPECT_EQ(remove_orphan_temp_files(dir.string(), "ck.state"),
+            std::vector<std::string>{"ck.state.tmp.Live01"});
+  EXPECT_THROW(remove_orphan_temp_files((dir / "missing").string()), IoError);
+  fs::remove_all(dir);
 }
 
 TEST(FlaxMsgpack, FilesAreWrittenAtomically) {

@@ -23,6 +23,7 @@ A launch that fits none of these raises ``RuntimeError`` saying what is missing.
 from __future__ import annotations
 
 import atexit
+import datetime
 import importlib.machinery
 import importlib.util
 import sys
@@ -100,9 +101,37 @@ def mpi_launched() -> tuple[int, int] | None:
     return None
 
 
+def comm_timeout_s() -> float:
+    """``CELO2_COMM_TIMEOUT_S`` as the C++ library reads it (celo2/params.h; 0: no limit)."""
+    return _launch_module().param_value("CELO2_COMM_TIMEOUT_S")
+
+
+# gloo needs a finite timeout: "no limit" (CELO2_COMM_TIMEOUT_S=0) is a year.
+_NO_LIMIT = datetime.timedelta(days=365)
+
+# What gloo (PyTorch 1.13) says when a peer's process is gone (its sockets were closed or
+# reset) and when a peer did not take part in time.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_TIMED_OUT = ("Timed out waiting",)
+
+_FIX = ("Usual cause: a collective called on some ranks only, e.g. opt.state_dict() or "
+        "opt.save() from rank 0 only (nanoGPT style): call opt.consolidate_state_dict(to=0) on "
+        "every rank before saving from rank 0, or call state_dict() on every rank. If a rank is "
+        "legitimately slower (a long evaluation or checkpoint write on one rank), raise "
+        "CELO2_COMM_TIMEOUT_S.")
+
+
 class TorchCommunicator:
     """The engine's collectives over a torch.distributed gloo group (CPU tensors sharing
     the engine's memory through NumPy). Used under torchrun, where no MPI is running.
+
+    The collectives run on a gloo group of their own, created here with the timeout
+    ``CELO2_COMM_TIMEOUT_S`` (default 600 s; 0: no limit), so a collective that some ranks
+    never join fails instead of hanging. gloo's errors become ``celo2.CommError`` naming the
+    collective and this rank and telling the two failures gloo can tell apart: a peer whose
+    process is gone (gloo: the connection was closed) and a peer that is alive but did not
+    join in time (gloo: timed out: a collective called on some ranks only, or a hung rank).
+    Given ``group=``, the collectives run on that group with the timeout it was created with.
 
     gloo in PyTorch 1.13 has no reduce-scatter and no uneven all-gather: reduce-scatter is an
     all-reduce of the whole buffer, all-gather pads to the largest count. Both are correct;
@@ -117,13 +146,48 @@ class TorchCommunicator:
 
         self._torch = torch
         self._dist = dist
-        if group is None and dist.get_backend() != "gloo":
-            # The engine's buffers are in host memory; NCCL groups cannot move them.
-            group = dist.new_group(backend="gloo")
+        self._timeout_s = None
+        if group is None:
+            # Collective over the default group (every rank builds its optimizer). gloo: the
+            # engine's buffers are in host memory, which NCCL groups cannot move.
+            self._timeout_s = comm_timeout_s()
+            timeout = datetime.timedelta(seconds=self._timeout_s) if self._timeout_s > 0 else _NO_LIMIT
+            group = dist.new_group(backend="gloo", timeout=timeout)
         self._group = group
         self._rank = dist.get_rank(group)
         self._size = dist.get_world_size(group)
         self._global = [self._to_global(r) for r in range(self._size)]
+
+    def _failed(self, op, error):
+        """celo2.CommError for a gloo error in collective `op`, saying what happened, on
+        which rank, and what to do."""
+        from ._celo2 import CommError  # noqa: PLC0415
+
+        global _comm_failed
+        _comm_failed = True
+        text = str(error)
+        gloo = text.split("] ", 1)[-1] if text.startswith("[") else text  # without gloo's file:line
+        where = (f"celo2: rank {self._global[self._rank]} of {self._size}: {op} over "
+                 "torch.distributed/gloo")
+        if any(k in text for k in _PEER_GONE):
+            msg = (f"{where} failed: a peer rank died (its process is gone: gloo reports its "
+                   f"connection closed). Look at the other ranks' output for the first error; "
+                   f"this job cannot continue. (gloo: {gloo})")
+        elif any(k in text for k in _TIMED_OUT):
+            limit = (f"{self._timeout_s:g} s (CELO2_COMM_TIMEOUT_S)" if self._timeout_s is not None
+                     else "the timeout of the group given to TorchCommunicator")
+            msg = (f"{where} did not complete within {limit}: the other ranks are alive (their "
+                   f"connections are open) but in a different collective or none, or hung. {_FIX} "
+                   f"(gloo: {gloo})")
+        else:
+            msg = f"{where} failed: {gloo}"
+        return CommError(msg)
+
+    def _run(self, op, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            raise self._failed(op, e) from e
 
     def _to_global(self, r):
         if self._group is None:
@@ -146,11 +210,11 @@ class TorchCommunicator:
         return self._torch.from_numpy(a)
 
     def all_reduce_sum(self, a):
-        self._dist.all_reduce(self._t(a), group=self._group)
+        self._run("all_reduce", self._dist.all_reduce, self._t(a), group=self._group)
 
     def reduce_scatter_sum(self, send, recv, counts):
         full = self._t(send).clone()
-        self._dist.all_reduce(full, group=self._group)
+        self._run("reduce_scatter", self._dist.all_reduce, full, group=self._group)
         lo = sum(counts[: self._rank])
         self._t(recv).copy_(full[lo : lo + counts[self._rank]])
 
@@ -162,22 +226,23 @@ class TorchCommunicator:
         mine = torch.zeros(width, dtype=torch.float32)
         mine[: counts[self._rank]] = self._t(send)
         parts = [torch.empty(width, dtype=torch.float32) for _ in counts]
-        self._dist.all_gather(parts, mine, group=self._group)
+        self._run("all_gather", self._dist.all_gather, parts, mine, group=self._group)
         out, at = self._t(recv), 0
         for part, n in zip(parts, counts):
             out[at : at + n] = part[:n]
             at += n
 
     def all_to_all_v(self, send, send_counts, recv, recv_counts):
-        self._dist.all_to_all_single(
-            self._t(recv), self._t(send), output_split_sizes=list(recv_counts),
-            input_split_sizes=list(send_counts), group=self._group)
+        self._run("all_to_all", self._dist.all_to_all_single,
+                  self._t(recv), self._t(send), output_split_sizes=list(recv_counts),
+                  input_split_sizes=list(send_counts), group=self._group)
 
     def broadcast(self, a, root):
-        self._dist.broadcast(self._t(a), src=self._global[root], group=self._group)
+        self._run("broadcast", self._dist.broadcast, self._t(a), src=self._global[root],
+                  group=self._group)
 
     def barrier(self):
-        self._dist.barrier(group=self._group)
+        self._run("barrier", self._dist.barrier, group=self._group)
 
 
 def _init_torch_from_env(info: RankInfo):
@@ -191,17 +256,27 @@ def _init_torch_from_env(info: RankInfo):
         raise RuntimeError(
             f"{info.world_size} ranks ({info.source}), no MPI launcher and no torch.distributed: call "
             "torch.distributed.init_process_group() first, or set MASTER_ADDR and MASTER_PORT")
-    dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size)
+    timeout_s = comm_timeout_s()
+    dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s > 0 else _NO_LIMIT)
     # A gloo group still open at interpreter exit can abort the process ("terminate called
     # without an active exception") in PyTorch 1.13; close the group we opened.
     atexit.register(_close_process_group)
 
 
+_comm_failed = False  # a collective of this process failed: its peers cannot be waited for
+
+
 def _close_process_group():
     dist = _torch_dist()
     if dist is not None and dist.is_initialized():
+        # No barrier when a collective failed here or the process dies of an uncaught
+        # exception (Python sets sys.last_value before atexit runs): its peers may be gone or
+        # stuck, and waiting for them would keep this process alive, so that they would see a
+        # hung rank instead of a dead one.
         try:
-            dist.barrier()
+            if not _comm_failed and not hasattr(sys, "last_value"):
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

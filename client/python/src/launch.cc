@@ -11,6 +11,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "celo2/params.h"
 
 namespace py = pybind11;
@@ -63,6 +66,25 @@ void register_launch(py::module_& m) {
         return out;
       },
       "(variable, type, default, meaning) of every environment tunable (celo2/params.h).");
+  m.def(
+      "param_value",
+      [](const std::string& env) -> py::object {
+        // The C++ accessor of that row: the value in effect, parsed and checked once for the
+        // whole process, so Python never reads a tunable on its own.
+#define CELO2_PARAM_VALUE(name, var, kind, def, choices, meaning)                        \
+  if (env == var) {                                                                     \
+    if (param::Kind::kind == param::Kind::kSecret)                                      \
+      throw std::invalid_argument(std::string(var) + " is a secret; not readable here"); \
+    return py::cast(param::name());                                                     \
+  }
+        CELO2_PARAMS(CELO2_PARAM_VALUE)
+#undef CELO2_PARAM_VALUE
+        throw std::invalid_argument("'" + env + "' is not a celo2 tunable (celo2/params.h)");
+      },
+      py::arg("variable"),
+      "The value in effect of an environment tunable (celo2/params.h), typed by its kind "
+      "(seconds: float, port: int, bool, text: str). A malformed value raises ValueError "
+      "naming the variable and the value.");
 }
 
 }  // namespace celo2::python

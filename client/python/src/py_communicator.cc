@@ -54,6 +54,11 @@ void PyCommunicator::call(const char* op, F&& body) {
   try {
     body();
   } catch (py::error_already_set& e) {
+    // A celo2.CommError raised by the Python side (TorchCommunicator) already says which
+    // collective, which rank, what happened and what to do: passed on as it is, without
+    // pybind11's traceback.
+    if (e.matches(py::module_::import("celo2._celo2").attr("CommError")))
+      throw CommError(py::str(e.value()).cast<std::string>());
     throw CommError(std::string("communicator ") + backend_ + ": " + op + " failed: " + e.what());
   } catch (const py::cast_error& e) {
     throw CommError(std::string("communicator ") + backend_ + ": " + op + ": " + e.what());

@@ -3,7 +3,9 @@
 // group. celo2/distributed.py implements the callables over torch.distributed (gloo); this
 // class only moves buffers across: each call wraps the engine's memory as NumPy arrays
 // (no copy), takes the GIL, calls the Python method, and turns a Python exception into a
-// CommError naming the operation. The engine calls these from the thread that called
+// CommError naming the operation (a celo2.CommError raised in Python keeps its message:
+// TorchCommunicator's already names the collective, the rank, the cause and the fix). The
+// engine calls these from the thread that called
 // step(), which released the GIL first.
 //
 // The Python object provides: rank(), size(), backend() -> str and

@@ -82,7 +82,8 @@ std::unique_ptr<Communicator> make_nccl_communicator();
 // rank, else local).
 std::unique_ptr<Communicator> make_communicator(const std::string& kind = "auto");
 
-// Seconds a collective may take before the process reports a dead or hung rank and exits:
+// Seconds a collective may take before the transport reports it (MPI: exits; NCCL, torch/gloo:
+// CommError), naming the cause (a dead rank, or ranks alive in another collective):
 // celo2::param::comm_timeout_s() (CELO2_COMM_TIMEOUT_S, default 600; 0 disables; a
 // malformed value throws ParamError).
 double comm_timeout_seconds();

@@ -87,7 +87,17 @@ std::vector<uint8_t> encode_with_chunk_limit(const Value& v, size_t max_chunk_by
 
 // File helpers. read_file throws std::runtime_error naming the path on failure.
 std::vector<uint8_t> read_file(const std::string& path);
-// Atomic: write to a temporary file in the same directory, fsync, rename, fsync the dir.
+// Atomic: write to a temporary file in the same directory ("<path>.tmp.XXXXXX", mkstemp,
+// held under an exclusive flock until renamed), fsync, rename, fsync the dir. First removes
+// the orphans of the same path (remove_orphan_temp_files) that a killed save left behind.
 void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes);
+
+// Removes, in `dir`, the temporary files of write_file_atomic whose writer is gone: names
+// exactly "<target>.tmp." followed by 6 characters of mkstemp's alphabet [A-Za-z0-9] (any
+// non-empty <target> when `target` is empty), regular files only (a symbolic link is neither
+// followed nor removed), and only those no live writer holds locked. Nothing else in `dir` is
+// touched. Returns the names removed; throws IoError when `dir` cannot be read.
+std::vector<std::string> remove_orphan_temp_files(const std::string& dir,
+                                                  const std::string& target = "");
 
 }  // namespace celo2::flax

@@ -45,8 +45,9 @@ enum class Kind {
 // clang-format off
 #define CELO2_PARAMS(X)                                                                          \
   X(comm_timeout_s, "CELO2_COMM_TIMEOUT_S", kSeconds, "600", "",                                 \
-    "Seconds a collective or a bootstrap step may take before a dead or hung rank stops the "    \
-    "job with an error; 0 waits forever")                                                        \
+    "Seconds a collective or a bootstrap step may take before the job stops with an error "      \
+    "naming the cause (a rank gone, or alive in another collective); every transport (MPI, "     \
+    "NCCL, torch/gloo, the TCP bootstrap); 0: no limit")                                         \
   X(nccl_bootstrap, "CELO2_NCCL_BOOTSTRAP", kChoice, "auto", "mpi|tcp|auto",                     \
     "How rank 0's ncclUniqueId reaches the other ranks: MPI_Bcast, celo2's TCP store, or auto "  \
     "(mpi when MPI is initialized or an MPI launcher started these ranks, else tcp)")            \

@@ -1,7 +1,8 @@
 // The Open MPI backend. Every MPI call is checked (file and line in the error); errors
 // return instead of aborting (MPI_ERRORS_RETURN) so they surface as CommError. A watchdog
-// thread turns a collective that never completes (a dead or hung peer) into a clear message
-// and a non-zero exit within comm_timeout_seconds(), instead of a silent hang.
+// thread turns a collective that never completes (peers in another collective, or hung) into
+// a clear message naming the usual cause, and a non-zero exit within comm_timeout_seconds(),
+// instead of a silent hang. (A dead peer: mpirun itself ends the job.)
 // The C API only: the deprecated C++ bindings would need libmpi_cxx.
 #define OMPI_SKIP_MPICXX 1
 #define MPICH_SKIP_MPICXX 1
@@ -178,9 +179,17 @@ class MpiCommunicator final : public Communicator {
       cv_.wait_for(lk, std::chrono::milliseconds(500));
       const double since = since_.load();
       if (since > 0 && now_s() - since > timeout_) {
+        // Under mpirun a rank that dies ends the whole job (Open MPI kills the others), so
+        // a collective still waiting here has peers that are alive but elsewhere, or hung.
         std::fprintf(stderr,
-                     "celo2: rank %d of %d: %s did not complete within %.0f s: a peer rank "
-                     "died or hung (CELO2_COMM_TIMEOUT_S). Exiting.\n",
+                     "celo2: rank %d of %d: %s did not complete within %g s "
+                     "(CELO2_COMM_TIMEOUT_S): the other ranks did not join it. Under mpirun "
+                     "they are alive (Open MPI ends the job when a rank dies) but in a "
+                     "different collective or none, or hung. Usual cause: a collective called "
+                     "on some ranks only, e.g. opt.state_dict() or opt.save() from rank 0 only "
+                     "(nanoGPT style): call opt.consolidate_state_dict(to=0) on every rank "
+                     "before saving from rank 0, or call state_dict() on every rank. If a rank "
+                     "is legitimately slower, raise CELO2_COMM_TIMEOUT_S. Exiting.\n",
                      rank_, size_, op_.load(), timeout_);
         std::fflush(stderr);
         std::_Exit(75);

@@ -10,6 +10,7 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
@@ -320,14 +321,31 @@ class Nccl final : public NcclCommunicator {
       if (async != ncclSuccess && async != ncclInProgress) {
         ncclCommAbort(comm_);
         comm_ = nullptr;
-        throw CommError(std::string("NCCL communicator failed: ") + ncclGetErrorString(async));
+        throw CommError("celo2: rank " + std::to_string(info_.rank) + " of " + std::to_string(info_.size) +
+                        ": NCCL communicator failed: " + ncclGetErrorString(async) +
+                        (async == ncclRemoteError
+                             ? " (a peer rank died or its network failed; look at the other "
+                               "ranks' output for the first error)"
+                             : ""));
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (timeout_ > 0 && s > timeout_) {
         ncclCommAbort(comm_);
         comm_ = nullptr;
-        throw CommError("NCCL collective did not finish within " + std::to_string(timeout_) +
-                        " s (CELO2_COMM_TIMEOUT_S): a rank is dead or hung; communicator aborted");
+        // No error from NCCL: the peers did not join. A dead peer is not always noticed by
+        // NCCL (shared memory, NVLink), so both causes are named.
+        char limit[32];
+        std::snprintf(limit, sizeof limit, "%g", timeout_);
+        throw CommError(
+            "celo2: rank " + std::to_string(info_.rank) + " of " + std::to_string(info_.size) +
+            ": NCCL collective did not finish within " + limit +
+            " s (CELO2_COMM_TIMEOUT_S); communicator aborted. NCCL reported no error: the "
+            "other ranks are in a different collective or none, or hung (or died without "
+            "NCCL noticing: check that every rank still runs). Usual cause: a collective "
+            "called on some ranks only, e.g. opt.state_dict() or opt.save() from rank 0 only "
+            "(nanoGPT style): call opt.consolidate_state_dict(to=0) on every rank before "
+            "saving from rank 0, or call state_dict() on every rank. If a rank is legitimately "
+            "slower, raise CELO2_COMM_TIMEOUT_S.");
       }
       std::this_thread::yield();
     }

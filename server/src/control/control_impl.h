@@ -19,6 +19,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -51,8 +53,10 @@ grpc::Status read_file_under_root(const std::filesystem::path& root, const std::
                                   int64_t max_bytes, std::vector<uint8_t>* bytes,
                                   std::string* resolved);
 
-// Weights bytes -> a validated Theta for `rule`, its canonical re-encoding and a summary.
-grpc::Status check_weights(const std::vector<uint8_t>& bytes, const std::string& source,
+// Weights bytes -> validated for `rule` (Theta::check_fits), their canonical re-encoding
+// and a summary. Copies nothing of `bytes`; at most one decoded copy of the weights is alive
+// at a time besides the encoding.
+grpc::Status check_weights(std::span<const uint8_t> bytes, const std::string& source,
                            const RuleConfig& rule, std::string* canonical,
                            v1::WeightsSummary* summary);
 void summarize_theta(const Theta& theta, v1::WeightsSummary* summary);
@@ -108,6 +112,7 @@ class ControlCore {
  private:
   struct Pending;
   struct Outcome;
+  class WeightsSlot;  // one LoadWeights at a time (control.cc)
   // Queue a validated command and wait until it is applied, withdrawn or the job ends.
   grpc::Status submit(v1::Command command, const CallInfo& call, std::shared_ptr<Pending>* done,
                       std::shared_ptr<Pending> pending = nullptr);
@@ -140,6 +145,9 @@ class ControlCore {
   bool finished_ = false;
   uint64_t next_id_ = 0;
   std::deque<std::shared_ptr<Pending>> queue_;
+  bool weights_busy_ = false;         // a LoadWeights is between arrival and answer
+  Clock::time_point weights_since_;   // ... since then
+  std::optional<Clock::time_point> trim_due_;  // publish() returns freed memory then
   v1::GetStatusResponse status_;  // everything but the control counters
   std::vector<Label> labels_;     // current labels (routing tables)
   v1::ControlCounters counters_;

@@ -214,6 +214,11 @@ class GrpcControlServer final : public ControlServer {
     b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
     b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
     b.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 64);
+    // No SO_REUSEPORT. With it gRPC opens one listening socket per completion queue (two
+    // here: the sync handlers' and the health service's), and for port 0 the copy asked for
+    // port 0 again: a second, unannounced port serving the control plane. It also let a
+    // second server bind a port in use and take part of its connections; now that fails.
+    b.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     server_ = b.BuildAndStart();
     if (!server_ || port_ == 0)
       throw std::runtime_error("cannot serve the control plane on '" + address +

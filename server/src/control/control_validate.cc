@@ -158,26 +158,32 @@ void summarize_theta(const Theta& theta, v1::WeightsSummary* summary) {
   summary->set_parameters(params);
 }
 
-grpc::Status check_weights(const std::vector<uint8_t>& bytes, const std::string& source,
+grpc::Status check_weights(std::span<const uint8_t> bytes, const std::string& source,
                            const RuleConfig& rule, std::string* canonical,
                            v1::WeightsSummary* summary) {
   if (bytes.empty()) return invalid("weights (" + source + ") are empty");
-  Theta theta;
+  // Peak memory: the decoded tree lives only inside theta_from_bytes, which also checks the
+  // weights against the rule (Theta::check_fits: shapes, finiteness, the canary); the Theta
+  // is dropped once its tree is built, and that tree once it is encoded.
+  flax::Value tree;
   try {
-    theta = theta_from_bytes(bytes, rule);
-    theta.check_fits(rule);  // shapes and finiteness
+    Theta theta = theta_from_bytes(bytes, rule);
+    summarize_theta(theta, summary);
+    tree = theta_to_value(theta);
   } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {
     return invalid("weights (" + source + ") rejected: " + e.what());
   }
-  const std::vector<uint8_t> enc = theta_to_bytes(theta);
-  canonical->assign(enc.begin(), enc.end());
+  {
+    const std::vector<uint8_t> enc = flax::encode(tree);
+    tree = flax::Value();
+    summary->set_canonical_sha256(sha256_hex(enc));
+    canonical->assign(enc.begin(), enc.end());
+  }
   summary->set_sha256(sha256_hex(bytes));
-  summary->set_canonical_sha256(sha256_hex(enc));
   summary->set_bytes(static_cast<int64_t>(bytes.size()));
   summary->set_source(source);
-  summarize_theta(theta, summary);
   return grpc::Status::OK;
 }
 

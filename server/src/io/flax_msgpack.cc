@@ -12,8 +12,10 @@
 #include "celo2/config.h"
 #include "celo2/flax_msgpack.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <msgpack.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -766,16 +768,76 @@ std::vector<uint8_t> read_file(const std::string& path) {
   return out;
 }
 
+namespace {
+
+constexpr char kTempInfix[] = ".tmp.";
+constexpr size_t kTempSuffix = 6;  // mkstemp's XXXXXX
+
+// "<target>.tmp.XXXXXX" with X in mkstemp's alphabet; target empty: any non-empty target.
+bool is_temp_name(const std::string& name, const std::string& target) {
+  constexpr size_t infix = sizeof kTempInfix - 1;
+  if (name.size() < infix + kTempSuffix + 1) return false;
+  const size_t at = name.size() - kTempSuffix - infix;
+  if (name.compare(at, infix, kTempInfix) != 0) return false;
+  if (!target.empty() && (at != target.size() || name.compare(0, at, target) != 0)) return false;
+  for (size_t i = name.size() - kTempSuffix; i < name.size(); ++i) {
+    const char c = name[i];
+    if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::vector<std::string> remove_orphan_temp_files(const std::string& dir, const std::string& target) {
+  std::vector<std::string> removed;
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) throw IoError("cannot open directory '" + dir + "': " + errno_text(errno));
+  DIR* d = ::fdopendir(dfd);
+  if (!d) {
+    const int err = errno;
+    ::close(dfd);
+    throw IoError("cannot read directory '" + dir + "': " + errno_text(err));
+  }
+  std::vector<std::string> candidates;
+  while (const dirent* e = ::readdir(d))
+    if (is_temp_name(e->d_name, target)) candidates.emplace_back(e->d_name);
+  for (const std::string& name : candidates) {
+    // A regular file (never through a symbolic link) that no writer holds: a writer keeps an
+    // exclusive lock on its temporary file until it has renamed it.
+    const int fd = ::openat(dfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) continue;
+    struct stat opened {}, now {};
+    const bool orphan = ::fstat(fd, &opened) == 0 && S_ISREG(opened.st_mode) &&
+                        ::flock(fd, LOCK_EX | LOCK_NB) == 0 &&
+                        ::fstatat(dfd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) == 0 &&
+                        now.st_dev == opened.st_dev && now.st_ino == opened.st_ino;
+    if (orphan && ::unlinkat(dfd, name.c_str(), 0) == 0) removed.push_back(name);
+    ::close(fd);
+  }
+  ::closedir(d);  // closes dfd
+  return removed;
+}
+
 void write_file_atomic(const std::string& path, std::span<const uint8_t> bytes) {
   const size_t slash = path.rfind('/');
   const std::string dir =
       slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  std::string tmp = path + ".tmp.XXXXXX";
+  // Temporary files of this target left by a save that was killed (best effort: a directory
+  // that cannot be listed does not stop the save).
+  try {
+    remove_orphan_temp_files(dir, slash == std::string::npos ? path : path.substr(slash + 1));
+  } catch (const IoError&) {
+  }
+  std::string tmp = path + kTempInfix + std::string(kTempSuffix, 'X');
   const int fd = ::mkstemp(tmp.data());
   if (fd < 0) {
     throw IoError("cannot create a temporary file next to '" + path +
                              "': " + errno_text(errno));
   }
+  // Held until the file is renamed (released when fd closes, or when the process dies):
+  // remove_orphan_temp_files leaves a locked temporary file alone.
+  ::flock(fd, LOCK_EX);
   auto fail = [&](const std::string& what, int err, bool close_fd) {
     if (close_fd) ::close(fd);
     ::unlink(tmp.c_str());
