@@ -12,6 +12,8 @@
 
 #include "celo2/cuda_backend.h"
 #include "celo2/engine.h"
+#include "celo2/lowp.h"
+#include "celo2/state_file.h"
 #include "celo2/optimizer.h"
 #include "gpu_test_util.h"
 
@@ -103,6 +105,71 @@ TEST(EngineOnCuda, MatchesTheCpuOptimizer) {
     opt.step();
     dev.eng->step();
     dev.expect_close(cpu, origin, "step " + std::to_string(s));
+  }
+}
+
+TEST(EngineOnCuda, Bf16MastersOnTheDevice) {
+  // bf16 parameters in device memory: the engine's device masters (k_store_lowp,
+  // k_reseed_master) follow the CPU engine's host masters on the same bf16 start within the
+  // rule's tolerance; a write into the device parameters re-seeds exactly that master.
+  CELO2_NEED_GPU();
+  Model m(3);
+  std::vector<std::vector<uint16_t>> host;
+  for (auto& v : m.params) {
+    host.emplace_back(v.size());
+    for (size_t k = 0; k < v.size(); ++k) host.back()[k] = celo2::lowp::to_bf16(v[k]);
+  }
+  celo2::register_cuda_backend();
+  celo2::EngineOptions eo;
+  eo.opt = options();
+  eo.grad_mode = celo2::GradMode::kReduced;
+  eo.plan = celo2::Plan::kWholeTensors;
+  celo2::Engine cpu(eo, celo2::make_local_communicator());
+  eo.backend = "cuda";
+  celo2::Engine gpu(eo, celo2::make_local_communicator());
+  std::vector<std::unique_ptr<DeviceBuf<uint16_t>>> dp;
+  std::vector<std::unique_ptr<DeviceBuf<>>> dg;
+  for (size_t i = 0; i < m.shapes.size(); ++i) {
+    dp.push_back(std::make_unique<DeviceBuf<uint16_t>>(host[i]));
+    dg.push_back(std::make_unique<DeviceBuf<>>(m.grads[i]));
+    cpu.add_tensor(m.names[i], m.shapes[i], host[i].data(), celo2::DType::kBFloat16, m.grads[i].data());
+    gpu.add_tensor(m.names[i], m.shapes[i], dp[i]->ptr, celo2::DType::kBFloat16, dg[i]->ptr);
+  }
+  for (int s = 0; s < 4; ++s) {
+    m.new_grads(s);
+    for (size_t i = 0; i < dg.size(); ++i) dg[i]->upload(m.grads[i]);
+    if (s == 2 && !host[1].empty()) {  // the trainer writes one element on both sides
+      host[1][5] = celo2::lowp::to_bf16(1.5f);
+      std::vector<uint16_t> d = dp[1]->download();
+      d[5] = host[1][5];
+      dp[1]->upload(d);
+    }
+    const celo2::StepReport rc = cpu.step(), rg = gpu.step();
+    EXPECT_EQ(rg.masters_reseeded, rc.masters_reseeded) << "step " << s;
+    EXPECT_EQ(rg.masters_reseeded, s == 2 ? 1 : 0) << "step " << s;
+  }
+  const std::string dir = ::testing::TempDir();
+  cpu.save_state(dir + "/bf16_cpu.state");
+  gpu.save_state(dir + "/bf16_gpu.state");
+  const celo2::StateFile fc = celo2::read_state_file(dir + "/bf16_cpu.state"),
+                         fg = celo2::read_state_file(dir + "/bf16_gpu.state");
+  for (size_t i = 0; i < m.names.size(); ++i) {
+    const auto* a = celo2::find_record(fc, m.names[i]);
+    const auto* b = celo2::find_record(fg, m.names[i]);
+    ASSERT_TRUE(a && b);
+    ASSERT_EQ(a->master.size(), b->master.size()) << m.names[i];
+    if (a->master.empty()) continue;
+    std::vector<float> dgpu(a->master.size()), dcpu(a->master.size());
+    for (size_t k = 0; k < dgpu.size(); ++k) {
+      const float start = celo2::lowp::from_bf16(celo2::lowp::to_bf16(m.params[i][k]));
+      dgpu[k] = b->master[k] - start;
+      dcpu[k] = a->master[k] - start;
+    }
+    if (m.names[i] == "frozen.pos") continue;  // unchanged on both
+    EXPECT_LE(rel_error(dgpu.data(), dcpu.data(), dgpu.size()), kTol) << m.names[i];
+    const std::vector<uint16_t> got = dp[i]->download();
+    for (size_t k = 0; k < got.size(); ++k)
+      ASSERT_EQ(got[k], celo2::lowp::to_bf16(b->master[k])) << m.names[i] << " element " << k;
   }
 }
 
