@@ -50,6 +50,10 @@ class Communicator {
                             float* recv, const std::vector<int64_t>& recv_counts);
   virtual void broadcast(void* data, int64_t bytes, int root);
   virtual void barrier();
+  // Collective over this communicator: the ranks that pass the same `color` form a new
+  // communicator, ranked by `key` (then by rank here). Groups of ranks for the split
+  // Newton–Schulz (celo2/split_ns.h). Backends without it throw UnsupportedError.
+  virtual std::unique_ptr<Communicator> split(int color, int key);
 
   // name -> counter ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", ...).
   const std::map<std::string, CommCounter>& counters() const { return counters_; }

@@ -23,6 +23,7 @@ void Communicator::all_to_all_v(const float*, const std::vector<int64_t>&, float
 }
 void Communicator::broadcast(void*, int64_t, int) { unsupported("broadcast"); }
 void Communicator::barrier() { unsupported("barrier"); }
+std::unique_ptr<Communicator> Communicator::split(int, int) { unsupported("split"); }
 
 namespace {
 
@@ -46,6 +47,7 @@ class LocalCommunicator final : public Communicator {
   }
   void broadcast(void*, int64_t, int) override {}
   void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) override { return std::make_unique<LocalCommunicator>(); }
 };
 
 }  // namespace

@@ -84,11 +84,13 @@ struct MpiRuntime {
 
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator() {
+  MpiCommunicator() : MpiCommunicator((MpiRuntime::get(), MPI_COMM_WORLD), false) {}
+  // `owned`: a communicator of our own (split), freed with this object.
+  MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
     timeout_ = comm_timeout_seconds();  // a malformed CELO2_COMM_TIMEOUT_S is refused before MPI starts
     MpiRuntime::get();
-    CELO2_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
-    CELO2_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    CELO2_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    CELO2_MPI_CHECK(MPI_Comm_size(comm_, &size_));
     if (timeout_ > 0) watchdog_ = std::thread([this] { watch(); });
   }
   ~MpiCommunicator() override {
@@ -98,6 +100,16 @@ class MpiCommunicator final : public Communicator {
     }
     cv_.notify_all();
     if (watchdog_.joinable()) watchdog_.join();
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (owned_ && !fin) MPI_Comm_free(&comm_);
+  }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    Guard g(this, "split");
+    MPI_Comm sub = MPI_COMM_NULL;
+    CELO2_MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
+    CELO2_MPI_CHECK(MPI_Comm_set_errhandler(sub, MPI_ERRORS_RETURN));
+    return std::make_unique<MpiCommunicator>(sub, true);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -106,20 +118,20 @@ class MpiCommunicator final : public Communicator {
   void all_reduce_sum(double* data, int64_t n) override {
     Guard g(this, "all_reduce");
     CELO2_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, to_int(n, "all_reduce"), MPI_DOUBLE,
-                                  MPI_SUM, MPI_COMM_WORLD));
+                                  MPI_SUM, comm_));
     count("all_reduce", ring_all_reduce_bytes(n * 8));
   }
   void all_reduce_sum(float* data, int64_t n) override {
     Guard g(this, "all_reduce");
     CELO2_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data, to_int(n, "all_reduce"), MPI_FLOAT,
-                                  MPI_SUM, MPI_COMM_WORLD));
+                                  MPI_SUM, comm_));
     count("all_reduce", ring_all_reduce_bytes(n * 4));
   }
   void reduce_scatter_sum(const float* send, float* recv,
                           const std::vector<int64_t>& counts) override {
     Guard g(this, "reduce_scatter");
     const std::vector<int> c = ints(counts, "reduce_scatter");
-    CELO2_MPI_CHECK(MPI_Reduce_scatter(send, recv, c.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    CELO2_MPI_CHECK(MPI_Reduce_scatter(send, recv, c.data(), MPI_FLOAT, MPI_SUM, comm_));
     count("reduce_scatter", ring_bytes(total(counts) * 4));
   }
   void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts) override {
@@ -127,7 +139,7 @@ class MpiCommunicator final : public Communicator {
     const std::vector<int> c = ints(counts, "all_gather");
     const std::vector<int> d = displs_of(c);
     CELO2_MPI_CHECK(MPI_Allgatherv(send, c[rank_], MPI_FLOAT, recv, c.data(), d.data(),
-                                   MPI_FLOAT, MPI_COMM_WORLD));
+                                   MPI_FLOAT, comm_));
     count("all_gather", ring_bytes(total(counts) * 4));
   }
   void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
@@ -136,17 +148,17 @@ class MpiCommunicator final : public Communicator {
     const std::vector<int> sc = ints(send_counts, "all_to_all"), rc = ints(recv_counts, "all_to_all");
     const std::vector<int> sd = displs_of(sc), rd = displs_of(rc);
     CELO2_MPI_CHECK(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_FLOAT, recv, rc.data(),
-                                  rd.data(), MPI_FLOAT, MPI_COMM_WORLD));
+                                  rd.data(), MPI_FLOAT, comm_));
     count("all_to_all", (total(send_counts) - send_counts[rank_]) * 4);
   }
   void broadcast(void* data, int64_t bytes, int root) override {
     Guard g(this, "broadcast");
-    CELO2_MPI_CHECK(MPI_Bcast(data, to_int(bytes, "broadcast"), MPI_BYTE, root, MPI_COMM_WORLD));
+    CELO2_MPI_CHECK(MPI_Bcast(data, to_int(bytes, "broadcast"), MPI_BYTE, root, comm_));
     count("broadcast", rank_ == root ? bytes : 0);
   }
   void barrier() override {
     Guard g(this, "barrier");
-    CELO2_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+    CELO2_MPI_CHECK(MPI_Barrier(comm_));
     count("barrier", 0);
   }
 
@@ -197,6 +209,8 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  MPI_Comm comm_ = MPI_COMM_WORLD;
+  bool owned_ = false;
   int rank_ = 0, size_ = 1;
   double timeout_ = 0;
   std::atomic<double> since_{0.0};

@@ -1,0 +1,35 @@
+// Newton–Schulz of one matrix split over a group of ranks (issue 15's building block; not
+// yet called by the engine's step, whose planner still gives each matrix one owner).
+//
+// The matrix is taken in its wide orientation, r×c with r <= c (the engine transposes tall
+// matrices, as newton_schulz does). Rank i of `group` holds the column block X_i (r × c_i,
+// row-major; c_i may be 0, e.g. a group larger than the column count). Per iteration:
+//   A = Σ_i X_i X_iᵀ     (each rank's ssyrk, one all-reduce of r² values, summed in double)
+//   B = bA + cA²         (redundantly on every rank: r³, small next to r²c / g)
+//   X_i ← aX_i + B X_i    (local sgemm)
+// and the Frobenius normalization before is a group sum too. In real arithmetic this is
+// newton_schulz of the whole matrix; in float32 the partial Gram sums round differently
+// (tests/mpi/split_ns_test.cc bounds the difference: max|err|/RMS <= 1e-5).
+// Cost per rank: 2 r² c_i · 2 + 2 r³ FLOPs and 8 r² bytes sent per iteration (ring
+// all-reduce of r² doubles: 2 · 8 r² (g−1)/g).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "celo2/communicator.h"
+#include "celo2/config.h"
+
+namespace celo2 {
+
+void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
+                         std::vector<float>& scratch);
+
+// Bytes each rank sends and all-reduce calls of one newton_schulz_split on g ranks.
+struct SplitNsCost {
+  double bytes_per_rank = 0;
+  int all_reduces = 0;
+};
+SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g);
+
+}  // namespace celo2

@@ -1,0 +1,64 @@
+// Newton–Schulz over a group of ranks (celo2/split_ns.h).
+#include "celo2/split_ns.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace celo2 {
+
+void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
+                         std::vector<float>& scratch) {
+  if (r <= 0) return;
+  if (c_local < 0) throw std::invalid_argument("newton_schulz_split: negative column count");
+  const size_t rc = static_cast<size_t>(r * c_local), rr = static_cast<size_t>(r * r);
+  scratch.resize(rc + 2 * rr);
+  float* Y = scratch.data();
+  float* A = Y + rc;
+  float* B = A + rr;
+  std::vector<double> sum(rr);
+  // Frobenius normalization over the whole matrix.
+  double fro = 0.0;
+  for (size_t i = 0; i < rc; ++i) fro += static_cast<double>(x_local[i]) * x_local[i];
+  group.all_reduce_sum(&fro, 1);
+  const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
+  for (size_t i = 0; i < rc; ++i) x_local[i] *= scale;
+  const float a = cfg.ns_coeffs[0], b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
+  const int R = static_cast<int>(r), C = static_cast<int>(c_local);
+  float* X = x_local;
+  for (int it = 0; it < cfg.ns_iters; ++it) {
+    // This rank's part of A = X Xᵀ, summed over the group in double.
+    if (C > 0) {
+      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, R, C, 1.0f, X, C, 0.0f, A, R);
+    } else {
+      std::fill(A, A + rr, 0.0f);
+    }
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < R; ++j) sum[static_cast<size_t>(i) * R + j] = j >= i ? A[static_cast<size_t>(i) * R + j] : 0.0;
+    group.all_reduce_sum(sum.data(), static_cast<int64_t>(rr));
+    for (int i = 0; i < R; ++i)
+      for (int j = i; j < R; ++j)
+        A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] =
+            static_cast<float>(sum[static_cast<size_t>(i) * R + j]);
+    for (size_t i = 0; i < rr; ++i) B[i] = b * A[i];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, cc, A, R, A, R, 1.0f, B, R);
+    if (C == 0) continue;
+    for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, 1.0f, B, R, X, C, 1.0f, Y, C);
+    std::memcpy(X, Y, rc * sizeof(float));
+  }
+}
+
+SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g) {
+  SplitNsCost c;
+  c.all_reduces = 1 + cfg.ns_iters;
+  if (g <= 1) return c;
+  // As the communicators count a ring all-reduce of n doubles: 2 · (8n (g−1) / g), integer.
+  auto all_reduce = [&](int64_t n) { return 2 * (8 * n * (g - 1) / g); };
+  c.bytes_per_rank = static_cast<double>(all_reduce(1) + cfg.ns_iters * all_reduce(r * r));
+  return c;
+}
+
+}  // namespace celo2
