@@ -78,9 +78,24 @@ double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols, Ns
 
 namespace {
 
+// The BLAS calls of one precision.
+void gemm(int m, int n, int k, float alpha, const float* A, const float* B, float beta, float* C) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, A, k, B, n, beta, C, n);
+}
+void gemm(int m, int n, int k, double alpha, const double* A, const double* B, double beta, double* C) {
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, A, k, B, n, beta, C, n);
+}
+void syrk(int n, int k, const float* M, float* S) {
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, k, 1.0f, M, k, 0.0f, S, n);
+}
+void syrk(int n, int k, const double* M, double* S) {
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, k, 1.0, M, k, 0.0, S, n);
+}
+
 // X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
 // transposed.
-bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const float* x, float* X) {
+template <class T>
+bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
   const bool transpose = rows > cols;
   const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
   const size_t rc = static_cast<size_t>(r * c);
@@ -88,41 +103,54 @@ bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const float* x
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) X[j * c + i] = x[i * cols + j];
   } else {
-    std::memcpy(X, x, rc * sizeof(float));
+    std::memcpy(X, x, rc * sizeof(T));
   }
   double fro = 0.0;
   for (size_t i = 0; i < rc; ++i) fro += static_cast<double>(X[i]) * X[i];
-  const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
+  const T scale = static_cast<T>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
   for (size_t i = 0; i < rc; ++i) X[i] *= scale;
   return transpose;
 }
 
-void store_wide(int64_t rows, int64_t cols, bool transpose, const float* X, float* x) {
+template <class T>
+void store_wide(int64_t rows, int64_t cols, bool transpose, const T* X, T* x) {
   const int64_t c = transpose ? rows : cols;
   if (transpose) {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) x[i * cols + j] = X[j * c + i];
   } else {
-    std::memcpy(x, X, static_cast<size_t>(rows * cols) * sizeof(float));
+    std::memcpy(x, X, static_cast<size_t>(rows * cols) * sizeof(T));
   }
 }
 
 // S = M Mᵀ (M n×k row-major), both triangles.
-void gram_of(int n, int k, const float* M, float* S) {
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, k, 1.0f, M, k, 0.0f, S, n);
+template <class T>
+void gram_of(int n, int k, const T* M, T* S) {
+  syrk(n, k, M, S);
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < i; ++j) S[i * n + j] = S[j * n + i];
 }
 
-void standard(const RuleConfig& cfg, int R, int Cc, float*& X, float*& Y, float* A, float* B) {
-  const float a = cfg.ns_coeffs[0], b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
-  const size_t rc = static_cast<size_t>(R) * Cc, rr = static_cast<size_t>(R) * R;
+// B = bA + cA² (A r×r); Y = aX + BX (X, Y r×c): one iteration after A = X Xᵀ.
+template <class T>
+void polynomial(const RuleConfig& cfg, int R, const T* A, T* B) {
+  const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
+  for (size_t i = 0; i < static_cast<size_t>(R) * R; ++i) B[i] = b * A[i];
+  gemm(R, R, R, cc, A, A, T(1), B);
+}
+template <class T>
+void apply_poly(const RuleConfig& cfg, int R, int C, const T* B, const T* X, T* Y) {
+  const T a = cfg.ns_coeffs[0];
+  for (size_t i = 0; i < static_cast<size_t>(R) * C; ++i) Y[i] = a * X[i];
+  gemm(R, C, R, T(1), B, X, T(1), Y);
+}
+
+template <class T>
+void standard(const RuleConfig& cfg, int R, int Cc, T*& X, T*& Y, T* A, T* B) {
   for (int it = 0; it < cfg.ns_iters; ++it) {
     gram_of(R, Cc, X, A);
-    for (size_t i = 0; i < rr; ++i) B[i] = b * A[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, cc, A, R, A, R, 1.0f, B, R);
-    for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, Cc, R, 1.0f, B, R, X, Cc, 1.0f, Y, Cc);
+    polynomial(cfg, R, A, B);
+    apply_poly(cfg, R, Cc, B, X, Y);
     std::swap(X, Y);
   }
 }
@@ -138,7 +166,7 @@ void gram(const RuleConfig& cfg, int R, int Cc, int restart, float*& X, float*& 
   int since = 0;  // iterations since the last (re)start: Q = I before the first
   auto apply_q = [&] {  // X = Q·X₀
     if (since == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, Cc, R, 1.0f, Q, R, X, Cc, 0.0f, Y, Cc);
+    gemm(R, Cc, R, 1.0f, Q, X, 0.0f, Y);
     std::swap(X, Y);
   };
   for (int it = 0; it < K; ++it) {
@@ -149,7 +177,7 @@ void gram(const RuleConfig& cfg, int R, int Cc, int restart, float*& X, float*& 
     if (since == 0) {
       std::memcpy(Q, P, rr * sizeof(float));
     } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, 1.0f, P, R, Q, R, 0.0f, T, R);
+      gemm(R, R, R, 1.0f, P, Q, 0.0f, T);
       std::memcpy(Q, T, rr * sizeof(float));
     }
     ++since;
@@ -160,8 +188,8 @@ void gram(const RuleConfig& cfg, int R, int Cc, int restart, float*& X, float*& 
       gram_of(R, Cc, X, A);
     } else {
       // A ← P A P (symmetric in exact arithmetic; symmetrized against drift).
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, 1.0f, P, R, A, R, 0.0f, T, R);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, 1.0f, T, R, P, R, 0.0f, A, R);
+      gemm(R, R, R, 1.0f, P, A, 0.0f, T);
+      gemm(R, R, R, 1.0f, T, P, 0.0f, A);
       for (int i = 0; i < R; ++i)
         for (int j = 0; j < i; ++j) {
           const float m = 0.5f * (A[static_cast<size_t>(i) * R + j] + A[static_cast<size_t>(j) * R + i]);
@@ -193,40 +221,22 @@ void newton_schulz(const RuleConfig& cfg, int64_t rows, int64_t cols, float* x, 
 
 void newton_schulz_f64(const RuleConfig& cfg, int64_t rows, int64_t cols, double* x) {
   if (rows == 0 || cols == 0) return;
-  const bool transpose = rows > cols;
-  const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
+  const int64_t r = std::min(rows, cols), c = std::max(rows, cols);
   const size_t rc = static_cast<size_t>(r * c), rr = static_cast<size_t>(r * r);
   std::vector<double> buf(2 * rc + 2 * rr);
   double* X = buf.data();
   double* Y = X + rc;
-  double* A = Y + rc;
-  double* B = A + rr;
-  if (transpose) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) X[j * c + i] = x[i * cols + j];
-  } else {
-    std::memcpy(X, x, rc * sizeof(double));
-  }
-  double fro = 0.0;
-  for (size_t i = 0; i < rc; ++i) fro += X[i] * X[i];
-  const double scale = 1.0 / (std::sqrt(fro) + cfg.ns_eps);
-  for (size_t i = 0; i < rc; ++i) X[i] *= scale;
-  const double a = cfg.ns_coeffs[0], b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
-  const int R = static_cast<int>(r), Cc = static_cast<int>(c);
-  for (int it = 0; it < cfg.ns_iters; ++it) {
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, R, Cc, 1.0, X, Cc, X, Cc, 0.0, A, R);
-    for (size_t i = 0; i < rr; ++i) B[i] = b * A[i];
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, cc, A, R, A, R, 1.0, B, R);
-    for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, Cc, R, 1.0, B, R, X, Cc, 1.0, Y, Cc);
-    std::swap(X, Y);
-  }
-  if (transpose) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) x[i * cols + j] = X[j * c + i];
-  } else {
-    std::memcpy(x, X, rc * sizeof(double));
-  }
+  const bool transpose = load_wide(cfg, rows, cols, x, X);
+  standard(cfg, static_cast<int>(r), static_cast<int>(c), X, Y, Y + rc, Y + rc + rr);
+  store_wide(rows, cols, transpose, X, x);
+}
+
+void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
+  polynomial(cfg, static_cast<int>(r), A, B);
+}
+
+void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, const float* B, const float* X, float* Y) {
+  apply_poly(cfg, static_cast<int>(r), static_cast<int>(c), B, X, Y);
 }
 
 }  // namespace celo2

@@ -92,33 +92,23 @@ TEST(CudaBackend, HalfMastersEqualCpuBackend) {
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
     const bool bf = dtype == DType::kBFloat16;
     Model a(4), b(4);
-    auto halves = [&](const Model& m) {
-      std::vector<std::vector<uint16_t>> h;
-      for (const auto& v : m.p) {
-        h.emplace_back(v.size());
-        for (size_t i = 0; i < v.size(); ++i) h.back()[i] = lowp::to_half(bf, v[i]);
-      }
-      return h;
-    };
-    std::vector<std::vector<uint16_t>> ha = halves(a), hb = halves(b);
+    testing::HalfModel ha(a, dtype), hb(b, dtype);
     EngineOptions eo = on_cuda(options(), GradMode::kLocal);
     Engine dev(eo, g_comm);
     eo.backend = "cpu";
     eo.plan = Plan::kWholeTensors;
     Engine cpu(eo, g_comm);
-    for (size_t t = 0; t < a.names.size(); ++t) {
-      dev.add_tensor(a.names[t], a.shapes[t], ha[t].data(), dtype, a.g[t].data());
-      cpu.add_tensor(b.names[t], b.shapes[t], hb[t].data(), dtype, b.g[t].data());
-    }
+    ha.register_with(dev, a);
+    hb.register_with(cpu, b);
     for (int s = 0; s < 4; ++s) {
       if (s == 2)
-        for (auto* h : {&ha, &hb}) (*h)[1][3] = lowp::to_half(bf, 2.5f);
+        for (auto* h : {&ha, &hb}) h->h[1][3] = lowp::to_half(bf, 2.5f);
       a.fill_grads(s, g_comm->rank());
       b.fill_grads(s, g_comm->rank());
       const StepReport rd = dev.step(), rc = cpu.step();
       EXPECT_EQ(rd.masters_reseeded, rc.masters_reseeded);
       EXPECT_EQ(rd.masters_reseeded, s == 2 ? 1 : 0);
-      EXPECT_EQ(ha, hb) << dtype_name(dtype) << " step " << s;
+      EXPECT_EQ(ha.h, hb.h) << dtype_name(dtype) << " step " << s;
     }
     const std::string path = ::testing::TempDir() + "/celo2_cuda_half_" + std::to_string(g_comm->size()) + ".state";
     dev.save_state(path);
@@ -128,7 +118,7 @@ TEST(CudaBackend, HalfMastersEqualCpuBackend) {
     b.fill_grads(9, g_comm->rank());
     dev.step();
     cpu.step();
-    EXPECT_EQ(ha, hb) << dtype_name(dtype) << " after the masters' round trip";
+    EXPECT_EQ(ha.h, hb.h) << dtype_name(dtype) << " after the masters' round trip";
   }
 }
 

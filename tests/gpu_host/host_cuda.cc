@@ -235,22 +235,10 @@ void apply_step_device(float lr, float wd, int64_t n, float* p, const float* u, 
   for (int64_t i = 0; i < n; ++i) p[i] -= ew::applied_step(lr, wd, p[i], u[i]);
 }
 void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_t) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(in[i]) << 16;
-    std::memcpy(&out[i], &u, 4);
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = lowp::from_bf16(in[i]);
 }
-void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t) {
-  for (int64_t i = 0; i < n; ++i) {  // round to nearest even, NaN kept NaN
-    uint32_t u;
-    std::memcpy(&u, &in[i], 4);
-    if (std::isnan(in[i])) {
-      out[i] = static_cast<uint16_t>((u >> 16) | 0x40);
-      continue;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    out[i] = static_cast<uint16_t>(u >> 16);
-  }
+void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t s) {
+  store_lowp_device(true, out, in, n, s);
 }
 void store_lowp_device(bool bf16, uint16_t* dst, const float* src, int64_t n, cudaStream_t) {
   for (int64_t i = 0; i < n; ++i) dst[i] = lowp::to_half(bf16, src[i]);

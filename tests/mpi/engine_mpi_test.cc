@@ -487,27 +487,7 @@ TEST(Engine, ParamGroupsAsSeparateRuns) {
   EXPECT_THROW(eng.set_group(99, {}), std::invalid_argument);
 }
 
-// bf16/fp16 parameters: the trainer's low-precision copies of a Model.
-struct HalfModel {
-  DType dtype;
-  std::vector<std::vector<uint16_t>> h;
-  HalfModel(const Model& m, DType d) : dtype(d) {
-    for (const auto& v : m.p) {
-      std::vector<uint16_t> x(v.size());
-      for (size_t i = 0; i < v.size(); ++i) x[i] = lowp::to_half(d == DType::kBFloat16, v[i]);
-      h.push_back(x);
-    }
-  }
-  float at(size_t t, size_t i) const { return lowp::from_half(dtype == DType::kBFloat16, h[t][i]); }
-  void to_float(Model& m) const {
-    for (size_t t = 0; t < h.size(); ++t)
-      for (size_t i = 0; i < h[t].size(); ++i) m.p[t][i] = at(t, i);
-  }
-  void register_with(Engine& eng, Model& grads_of) {
-    for (size_t t = 0; t < h.size(); ++t)
-      eng.add_tensor(grads_of.names[t], grads_of.shapes[t], h[t].data(), dtype, grads_of.g[t].data());
-  }
-};
+using testing::HalfModel;
 
 class HalfMasters : public ::testing::TestWithParam<std::tuple<int, int>> {};
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "celo2/lowp.h"
 #include "celo2/recipe.h"
 
 namespace celo2::testing {
@@ -40,6 +41,29 @@ struct Model {
     std::normal_distribution<float> nd(0, 1);
     for (auto& v : g)
       for (auto& x : v) x = nd(rng) * (step % 2 ? 1e-2f : 1.0f);
+  }
+};
+
+// bf16/fp16 parameters: the trainer's low-precision copies of a Model.
+struct HalfModel {
+  DType dtype;
+  std::vector<std::vector<uint16_t>> h;
+  HalfModel(const Model& m, DType d) : dtype(d) {
+    for (const auto& v : m.p) {
+      std::vector<uint16_t> x(v.size());
+      for (size_t i = 0; i < v.size(); ++i) x[i] = lowp::to_half(d == DType::kBFloat16, v[i]);
+      h.push_back(x);
+    }
+  }
+  float at(size_t t, size_t i) const { return lowp::from_half(dtype == DType::kBFloat16, h[t][i]); }
+  void to_float(Model& m) const {
+    for (size_t t = 0; t < h.size(); ++t)
+      for (size_t i = 0; i < h[t].size(); ++i) m.p[t][i] = at(t, i);
+  }
+  template <class Opt>
+  void register_with(Opt& eng, Model& grads_of) {
+    for (size_t t = 0; t < h.size(); ++t)
+      eng.add_tensor(grads_of.names[t], grads_of.shapes[t], h[t].data(), dtype, grads_of.g[t].data());
   }
 };
 

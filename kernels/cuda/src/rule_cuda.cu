@@ -351,12 +351,6 @@ __global__ void k_bf16_to_float(const __nv_bfloat16* in, float* out, int64_t n) 
     out[i] = __bfloat162float(in[i]);
 }
 
-__global__ void k_float_to_bf16(const float* in, __nv_bfloat16* out, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(in[i]);
-}
-
 __global__ void k_scale(float* x, float s, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -851,10 +845,7 @@ void bf16_to_float_device(const uint16_t* in, float* out, int64_t n, cudaStream_
 }
 
 void float_to_bf16_device(const float* in, uint16_t* out, int64_t n, cudaStream_t stream) {
-  if (n <= 0) return;
-  k_float_to_bf16<<<grid_stride_blocks(n), kThreads, 0, stream>>>(
-      in, reinterpret_cast<__nv_bfloat16*>(out), n);
-  CELO2_CUDA_LAUNCH_CHECK("k_float_to_bf16");
+  store_lowp_device(true, out, in, n, stream);  // the one rounding (celo2/lowp.h)
 }
 
 void count_nonfinite_device(const float* x, int64_t n, unsigned long long* counter, cudaStream_t stream) {

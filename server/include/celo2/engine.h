@@ -160,6 +160,7 @@ class Engine : public EngineControl {
   // The gate between computing the Celo2 updates and applying them: sums this rank's count
   // of non-finite update entries over ranks and applies the NaN policy to it.
   NanAction check_updates(double local_bad, StepReport& rep);
+  void mark_skipped(StepReport& rep);  // a step the NaN policy skips: counted, nothing applied
   StateFile collect_state(bool all_ranks);
   void install_state(size_t i, const TensorStateRecord& r);
   void reset_state(size_t i);

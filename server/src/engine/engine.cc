@@ -521,9 +521,7 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   switch (decide_nan(o.nan_policy, rep.nonfinite, step_, where)) {
     case NanAction::kProceed: break;
     case NanAction::kSkip:
-      ++skipped_;
-      rep.skipped = true;
-      rep.step = step_;
+      mark_skipped(rep);
       return rep;
     case NanAction::kZeroEntries:
       backend_->zero_nonfinite(grad_local_->data(), grad_local_->size());
@@ -600,13 +598,15 @@ NanAction Engine::check_updates(double local_bad, StepReport& rep) {
   const NanAction act = decide_nan(opts_.opt.nan_policy, rep.nonfinite_update, step_,
                                    "in the Celo2 update, from finite gradients: the MLP weights give "
                                    "non-finite output");
-  if (act == NanAction::kSkip) {
-    // Nothing is applied. The rule's state has taken this step's (finite) gradients.
-    ++skipped_;
-    rep.skipped = true;
-    rep.step = step_;
-  }
+  // Skipped: nothing is applied. The rule's state has taken this step's (finite) gradients.
+  if (act == NanAction::kSkip) mark_skipped(rep);
   return act;
+}
+
+void Engine::mark_skipped(StepReport& rep) {
+  ++skipped_;
+  rep.skipped = true;
+  rep.step = step_;
 }
 
 // 2–8 of the flat plan: the rule in phases on this rank's slices, with the small

@@ -1,6 +1,8 @@
 // Newton–Schulz over a group of ranks (celo2/split_ns.h).
 #include "celo2/split_ns.h"
 
+#include "celo2/newton_schulz.h"
+
 #include <cblas.h>
 
 #include <algorithm>
@@ -25,7 +27,6 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   group.all_reduce_sum(&fro, 1);
   const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
   for (size_t i = 0; i < rc; ++i) x_local[i] *= scale;
-  const float a = cfg.ns_coeffs[0], b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
   const int R = static_cast<int>(r), C = static_cast<int>(c_local);
   float* X = x_local;
   for (int it = 0; it < cfg.ns_iters; ++it) {
@@ -42,11 +43,9 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
       for (int j = i; j < R; ++j)
         A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] =
             static_cast<float>(sum[static_cast<size_t>(i) * R + j]);
-    for (size_t i = 0; i < rr; ++i) B[i] = b * A[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, R, R, cc, A, R, A, R, 1.0f, B, R);
+    ns_polynomial(cfg, r, A, B);
     if (C == 0) continue;
-    for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, 1.0f, B, R, X, C, 1.0f, Y, C);
+    ns_apply_polynomial(cfg, r, c_local, B, X, Y);
     std::memcpy(X, Y, rc * sizeof(float));
   }
 }
