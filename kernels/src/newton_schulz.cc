@@ -99,26 +99,32 @@ void syrk(int n, int k, const double* M, double* S) {
 constexpr int64_t kNormLane = 1 << 16;
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
 
-// X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
-// transposed.
+// out = inᵀ (in: rows×cols, row-major), in 32×32 tiles that keep both sides in cache; or a
+// plain copy.
 template <class T>
-bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
-  const bool transpose = rows > cols;
-  const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
-  const int64_t rc = r * c;
-  const bool par = rc >= kParallelMin;
+void transpose_or_copy(bool transpose, int64_t rows, int64_t cols, const T* in, T* out) {
+  const bool par = rows * cols >= kParallelMin;
   if (transpose) {
-    // Tiles of 32×32 keep both sides in cache.
     constexpr int64_t kT = 32;
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int64_t i0 = 0; i0 < rows; i0 += kT)
       for (int64_t j0 = 0; j0 < cols; j0 += kT)
         for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
-          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) X[j * c + i] = x[i * cols + j];
+          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) out[j * rows + i] = in[i * cols + j];
   } else {
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < r; ++i) std::memcpy(X + i * c, x + i * c, c * sizeof(T));
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, in + i * cols, cols * sizeof(T));
   }
+}
+
+// X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
+// transposed.
+template <class T>
+bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
+  const bool transpose = rows > cols;
+  const int64_t rc = rows * cols;
+  const bool par = rc >= kParallelMin;
+  transpose_or_copy(transpose, rows, cols, x, X);
   const int64_t lanes = (rc + kNormLane - 1) / kNormLane;
   std::vector<double> part(lanes, 0.0);
 #pragma omp parallel for schedule(static) if (par)
@@ -136,21 +142,13 @@ bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T*
   return transpose;
 }
 
+// x (rows×cols) from X (r×c, transposed when `transpose`).
 template <class T>
 void store_wide(int64_t rows, int64_t cols, bool transpose, const T* X, T* x) {
-  const int64_t c = transpose ? rows : cols;
-  const bool par = rows * cols >= kParallelMin;
-  if (transpose) {
-    constexpr int64_t kT = 32;
-#pragma omp parallel for collapse(2) schedule(static) if (par)
-    for (int64_t i0 = 0; i0 < rows; i0 += kT)
-      for (int64_t j0 = 0; j0 < cols; j0 += kT)
-        for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
-          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) x[i * cols + j] = X[j * c + i];
-  } else {
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(x + i * cols, X + i * cols, cols * sizeof(T));
-  }
+  if (transpose)
+    transpose_or_copy(true, cols, rows, X, x);
+  else
+    transpose_or_copy(false, rows, cols, X, x);
 }
 
 // S = M Mᵀ (M n×k row-major), both triangles; with B, also B = scale·S in the same pass.
