@@ -2,7 +2,7 @@
 //   A = X Xᵀ        ssyrk, r²c FLOP-pairs (symmetric: half of an sgemm); the pass that
 //                   mirrors the triangle also writes B = bA
 //   B = bA + cA²    sgemm r³ with beta 1 (A is symmetric, plain sgemm is fastest in OpenBLAS)
-//   X = (B + aI) X  sgemm r²c with beta 0 (the a·X term folded into B's diagonal)
+//   X = aX + BX     a·X on the OpenMP threads, then sgemm r²c with beta 1
 #include <cblas.h>
 
 #include <algorithm>
@@ -167,7 +167,9 @@ void gram_of(int n, int k, const T* M, T* S, T* B = nullptr, T scale = T(0)) {
 }
 
 // B = bA + cA² (A r×r; B holds bA on entry when scaled, else is formed here); then
-// Y = (B + aI) X, one GEMM (the a·X term folded into B's diagonal).
+// Y = aX + BX: the a·X pass on the OpenMP threads, the product added by one GEMM with beta 1.
+// (The same operation order as the CUDA GEMM plan, kernels/cuda/src/newton_schulz_plan.h,
+// which tests/unit/rule_layout_test.cc holds to this function at 1e-5.)
 template <class T>
 void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = false) {
   const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
@@ -176,10 +178,12 @@ void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = 
   gemm(R, R, R, cc, A, A, T(1), B);
 }
 template <class T>
-void apply_poly(const RuleConfig& cfg, int R, int C, T* B, const T* X, T* Y) {
+void apply_poly(const RuleConfig& cfg, int R, int C, const T* B, const T* X, T* Y) {
   const T a = cfg.ns_coeffs[0];
-  for (int i = 0; i < R; ++i) B[static_cast<size_t>(i) * R + i] += a;
-  gemm(R, C, R, T(1), B, X, T(0), Y);
+  const int64_t rc = static_cast<int64_t>(R) * C;
+#pragma omp parallel for schedule(static) if (rc >= kParallelMin)
+  for (int64_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+  gemm(R, C, R, T(1), B, X, T(1), Y);
 }
 
 template <class T>
@@ -272,7 +276,7 @@ void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
   polynomial(cfg, static_cast<int>(r), A, B);
 }
 
-void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, float* B, const float* X, float* Y) {
+void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, const float* B, const float* X, float* Y) {
   apply_poly(cfg, static_cast<int>(r), static_cast<int>(c), B, X, Y);
 }
 
