@@ -645,22 +645,18 @@ int main(int argc, char** argv) {
         const celo2::StepConstants sc = celo2::StepConstants::of(cfg, rb.state.iteration);
         double p2 = 0.0, mag = 0.0;
         double t[kPhases];
-        // As the engine and celo2_update run them: phase 1 adds the element-local channels'
-        // sums of squares (rule.h), phase 3 the rest.
-        const bool local = celo2::has_local_sumsq(geo);
         t[0] = seconds_of([&] {
           row_sum.assign(geo.row_count, 0.0);
           col_sum.assign(geo.col_count, 0.0);
-          sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
-          celo2::phase_accumulate(cfg, geo, sc, s, row_sum.data(), col_sum.data(), &p2,
-                                  local ? sumsq.data() : nullptr);
+          celo2::phase_accumulate(cfg, geo, sc, s, row_sum.data(), col_sum.data(), &p2);
         });
         t[1] = seconds_of([&] {
           celo2::phase_update_factored(cfg, geo, sc, row_sum.data(), col_sum.data(),
                                        rb.state.v_row.data(), rb.state.v_col.data(), tables);
         });
         t[2] = seconds_of([&] {
-          celo2::phase_feature_sumsq(cfg, geo, sc, s, tables, sumsq.data(), 0, local);
+          sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
+          celo2::phase_feature_sumsq(cfg, geo, sc, s, tables, sumsq.data());
         });
         t[3] = seconds_of([&] {
           celo2::phase_mlp(cfg, theta, geo, sc, s, tables, sumsq.data(), &mag);

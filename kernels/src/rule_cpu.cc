@@ -230,9 +230,7 @@ MlpScratch& mlp_scratch() {
 
 }  // namespace
 
-namespace {
-
-void accumulate_range(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
+void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                       const Slice& s, double* row_sum, double* col_sum, double* p2_sum) {
   const int64_t n = s.hi - s.lo;
   const float bm0 = sc.mom[0], bm1 = sc.mom[1], bm2 = sc.mom[2], br = sc.rms[0];
@@ -294,52 +292,6 @@ void accumulate_range(const RuleConfig& cfg, const Geometry& geo, const StepCons
   }
 }
 
-// Elements [lo, hi) of a slice, as a slice of their own.
-Slice sub_range(const Slice& s, int64_t lo, int64_t hi) {
-  Slice t = s;
-  const int64_t off = lo - s.lo;
-  t.lo = lo;
-  t.hi = hi;
-  t.g += off;
-  t.p += off;
-  t.m += off;
-  t.rms += off;
-  if (t.v_diag) t.v_diag += off;
-  t.u += off;
-  return t;
-}
-
-// Spec channels of the element-local squares of a matrix (fast::Kernels::sumsq_local_2d) and
-// of its six table-dependent per-element channels (sumsq_2d with table_only).
-constexpr int kLocal2d[12] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14};
-constexpr int kTable2d[6] = {11, 12, 13, 27, 28, 29};
-
-}  // namespace
-
-void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
-                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum,
-                      double* local_sumsq) {
-  if (!local_sumsq || !cfg.normalize_input || !has_local_sumsq(geo)) {
-    accumulate_range(cfg, geo, sc, s, row_sum, col_sum, p2_sum);
-    return;
-  }
-  // Chunks small enough that the new state is still in cache when its features are squared.
-  constexpr int64_t kChunk = 4096;
-  double part[kChannels1d] = {};
-  for (int64_t lo = s.lo; lo < s.hi; lo += kChunk) {
-    const Slice c = sub_range(s, lo, std::min(s.hi, lo + kChunk));
-    accumulate_range(cfg, geo, sc, c, row_sum, col_sum, p2_sum);
-    if (geo.factored)
-      fast::kernels().sumsq_local_2d(elems_of(sc, c), part);
-    else
-      fast::kernels().sumsq_1d(elems_of(sc, c), part);
-  }
-  if (geo.factored)
-    for (int e = 0; e < 12; ++e) local_sumsq[kLocal2d[e]] += part[e];
-  else
-    for (int e = 0; e < kChannels1d; ++e) local_sumsq[e] += part[e];
-}
-
 void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                            const double* row_sum, const double* col_sum, float* v_row,
                            float* v_col, FacTables& t) {
@@ -398,7 +350,7 @@ void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const Ste
 
 void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                          const Slice& s, const FacTables& tables, double* sumsq,
-                         int64_t group_base, bool local_done) {
+                         int64_t group_base) {
   if (!cfg.normalize_input || s.hi <= s.lo) return;
   const int C = geo.channels();
   // Squares of floats are exact in double and double sums of them round far below float
@@ -407,17 +359,13 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
   if (geo.ndim == 2) {  // one normalization group
     const MatrixTables m = matrix_of(geo, tables);
     double part[fast::kElem2d] = {};
+    fast::kernels().sumsq_2d(elems_of(sc, s), m.mx, part);
     double* out = sumsq + (0 - group_base) * C;
-    fast::kernels().sumsq_2d(elems_of(sc, s), m.mx, local_done, part);
-    if (local_done)
-      for (int e = 0; e < 6; ++e) out[kTable2d[e]] += part[e];
-    else
-      for (int e = 0; e < fast::kElem2d; ++e) out[kCompact2d[e]] += part[e];
+    for (int e = 0; e < fast::kElem2d; ++e) out[kCompact2d[e]] += part[e];
     table_sumsq_2d(geo, s, m, out);
     return;
   }
   if (!geo.factored) {  // one normalization group, 15 channels
-    if (local_done) return;  // phase 1 added them all
     double part[fast::kElem1d] = {};
     fast::kernels().sumsq_1d(elems_of(sc, s), part);
     double* out = sumsq + (0 - group_base) * C;
@@ -762,22 +710,17 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   auto lane_lo = [&](int l) { return n * l / lanes; };
   const int C = geo.channels();
 
-  // Phase 1: accumulators and row/col statistics; for tensors of one normalization group,
-  // also the element-local channels' sums of squares (after the statistics in each lane's
-  // buffer).
+  // Phase 1: accumulators and row/col statistics.
   const int64_t stat_w = geo.factored ? geo.row_count + geo.col_count : 0;
-  const bool local = cfg.normalize_input && has_local_sumsq(geo);
-  const int64_t lane_w = stat_w + 1 + (local ? C : 0);
-  ws.lane_buf.assign(static_cast<size_t>(lanes) * lane_w, 0.0);
+  ws.lane_buf.assign(static_cast<size_t>(lanes) * (stat_w + 1), 0.0);
 #pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
-    double* base = ws.lane_buf.data() + l * lane_w;
+    double* base = ws.lane_buf.data() + l * (stat_w + 1);
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-    phase_accumulate(cfg, geo, sc, s, base + 1, base + 1 + geo.row_count, base,
-                     local ? base + stat_w + 1 : nullptr);
+    phase_accumulate(cfg, geo, sc, s, base + 1, base + 1 + geo.row_count, base);
   }
-  ws.row_sum.assign(lane_w, 0.0);
-  combine_lanes(ws.lane_buf, lanes, lane_w, ws.row_sum.data());
+  ws.row_sum.assign(stat_w + 1, 0.0);
+  combine_lanes(ws.lane_buf, lanes, stat_w + 1, ws.row_sum.data());
   const double p2_sum = ws.row_sum[0];
 
   // Phase 2: factored accumulators and feature tables.
@@ -789,12 +732,10 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   // Phase 3: per-channel sums of squares, per normalization group. Each lane keeps partials
   // only for the groups it touches (a conv weight has thousands of small groups).
   ws.sumsq.assign(geo.norm_groups * C, 0.0);
-  if (local)
-    std::copy(ws.row_sum.begin() + stat_w + 1, ws.row_sum.end(), ws.sumsq.begin());
   if (cfg.normalize_input) {
     group_partials(geo, lanes, C, ws, [&](int l, double* part, int64_t gbase) {
       Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-      phase_feature_sumsq(cfg, geo, sc, s, ws.tables, part, gbase, local);
+      phase_feature_sumsq(cfg, geo, sc, s, ws.tables, part, gbase);
     }, ws.sumsq.data());
   }
 

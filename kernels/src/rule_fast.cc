@@ -69,28 +69,15 @@ inline void pad(float* f, int channels, int cnt) {
 // One matrix element's 18 channels into f[c * S] (compact order: spec channels 0-14, then
 // 27-29); fs/fsh: the fixed table's scale and scale_hat, v/vh the varying table's. Product
 // orders follow ew::features_factored (g * R * C, m̂ * R̂ * Ĉ).
-// Which channels a matrix fill writes.
-enum Which { kAll18, kTable6, kLocal12 };
-constexpr int channels_of(Which w) { return w == kAll18 ? 18 : (w == kTable6 ? 6 : 12); }
-
-template <bool kColVaries, int S, Which kW = kAll18>
+template <bool kColVaries, int S>
 CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1, float m2,
                          float r, float fs0, float fs1, float fs2, float fsh0, float fsh1,
                          float fsh2, float v0, float v1, float v2, float vh0, float vh1,
                          float vh2, float* __restrict f) {
   const float g = ew::clip_grad(graw);
   const float r_hat = r * e.bc_rms;
-  const float mh0 = m0 * e.bc_mom[0], mh1 = m1 * e.bc_mom[1], mh2 = m2 * e.bc_mom[2];
-  if (kW == kTable6) {  // fac_g (11-13), m̂·R̂·Ĉ (27-29)
-    f[0 * S] = kColVaries ? g * fs0 * v0 : g * v0 * fs0;
-    f[1 * S] = kColVaries ? g * fs1 * v1 : g * v1 * fs1;
-    f[2 * S] = kColVaries ? g * fs2 * v2 : g * v2 * fs2;
-    f[3 * S] = kColVaries ? mh0 * fsh0 * vh0 : mh0 * vh0 * fsh0;
-    f[4 * S] = kColVaries ? mh1 * fsh1 * vh1 : mh1 * vh1 * fsh1;
-    f[5 * S] = kColVaries ? mh2 * fsh2 * vh2 : mh2 * vh2 * fsh2;
-    return;
-  }
   const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
+  const float mh0 = m0 * e.bc_mom[0], mh1 = m1 * e.bc_mom[1], mh2 = m2 * e.bc_mom[2];
   f[0 * S] = g;
   f[1 * S] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
   f[2 * S] = p;
@@ -102,10 +89,6 @@ CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1
   f[8 * S] = mh1 * rho;
   f[9 * S] = mh2 * rho;
   f[10 * S] = rho;
-  if (kW == kLocal12) {  // channels 0-10, 14
-    f[11 * S] = g * rho;
-    return;
-  }
   f[11 * S] = kColVaries ? g * fs0 * v0 : g * v0 * fs0;
   f[12 * S] = kColVaries ? g * fs1 * v1 : g * v1 * fs1;
   f[13 * S] = kColVaries ? g * fs2 * v2 : g * v2 * fs2;
@@ -115,9 +98,10 @@ CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1
   f[17 * S] = kColVaries ? mh2 * fsh2 * vh2 : mh2 * vh2 * fsh2;
 }
 
+
 // The 18 per-element channels of a matrix block inside row a, columns [j, j + cnt), into
 // f[c * S + jj].
-template <bool kColVaries, int S, int N, Which kW>
+template <bool kColVaries, int S, int N>
 inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                       float* __restrict f) {
   if (N > 0) cnt = N;
@@ -136,44 +120,26 @@ inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, in
   const float* __restrict rr = e.rms + li0;
 #pragma omp simd
   for (int jj = 0; jj < cnt; ++jj) {
-    element_2d<kColVaries, S, kW>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj],
-                                  rr[jj], fs[0], fs[1], fs[2], fsh[0], fsh[1], fsh[2], vs[jj],
-                                  vs[vn + jj], vs[2 * vn + jj], vsh[jj], vsh[vn + jj],
-                                  vsh[2 * vn + jj], f + jj);
+    element_2d<kColVaries, S>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
+                              fs[0], fs[1], fs[2], fsh[0], fsh[1], fsh[2], vs[jj], vs[vn + jj],
+                              vs[2 * vn + jj], vsh[jj], vsh[vn + jj], vsh[2 * vn + jj], f + jj);
   }
-  pad<S>(f, channels_of(kW), cnt);
+  pad<S>(f, kElem2d, cnt);
 }
 
 // Whole blocks get a constant trip count (no masks, fully unrolled).
-template <bool kColVaries, int S, Which kW = kAll18>
+template <bool kColVaries, int S>
 inline void fill_2d(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                     float* __restrict f) {
   if (cnt == kBlk)
-    fill_2d_n<kColVaries, S, kBlk, kW>(e, mx, a, j, cnt, f);
+    fill_2d_n<kColVaries, S, kBlk>(e, mx, a, j, cnt, f);
   else
-    fill_2d_n<kColVaries, S, 0, kW>(e, mx, a, j, cnt, f);
-}
-
-// A matrix's twelve element-local channels (0-10, 14) of slice-local elements
-// [li0, li0 + cnt): no tables.
-template <int S, int N>
-inline void fill_local_2d_n(const Elems& e, int64_t li0, int cnt, float* __restrict f) {
-  if (N > 0) cnt = N;
-  const int64_t P = e.plane;
-  const float* __restrict gp = e.g + li0;
-  const float* __restrict pp = e.p + li0;
-  const float* __restrict m0 = e.m + li0;
-  const float* __restrict rr = e.rms + li0;
-#pragma omp simd
-  for (int jj = 0; jj < cnt; ++jj)
-    element_2d<true, S, kLocal12>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
-                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, f + jj);
-  pad<S>(f, 12, cnt);
+    fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f);
 }
 
 // The same for a block that may cross rows (matrices narrower than a block): lane jj is
 // slice-local element li0 + jj, at row ra[jj] and column ca[jj].
-template <bool kColVaries, Which kW = kAll18>
+template <bool kColVaries>
 inline void fill_2d_lanes(const Elems& e, const Matrix& mx, int64_t li0, const int64_t* ra,
                           const int64_t* ca, int cnt, float* __restrict f) {
   const int64_t fn = mx.fix_n, vn = mx.vary_n, P = e.plane;
@@ -186,12 +152,12 @@ inline void fill_2d_lanes(const Elems& e, const Matrix& mx, int64_t li0, const i
     const int64_t a = ra[jj], j = ca[jj];
     const float* fx = mx.fix_soa + a;
     const float* vx = mx.vary_soa + j;
-    element_2d<kColVaries, kBlk, kW>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj],
-                                     rr[jj], fx[6 * fn], fx[7 * fn], fx[8 * fn], fx[9 * fn],
-                                     fx[10 * fn], fx[11 * fn], vx[6 * vn], vx[7 * vn],
-                                     vx[8 * vn], vx[9 * vn], vx[10 * vn], vx[11 * vn], f + jj);
+    element_2d<kColVaries, kBlk>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
+                                 fx[6 * fn], fx[7 * fn], fx[8 * fn], fx[9 * fn], fx[10 * fn],
+                                 fx[11 * fn], vx[6 * vn], vx[7 * vn], vx[8 * vn], vx[9 * vn],
+                                 vx[10 * vn], vx[11 * vn], f + jj);
   }
-  pad<kBlk>(f, channels_of(kW), cnt);
+  pad<kBlk>(f, kElem2d, cnt);
 }
 
 // The 15 channels of a 1-D block [i0, i0 + cnt) (slice-local i0), as ew::features_diag.
@@ -430,11 +396,10 @@ inline void for_lane_blocks(const Elems& e, int64_t cols, F fn) {
   }
 }
 
-template <bool kColVaries, Which kW>
+template <bool kColVaries>
 void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
-  constexpr int C = channels_of(kW);
-  alignas(64) float f[C * kChunkStride];
-  SquareSums<C> sq;
+  alignas(64) float f[kElem2d * kChunkStride];
+  SquareSums<kElem2d> sq;
   int len = 0;
   auto filled = [&]() {
     len += kBlk;
@@ -445,14 +410,14 @@ void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
   };
   if (mx.cols >= kBlk) {
     for_row_blocks(e, mx.cols, [&](int64_t a, int64_t j, int cnt) {
-      fill_2d<kColVaries, kChunkStride, kW>(e, mx, a, j, cnt, f + len);
+      fill_2d<kColVaries, kChunkStride>(e, mx, a, j, cnt, f + len);
       filled();
     });
   } else {
-    alignas(64) float fb[C * kBlk];
+    alignas(64) float fb[kElem2d * kBlk];
     for_lane_blocks(e, mx.cols, [&](int64_t li0, const int64_t* ra, const int64_t* ca, int cnt) {
-      fill_2d_lanes<kColVaries, kW>(e, mx, li0, ra, ca, cnt, fb);
-      for (int c = 0; c < C; ++c)
+      fill_2d_lanes<kColVaries>(e, mx, li0, ra, ca, cnt, fb);
+      for (int c = 0; c < kElem2d; ++c)
         std::memcpy(f + c * kChunkStride + len, fb + c * kBlk, sizeof(float) * kBlk);
       filled();
     });
@@ -500,38 +465,11 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
   }
 }
 
-void sumsq_2d(const Elems& e, const Matrix& mx, bool table_only, double* sumsq) {
-  if (table_only) {
-    if (mx.col_varies)
-      sumsq_2d_t<true, kTable6>(e, mx, sumsq);
-    else
-      sumsq_2d_t<false, kTable6>(e, mx, sumsq);
-  } else {
-    if (mx.col_varies)
-      sumsq_2d_t<true, kAll18>(e, mx, sumsq);
-    else
-      sumsq_2d_t<false, kAll18>(e, mx, sumsq);
-  }
-}
-
-void sumsq_local_2d(const Elems& e, double* sumsq) {
-  alignas(64) float f[12 * kChunkStride];
-  SquareSums<12> sq;
-  int len = 0;
-  for (int64_t i = e.lo; i < e.hi; i += kBlk) {
-    const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
-    if (cnt == kBlk)
-      fill_local_2d_n<kChunkStride, kBlk>(e, i - e.lo, cnt, f + len);
-    else
-      fill_local_2d_n<kChunkStride, 0>(e, i - e.lo, cnt, f + len);
-    len += kBlk;
-    if (len == kChunk) {
-      sq.add(f, len);
-      len = 0;
-    }
-  }
-  if (len) sq.add(f, len);
-  sq.flush(sumsq);
+void sumsq_2d(const Elems& e, const Matrix& mx, double* sumsq) {
+  if (mx.col_varies)
+    sumsq_2d_t<true>(e, mx, sumsq);
+  else
+    sumsq_2d_t<false>(e, mx, sumsq);
 }
 
 void mlp_2d(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
@@ -589,6 +527,6 @@ void mlp_block(const Mlp& m, const float* f, int cnt, float* u, double* mag_sum)
 }  // namespace
 
 extern const Kernels table;
-const Kernels table = {kName, sumsq_2d, sumsq_1d, sumsq_local_2d, mlp_2d, mlp_1d, mlp_block};
+const Kernels table = {kName, sumsq_2d, sumsq_1d, mlp_2d, mlp_1d, mlp_block};
 
 }  // namespace celo2::fast::CELO2_ISA_NS

@@ -74,12 +74,9 @@ struct Mlp {
 struct Kernels {
   const char* name;
   // Sum of squares (double) of the per-element channels of a matrix slice / 1-D slice,
-  // added into sumsq[e]: a matrix's 18 in compact order (channels 0-14 then 27-29), or with
-  // table_only its six table-dependent ones (11-13, 27-29); a 1-D tensor's 15.
-  void (*sumsq_2d)(const Elems&, const Matrix&, bool table_only, double* sumsq);
+  // added into sumsq[e] (compact order: channels 0-14 then 27-29 for a matrix).
+  void (*sumsq_2d)(const Elems&, const Matrix&, double* sumsq);
   void (*sumsq_1d)(const Elems&, double* sumsq);
-  // The element-local channels of a matrix (0-10, 14: twelve, in that order) into sumsq[e].
-  void (*sumsq_local_2d)(const Elems&, double* sumsq);
   // Features, MLP and u for a matrix slice / a 1-D slice.
   void (*mlp_2d)(const Elems&, const Matrix&, const Mlp&, double* mag_sum);
   void (*mlp_1d)(const Elems&, const Mlp&, double* mag_sum);

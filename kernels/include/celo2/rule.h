@@ -103,18 +103,8 @@ struct FacTables {
 
 // Phase 1: clip g, update m, rms (and v_diag), and add q = g^2 + 1e-30 into row_sum/col_sum
 // (factored; row_count and col_count doubles). Also adds sum(p^2) into *p2_sum.
-// With `local_sumsq` (and normalize_input), it also adds the sums of squares of the input
-// channels that need nothing but the element's own new state (has_local_sumsq(geo): every
-// channel of a 1-D tensor, channels 0-10 and 14 of a matrix) into
-// local_sumsq[c] (spec channel c; one normalization group) while the data is in cache; the
-// caller then passes local_done = true to phase_feature_sumsq.
 void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
-                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum,
-                      double* local_sumsq = nullptr);
-
-// Whether phase_accumulate can add the element-local sums of squares for this tensor
-// (ndim <= 2: one normalization group).
-inline bool has_local_sumsq(const Geometry& geo) { return geo.ndim <= 2; }
+                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum);
 
 // Phase 2 (small, replicated): fold the summed statistics into v_row / v_col and build the
 // feature tables.
@@ -123,12 +113,10 @@ void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const Ste
                            float* v_col, FacTables& tables);
 
 // Phase 3: add each channel's sum of squares into sumsq[(group - group_base) * channels + c]
-// for the normalization groups the slice touches; with local_done, only the channels phase 1
-// did not add (nothing for a 1-D tensor; the six table-dependent ones and the twelve table
-// channels of a matrix).
+// for the normalization groups the slice touches.
 void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                          const Slice& s, const FacTables& tables, double* sumsq,
-                         int64_t group_base = 0, bool local_done = false);
+                         int64_t group_base = 0);
 
 // Phase 4: normalize features with the summed sumsq, run the MLP, write direction*mag into
 // s.u (or the bare direction if aggregate_mag; mag is then added into *mag_sum).

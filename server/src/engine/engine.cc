@@ -649,32 +649,23 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   auto stat_width = [](const Entry& e) {
     return (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0) + 1;
   };
-  // Tensors of one normalization group get their element-local channels' sums of squares
-  // from phase 1 (rule.h), into sq before phase 3 adds the rest.
-  auto local_sq = [&](const Entry& e) { return cfg.normalize_input && has_local_sumsq(e.geo); };
   {
     std::vector<std::vector<double>> part(items.size());
 #pragma omp parallel for schedule(dynamic, 1) if (items.size() > 1)
     for (size_t it = 0; it < items.size(); ++it) {
       const WorkItem& w = items[it];
       Entry& e = *celo[w.k];
-      const int64_t sw = stat_width(e);
-      part[it].assign(sw + (local_sq(e) ? e.geo.channels() : 0), 0.0);
+      part[it].assign(stat_width(e), 0.0);
       double* base = part[it].data();
       phase_accumulate(cfg, e.geo, sc[w.k],
                        sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
                        e.geo.factored ? base : nullptr,
                        e.geo.factored ? base + e.geo.row_count : nullptr,
-                       base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0),
-                       local_sq(e) ? base + sw : nullptr);
+                       base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
     }
     for (size_t it = 0; it < items.size(); ++it) {
-      const Entry& e = *celo[items[it].k];
-      const int64_t sw = stat_width(e);
-      double* dst = stat.data() + e.stat_off;
-      for (int64_t x = 0; x < sw; ++x) dst[x] += part[it][x];
-      double* dsq = sq.data() + e.sq_off;  // group 0
-      for (size_t x = sw; x < part[it].size(); ++x) dsq[x - sw] += part[it][x];
+      double* dst = stat.data() + celo[items[it].k]->stat_off;
+      for (size_t x = 0; x < part[it].size(); ++x) dst[x] += part[it][x];
     }
   }
   phase_end();
@@ -709,7 +700,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
       part[it].assign((g1 - g0) * e.geo.channels(), 0.0);
       phase_feature_sumsq(cfg, e.geo, sc[w.k],
                           sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
-                          e.tables, part[it].data(), g0, local_sq(e));
+                          e.tables, part[it].data(), g0);
     }
     for (size_t it = 0; it < items.size(); ++it) {
       const Entry& e = *celo[items[it].k];
