@@ -310,5 +310,40 @@ TEST(Metatrain, DigitsLoaderValidates) {
   EXPECT_THROW(load_digits_all(::testing::TempDir() + "/no_such_digits.csv"), std::runtime_error);
 }
 
+TEST(Metatrain, BreastCancerLoaderSplitsAndStandardizes) {
+  const std::string path =
+      (std::filesystem::path(digits_csv_path()).parent_path() / "breast_cancer.csv").string();
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " absent (Debian python3-sklearn not installed)";
+  const data::Dataset tr = load_breast_cancer(data::Split::kTrain), te = load_breast_cancer(data::Split::kTest);
+  EXPECT_EQ(tr.n, 400);
+  EXPECT_EQ(te.n, 169);
+  EXPECT_EQ(tr.dim, 30);
+  EXPECT_EQ(tr.num_classes, 2);
+  for (int c = 0; c < 30; ++c) {  // standardized on the training split
+    double m = 0, v = 0;
+    for (int64_t r = 0; r < tr.n; ++r) m += tr.x[r * 30 + c] / 400.0;
+    for (int64_t r = 0; r < tr.n; ++r) v += (tr.x[r * 30 + c] - m) * (tr.x[r * 30 + c] - m) / 400.0;
+    EXPECT_NEAR(m, 0.0, 1e-4) << c;
+    EXPECT_NEAR(v, 1.0, 1e-3) << c;
+  }
+  int ones = 0;
+  for (int y : tr.y) ones += y;
+  EXPECT_GT(ones, 100);  // 357 of 569 rows are benign (1): both classes in the training split
+  EXPECT_LT(ones, 350);
+  const data::Dataset again = load_breast_cancer(data::Split::kTest);
+  EXPECT_EQ(again.x, te.x);  // the shuffle is fixed
+  const std::string bad = ::testing::TempDir() + "/cancer_bad.csv";
+  {
+    std::ofstream f(bad);
+    f << "569,30,malignant,benign\n1,2,3\n";
+  }
+  try {
+    load_breast_cancer(data::Split::kTrain, bad);
+    FAIL() << "a 3-column file loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("row 1 has 3 columns"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace celo2::meta
