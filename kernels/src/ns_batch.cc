@@ -24,15 +24,19 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kW = 16;
-constexpr int kMaxNV = 4;  // 4 rows × 4 vectors of accumulators + 4 of B: 20 of 32 registers
+constexpr int kMaxNV = 4;  // up to 6 rows × 4 vectors of accumulators + 4 of B: 28 of 32 registers
 #elif defined(__AVX__)
 constexpr int kW = 8;
-constexpr int kMaxNV = 2;  // 4 × 2 + 2: 10 of 16
+constexpr int kMaxNV = 2;  // 4 × 2 + 2 (or 8 × 1 + 1) of 16 registers
 #else
 constexpr int kW = 4;
 constexpr int kMaxNV = 2;
 #endif
-constexpr int kMR = 4;
+// Rows per register block: as many as the accumulators allow beside NV vectors of B.
+template <int NV>
+constexpr int rows_per_block() {
+  return kW >= 16 ? (NV <= 2 ? 8 : 6) : (NV <= 1 ? 8 : 4);
+}
 typedef float Vf __attribute__((vector_size(kW * sizeof(float))));
 
 inline Vf loadv(const float* p) {
@@ -71,8 +75,9 @@ template <int NV>
 void rows_of(int64_t m, int64_t k, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
              float* C, int64_t ldc, const float* D, int64_t ldd, float alpha, float beta) {
   int64_t i = 0;
-  for (; i + kMR <= m; i += kMR)
-    block<kMR, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
+  constexpr int MR = rows_per_block<NV>();
+  for (; i + MR <= m; i += MR)
+    block<MR, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
                    alpha, beta);
   for (; i < m; ++i)
     block<1, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,

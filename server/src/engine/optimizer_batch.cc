@@ -8,6 +8,42 @@
 #include "recipe_internal.h"
 
 namespace celo2 {
+namespace {
+
+// Non-finite entries, counted without a floating-point dependency chain (vectorizes).
+int64_t count_nonfinite(const float* x, int64_t n) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
+  return bad;
+}
+
+// The sum of squares of the finite entries (in double, in 8 partial sums: the report's norm,
+// not the same last bits as the engine's one-chain sum) and the count of the others.
+struct GradStats {
+  double sumsq = 0;
+  int64_t nonfinite = 0;
+};
+GradStats grad_stats(const float* g, int64_t n) {
+  GradStats s;
+  double part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float v = g[i + l];
+      const bool ok = std::isfinite(v);
+      part[l] += ok ? static_cast<double>(v) * v : 0.0;
+      s.nonfinite += !ok;
+    }
+  for (; i < n; ++i) {
+    const bool ok = std::isfinite(g[i]);
+    part[0] += ok ? static_cast<double>(g[i]) * g[i] : 0.0;
+    s.nonfinite += !ok;
+  }
+  for (double p : part) s.sumsq += p;
+  return s;
+}
+
+}  // namespace
 
 OptimizerBatch::OptimizerBatch(OptimizerOptions o) : opts_(std::move(o)) {
   prepare_options(opts_);
@@ -94,19 +130,16 @@ void OptimizerBatch::step() {
     StepReport& rep = mb.report;
     rep = StepReport{};
     rep.lr = check_step_lr(o.schedule.at(mb.step));
-    double sq[3] = {0, 0, 0}, bad = 0;
+    double sq[3] = {0, 0, 0};
+    int64_t bad = 0;
     for (size_t t = 0; t < T; ++t) {
       const Tensor& tn = tensors_[t];
       if (tn.label == Label::kFrozen) continue;
-      const float* g = mb.grads[t];
-      double s = 0;
-      for (int64_t i = 0; i < tn.geo.numel; ++i) {
-        if (std::isfinite(g[i])) s += static_cast<double>(g[i]) * g[i];
-        else bad += 1;
-      }
-      sq[static_cast<int>(tn.label)] += s;
+      const GradStats gs = grad_stats(mb.grads[t], tn.geo.numel);
+      sq[static_cast<int>(tn.label)] += gs.sumsq;
+      bad += gs.nonfinite;
     }
-    rep.nonfinite = static_cast<int64_t>(bad);
+    rep.nonfinite = bad;
     for (int l = 0; l < 3; ++l) rep.grad_norm[l] = std::sqrt(sq[l]);
     static const std::string kNoName;
     mb.proceed = decide_nan(o.nan_policy, rep.nonfinite, mb.step,
@@ -134,12 +167,10 @@ void OptimizerBatch::step() {
     Member& mb = members_[k];
     if (!mb.proceed) continue;
     StepReport& rep = mb.report;
-    double bad = 0;
-    for (size_t t = 0; t < T; ++t) {
-      if (tensors_[t].label != Label::kCelo2) continue;
-      for (float v : mb.state[t].u) bad += std::isfinite(v) ? 0 : 1;
-    }
-    rep.nonfinite_update = static_cast<int64_t>(bad);
+    int64_t bad = 0;
+    for (size_t t = 0; t < T; ++t)
+      if (tensors_[t].label == Label::kCelo2) bad += count_nonfinite(mb.state[t].u.data(), tensors_[t].geo.numel);
+    rep.nonfinite_update = bad;
     if (decide_nan(o.nan_policy, rep.nonfinite_update, mb.step,
                    "in the Celo2 update, from finite gradients: the MLP weights give non-finite output") !=
         NanAction::kProceed) {
