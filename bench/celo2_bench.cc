@@ -45,6 +45,7 @@
 
 #include "celo2/adamw.h"
 #include "celo2/config.h"
+#include "celo2/isa.h"
 #include "celo2/newton_schulz.h"
 #include "ns_bench.h"
 #include "celo2/rule.h"
@@ -348,6 +349,10 @@ int main(int argc, char** argv) {
   app.add_flag("--no-ns", o.no_ns,
                "skip Newton-Schulz (section 4, the orthogonalized rule, the NS-shaped sgemm)");
   app.add_option("--json", o.json_path, "write every number to this JSON file");
+  std::string isa_name = "auto";
+  app.add_option("--isa", isa_name,
+                 "copy of the rule's hot loops: auto (the best this CPU runs), avx512, avx2, base")
+      ->capture_default_str();
   // The sharded engine's step on a GPT-shaped tensor set (bench/engine_bench.h); run it
   // under mpirun -np W for the multi-rank numbers.
   celo2::bench::EngineBenchOptions eb;
@@ -367,6 +372,12 @@ int main(int argc, char** argv) {
   std::vector<std::string> ng_shapes;
   app.add_option("--ns-gram-shapes", ng_shapes, "shapes of --ns-gram, RxC (default: the GPT-3 XL ones)");
   CLI11_PARSE(app, argc, argv);
+  try {
+    celo2::set_cpu_isa(celo2::parse_cpu_isa(isa_name));
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "celo2-bench: --isa: %s\n", e.what());
+    return 2;
+  }
   if (ns_gram_mode) {
     ng.json_path = o.json_path;
     if (!ng_shapes.empty()) ng.shapes.clear();
@@ -408,10 +419,12 @@ int main(int argc, char** argv) {
   if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
                    {"threads_all", all}, {"vector_bytes", kVecBytes},
-                   {"openblas_core", corename}, {"statistic", "median"}};
+                   {"openblas_core", corename}, {"statistic", "median"},
+                   {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())}};
   std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s, "
-              "%d-byte vectors\n",
-              o.quick ? "quick" : "full", all, o.reps, corename, kVecBytes);
+              "%d-byte vectors, rule copy %s\n",
+              o.quick ? "quick" : "full", all, o.reps, corename, kVecBytes,
+              celo2::cpu_isa_name(celo2::cpu_isa()));
 
   // ----- 1. Machine rates -----------------------------------------------------------------
   print_rule('=');
@@ -587,9 +600,14 @@ int main(int argc, char** argv) {
   };
   for (const auto& [key, ns] : adamw_ns)
     roof_line("adamw n=" + human_count(key.first), kCostAdamW, key.first, key.second, ns);
+  double worst_roof = 1e30;
   for (const RuleRow& r : rule_rows)
-    if (r.variant == "celo2-base")
+    if (r.variant == "celo2-base") {
       roof_line("celo2-base " + r.shape, cost_of(r.factored), r.n, r.threads, r.ns);
+      const ElementCost& c = cost_of(r.factored);
+      const double bound = std::max(c.flop / fma[r.threads], c.bytes / stream[r.threads].triad_gbs);
+      worst_roof = std::min(worst_roof, bound / r.ns);
+    }
 
   // ----- 6. Phases --------------------------------------------------------------------------
   if (o.phases) {
@@ -726,6 +744,9 @@ int main(int argc, char** argv) {
   const bool base_ok = worst_base_ratio <= 4.0, ns_ok = worst_ns >= 0.70;
   std::printf("  target celo2-base <= 4x AdamW, 1 thread: worst %.2fx -> %s\n", worst_base_ratio,
               base_ok ? "met" : "NOT met");
+  const bool roof_ok = worst_roof >= 0.60;
+  std::printf("  target celo2-base >= 60%% of roofline:  worst %.1f %% -> %s\n", 100 * worst_roof,
+              roof_ok ? "met" : "NOT met");
   if (ns_rows.empty())
     std::printf("  target Newton-Schulz >= 70%% of sgemm:   not measured (--no-ns)\n");
   else
@@ -734,6 +755,9 @@ int main(int argc, char** argv) {
   out["targets"] = {{"celo2_base_over_adamw_1thread_worst", worst_base_ratio},
                     {"celo2_base_target", 4.0},
                     {"celo2_base_met", base_ok},
+                    {"celo2_base_roofline_worst", worst_roof},
+                    {"celo2_base_roofline_target", 0.60},
+                    {"celo2_base_roofline_met", roof_ok},
                     {"ns_over_sgemm_worst", ns_rows.empty() ? Json() : Json(worst_ns)},
                     {"ns_target", 0.70},
                     {"ns_met", ns_rows.empty() ? Json() : Json(ns_ok)}};

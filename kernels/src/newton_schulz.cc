@@ -1,7 +1,8 @@
 // Newton–Schulz on BLAS. Per iteration (X is r×c with r <= c):
-//   A = X Xᵀ      ssyrk, r²c FLOP-pairs (symmetric: half of an sgemm)
-//   B = bA + cA²  ssymm-free: sgemm r³ (A is symmetric, plain sgemm is fastest in OpenBLAS)
-//   X = aX + BX   sgemm r²c
+//   A = X Xᵀ        ssyrk, r²c FLOP-pairs (symmetric: half of an sgemm); the pass that
+//                   mirrors the triangle also writes B = bA
+//   B = bA + cA²    sgemm r³ with beta 1 (A is symmetric, plain sgemm is fastest in OpenBLAS)
+//   X = (B + aI) X  sgemm r²c with beta 0 (the a·X term folded into B's diagonal)
 #include <cblas.h>
 
 #include <algorithm>
@@ -92,64 +93,102 @@ void syrk(int n, int k, const double* M, double* S) {
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, k, 1.0, M, k, 0.0, S, n);
 }
 
+// The element-wise passes below run on the OpenMP threads (BLAS runs on its own between
+// them). The Frobenius norm is summed in fixed lanes of kNormLane elements, combined in
+// order, so it does not depend on the thread count.
+constexpr int64_t kNormLane = 1 << 16;
+constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
+
 // X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
 // transposed.
 template <class T>
 bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
   const bool transpose = rows > cols;
   const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
-  const size_t rc = static_cast<size_t>(r * c);
+  const int64_t rc = r * c;
+  const bool par = rc >= kParallelMin;
   if (transpose) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) X[j * c + i] = x[i * cols + j];
+    // Tiles of 32×32 keep both sides in cache.
+    constexpr int64_t kT = 32;
+#pragma omp parallel for collapse(2) schedule(static) if (par)
+    for (int64_t i0 = 0; i0 < rows; i0 += kT)
+      for (int64_t j0 = 0; j0 < cols; j0 += kT)
+        for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
+          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) X[j * c + i] = x[i * cols + j];
   } else {
-    std::memcpy(X, x, rc * sizeof(T));
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < r; ++i) std::memcpy(X + i * c, x + i * c, c * sizeof(T));
+  }
+  const int64_t lanes = (rc + kNormLane - 1) / kNormLane;
+  std::vector<double> part(lanes, 0.0);
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t l = 0; l < lanes; ++l) {
+    double acc = 0.0;
+    const int64_t hi = std::min(rc, (l + 1) * kNormLane);
+    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(X[i]) * X[i];
+    part[l] = acc;
   }
   double fro = 0.0;
-  for (size_t i = 0; i < rc; ++i) fro += static_cast<double>(X[i]) * X[i];
+  for (double v : part) fro += v;
   const T scale = static_cast<T>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
-  for (size_t i = 0; i < rc; ++i) X[i] *= scale;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < rc; ++i) X[i] *= scale;
   return transpose;
 }
 
 template <class T>
 void store_wide(int64_t rows, int64_t cols, bool transpose, const T* X, T* x) {
   const int64_t c = transpose ? rows : cols;
+  const bool par = rows * cols >= kParallelMin;
   if (transpose) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) x[i * cols + j] = X[j * c + i];
+    constexpr int64_t kT = 32;
+#pragma omp parallel for collapse(2) schedule(static) if (par)
+    for (int64_t i0 = 0; i0 < rows; i0 += kT)
+      for (int64_t j0 = 0; j0 < cols; j0 += kT)
+        for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
+          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) x[i * cols + j] = X[j * c + i];
   } else {
-    std::memcpy(x, X, static_cast<size_t>(rows * cols) * sizeof(T));
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(x + i * cols, X + i * cols, cols * sizeof(T));
   }
 }
 
-// S = M Mᵀ (M n×k row-major), both triangles.
+// S = M Mᵀ (M n×k row-major), both triangles; with B, also B = scale·S in the same pass.
 template <class T>
-void gram_of(int n, int k, const T* M, T* S) {
+void gram_of(int n, int k, const T* M, T* S, T* B = nullptr, T scale = T(0)) {
   syrk(n, k, M, S);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < i; ++j) S[i * n + j] = S[j * n + i];
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(n) * n >= kParallelMin)
+  for (int i = 0; i < n; ++i) {
+    T* si = S + static_cast<size_t>(i) * n;
+    for (int j = 0; j < i; ++j) si[j] = S[static_cast<size_t>(j) * n + i];
+    if (B) {
+      T* bi = B + static_cast<size_t>(i) * n;
+      for (int j = 0; j < n; ++j) bi[j] = scale * si[j];
+    }
+  }
 }
 
-// B = bA + cA² (A r×r); Y = aX + BX (X, Y r×c): one iteration after A = X Xᵀ.
+// B = bA + cA² (A r×r; B holds bA on entry when scaled, else is formed here); then
+// Y = (B + aI) X, one GEMM (the a·X term folded into B's diagonal).
 template <class T>
-void polynomial(const RuleConfig& cfg, int R, const T* A, T* B) {
+void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = false) {
   const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
-  for (size_t i = 0; i < static_cast<size_t>(R) * R; ++i) B[i] = b * A[i];
+  if (!b_scaled)
+    for (size_t i = 0; i < static_cast<size_t>(R) * R; ++i) B[i] = b * A[i];
   gemm(R, R, R, cc, A, A, T(1), B);
 }
 template <class T>
-void apply_poly(const RuleConfig& cfg, int R, int C, const T* B, const T* X, T* Y) {
+void apply_poly(const RuleConfig& cfg, int R, int C, T* B, const T* X, T* Y) {
   const T a = cfg.ns_coeffs[0];
-  for (size_t i = 0; i < static_cast<size_t>(R) * C; ++i) Y[i] = a * X[i];
-  gemm(R, C, R, T(1), B, X, T(1), Y);
+  for (int i = 0; i < R; ++i) B[static_cast<size_t>(i) * R + i] += a;
+  gemm(R, C, R, T(1), B, X, T(0), Y);
 }
 
 template <class T>
 void standard(const RuleConfig& cfg, int R, int Cc, T*& X, T*& Y, T* A, T* B) {
   for (int it = 0; it < cfg.ns_iters; ++it) {
-    gram_of(R, Cc, X, A);
-    polynomial(cfg, R, A, B);
+    gram_of(R, Cc, X, A, B, static_cast<T>(cfg.ns_coeffs[1]));
+    polynomial(cfg, R, A, B, /*b_scaled=*/true);
     apply_poly(cfg, R, Cc, B, X, Y);
     std::swap(X, Y);
   }
@@ -235,7 +274,7 @@ void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
   polynomial(cfg, static_cast<int>(r), A, B);
 }
 
-void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, const float* B, const float* X, float* Y) {
+void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, float* B, const float* X, float* Y) {
   apply_poly(cfg, static_cast<int>(r), static_cast<int>(c), B, X, Y);
 }
 

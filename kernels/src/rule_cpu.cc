@@ -1,11 +1,14 @@
-// The fast CPU path of the Celo2 rule: fused, vectorized phase kernels on slices, and the
-// single-process driver celo2_update() that runs them over a whole tensor with OpenMP.
+// The fast CPU path of the Celo2 rule: phase kernels on slices, and the single-process
+// driver celo2_update() that runs them over a whole tensor with OpenMP.
 //
-// Per element we never store the 30 feature channels: phase 3 computes them to gather the
-// per-channel sums of squares, phase 4 recomputes them (cheap next to the MLP) and runs the
-// MLP with the input normalization folded into the first layer's weights. Elements are
-// processed in blocks of kBlock, features laid out channel-major within a block, so the
-// MLP's inner loops vectorize over elements.
+// Per element the 30 feature channels are never stored. Matrices and 1-D tensors (nearly
+// every tensor of a model) go through the per-instruction-set loops of rule_fast.cc:
+// phase 3 builds each block's features to sum their squares, phase 4 builds them again
+// and runs the MLP, with the input normalization folded into the first layer's weights and,
+// for a matrix, the twelve table channels (constant along a row or a column) folded into
+// per-row and per-column first-layer biases prepared here. Tensors with n > 2 and MLP shapes
+// other than Celo2's (hidden 8, relu) use block_features below, blocks of kBlock elements
+// laid out channel-major, and plain loops for the MLP.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,12 +19,12 @@
 #include "celo2/elementwise.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
+#include "rule_fast.h"
 
 namespace celo2 {
 namespace {
 
 constexpr int kBlock = 16;
-constexpr int kMaxHidden = 64;  // the fast path's register/stack budget; larger uses heap
 
 // Walks flat indices in order, keeping the row (without d0) and col (without d1) indices.
 struct Walker {
@@ -194,56 +197,133 @@ void for_blocks(const Geometry& geo, const Slice& s, F fn) {
   }
 }
 
-// The MLP with hidden width 8 and relu on one block, accumulators in registers:
-// 8 elements (one AVX2 vector) x 8 outputs per pass. Writes direction to h[0..kBlock) and
-// magnitude to h[kBlock..2 kBlock); the unused third output is skipped.
-typedef float V8 __attribute__((vector_size(32)));
-inline V8 load8(const float* p) { V8 v; std::memcpy(&v, p, sizeof v); return v; }
-inline V8 splat8(float x) { return V8{x, x, x, x, x, x, x, x}; }
-inline V8 relu8(V8 x) { const V8 z = {}; return x > z ? x : z; }
+// ---- Adapters to the per-instruction-set hot loops (rule_fast.h) ----
 
-void mlp_h8(const Theta& theta, int C, const float* __restrict w0, const float* __restrict f,
-            float* __restrict h) {
-  const int L = static_cast<int>(theta.layers.size());
-  const DenseLayer& l0 = theta.layers[0];
-  for (int j0 = 0; j0 < kBlock; j0 += 8) {
-    V8 a[8];
-#pragma GCC unroll 8
-    for (int o = 0; o < 8; ++o) a[o] = splat8(l0.b[o]);
-    for (int c = 0; c < C; ++c) {
-      const V8 x = load8(f + c * kBlock + j0);
-      const float* wr = w0 + c * 8;
-#pragma GCC unroll 8
-      for (int o = 0; o < 8; ++o) a[o] += splat8(wr[o]) * x;
-    }
-    for (int l = 1; l < L; ++l) {
-#pragma GCC unroll 8
-      for (int o = 0; o < 8; ++o) a[o] = relu8(a[o]);
-      const DenseLayer& d = theta.layers[l];
-      const bool last = l + 1 == L;
-      if (!last) {
-        V8 b[8];
-#pragma GCC unroll 8
-        for (int o = 0; o < 8; ++o) b[o] = splat8(d.b[o]);
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; ++c)
-#pragma GCC unroll 8
-          for (int o = 0; o < 8; ++o) b[o] += splat8(d.w[c * 8 + o]) * a[c];
-#pragma GCC unroll 8
-        for (int o = 0; o < 8; ++o) a[o] = b[o];
-      } else {
-        V8 dir = splat8(d.b[0]), mag = splat8(d.b[1]);
-        const int out = d.out;
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; ++c) {
-          dir += splat8(d.w[c * out + 0]) * a[c];
-          mag += splat8(d.w[c * out + 1]) * a[c];
-        }
-        std::memcpy(h + j0, &dir, sizeof dir);
-        std::memcpy(h + kBlock + j0, &mag, sizeof mag);
+fast::Elems elems_of(const StepConstants& sc, const Slice& s) {
+  fast::Elems e;
+  e.lo = s.lo;
+  e.hi = s.hi;
+  e.g = s.g;
+  e.p = s.p;
+  e.m = s.m;
+  e.rms = s.rms;
+  e.v_diag = s.v_diag;
+  e.plane = s.plane;
+  e.u = s.u;
+  for (int k = 0; k < kMom; ++k) e.bc_mom[k] = sc.bc_mom[k];
+  e.bc_rms = sc.bc_rms[0];
+  return e;
+}
+
+// A matrix's factored tables: the one indexed by the column j varies along a row.
+struct MatrixTables {
+  fast::Matrix mx;
+  const std::vector<ew::FacEntry>* vary;
+  const std::vector<ew::FacEntry>* fix;
+  int vary_vhat, vary_inv, fix_vhat, fix_inv;  // spec channels of their groups 9-12
+};
+
+MatrixTables matrix_of(const Geometry& geo, const FacTables& t) {
+  MatrixTables m;
+  const bool cv = geo.d0 == 1;  // d0 == 1: row index = the matrix row, col index = j
+  m.mx.cols = geo.shape[1];
+  m.mx.col_varies = cv;
+  m.vary = cv ? &t.cols : &t.rows;
+  m.fix = cv ? &t.rows : &t.cols;
+  m.mx.vary_soa = (cv ? t.cols_soa : t.rows_soa).data();
+  m.mx.vary_n = static_cast<int64_t>(m.vary->size());
+  m.mx.fix_soa = (cv ? t.rows_soa : t.cols_soa).data();
+  m.mx.fix_n = static_cast<int64_t>(m.fix->size());
+  m.vary_vhat = cv ? 18 : 15;
+  m.vary_inv = m.vary_vhat + 6;
+  m.fix_vhat = cv ? 15 : 18;
+  m.fix_inv = m.fix_vhat + 6;
+  return m;
+}
+
+// Spec channel of each compact per-element channel of a matrix.
+constexpr int kCompact2d[fast::kElem2d] = {0, 1, 2,  3,  4,  5,  6,  7,  8,
+                                           9, 10, 11, 12, 13, 14, 27, 28, 29};
+
+// Σ of the squares of the twelve table channels over a matrix slice: a row's fixed entry
+// times the segment length; the varying table summed over the segment (once per call for
+// whole rows).
+void table_sumsq_2d(const Geometry& geo, const Slice& s, const MatrixTables& m, double* out) {
+  const int64_t C = geo.shape[1];
+  double full[2 * kFac];
+  bool have_full = false;
+  auto add_range = [&](int64_t j0, int64_t j1, double* acc) {
+    for (int k = 0; k < kFac; ++k) {
+      double a = 0.0, b = 0.0;
+      for (int64_t j = j0; j < j1; ++j) {
+        const double v = (*m.vary)[j].vhat[k], w = (*m.vary)[j].inv_sqrt[k];
+        a += v * v;
+        b += w * w;
       }
+      acc[k] += a;
+      acc[kFac + k] += b;
     }
+  };
+  double vary_acc[2 * kFac] = {};
+  int64_t i = s.lo;
+  while (i < s.hi) {
+    const int64_t a = i / C, j0 = i - a * C, j1 = std::min(C, j0 + (s.hi - i)), n = j1 - j0;
+    const ew::FacEntry& f = (*m.fix)[a];
+    for (int k = 0; k < kFac; ++k) {
+      out[m.fix_vhat + k] += static_cast<double>(n) * (static_cast<double>(f.vhat[k]) * f.vhat[k]);
+      out[m.fix_inv + k] +=
+          static_cast<double>(n) * (static_cast<double>(f.inv_sqrt[k]) * f.inv_sqrt[k]);
+    }
+    if (j0 == 0 && j1 == C) {
+      if (!have_full) {
+        std::fill(full, full + 2 * kFac, 0.0);
+        add_range(0, C, full);
+        have_full = true;
+      }
+      for (int x = 0; x < 2 * kFac; ++x) vary_acc[x] += full[x];
+    } else {
+      add_range(j0, j1, vary_acc);
+    }
+    i += n;
   }
+  for (int k = 0; k < kFac; ++k) {
+    out[m.vary_vhat + k] += vary_acc[k];
+    out[m.vary_inv + k] += vary_acc[kFac + k];
+  }
+}
+
+// The fast MLP serves hidden width 8 with relu and at least one hidden layer (Celo2's shape).
+bool fast_mlp_fits(const RuleConfig& cfg, const Theta& theta) {
+  const int L = static_cast<int>(theta.layers.size());
+  return theta.hidden() == 8 && cfg.mlp_activation == Activation::kRelu && L >= 2 &&
+         L - 2 <= fast::kMaxLayers && theta.layers[L - 1].out >= 2;
+}
+
+// The layers after the first, and the output handling, of the fast MLP.
+fast::Mlp fast_mlp_of(const RuleConfig& cfg, const Theta& theta) {
+  fast::Mlp m;
+  const int L = static_cast<int>(theta.layers.size());
+  m.hidden_layers = L - 2;
+  for (int l = 1; l + 1 < L; ++l) {
+    m.hw[l - 1] = theta.layers[l].w.data();
+    m.hb[l - 1] = theta.layers[l].b.data();
+  }
+  m.ow = theta.layers[L - 1].w.data();
+  m.ob = theta.layers[L - 1].b.data();
+  m.out = theta.layers[L - 1].out;
+  m.use_exp = cfg.exp_mult != 0.0f && !cfg.aggregate_mag;
+  m.exp_mult = cfg.exp_mult;
+  m.want_mag = cfg.aggregate_mag;
+  return m;
+}
+
+// Per-call scratch of phase_mlp (no allocation per call once warm).
+struct MlpScratch {
+  std::vector<float> w0, row_bias, col_bias;
+};
+MlpScratch& mlp_scratch() {
+  thread_local MlpScratch s;
+  return s;
 }
 
 }  // namespace
@@ -371,12 +451,29 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
                          int64_t group_base) {
   if (!cfg.normalize_input || s.hi <= s.lo) return;
   const int C = geo.channels();
-  alignas(64) float f[kChannels * kBlock];
-  Walker w(geo, geo.factored ? s.lo : 0);
-  int64_t cur = -1;
   // Squares of floats are exact in double and double sums of them round far below float
   // resolution, so the per-group sums (rounded to float where used) do not depend on how
   // the tensor is cut into slices: the sharded engine matches the single-process result.
+  if (geo.ndim == 2) {  // one normalization group
+    const MatrixTables m = matrix_of(geo, tables);
+    double part[fast::kElem2d] = {};
+    fast::kernels().sumsq_2d(elems_of(sc, s), m.mx, part);
+    double* out = sumsq + (0 - group_base) * C;
+    for (int e = 0; e < fast::kElem2d; ++e) out[kCompact2d[e]] += part[e];
+    table_sumsq_2d(geo, s, m, out);
+    return;
+  }
+  if (!geo.factored) {  // one normalization group, 15 channels
+    double part[fast::kElem1d] = {};
+    fast::kernels().sumsq_1d(elems_of(sc, s), part);
+    double* out = sumsq + (0 - group_base) * C;
+    for (int e = 0; e < fast::kElem1d; ++e) out[e] += part[e];
+    return;
+  }
+  // n > 2: many normalization groups (the last two axes); features through the Walker.
+  alignas(64) float f[kChannels * kBlock];
+  Walker w(geo, s.lo);
+  int64_t cur = -1;
   alignas(64) double acc[kChannels * kBlock];
   auto flush = [&]() {
     if (cur < 0) return;
@@ -403,10 +500,102 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
   flush();
 }
 
+namespace {
+
+// 1 / RMS of each input channel of normalization group grp.
+void input_scales(const RuleConfig& cfg, const Geometry& geo, const double* sumsq, int64_t grp,
+                  float* inv) {
+  const int C = geo.channels();
+  for (int c = 0; c < C; ++c)
+    inv[c] = cfg.normalize_input
+                 ? static_cast<float>(1.0 / std::sqrt(1e-9 + sumsq[grp * C + c] /
+                                                           static_cast<double>(geo.norm_size)))
+                 : 1.0f;
+}
+
+// The fast MLP on a matrix or 1-D slice: the first layer's weights scaled by the input
+// normalization; for a matrix, the table channels folded into per-row and per-column biases.
+void fast_mlp_slice(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
+                    const StepConstants& sc, const Slice& s, const FacTables& tables,
+                    const double* sumsq, double* mag_acc) {
+  constexpr int H = 8;
+  const DenseLayer& l0 = theta.layers[0];
+  float inv[kChannels];
+  input_scales(cfg, geo, sumsq, 0, inv);
+  fast::Mlp m = fast_mlp_of(cfg, theta);
+  MlpScratch& sc_ = mlp_scratch();
+  auto wn = [&](int c, int o) { return l0.w[c * H + o] * inv[c]; };
+  if (geo.ndim == 2) {
+    const MatrixTables t = matrix_of(geo, tables);
+    sc_.w0.resize(fast::kElem2d * H);
+    for (int e = 0; e < fast::kElem2d; ++e)
+      for (int o = 0; o < H; ++o) sc_.w0[e * H + o] = wn(kCompact2d[e], o);
+    const int64_t C = geo.shape[1], a_lo = s.lo / C, a_hi = (s.hi - 1) / C;
+    sc_.row_bias.resize((a_hi - a_lo + 1) * H);
+    for (int64_t a = a_lo; a <= a_hi; ++a) {
+      const ew::FacEntry& f = (*t.fix)[a];
+      for (int o = 0; o < H; ++o) {
+        float z = l0.b[o];
+        for (int k = 0; k < kFac; ++k) z += wn(t.fix_vhat + k, o) * f.vhat[k];
+        for (int k = 0; k < kFac; ++k) z += wn(t.fix_inv + k, o) * f.inv_sqrt[k];
+        sc_.row_bias[(a - a_lo) * H + o] = z;
+      }
+    }
+    // Columns the slice touches: all of them once it spans a row boundary.
+    const int64_t stride = C + fast::kBlockMax;
+    sc_.col_bias.assign(H * stride, 0.0f);
+    const int64_t j_lo = a_lo == a_hi ? s.lo - a_lo * C : 0;
+    const int64_t j_hi = a_lo == a_hi ? s.hi - a_lo * C : C;
+    for (int o = 0; o < H; ++o) {
+      float wv[kFac], wi[kFac];
+      for (int k = 0; k < kFac; ++k) {
+        wv[k] = wn(t.vary_vhat + k, o);
+        wi[k] = wn(t.vary_inv + k, o);
+      }
+      float* cb = sc_.col_bias.data() + o * stride;
+      for (int64_t j = j_lo; j < j_hi; ++j) {
+        const ew::FacEntry& f = (*t.vary)[j];
+        float z = 0.0f;
+        for (int k = 0; k < kFac; ++k) z += wv[k] * f.vhat[k];
+        for (int k = 0; k < kFac; ++k) z += wi[k] * f.inv_sqrt[k];
+        cb[j] = z;
+      }
+    }
+    m.channels = fast::kElem2d;
+    m.w0 = sc_.w0.data();
+    m.row_bias = sc_.row_bias.data();
+    m.row_bias_stride = H;
+    m.row0 = a_lo;
+    m.col_bias = sc_.col_bias.data();
+    m.col_stride = stride;
+    fast::kernels().mlp_2d(elems_of(sc, s), t.mx, m, mag_acc);
+  } else {
+    sc_.w0.resize(fast::kElem1d * H);
+    for (int c = 0; c < fast::kElem1d; ++c)
+      for (int o = 0; o < H; ++o) sc_.w0[c * H + o] = wn(c, o);
+    m.channels = fast::kElem1d;
+    m.w0 = sc_.w0.data();
+    m.row_bias = l0.b.data();
+    m.row_bias_stride = 0;
+    fast::kernels().mlp_1d(elems_of(sc, s), m, mag_acc);
+  }
+}
+
+}  // namespace
+
 void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                const StepConstants& sc, const Slice& s, const FacTables& tables,
                const double* sumsq, double* mag_sum) {
   if (s.hi <= s.lo) return;
+  const bool fast_fits = fast_mlp_fits(cfg, theta);
+  double mag_acc = 0.0;
+  if (fast_fits && (geo.ndim == 2 || !geo.factored)) {
+    fast_mlp_slice(cfg, theta, geo, sc, s, tables, sumsq, &mag_acc);
+    if (mag_sum) *mag_sum += mag_acc;
+    return;
+  }
+  // n > 2, or an MLP shape the fast kernels do not serve: features through block_features,
+  // the MLP by the fast block kernel when it fits, else by the plain loops below.
   const int C = geo.channels();
   const int H = theta.hidden();
   const int L = static_cast<int>(theta.layers.size());
@@ -419,23 +608,29 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
   float* h2 = h + std::max(H, kOutputs) * kBlock;
   Walker w(geo, geo.factored ? s.lo : 0);
   int64_t cur = -1;
-  double mag_acc = 0.0;
   const DenseLayer& l0 = theta.layers[0];
+  fast::Mlp fm;
+  if (fast_fits) {
+    fm = fast_mlp_of(cfg, theta);
+    fm.channels = C;
+    fm.w0 = w0.data();
+    fm.row_bias = l0.b.data();
+    fm.row_bias_stride = 0;
+  }
   for_blocks(geo, s, [&](int64_t grp, int64_t i0, int cnt) {
     if (grp != cur) {
       cur = grp;
-      for (int c = 0; c < C; ++c) {
-        float inv = 1.0f;
-        if (cfg.normalize_input)
-          inv = static_cast<float>(1.0 / std::sqrt(1e-9 + sumsq[grp * C + c] /
-                                                            static_cast<double>(geo.norm_size)));
-        for (int o = 0; o < H; ++o) w0[c * H + o] = l0.w[c * H + o] * inv;
-      }
+      float inv[kChannels];
+      input_scales(cfg, geo, sumsq, grp, inv);
+      for (int c = 0; c < C; ++c)
+        for (int o = 0; o < H; ++o) w0[c * H + o] = l0.w[c * H + o] * inv[c];
     }
     block_features(geo, sc, s, tables, i0, cnt, &w, f);
-    if (H == 8 && relu) {
-      mlp_h8(theta, C, w0.data(), f, h);
-    } else {
+    float* u = s.u + (i0 - s.lo);
+    if (fast_fits) {
+      fast::kernels().mlp_block(fm, f, cnt, u, &mag_acc);
+      return;
+    }
     // Layer 0.
     for (int o = 0; o < H; ++o) {
       float acc[kBlock];
@@ -465,8 +660,6 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
       }
       std::swap(h, h2);
     }
-    }
-    float* u = s.u + (i0 - s.lo);
     const float* dir = h;
     const float* mag = h + kBlock;
     if (use_exp) {
@@ -478,7 +671,6 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
       for (int j = 0; j < cnt; ++j) mag_acc += mag[j];
   });
   if (mag_sum) *mag_sum += mag_acc;
-  (void)kMaxHidden;
 }
 
 float magnitude_factor(const RuleConfig& cfg, double mag_sum, double p2_sum, int64_t numel) {

@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
 #include "unit/test_util.h"
 #include "celo2/adamw.h"
 #include "celo2/newton_schulz.h"
+#include "celo2/isa.h"
 #include "celo2/rule.h"
 
 namespace celo2 {
@@ -114,7 +116,13 @@ std::vector<std::vector<int64_t>> shapes() {
           {2, 3, 4, 5}, {64, 3, 3}, {150, 331}, {331, 150}, {2, 20000}};
 }
 
+// Every copy of the hot loops this build carries and this CPU runs (celo2/isa.h) is held to
+// the reference at the spec's tolerance.
 TEST(Rule, FastPathMatchesReference) {
+  const CpuIsa before = cpu_isa();
+  for (CpuIsa isa : cpu_isas_available()) {
+  set_cpu_isa(isa);
+  SCOPED_TRACE(cpu_isa_name(isa));
   for (const Variant& var : variants()) {
     const Theta theta = Theta::random(var.cfg, 7);
     for (const auto& shape : shapes()) {
@@ -139,6 +147,29 @@ TEST(Rule, FastPathMatchesReference) {
       }
     }
   }
+  }
+  set_cpu_isa(before);
+}
+
+TEST(Rule, InstructionSetChoice) {
+  const std::vector<CpuIsa> have = cpu_isas_available();
+  ASSERT_FALSE(have.empty());
+  EXPECT_EQ(have.front(), CpuIsa::kBase);  // the portable copy is always there
+  EXPECT_EQ(cpu_isa(), have.back());       // the default is the best one
+  for (const char* name : {"auto", "base", "avx2", "avx512"})
+    EXPECT_STREQ(cpu_isa_name(parse_cpu_isa(name)), name);
+  try {
+    parse_cpu_isa("avx1024");
+    ADD_FAILURE() << "an unknown set was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("avx1024"), std::string::npos) << e.what();
+  }
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512})
+    if (std::find(have.begin(), have.end(), isa) == have.end()) {
+      EXPECT_THROW(set_cpu_isa(isa), std::invalid_argument) << cpu_isa_name(isa);
+    }
+  set_cpu_isa(CpuIsa::kAuto);
+  EXPECT_EQ(cpu_isa(), have.back());
 }
 
 TEST(Rule, ResultDoesNotDependOnThreadCount) {

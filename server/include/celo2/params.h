@@ -68,6 +68,9 @@ enum class Kind {
   X(ns_method, "CELO2_NS_METHOD", kChoice, "auto", "auto|standard|gram",                          \
     "Newton-Schulz on the CPU: standard (auto) or gram (the Gram iteration with restarts every " \
     "2 iterations, for every matrix; fewer FLOPs on wide matrices, docs/PERF.md)")               \
+  X(cpu_isa, "CELO2_CPU_ISA", kChoice, "auto", "auto|avx512|avx2|base",                         \
+    "Which copy of the CPU rule's vector loops runs: auto (the best this CPU supports), or one "  \
+    "forced (to compare them; a set this CPU lacks is an error at engine start)")                \
   X(fashion_mnist_dir, "CELO2_FASHION_MNIST_DIR", kPath,                                         \
     "/usr/share/datasets/fashion-mnist", "",                                                     \
     "Directory of the Fashion-MNIST files (celo2-train, celo2-metatrain eval)")                  \

@@ -1,5 +1,6 @@
 // The sharded engine (engine.h). Each phase below is named as in DESIGN.md.
 #include "celo2/engine.h"
+#include "celo2/isa.h"
 
 #include <algorithm>
 #include <chrono>
@@ -122,6 +123,7 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   // CELO2_NS_METHOD, when set to a method, is the process's (kernels' newton_schulz.h).
   if (const std::string m = param::ns_method(); m != "auto")
     set_ns_method_default(m == "gram" ? NsMethod::kGram : NsMethod::kStandard);
+  if (const std::string isa = param::cpu_isa(); isa != "auto") set_cpu_isa(parse_cpu_isa(isa));
   if (opts_.opt.use_reference) opts_.backend = "reference";
   backend_ = make_backend(opts_.backend);
   // Backends without slice kernels (the reference, CUDA) run whole tensors.

@@ -1,0 +1,27 @@
+// Which vector instruction set the CPU rule's hot loops run with. The library is built with
+// one copy of those loops per x86-64 level (AVX-512, AVX2+FMA, the portable baseline; on
+// other CPUs only the baseline) and picks the best one the CPU supports at the first call.
+// The engine applies the CELO2_CPU_ISA tunable (celo2/params.h); tests and celo2-bench set it
+// directly to compare the copies.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace celo2 {
+
+enum class CpuIsa { kAuto, kBase, kAvx2, kAvx512 };
+
+// The instruction set in effect (never kAuto).
+CpuIsa cpu_isa();
+// kAuto: the best supported one. Throws std::invalid_argument naming the set when this CPU
+// cannot run it or the library was built without it.
+void set_cpu_isa(CpuIsa isa);
+// "auto", "base", "avx2", "avx512".
+const char* cpu_isa_name(CpuIsa isa);
+// The inverse of cpu_isa_name; throws std::invalid_argument on anything else.
+CpuIsa parse_cpu_isa(const std::string& name);
+// The sets this build carries and this CPU runs, worst first.
+std::vector<CpuIsa> cpu_isas_available();
+
+}  // namespace celo2

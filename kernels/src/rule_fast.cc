@@ -1,0 +1,529 @@
+// The rule's hot loops (rule_fast.h), compiled once per instruction set: CELO2_ISA_NS names
+// the copy (isa_base, isa_avx2, isa_avx512) and the compiler flags of its object library
+// choose the vectors. Features of a block of kBlk elements are built in one vectorized loop
+// into a small channel-major array (L1), then either squared into double accumulators
+// (input normalization) or fed to the MLP, whose accumulators stay in registers: one vector
+// of kV elements per hidden unit, weights broadcast from memory.
+//
+// A matrix's twelve table channels (v̂_row, v̂_col and their 1/sqrt) are constant along a row
+// or a column; the caller folds their first-layer contribution into a per-row bias and a
+// per-column bias, and sums their squares per row, so per element only 18 channels remain.
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "celo2/elementwise.h"
+#include "rule_fast.h"
+
+#ifndef CELO2_ISA_NS
+#error "rule_fast.cc is compiled per instruction set with -DCELO2_ISA_NS=isa_<name>"
+#endif
+
+namespace celo2::fast::CELO2_ISA_NS {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kV = 16;
+constexpr const char* kName = "avx512";
+#elif defined(__AVX2__)
+constexpr int kV = 8;
+constexpr const char* kName = "avx2";
+#else
+constexpr int kV = 4;
+constexpr const char* kName = "base";
+#endif
+// Elements per block: two vectors, so the MLP keeps 16 independent accumulator chains in
+// flight (one vector per hidden unit and half-block) and hides the FMA latency.
+constexpr int kBlk = 2 * kV;
+static_assert(kBlk <= kBlockMax);
+
+typedef float VF __attribute__((vector_size(kV * sizeof(float))));
+
+inline VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+inline VF splat(float x) {
+  VF v;
+  for (int i = 0; i < kV; ++i) v[i] = x;
+  return v;
+}
+inline VF relu(VF x) {
+  const VF z = {};
+  return x > z ? x : z;
+}
+
+// Zero the unused lanes of a partial block so the MLP and the squares can run full width.
+template <int S>
+inline void pad(float* f, int channels, int cnt) {
+  if (cnt == kBlk) return;
+  for (int c = 0; c < channels; ++c)
+    for (int j = cnt; j < kBlk; ++j) f[c * S + j] = 0.0f;
+}
+
+// The 18 per-element channels of a matrix block inside row a, columns [j, j + cnt), in
+// compact order (spec channels 0-14, then 27-29) into f[c * S + jj]. Product orders follow
+// ew::features_factored (g * R * C, m̂ * R̂ * Ĉ).
+template <bool kColVaries, int S, int N>
+inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
+                      float* __restrict f) {
+  if (N > 0) cnt = N;
+  const int64_t fn = mx.fix_n, vn = mx.vary_n;
+  float fs[3], fsh[3];
+  for (int k = 0; k < 3; ++k) {
+    fs[k] = mx.fix_soa[(2 * 3 + k) * fn + a];
+    fsh[k] = mx.fix_soa[(3 * 3 + k) * fn + a];
+  }
+  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;   // scale_k at vs[k * vn]
+  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;  // scale_hat_k
+  const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
+  const float* __restrict gp = e.g + li0;
+  const float* __restrict pp = e.p + li0;
+  const float* __restrict m0 = e.m + li0;
+  const float* __restrict rr = e.rms + li0;
+  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
+#pragma omp simd
+  for (int jj = 0; jj < cnt; ++jj) {
+    const float g = ew::clip_grad(gp[jj]);
+    const float r_hat = rr[jj] * br;
+    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
+    const float mh[3] = {m0[jj] * b0, m0[P + jj] * b1, m0[2 * P + jj] * b2};
+    f[0 * S + jj] = g;
+    f[1 * S + jj] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
+    f[2 * S + jj] = pp[jj];
+    f[6 * S + jj] = r_hat;
+    f[10 * S + jj] = rho;
+    f[14 * S + jj] = g * rho;
+    for (int k = 0; k < 3; ++k) {
+      const float v = vs[k * vn + jj], vh = vsh[k * vn + jj];
+      f[(3 + k) * S + jj] = mh[k];
+      f[(7 + k) * S + jj] = mh[k] * rho;
+      f[(11 + k) * S + jj] = kColVaries ? g * fs[k] * v : g * v * fs[k];
+      f[(15 + k) * S + jj] = kColVaries ? mh[k] * fsh[k] * vh : mh[k] * vh * fsh[k];
+    }
+  }
+  pad<S>(f, kElem2d, cnt);
+}
+
+// Whole blocks get a constant trip count (no masks, fully unrolled).
+template <bool kColVaries, int S>
+inline void fill_2d(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
+                    float* __restrict f) {
+  if (cnt == kBlk)
+    fill_2d_n<kColVaries, S, kBlk>(e, mx, a, j, cnt, f);
+  else
+    fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f);
+}
+
+// The same for a block that may cross rows (matrices narrower than a block): lane jj is
+// slice-local element li0 + jj, at row ra[jj] and column ca[jj].
+template <bool kColVaries>
+inline void fill_2d_lanes(const Elems& e, const Matrix& mx, int64_t li0, const int64_t* ra,
+                          const int64_t* ca, int cnt, float* __restrict f) {
+  const int64_t fn = mx.fix_n, vn = mx.vary_n, P = e.plane;
+  const float* __restrict gp = e.g + li0;
+  const float* __restrict pp = e.p + li0;
+  const float* __restrict m0 = e.m + li0;
+  const float* __restrict rr = e.rms + li0;
+  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
+  constexpr int S = kBlk;
+#pragma omp simd
+  for (int jj = 0; jj < cnt; ++jj) {
+    const int64_t a = ra[jj], j = ca[jj];
+    const float g = ew::clip_grad(gp[jj]);
+    const float r_hat = rr[jj] * br;
+    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
+    const float mh[3] = {m0[jj] * b0, m0[P + jj] * b1, m0[2 * P + jj] * b2};
+    f[0 * S + jj] = g;
+    f[1 * S + jj] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
+    f[2 * S + jj] = pp[jj];
+    f[6 * S + jj] = r_hat;
+    f[10 * S + jj] = rho;
+    f[14 * S + jj] = g * rho;
+    for (int k = 0; k < 3; ++k) {
+      const float fs = mx.fix_soa[(2 * 3 + k) * fn + a], fsh = mx.fix_soa[(3 * 3 + k) * fn + a];
+      const float v = mx.vary_soa[(2 * 3 + k) * vn + j], vh = mx.vary_soa[(3 * 3 + k) * vn + j];
+      f[(3 + k) * S + jj] = mh[k];
+      f[(7 + k) * S + jj] = mh[k] * rho;
+      f[(11 + k) * S + jj] = kColVaries ? g * fs * v : g * v * fs;
+      f[(15 + k) * S + jj] = kColVaries ? mh[k] * fsh * vh : mh[k] * vh * fsh;
+    }
+  }
+  pad<S>(f, kElem2d, cnt);
+}
+
+// The 15 channels of a 1-D block [i0, i0 + cnt) (slice-local i0), as ew::features_diag.
+template <int S, int N>
+inline void fill_1d_n(const Elems& e, int64_t li0, int cnt, float* __restrict f) {
+  if (N > 0) cnt = N;
+  const int64_t P = e.plane;
+  const float* __restrict gp = e.g + li0;
+  const float* __restrict pp = e.p + li0;
+  const float* __restrict m0 = e.m + li0;
+  const float* __restrict rr = e.rms + li0;
+  const float* __restrict vd = e.v_diag + li0;
+  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
+#pragma omp simd
+  for (int j = 0; j < cnt; ++j) {
+    const float g = ew::clip_grad(gp[j]);
+    const float r_hat = rr[j] * br;
+    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
+    const float mh0 = m0[j] * b0, mh1 = m0[P + j] * b1, mh2 = m0[2 * P + j] * b2;
+    f[0 * S + j] = g;
+    f[1 * S + j] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
+    f[2 * S + j] = pp[j];
+    f[3 * S + j] = mh0;
+    f[4 * S + j] = mh1;
+    f[5 * S + j] = mh2;
+    f[6 * S + j] = r_hat;
+    f[7 * S + j] = mh0 * rho;
+    f[8 * S + j] = mh1 * rho;
+    f[9 * S + j] = mh2 * rho;
+    f[10 * S + j] = rho;
+    f[11 * S + j] = g * ew::safe_rsqrt(vd[j] + ew::kSafeFloor);
+    f[12 * S + j] = g * ew::safe_rsqrt(vd[P + j] + ew::kSafeFloor);
+    f[13 * S + j] = g * ew::safe_rsqrt(vd[2 * P + j] + ew::kSafeFloor);
+    f[14 * S + j] = g * rho;
+  }
+  pad<S>(f, kElem1d, cnt);
+}
+
+template <int S>
+inline void fill_1d(const Elems& e, int64_t li0, int cnt, float* __restrict f) {
+  if (cnt == kBlk)
+    fill_1d_n<S, kBlk>(e, li0, cnt, f);
+  else
+    fill_1d_n<S, 0>(e, li0, cnt, f);
+}
+
+// Squares of floats are exact in double, and double sums of them round far below float
+// resolution, so the sums do not depend on how a tensor is cut into slices. Features are
+// squared a chunk of blocks at a time (f[c * kChunkStride + j]), with four double accumulators
+// per channel in registers.
+constexpr int kChunk = 8 * kBlk;
+constexpr int kChunkStride = kChunk + 16;  // channel stride (not a multiple of 4 KiB apart)
+typedef float VH __attribute__((vector_size(kV * sizeof(float) / 2)));
+typedef double VD __attribute__((vector_size(kV * sizeof(double) / 2)));
+
+// Half a vector of floats, widened to doubles (one instruction; GCC 12 splits
+// __builtin_convertvector here into quarter-width conversions).
+inline VD vload_d(const float* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VD>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+#elif defined(__AVX__)
+  return reinterpret_cast<VD>(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+#else
+  VH h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, VD);
+#endif
+}
+
+// Four double accumulators per channel, kept across chunks; summed once at the end.
+template <int kChannels>
+struct SquareSums {
+  VD acc[kChannels][4] = {};
+
+  // f[c * kChunkStride + j], j < len (a multiple of kBlk; padded lanes are zero).
+  void add(const float* __restrict f, int len) {
+    constexpr int H = kV / 2;
+    for (int c = 0; c < kChannels; ++c) {
+      VD s0 = acc[c][0], s1 = acc[c][1], s2 = acc[c][2], s3 = acc[c][3];
+      const float* x = f + c * kChunkStride;
+      for (int j = 0; j < len; j += kBlk) {
+        const VD d0 = vload_d(x + j), d1 = vload_d(x + j + H), d2 = vload_d(x + j + 2 * H),
+                 d3 = vload_d(x + j + 3 * H);
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+        s2 += d2 * d2;
+        s3 += d3 * d3;
+      }
+      acc[c][0] = s0;
+      acc[c][1] = s1;
+      acc[c][2] = s2;
+      acc[c][3] = s3;
+    }
+  }
+
+  void flush(double* sumsq) const {
+    for (int c = 0; c < kChannels; ++c) {
+      const VD t = (acc[c][0] + acc[c][1]) + (acc[c][2] + acc[c][3]);
+      double v = 0.0;
+      for (int k = 0; k < kV / 2; ++k) v += t[k];
+      sumsq[c] += v;
+    }
+  }
+};
+
+// The MLP's weights as vectors, broadcast once per call, so that each multiply-add of the
+// block loop is one fused load+FMA.
+struct Wide {
+  int channels, hidden_layers, out;
+  VF w0[kMaxChannels * 8];
+  VF hw[kMaxLayers][64], hb[kMaxLayers][8];
+  VF ow[16], ob[2];
+};
+
+inline void widen(const Mlp& m, Wide& w) {
+  w.channels = m.channels;
+  w.hidden_layers = m.hidden_layers;
+  w.out = m.out;
+  for (int i = 0; i < m.channels * 8; ++i) w.w0[i] = splat(m.w0[i]);
+  for (int l = 0; l < m.hidden_layers; ++l) {
+    for (int i = 0; i < 64; ++i) w.hw[l][i] = splat(m.hw[l][i]);
+    for (int o = 0; o < 8; ++o) w.hb[l][o] = splat(m.hb[l][o]);
+  }
+  for (int c = 0; c < 8; ++c) {
+    w.ow[c] = splat(m.ow[c * m.out + 0]);
+    w.ow[8 + c] = splat(m.ow[c * m.out + 1]);
+  }
+  w.ob[0] = splat(m.ob[0]);
+  w.ob[1] = splat(m.ob[1]);
+}
+
+// The MLP on one block; bias[o * kBlk + j]: the first-layer bias of each lane (the
+// layer's own bias plus the folded table channels of its row and column). Both halves of
+// the block go through each layer together.
+inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
+                     const float* __restrict bias, int cnt, float* __restrict u,
+                     double* mag_sum) {
+  alignas(64) float dir[kBlk], mag[kBlk];
+  VF a0[8], a1[8];
+#pragma GCC unroll 8
+  for (int o = 0; o < 8; ++o) {
+    a0[o] = vload(bias + o * kBlk);
+    a1[o] = vload(bias + o * kBlk + kV);
+  }
+  for (int c = 0; c < w.channels; ++c) {
+    const VF x0 = vload(f + c * kBlk), x1 = vload(f + c * kBlk + kV);
+    const VF* wc = w.w0 + c * 8;
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; ++o) {
+      a0[o] += wc[o] * x0;
+      a1[o] += wc[o] * x1;
+    }
+  }
+  for (int l = 0; l < w.hidden_layers; ++l) {
+    VF b0[8], b1[8];
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; ++o) {
+      a0[o] = relu(a0[o]);
+      a1[o] = relu(a1[o]);
+      b0[o] = b1[o] = w.hb[l][o];
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c)
+#pragma GCC unroll 8
+      for (int o = 0; o < 8; ++o) {
+        b0[o] += w.hw[l][c * 8 + o] * a0[c];
+        b1[o] += w.hw[l][c * 8 + o] * a1[c];
+      }
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; ++o) {
+      a0[o] = b0[o];
+      a1[o] = b1[o];
+    }
+  }
+  VF d0 = w.ob[0], g0 = w.ob[1], d1 = w.ob[0], g1 = w.ob[1];
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) {
+    const VF h0 = relu(a0[c]), h1 = relu(a1[c]);
+    d0 += w.ow[c] * h0;
+    g0 += w.ow[8 + c] * h0;
+    d1 += w.ow[c] * h1;
+    g1 += w.ow[8 + c] * h1;
+  }
+  if (cnt == kBlk && !m.use_exp) {
+    vstore(u, d0);
+    vstore(u + kV, d1);
+  } else {
+    vstore(dir, d0);
+    vstore(dir + kV, d1);
+    if (m.use_exp) {
+      vstore(mag, g0);
+      vstore(mag + kV, g1);
+      for (int j = 0; j < cnt; ++j) u[j] = dir[j] * expf(mag[j] * m.exp_mult);
+    } else {
+      for (int j = 0; j < cnt; ++j) u[j] = dir[j];
+    }
+  }
+  if (m.want_mag) {
+    vstore(mag, g0);
+    vstore(mag + kV, g1);
+    double s = 0.0;
+    for (int j = 0; j < cnt; ++j) s += mag[j];
+    *mag_sum += s;
+  }
+}
+
+// Walk the slice's row segments of a matrix in blocks that stay inside one row.
+template <class F>
+inline void for_row_blocks(const Elems& e, int64_t cols, F fn) {
+  int64_t i = e.lo;
+  while (i < e.hi) {
+    const int64_t a = i / cols, j0 = i - a * cols;
+    const int64_t j1 = j0 + (e.hi - i) < cols ? j0 + (e.hi - i) : cols;
+    for (int64_t j = j0; j < j1; j += kBlk) fn(a, j, static_cast<int>(j1 - j < kBlk ? j1 - j : kBlk));
+    i += j1 - j0;
+  }
+}
+
+// Walk the slice in blocks of kBlk consecutive elements that may cross rows, with each
+// lane's row and column (matrices narrower than a block).
+template <class F>
+inline void for_lane_blocks(const Elems& e, int64_t cols, F fn) {
+  int64_t ra[kBlk], ca[kBlk];
+  int64_t a = e.lo / cols, j = e.lo - a * cols;
+  for (int64_t i = e.lo; i < e.hi; i += kBlk) {
+    const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
+    for (int l = 0; l < cnt; ++l) {
+      ra[l] = a;
+      ca[l] = j;
+      if (++j == cols) {
+        j = 0;
+        ++a;
+      }
+    }
+    fn(i - e.lo, ra, ca, cnt);
+  }
+}
+
+template <bool kColVaries>
+void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
+  alignas(64) float f[kElem2d * kChunkStride];
+  SquareSums<kElem2d> sq;
+  int len = 0;
+  auto filled = [&]() {
+    len += kBlk;
+    if (len == kChunk) {
+      sq.add(f, len);
+      len = 0;
+    }
+  };
+  if (mx.cols >= kBlk) {
+    for_row_blocks(e, mx.cols, [&](int64_t a, int64_t j, int cnt) {
+      fill_2d<kColVaries, kChunkStride>(e, mx, a, j, cnt, f + len);
+      filled();
+    });
+  } else {
+    alignas(64) float fb[kElem2d * kBlk];
+    for_lane_blocks(e, mx.cols, [&](int64_t li0, const int64_t* ra, const int64_t* ca, int cnt) {
+      fill_2d_lanes<kColVaries>(e, mx, li0, ra, ca, cnt, fb);
+      for (int c = 0; c < kElem2d; ++c)
+        std::memcpy(f + c * kChunkStride + len, fb + c * kBlk, sizeof(float) * kBlk);
+      filled();
+    });
+  }
+  if (len) sq.add(f, len);
+  sq.flush(sumsq);
+}
+
+// A block's first-layer biases when they are the same for every lane.
+inline void splat_bias(const float* b, float* bias) {
+  for (int o = 0; o < 8; ++o) {
+    vstore(bias + o * kBlk, splat(b[o]));
+    vstore(bias + o * kBlk + kV, splat(b[o]));
+  }
+}
+
+template <bool kColVaries>
+void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
+  alignas(64) float f[kElem2d * kBlk];
+  alignas(64) float bias[8 * kBlk];
+  Wide w;
+  widen(m, w);
+  if (mx.cols >= kBlk) {
+    for_row_blocks(e, mx.cols, [&](int64_t a, int64_t j, int cnt) {
+      fill_2d<kColVaries, kBlk>(e, mx, a, j, cnt, f);
+      const float* rb = m.row_bias + (a - m.row0) * m.row_bias_stride;
+      const float* cb = m.col_bias + j;
+      for (int o = 0; o < 8; ++o) {
+        const VF r = splat(rb[o]);
+        vstore(bias + o * kBlk, r + vload(cb + o * m.col_stride));
+        vstore(bias + o * kBlk + kV, r + vload(cb + o * m.col_stride + kV));
+      }
+      mlp_core(m, w, f, bias, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum);
+    });
+  } else {
+    for_lane_blocks(e, mx.cols, [&](int64_t li0, const int64_t* ra, const int64_t* ca, int cnt) {
+      fill_2d_lanes<kColVaries>(e, mx, li0, ra, ca, cnt, f);
+      for (int o = 0; o < 8; ++o)
+        for (int l = 0; l < kBlk; ++l)
+          bias[o * kBlk + l] = l < cnt ? m.row_bias[(ra[l] - m.row0) * m.row_bias_stride + o] +
+                                             m.col_bias[o * m.col_stride + ca[l]]
+                                       : 0.0f;
+      mlp_core(m, w, f, bias, cnt, e.u + li0, mag_sum);
+    });
+  }
+}
+
+void sumsq_2d(const Elems& e, const Matrix& mx, double* sumsq) {
+  if (mx.col_varies)
+    sumsq_2d_t<true>(e, mx, sumsq);
+  else
+    sumsq_2d_t<false>(e, mx, sumsq);
+}
+
+void mlp_2d(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
+  if (mx.col_varies)
+    mlp_2d_t<true>(e, mx, m, mag_sum);
+  else
+    mlp_2d_t<false>(e, mx, m, mag_sum);
+}
+
+void sumsq_1d(const Elems& e, double* sumsq) {
+  alignas(64) float f[kElem1d * kChunkStride];
+  SquareSums<kElem1d> sq;
+  int len = 0;
+  for (int64_t i = e.lo; i < e.hi; i += kBlk) {
+    const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
+    fill_1d<kChunkStride>(e, i - e.lo, cnt, f + len);
+    len += kBlk;
+    if (len == kChunk) {
+      sq.add(f, len);
+      len = 0;
+    }
+  }
+  if (len) sq.add(f, len);
+  sq.flush(sumsq);
+}
+
+void mlp_1d(const Elems& e, const Mlp& m, double* mag_sum) {
+  alignas(64) float f[kElem1d * kBlk];
+  alignas(64) float bias[8 * kBlk];
+  Wide w;
+  widen(m, w);
+  splat_bias(m.row_bias, bias);
+  for (int64_t i = e.lo; i < e.hi; i += kBlk) {
+    const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
+    fill_1d<kBlk>(e, i - e.lo, cnt, f);
+    mlp_core(m, w, f, bias, cnt, e.u + (i - e.lo), mag_sum);
+  }
+}
+
+void mlp_block(const Mlp& m, const float* f, int cnt, float* u, double* mag_sum) {
+  constexpr int kIn = 16;  // rule_cpu.cc's block
+  Wide w;
+  widen(m, w);
+  alignas(64) float x[kMaxChannels * kBlk];
+  alignas(64) float bias[8 * kBlk];
+  splat_bias(m.row_bias, bias);
+  for (int j0 = 0; j0 < cnt; j0 += kBlk) {
+    const int n = cnt - j0 < kBlk ? cnt - j0 : kBlk;
+    for (int c = 0; c < m.channels; ++c)
+      for (int j = 0; j < kBlk; ++j) x[c * kBlk + j] = j < n ? f[c * kIn + j0 + j] : 0.0f;
+    mlp_core(m, w, x, bias, n, u + j0, mag_sum);
+  }
+}
+
+}  // namespace
+
+extern const Kernels table;
+const Kernels table = {kName, sumsq_2d, sumsq_1d, mlp_2d, mlp_1d, mlp_block};
+
+}  // namespace celo2::fast::CELO2_ISA_NS
