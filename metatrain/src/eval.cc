@@ -101,6 +101,7 @@ void add_eval_options(CLI::App& app, EvalArgs& a) {
   app.add_option("--steps", a.steps, "steps per task (in --tasks order)");
   app.add_option("--seeds", a.seeds, "seeds per (task, optimizer)")->capture_default_str();
   app.add_flag("!--no-adam-like", a.adam_like, "leave out the constructed Adam-like theta");
+  app.add_flag("!--no-adamw", a.adamw, "leave out the AdamW grid");
   app.add_option("--json", a.json_path, "write every number here");
 }
 
@@ -141,6 +142,10 @@ int run_eval(const EvalArgs& a) {
       jt["optimizers"][c.label] = {{"loss", s.loss}, {"acc", s.acc}, {"skipped", s.skipped}};
       std::printf("| %s | %s | %.4f | %.4f |\n", t.name.c_str(), c.label.c_str(), s.loss, s.acc);
       std::fflush(stdout);
+    }
+    if (!a.adamw || a.adamw_lrs.empty()) {
+      out[t.name] = jt;
+      continue;
     }
     Score best;
     double best_lr = 0;

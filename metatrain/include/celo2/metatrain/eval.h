@@ -30,6 +30,7 @@ struct EvalArgs {
   std::vector<int> steps;  // per task; empty = task default
   int seeds = 2;
   bool adam_like = true;
+  bool adamw = true;  // the AdamW grid (--no-adamw: only the thetas, e.g. to add one to a table)
   std::string json_path;
 };
 
