@@ -2,7 +2,7 @@
 //   A = X Xᵀ        ssyrk, r²c FLOP-pairs (symmetric: half of an sgemm); the pass that
 //                   mirrors the triangle also writes B = bA
 //   B = bA + cA²    sgemm r³ with beta 1 (A is symmetric, plain sgemm is fastest in OpenBLAS)
-//   X = (B + aI) X  sgemm r²c with beta 0 (the a·X term folded into B's diagonal)
+//   X = aX + BX     a·X on the OpenMP threads, then sgemm r²c with beta 1
 #include <cblas.h>
 
 #include <algorithm>
@@ -99,26 +99,32 @@ void syrk(int n, int k, const double* M, double* S) {
 constexpr int64_t kNormLane = 1 << 16;
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
 
-// X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
-// transposed.
+// out = inᵀ (in: rows×cols, row-major), in 32×32 tiles that keep both sides in cache; or a
+// plain copy.
 template <class T>
-bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
-  const bool transpose = rows > cols;
-  const int64_t r = transpose ? cols : rows, c = transpose ? rows : cols;
-  const int64_t rc = r * c;
-  const bool par = rc >= kParallelMin;
+void transpose_or_copy(bool transpose, int64_t rows, int64_t cols, const T* in, T* out) {
+  const bool par = rows * cols >= kParallelMin;
   if (transpose) {
-    // Tiles of 32×32 keep both sides in cache.
     constexpr int64_t kT = 32;
 #pragma omp parallel for collapse(2) schedule(static) if (par)
     for (int64_t i0 = 0; i0 < rows; i0 += kT)
       for (int64_t j0 = 0; j0 < cols; j0 += kT)
         for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
-          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) X[j * c + i] = x[i * cols + j];
+          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) out[j * rows + i] = in[i * cols + j];
   } else {
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < r; ++i) std::memcpy(X + i * c, x + i * c, c * sizeof(T));
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + i * cols, in + i * cols, cols * sizeof(T));
   }
+}
+
+// X (r×c, r <= c, row-major) from x, scaled by 1/(‖x‖_F + eps); returns whether it was
+// transposed.
+template <class T>
+bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
+  const bool transpose = rows > cols;
+  const int64_t rc = rows * cols;
+  const bool par = rc >= kParallelMin;
+  transpose_or_copy(transpose, rows, cols, x, X);
   const int64_t lanes = (rc + kNormLane - 1) / kNormLane;
   std::vector<double> part(lanes, 0.0);
 #pragma omp parallel for schedule(static) if (par)
@@ -136,21 +142,13 @@ bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T*
   return transpose;
 }
 
+// x (rows×cols) from X (r×c, transposed when `transpose`).
 template <class T>
 void store_wide(int64_t rows, int64_t cols, bool transpose, const T* X, T* x) {
-  const int64_t c = transpose ? rows : cols;
-  const bool par = rows * cols >= kParallelMin;
-  if (transpose) {
-    constexpr int64_t kT = 32;
-#pragma omp parallel for collapse(2) schedule(static) if (par)
-    for (int64_t i0 = 0; i0 < rows; i0 += kT)
-      for (int64_t j0 = 0; j0 < cols; j0 += kT)
-        for (int64_t i = i0; i < std::min(rows, i0 + kT); ++i)
-          for (int64_t j = j0; j < std::min(cols, j0 + kT); ++j) x[i * cols + j] = X[j * c + i];
-  } else {
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(x + i * cols, X + i * cols, cols * sizeof(T));
-  }
+  if (transpose)
+    transpose_or_copy(true, cols, rows, X, x);
+  else
+    transpose_or_copy(false, rows, cols, X, x);
 }
 
 // S = M Mᵀ (M n×k row-major), both triangles; with B, also B = scale·S in the same pass.
@@ -169,7 +167,9 @@ void gram_of(int n, int k, const T* M, T* S, T* B = nullptr, T scale = T(0)) {
 }
 
 // B = bA + cA² (A r×r; B holds bA on entry when scaled, else is formed here); then
-// Y = (B + aI) X, one GEMM (the a·X term folded into B's diagonal).
+// Y = aX + BX: the a·X pass on the OpenMP threads, the product added by one GEMM with beta 1.
+// (The same operation order as the CUDA GEMM plan, kernels/cuda/src/newton_schulz_plan.h,
+// which tests/unit/rule_layout_test.cc holds to this function at 1e-5.)
 template <class T>
 void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = false) {
   const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
@@ -178,10 +178,12 @@ void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = 
   gemm(R, R, R, cc, A, A, T(1), B);
 }
 template <class T>
-void apply_poly(const RuleConfig& cfg, int R, int C, T* B, const T* X, T* Y) {
+void apply_poly(const RuleConfig& cfg, int R, int C, const T* B, const T* X, T* Y) {
   const T a = cfg.ns_coeffs[0];
-  for (int i = 0; i < R; ++i) B[static_cast<size_t>(i) * R + i] += a;
-  gemm(R, C, R, T(1), B, X, T(0), Y);
+  const int64_t rc = static_cast<int64_t>(R) * C;
+#pragma omp parallel for schedule(static) if (rc >= kParallelMin)
+  for (int64_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+  gemm(R, C, R, T(1), B, X, T(1), Y);
 }
 
 template <class T>
@@ -274,7 +276,7 @@ void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
   polynomial(cfg, static_cast<int>(r), A, B);
 }
 
-void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, float* B, const float* X, float* Y) {
+void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, const float* B, const float* X, float* Y) {
   apply_poly(cfg, static_cast<int>(r), static_cast<int>(c), B, X, Y);
 }
 

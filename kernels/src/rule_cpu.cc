@@ -61,118 +61,20 @@ inline ew::ElementInputs load_inputs(const StepConstants& sc, const Slice& s, in
   return e;
 }
 
-// Fill features of elements [i0, i0 + cnt) of the slice into f[c * kBlock + j].
-// One block inside one matrix row of a 2-D tensor. The table indexed by the column
-// (rows if d0 == 0, cols if d0 == 1) varies along the block and is read from the SoA copy;
-// the other is one entry.
-template <bool kColVaries>
-inline void block_features_2d(const StepConstants& sc, const Slice& s, const FacTables& t,
-                              int64_t a, int64_t j, int64_t i0, int cnt, float* __restrict f) {
-  const ew::FacEntry& fixed = kColVaries ? t.rows[a] : t.cols[a];
-  const std::vector<float>& soa = kColVaries ? t.cols_soa : t.rows_soa;
-  const int64_t cntab = kColVaries ? static_cast<int64_t>(t.cols.size())
-                                   : static_cast<int64_t>(t.rows.size());
-  const float* vh = soa.data() + 0 * kFac * cntab + j;
-  const float* is = soa.data() + 1 * kFac * cntab + j;
-  const float* sc_ = soa.data() + 2 * kFac * cntab + j;
-  const float* sh = soa.data() + 3 * kFac * cntab + j;
-  const int64_t li0 = i0 - s.lo;
-  const float* __restrict gp = s.g + li0;
-  const float* __restrict pp = s.p + li0;
-  const float* __restrict m0 = s.m + li0;
-  const float* __restrict rr = s.rms + li0;
-  const int64_t P = s.plane;
-  constexpr int B = kBlock;
-  const int vr = kColVaries ? 18 : 15;  // vhat channel base of the varying table
-  const int fr = kColVaries ? 15 : 18;  // of the fixed one
-#pragma omp simd
-  for (int jj = 0; jj < cnt; ++jj) {
-    const float g = ew::clip_grad(gp[jj]);
-    const float r_hat = rr[jj] * sc.bc_rms[0];
-    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
-    float mh[kMom];
-    for (int k = 0; k < kMom; ++k) mh[k] = m0[k * P + jj] * sc.bc_mom[k];
-    f[0 * B + jj] = g;
-    f[1 * B + jj] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
-    f[2 * B + jj] = pp[jj];
-    for (int k = 0; k < kMom; ++k) f[(3 + k) * B + jj] = mh[k];
-    f[6 * B + jj] = r_hat;
-    for (int k = 0; k < kMom; ++k) f[(7 + k) * B + jj] = mh[k] * rho;
-    f[10 * B + jj] = rho;
-    for (int k = 0; k < kFac; ++k) {
-      const float sv = sc_[k * cntab + jj], shv = sh[k * cntab + jj];
-      // Same product order as features_factored: g * row.scale * col.scale.
-      f[(11 + k) * B + jj] = kColVaries ? g * fixed.scale[k] * sv : g * sv * fixed.scale[k];
-      f[(27 + k) * B + jj] =
-          kColVaries ? mh[k] * fixed.scale_hat[k] * shv : mh[k] * shv * fixed.scale_hat[k];
-      f[(vr + k) * B + jj] = vh[k * cntab + jj];
-      f[(vr + 6 + k) * B + jj] = is[k * cntab + jj];
-      f[(fr + k) * B + jj] = fixed.vhat[k];
-      f[(fr + 6 + k) * B + jj] = fixed.inv_sqrt[k];
-    }
-    f[14 * B + jj] = g * rho;
-  }
-}
-
+// Features of elements [i0, i0 + cnt) of the slice into f[c * kBlock + j], one element at a
+// time through ew:: (the general path: n > 2 tensors, and MLP shapes the fast loops of
+// rule_fast.cc do not serve). The Walker follows the factored tensor's row/col indices.
 inline void block_features(const Geometry& geo, const StepConstants& sc, const Slice& s,
                            const FacTables& t, int64_t i0, int cnt, Walker* w, float* f) {
-  if (geo.ndim == 2) {
-    const int64_t C = geo.shape[1], a = i0 / C, j = i0 - a * C;
-    if (j + cnt <= C) {
-      if (geo.d0 == 1)
-        block_features_2d<true>(sc, s, t, a, j, i0, cnt, f);
-      else
-        block_features_2d<false>(sc, s, t, a, j, i0, cnt, f);
-    } else {
-      for (int jj = 0; jj < cnt; ++jj) {
-        const int64_t i = i0 + jj, aa = i / C, c = i - aa * C;
-        const int64_t ri = geo.d0 == 1 ? aa : c, ci = geo.d0 == 1 ? c : aa;
-        const ew::ElementInputs e = load_inputs(sc, s, i - s.lo);
-        ew::features_factored(e, t.rows[ri], t.cols[ci], f + jj, kBlock);
-      }
-    }
-  } else if (geo.factored) {
-    int64_t rows[kBlock], cols[kBlock];
-    for (int j = 0; j < cnt; ++j) {
-      rows[j] = w->row;
-      cols[j] = w->col;
+  for (int j = 0; j < cnt; ++j) {
+    const ew::ElementInputs e = load_inputs(sc, s, i0 - s.lo + j);
+    if (geo.factored) {
+      ew::features_factored(e, t.rows[w->row], t.cols[w->col], f + j, kBlock);
       w->next();
-    }
-    for (int j = 0; j < cnt; ++j) {
-      const ew::ElementInputs e = load_inputs(sc, s, i0 - s.lo + j);
-      ew::features_factored(e, t.rows[rows[j]], t.cols[cols[j]], f + j, kBlock);
-    }
-  } else {
-    // Slice fields hoisted into locals (restrict) so the loop vectorizes.
-    const int64_t li0 = i0 - s.lo, P = s.plane;
-    const float* __restrict gp = s.g + li0;
-    const float* __restrict pp = s.p + li0;
-    const float* __restrict m0 = s.m + li0;
-    const float* __restrict rr = s.rms + li0;
-    const float* __restrict vd0 = s.v_diag + li0;
-    const float bm0 = sc.bc_mom[0], bm1 = sc.bc_mom[1], bm2 = sc.bc_mom[2], br = sc.bc_rms[0];
-    constexpr int B = kBlock;
-#pragma omp simd
-    for (int j = 0; j < cnt; ++j) {
-      const float g = ew::clip_grad(gp[j]);
-      const float r_hat = rr[j] * br;
-      const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
-      const float mh0 = m0[j] * bm0, mh1 = m0[P + j] * bm1, mh2 = m0[2 * P + j] * bm2;
-      f[0 * B + j] = g;
-      f[1 * B + j] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
-      f[2 * B + j] = pp[j];
-      f[3 * B + j] = mh0;
-      f[4 * B + j] = mh1;
-      f[5 * B + j] = mh2;
-      f[6 * B + j] = r_hat;
-      f[7 * B + j] = mh0 * rho;
-      f[8 * B + j] = mh1 * rho;
-      f[9 * B + j] = mh2 * rho;
-      f[10 * B + j] = rho;
-      f[11 * B + j] = g * ew::safe_rsqrt(vd0[j] + ew::kSafeFloor);
-      f[12 * B + j] = g * ew::safe_rsqrt(vd0[P + j] + ew::kSafeFloor);
-      f[13 * B + j] = g * ew::safe_rsqrt(vd0[2 * P + j] + ew::kSafeFloor);
-      f[14 * B + j] = g * rho;
+    } else {
+      const int64_t li = i0 - s.lo + j;
+      const float vd[kFac] = {s.v_diag[li], s.v_diag[s.plane + li], s.v_diag[2 * s.plane + li]};
+      ew::features_diag(e, vd, f + j, kBlock);
     }
   }
   // Unused lanes of a partial block are zero so the MLP can run full width.

@@ -66,9 +66,41 @@ inline void pad(float* f, int channels, int cnt) {
     for (int j = cnt; j < kBlk; ++j) f[c * S + j] = 0.0f;
 }
 
-// The 18 per-element channels of a matrix block inside row a, columns [j, j + cnt), in
-// compact order (spec channels 0-14, then 27-29) into f[c * S + jj]. Product orders follow
-// ew::features_factored (g * R * C, m̂ * R̂ * Ĉ).
+// One matrix element's 18 channels into f[c * S] (compact order: spec channels 0-14, then
+// 27-29); fs/fsh: the fixed table's scale and scale_hat, v/vh the varying table's. Product
+// orders follow ew::features_factored (g * R * C, m̂ * R̂ * Ĉ).
+template <bool kColVaries, int S>
+CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1, float m2,
+                         float r, float fs0, float fs1, float fs2, float fsh0, float fsh1,
+                         float fsh2, float v0, float v1, float v2, float vh0, float vh1,
+                         float vh2, float* __restrict f) {
+  const float g = ew::clip_grad(graw);
+  const float r_hat = r * e.bc_rms;
+  const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
+  const float mh0 = m0 * e.bc_mom[0], mh1 = m1 * e.bc_mom[1], mh2 = m2 * e.bc_mom[2];
+  f[0 * S] = g;
+  f[1 * S] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
+  f[2 * S] = p;
+  f[3 * S] = mh0;
+  f[4 * S] = mh1;
+  f[5 * S] = mh2;
+  f[6 * S] = r_hat;
+  f[7 * S] = mh0 * rho;
+  f[8 * S] = mh1 * rho;
+  f[9 * S] = mh2 * rho;
+  f[10 * S] = rho;
+  f[11 * S] = kColVaries ? g * fs0 * v0 : g * v0 * fs0;
+  f[12 * S] = kColVaries ? g * fs1 * v1 : g * v1 * fs1;
+  f[13 * S] = kColVaries ? g * fs2 * v2 : g * v2 * fs2;
+  f[14 * S] = g * rho;
+  f[15 * S] = kColVaries ? mh0 * fsh0 * vh0 : mh0 * vh0 * fsh0;
+  f[16 * S] = kColVaries ? mh1 * fsh1 * vh1 : mh1 * vh1 * fsh1;
+  f[17 * S] = kColVaries ? mh2 * fsh2 * vh2 : mh2 * vh2 * fsh2;
+}
+
+
+// The 18 per-element channels of a matrix block inside row a, columns [j, j + cnt), into
+// f[c * S + jj].
 template <bool kColVaries, int S, int N>
 inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                       float* __restrict f) {
@@ -86,26 +118,11 @@ inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, in
   const float* __restrict pp = e.p + li0;
   const float* __restrict m0 = e.m + li0;
   const float* __restrict rr = e.rms + li0;
-  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
 #pragma omp simd
   for (int jj = 0; jj < cnt; ++jj) {
-    const float g = ew::clip_grad(gp[jj]);
-    const float r_hat = rr[jj] * br;
-    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
-    const float mh[3] = {m0[jj] * b0, m0[P + jj] * b1, m0[2 * P + jj] * b2};
-    f[0 * S + jj] = g;
-    f[1 * S + jj] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
-    f[2 * S + jj] = pp[jj];
-    f[6 * S + jj] = r_hat;
-    f[10 * S + jj] = rho;
-    f[14 * S + jj] = g * rho;
-    for (int k = 0; k < 3; ++k) {
-      const float v = vs[k * vn + jj], vh = vsh[k * vn + jj];
-      f[(3 + k) * S + jj] = mh[k];
-      f[(7 + k) * S + jj] = mh[k] * rho;
-      f[(11 + k) * S + jj] = kColVaries ? g * fs[k] * v : g * v * fs[k];
-      f[(15 + k) * S + jj] = kColVaries ? mh[k] * fsh[k] * vh : mh[k] * vh * fsh[k];
-    }
+    element_2d<kColVaries, S>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
+                              fs[0], fs[1], fs[2], fsh[0], fsh[1], fsh[2], vs[jj], vs[vn + jj],
+                              vs[2 * vn + jj], vsh[jj], vsh[vn + jj], vsh[2 * vn + jj], f + jj);
   }
   pad<S>(f, kElem2d, cnt);
 }
@@ -130,31 +147,17 @@ inline void fill_2d_lanes(const Elems& e, const Matrix& mx, int64_t li0, const i
   const float* __restrict pp = e.p + li0;
   const float* __restrict m0 = e.m + li0;
   const float* __restrict rr = e.rms + li0;
-  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
-  constexpr int S = kBlk;
 #pragma omp simd
   for (int jj = 0; jj < cnt; ++jj) {
     const int64_t a = ra[jj], j = ca[jj];
-    const float g = ew::clip_grad(gp[jj]);
-    const float r_hat = rr[jj] * br;
-    const float rho = 1.0f / sqrtf(r_hat + ew::kRhoEps);
-    const float mh[3] = {m0[jj] * b0, m0[P + jj] * b1, m0[2 * P + jj] * b2};
-    f[0 * S + jj] = g;
-    f[1 * S + jj] = ew::clampf(g, -ew::kSmallClip, ew::kSmallClip);
-    f[2 * S + jj] = pp[jj];
-    f[6 * S + jj] = r_hat;
-    f[10 * S + jj] = rho;
-    f[14 * S + jj] = g * rho;
-    for (int k = 0; k < 3; ++k) {
-      const float fs = mx.fix_soa[(2 * 3 + k) * fn + a], fsh = mx.fix_soa[(3 * 3 + k) * fn + a];
-      const float v = mx.vary_soa[(2 * 3 + k) * vn + j], vh = mx.vary_soa[(3 * 3 + k) * vn + j];
-      f[(3 + k) * S + jj] = mh[k];
-      f[(7 + k) * S + jj] = mh[k] * rho;
-      f[(11 + k) * S + jj] = kColVaries ? g * fs * v : g * v * fs;
-      f[(15 + k) * S + jj] = kColVaries ? mh[k] * fsh * vh : mh[k] * vh * fsh;
-    }
+    const float* fx = mx.fix_soa + a;
+    const float* vx = mx.vary_soa + j;
+    element_2d<kColVaries, kBlk>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
+                                 fx[6 * fn], fx[7 * fn], fx[8 * fn], fx[9 * fn], fx[10 * fn],
+                                 fx[11 * fn], vx[6 * vn], vx[7 * vn], vx[8 * vn], vx[9 * vn],
+                                 vx[10 * vn], vx[11 * vn], f + jj);
   }
-  pad<S>(f, kElem2d, cnt);
+  pad<kBlk>(f, kElem2d, cnt);
 }
 
 // The 15 channels of a 1-D block [i0, i0 + cnt) (slice-local i0), as ew::features_diag.

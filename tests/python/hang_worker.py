@@ -70,6 +70,14 @@ def main():
         with open(tmp, "w") as f:
             json.dump(result, f)
         os.rename(tmp, os.path.join(result_dir, f"rank{rank}.json"))
+    if case == "step":
+        # Both ranks time out on their own; stay alive until the other has reported, or the
+        # rank whose watchdog fires second would see this process's exit ("a peer died")
+        # instead of its own timeout (seen on a loaded 2-core machine).
+        other = os.path.join(result_dir, f"rank{1 - rank}.json")
+        limit = time.monotonic() + 60
+        while not os.path.exists(other) and time.monotonic() < limit:
+            time.sleep(0.05)
 
 
 if __name__ == "__main__":

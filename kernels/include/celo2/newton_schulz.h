@@ -47,10 +47,9 @@ void newton_schulz(const RuleConfig& cfg, int64_t rows, int64_t cols, float* x,
 void newton_schulz_f64(const RuleConfig& cfg, int64_t rows, int64_t cols, double* x);
 
 // One iteration's two products, for iterations that form A = X Xᵀ themselves (the split
-// Newton–Schulz, celo2/split_ns.h): B = b·A + c·A² (A r×r), and Y = (B + a·I)·X (X, Y r×c;
-// one GEMM: B's diagonal gets a added).
+// Newton–Schulz, celo2/split_ns.h): B = b·A + c·A² (A r×r), and Y = a·X + B·X (X, Y r×c).
 void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B);
-void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, float* B, const float* X, float* Y);
+void ns_apply_polynomial(const RuleConfig& cfg, int64_t r, int64_t c, const float* B, const float* X, float* Y);
 
 // FLOPs of one newton_schulz call (for benchmarks and owner load balancing), for the method
 // kAuto means now. GEMM-equivalent: every product counts 2mnk, the symmetric
