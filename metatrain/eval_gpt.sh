@@ -6,7 +6,10 @@
 #
 #   metatrain/eval_gpt.sh OUT STEPS ADAMW_LRS label=theta.state [label=theta.state ...]
 #   e.g. metatrain/eval_gpt.sh /tmp/gpt_eval 300 "1e-3 3e-3" project=weights/celo2-project/theta.state
-# Needs a build with the Python package (BUILD_DIR, default build/).
+# Needs a build with the Python package (BUILD_DIR, default build/). VARIANT=celo2-base runs
+# the thetas as Celo2-base weights (the demo's --variant); the AdamW runs do not depend on it.
+# Optional thetas: a spec whose file is absent (e.g. published weights not downloaded) is
+# reported absent and skipped.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$1"; steps="$2"; lrs="$3"; shift 3
@@ -20,8 +23,13 @@ run() {  # name, extra args...
     "$here/examples/gpt_demo.py" --steps "$steps" --control "" --out "$out/$name" "$@" \
     > "$out/$name.log" 2>&1 || { echo "eval_gpt: run $name failed:"; tail -20 "$out/$name.log"; exit 1; }
 }
+VARIANT="${VARIANT:-celo2}"
 for spec in "$@"; do
-  run "celo2-${spec%%=*}" --runs celo2 --theta "$(realpath "${spec#*=}")"
+  if [ ! -f "${spec#*=}" ]; then
+    echo "eval_gpt: theta '${spec%%=*}': ${spec#*=} is absent (download it to evaluate it); left out"
+    continue
+  fi
+  run "celo2-${spec%%=*}" --runs celo2 --variant "$VARIANT" --theta "$(realpath "${spec#*=}")"
 done
 for lr in $lrs; do
   run "adamw-$lr" --runs adamw --adamw-lr "$lr"

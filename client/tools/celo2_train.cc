@@ -72,8 +72,8 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--theta", theta_path,
                  "Celo2 weights (published theta.state layout); default: the project's default "
-                 "for the variant (Theta::project_default: the meta-trained weights for celo2, the "
-                 "constructed Adam-like weights where none are meta-trained)");
+                 "for the variant (Theta::project_default: the meta-trained weights for celo2 and "
+                 "celo2-base, the constructed Adam-like weights where none are meta-trained)");
   auto* lr_opt = app.add_option("--lr", lr,
                                 "base learning rate (default 1e-3 for celo2/celo2-base, "
                                 "3e-3 for adamw)");

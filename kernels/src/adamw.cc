@@ -26,14 +26,20 @@ void adamw_update(const AdamWParams& a, int64_t n, float* __restrict p, const fl
   const float ic2 = static_cast<float>(
       1.0 / (1.0 - std::pow(static_cast<double>(a.b2), static_cast<double>(a.count))));
   const float b1 = a.b1, b2 = a.b2, eps = a.eps, lr = a.lr, wd = a.wd;
-#pragma omp parallel for simd schedule(static) if (n > 32768)
-  for (int64_t i = 0; i < n; ++i) {
+  auto one = [&](int64_t i) {
     const float gi = g[i];
     const float m = b1 * mu[i] + (1.0f - b1) * gi;
     const float v = b2 * nu[i] + (1.0f - b2) * gi * gi;
     mu[i] = m;
     nu[i] = v;
     p[i] -= lr * ((m * ic1) / (std::sqrt(v * ic2) + eps) + wd * p[i]);
+  };
+  if (n > 32768) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) one(i);
+  } else {  // no OpenMP region for small tensors (an `if` clause still enters one)
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) one(i);
   }
 }
 

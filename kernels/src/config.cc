@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "celo2/config.h"
+#include "project_theta.h"
 
 namespace celo2 {
 namespace {
@@ -133,6 +134,12 @@ Theta Theta::adam_like(const RuleConfig& cfg) {
     t.layers.push_back(std::move(d));
   }
   return t;
+}
+
+Theta Theta::project_default(const RuleConfig& cfg) {
+  if (cfg == RuleConfig{}) return detail::project_theta_celo2();
+  if (cfg == RuleConfig::celo2_base()) return detail::project_theta_celo2_base();
+  return adam_like(cfg);
 }
 
 Theta Theta::random(const RuleConfig& cfg, uint64_t seed, float scale) {

@@ -3,13 +3,13 @@
 // Run: celo2-metatrain train --seed 1 --init adam_like (defaults: 8 tasks fashion8,digits,synthetic, sigma 0.01,
 // truncation 50, unroll [100, 2000], outer AdamW lr 5e-5 wd 1e-4); 33604 outer steps, 6733 s wall on
 // 1-2 CPU ranks. Same numbers as weights/celo2-project/theta.state (tests/unit/default_theta_test.cc).
-#include "celo2/config.h"
+#include "project_theta.h"
 
 namespace celo2 {
 namespace {
 
 // Layer by layer: weights (row-major, in x out), then biases.
-constexpr float kProjectTheta[347] = {
+constexpr float kTheta[347] = {
     0x1.0ce4eep-5f, -0x1.fc94cap-6f, -0x1.cc9d02p-7f, 0x1.57e718p-5f, -0x1.791a16p-11f, 0x1.13b6bcp-8f,
     -0x1.65a9dap-6f, 0x1.de9acap-8f, 0x1.efb648p-6f, -0x1.cc495ep-10f, -0x1.83d7p-8f, 0x1.b66466p-8f,
     -0x1.35e6aap-7f, 0x1.4e7e2ep-9f, 0x1.402866p-7f, 0x1.232edap-7f, -0x1.300244p-5f, -0x1.ac9776p-7f,
@@ -72,15 +72,14 @@ constexpr float kProjectTheta[347] = {
 
 }  // namespace
 
-Theta Theta::project_default(const RuleConfig& config) {
-  if (!(config == RuleConfig{})) return adam_like(config);
-  Theta t = adam_like(config);  // the shapes of the default rule
+Theta detail::project_theta_celo2() {
+  Theta t = Theta::adam_like(RuleConfig{});  // the shapes of the rule
   size_t at = 0;
   for (DenseLayer& l : t.layers) {
-    for (float& w : l.w) w = kProjectTheta[at++];
-    for (float& b : l.b) b = kProjectTheta[at++];
+    for (float& w : l.w) w = kTheta[at++];
+    for (float& b : l.b) b = kTheta[at++];
   }
-  static_assert(sizeof(kProjectTheta) / sizeof(float) == 347);
+  static_assert(sizeof(kTheta) / sizeof(float) == 347);
   return t;
 }
 

@@ -3,7 +3,7 @@
 // inner-step throughput (bench) and the result (eval).
 //
 //   celo2-metatrain train --out DIR [--outer-steps N] [--time-limit S] [--resume]
-//   celo2-metatrain bench [--seconds S]
+//   celo2-metatrain bench [--seconds S] [--base] [--tasks N] [--unbatched]
 //   celo2-metatrain eval --theta A.state [--theta B.state ...] --json out.json
 //
 // A run directory holds ckpt.json (theta, outer AdamW state, step, wall time, config),
@@ -258,7 +258,93 @@ int run_train(const TrainArgs& a) {
   return 0;
 }
 
-int run_bench(double seconds, bool base) {
+// ---- bench: the machine's FMA rate and the inner step's FLOP ----
+
+// FMA throughput of one core: kChains independent vector FMA chains (enough to cover the FMA
+// latency times the FMA pipes of current x86 cores), vectors of `Bytes` bytes.
+constexpr int kChains = 12;
+template <int Bytes> struct VecOf;
+template <> struct VecOf<16> { typedef float type __attribute__((vector_size(16))); };
+template <> struct VecOf<32> { typedef float type __attribute__((vector_size(32))); };
+template <> struct VecOf<64> { typedef float type __attribute__((vector_size(64))); };
+template <int Bytes>
+__attribute__((noinline)) float fma_loop(int64_t iters, float seed) {
+  using V = typename VecOf<Bytes>::type;
+  constexpr int L = Bytes / 4;
+  V acc[kChains], x, y;
+  for (int k = 0; k < kChains; ++k)
+    for (int j = 0; j < L; ++j) acc[k][j] = seed + 0.001f * static_cast<float>(k * L + j);
+  for (int j = 0; j < L; ++j) x[j] = 0.99995f, y[j] = 2e-5f;
+  for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 12
+    for (int k = 0; k < kChains; ++k) acc[k] = acc[k] * x + y;  // one FMA (-ffp-contract=fast, metatrain/CMakeLists.txt)
+  float sum = 0.0f;
+  for (int k = 0; k < kChains; ++k)
+    for (int j = 0; j < L; ++j) sum += acc[k][j];
+  return sum;
+}
+
+// GFLOP/s (an FMA = 2 FLOP), the best of 5 repetitions of ~0.1 s.
+template <int Bytes>
+double fma_gflops() {
+  const int64_t iters = 4'000'000;
+  double best = 0.0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = Clock::now();
+    const float r = fma_loop<Bytes>(iters, 1.0f + 0.1f * rep);
+    const double dt = seconds_since(t0);
+    if (!std::isfinite(r)) throw std::runtime_error("FMA loop: non-finite result");
+    best = std::max(best, 2.0 * kChains * (Bytes / 4) * static_cast<double>(iters) / dt / 1e9);
+  }
+  return best;
+}
+
+#if defined(__AVX512F__)
+constexpr int kWidestVector = 64;
+#elif defined(__AVX__)
+constexpr int kWidestVector = 32;
+#else
+constexpr int kWidestVector = 16;
+#endif
+
+// FLOP of one inner step of one particle, counted from the code that runs:
+//  - the MLP's products: forward batch·in·out·2 per layer; backward dW (2·batch·in·out) per
+//    layer and dX (the same) for every layer but the first;
+//  - the rule, per element, by docs/PERF.md's count of kernels/src/rule_cpu.cc (bench/
+//    celo2_bench.cc's roofline table): 806 FLOP for a factored tensor, 537 for a 1-D one;
+//    AdamW 14;
+//  - Newton–Schulz: newton_schulz_flops (every product 2mnk);
+//  - the apply p -= lr·(u + wd·p): 3 per celo2 element.
+struct StepFlop {
+  double mlp = 0, rule = 0, ns = 0, other = 0;
+  double total() const { return mlp + rule + ns + other; }
+};
+StepFlop inner_step_flop(const meta::InnerConfig& ic) {
+  StepFlop f;
+  const data::MlpTask model(ic.layers, 0);
+  for (size_t l = 0; l + 1 < ic.layers.size(); ++l) {
+    const double io = 2.0 * ic.batch * ic.layers[l] * ic.layers[l + 1];
+    f.mlp += io * (l == 0 ? 2 : 3);
+  }
+  const OptimizerOptions o = meta::inner_options(ic, Theta::adam_like(ic.rule));
+  std::vector<TensorDesc> desc;
+  for (int i = 0; i < model.num_tensors(); ++i) desc.push_back({model.name(i), model.shape(i)});
+  const std::vector<Label> labels = o.rules.assign(desc);
+  for (int i = 0; i < model.num_tensors(); ++i) {
+    const double n = static_cast<double>(model.numel(i));
+    const auto& sh = model.shape(i);
+    if (labels[i] == Label::kAdamW) {
+      f.other += 14 * n;
+    } else if (labels[i] == Label::kCelo2) {
+      f.rule += (sh.size() >= 2 ? 806 : 537) * n;
+      f.other += 3 * n;
+      if (ic.rule.orthogonalize && sh.size() >= 2) f.ns += newton_schulz_flops(ic.rule, sh[0], sh[1]);
+    }
+  }
+  return f;
+}
+
+int run_bench(double seconds, bool base, int tasks, bool unbatched) {
   omp_set_num_threads(1);
   set_blas_threads(1);
   const RuleConfig rule = rule_of(base);
@@ -266,9 +352,14 @@ int run_bench(double seconds, bool base) {
   const Theta theta = Theta::adam_like(rule);
   const std::vector<float> flat = meta::flatten(theta);
 
-  // 1. The whole estimator on one core: one pair (two particles), truncations of 50.
+  // 0. The machine: one core's FMA rate at the widest vectors this build uses (and 256-bit).
+  const double fma_w = fma_gflops<kWidestVector>();
+  const double fma_256 = fma_gflops<32>();
+
+  // 1. The whole estimator on one core: `tasks` pairs, truncations of 50.
   meta::PesConfig pc;
-  pc.tasks = 1;
+  pc.tasks = tasks;
+  pc.batched = !unbatched;
   pc.inner.rule = rule;
   pc.inner.reparam_prob = 0;
   meta::PesEstimator pes(pc, family, theta, 0, 1);
@@ -277,8 +368,11 @@ int run_bench(double seconds, bool base) {
   auto t0 = Clock::now();
   while (seconds_since(t0) < seconds) steps += pes.estimate(flat, grad).inner_steps;
   const double total_rate = steps / seconds_since(t0);
+  const StepFlop fl = inner_step_flop(pc.inner);
+  const double gflops = total_rate * fl.total() / 1e9;
 
-  // 2. The parts of one inner step, each alone: the MLP's forward+backward, the optimizer.
+  // 2. The parts of one inner step, each alone: the MLP's forward+backward, the optimizer
+  // step of one particle (one Optimizer; and per particle in an OptimizerBatch of 2·tasks).
   const data::Dataset& ds = *family.sources[0].data;
   data::MlpTask model({64, 32, 10}, 1);
   data::BatchSampler sampler(ds.n, 64, 7);
@@ -287,71 +381,110 @@ int run_bench(double seconds, bool base) {
   sampler.next(ds, x.data(), y.data());
   int64_t n = 0;
   t0 = Clock::now();
-  while (seconds_since(t0) < seconds / 3) {
+  while (seconds_since(t0) < seconds / 4) {
     for (int k = 0; k < 100; ++k) model.loss_and_grad(x.data(), y.data(), 64);
     n += 100;
   }
   const double mlp_s = seconds_since(t0) / static_cast<double>(n);
 
-  OptimizerOptions o;
-  o.rule = rule;
-  o.theta = theta;
-  o.schedule = Schedule::constant(1e-3);
-  o.rules = base ? LabelRules::all_celo2() : LabelRules::metatrain_default();
-  Optimizer opt(o);
+  Optimizer opt(meta::inner_options(pc.inner, theta));
   for (int i = 0; i < model.num_tensors(); ++i) {
     opt.add_tensor(model.name(i), model.shape(i), model.params(i), model.grads(i));
   }
   n = 0;
   t0 = Clock::now();
-  while (seconds_since(t0) < seconds / 3) {
+  while (seconds_since(t0) < seconds / 4) {
     for (int k = 0; k < 100; ++k) opt.step();
     n += 100;
   }
   const double opt_s = seconds_since(t0) / static_cast<double>(n);
+
+  const int members = 2 * tasks;
+  auto batch = meta::make_inner_batch(pc.inner, theta);
+  std::vector<data::MlpTask> copies(members, model);
+  for (data::MlpTask& c : copies) {
+    std::vector<float*> ps;
+    std::vector<const float*> gs;
+    for (int i = 0; i < c.num_tensors(); ++i) ps.push_back(c.params(i)), gs.push_back(c.grads(i));
+    batch->add_member(ps, gs);
+  }
+  n = 0;
+  t0 = Clock::now();
+  while (seconds_since(t0) < seconds / 4) {
+    for (int k = 0; k < 10; ++k) batch->step();
+    n += 10 * members;
+  }
+  const double batch_s = seconds_since(t0) / static_cast<double>(n);
+
+  const char* path = unbatched ? "unbatched (one Optimizer per particle)" : "batched (one OptimizerBatch)";
   nlohmann::json j = {{"rule", base ? "celo2-base" : "celo2"},
+                      {"path", unbatched ? "unbatched" : "batched"},
+                      {"tasks", tasks},
                       {"inner_steps_per_s_per_core", total_rate},
+                      {"flop_per_inner_step", fl.total()},
+                      {"flop_mlp", fl.mlp},
+                      {"flop_rule", fl.rule},
+                      {"flop_newton_schulz", fl.ns},
+                      {"flop_other", fl.other},
+                      {"gflops", gflops},
+                      {"fma_gflops", fma_w},
+                      {"fma_vector_bits", kWidestVector * 8},
+                      {"fma_gflops_256bit", fma_256},
+                      {"efficiency", gflops / fma_w},
                       {"mlp_fwd_bwd_us", mlp_s * 1e6},
                       {"optimizer_step_us", opt_s * 1e6},
+                      {"batched_step_us_per_particle", batch_s * 1e6},
                       {"parts_steps_per_s", 1.0 / (mlp_s + opt_s)}};
-  std::printf("inner task MLP 64-32-10, batch 64, %s, one core:\n", base ? "Celo2-base" : "Celo2");
+  std::printf("inner task MLP 64-32-10, batch 64, %s, one core, %d pair(s) (%d particles), %s:\n",
+              base ? "Celo2-base" : "Celo2", tasks, members, path);
+  std::printf("  machine FMA rate      %8.1f GFLOP/s (%d-bit vectors; %.1f at 256-bit)\n", fma_w,
+              kWidestVector * 8, fma_256);
   std::printf("  PES estimator         %8.0f inner steps/s (particle updates, data included)\n", total_rate);
+  std::printf("  FLOP per inner step   %8.3f M (MLP %.3f, rule %.3f, Newton-Schulz %.3f, other %.3f)\n",
+              fl.total() / 1e6, fl.mlp / 1e6, fl.rule / 1e6, fl.ns / 1e6, fl.other / 1e6);
+  std::printf("  arithmetic rate       %8.2f GFLOP/s = %.1f %% of the FMA rate\n", gflops,
+              100.0 * gflops / fma_w);
   std::printf("  MLP forward+backward  %8.1f us/step\n", mlp_s * 1e6);
-  std::printf("  optimizer step        %8.1f us/step (Celo2 on fc1/w, fc2/w; AdamW on biases)\n", opt_s * 1e6);
+  std::printf("  optimizer step        %8.1f us/step alone (one Optimizer), %.1f us/particle in a batch of %d\n",
+              opt_s * 1e6, batch_s * 1e6, members);
   std::printf("%s\n", j.dump().c_str());
   return 0;
 }
 
-// Writes kernels/src/project_theta.cc: the weights as C++ literals, so the library carries
-// its default theta without a file (hex floats: exact).
+// Writes kernels/src/project_theta.cc (Celo2) or, with --base, kernels/src/project_theta_base.cc
+// (Celo2-base): the weights as C++ literals, so the library carries its default thetas without
+// a file (hex floats: exact). Theta::project_default (kernels/src/config.cc) picks the table by
+// the rule configuration (kernels/src/project_theta.h).
 int run_export_cpp(const std::string& theta_path, const std::string& out_path,
-                   const std::string& provenance) {
-  const RuleConfig rule;
+                   const std::string& provenance, bool base) {
+  const RuleConfig rule = rule_of(base);
   const Theta theta = load_theta(theta_path, rule);
   const std::vector<float> flat = meta::flatten(theta);
+  const char* variant = base ? "Celo2-base" : "Celo2";
+  const char* fn = base ? "project_theta_celo2_base" : "project_theta_celo2";
+  const char* cfg = base ? "RuleConfig::celo2_base()" : "RuleConfig{}";
   std::ostringstream o;
-  o << "// The project's default Celo2 weights, meta-trained with celo2-metatrain (docs/METATRAIN.md).\n"
-    << "// Generated by `celo2-metatrain export-cpp`; do not edit by hand.\n";
+  o << "// The project's default " << variant << " weights, meta-trained with celo2-metatrain (docs/METATRAIN.md).\n"
+    << "// Generated by `celo2-metatrain export-cpp" << (base ? " --base" : "") << "`; do not edit by hand.\n";
   std::istringstream prov(provenance);
   for (std::string line; std::getline(prov, line);) o << "// " << line << "\n";
-  o << "#include \"celo2/config.h\"\n\nnamespace celo2 {\nnamespace {\n\n"
+  o << "#include \"project_theta.h\"\n\nnamespace celo2 {\nnamespace {\n\n"
     << "// Layer by layer: weights (row-major, in x out), then biases.\n"
-    << "constexpr float kProjectTheta[" << flat.size() << "] = {\n";
+    << "constexpr float kTheta[" << flat.size() << "] = {\n";
   char buf[48];
   for (size_t k = 0; k < flat.size(); ++k) {
     std::snprintf(buf, sizeof buf, "%a", static_cast<double>(flat[k]));
     o << (k % 6 == 0 ? "    " : " ") << buf << "f," << (k % 6 == 5 || k + 1 == flat.size() ? "\n" : "");
   }
   o << "};\n\n}  // namespace\n\n"
-    << "Theta Theta::project_default(const RuleConfig& config) {\n"
-    << "  if (!(config == RuleConfig{})) return adam_like(config);\n"
-    << "  Theta t = adam_like(config);  // the shapes of the default rule\n"
+    << "Theta detail::" << fn << "() {\n"
+    << "  Theta t = Theta::adam_like(" << cfg << ");  // the shapes of the rule\n"
     << "  size_t at = 0;\n"
     << "  for (DenseLayer& l : t.layers) {\n"
-    << "    for (float& w : l.w) w = kProjectTheta[at++];\n"
-    << "    for (float& b : l.b) b = kProjectTheta[at++];\n"
+    << "    for (float& w : l.w) w = kTheta[at++];\n"
+    << "    for (float& b : l.b) b = kTheta[at++];\n"
     << "  }\n"
-    << "  static_assert(sizeof(kProjectTheta) / sizeof(float) == " << flat.size() << ");\n"
+    << "  static_assert(sizeof(kTheta) / sizeof(float) == " << flat.size() << ");\n"
     << "  return t;\n}\n\n}  // namespace celo2\n";
   write_atomic(out_path, o.str());
   std::printf("wrote %s (%zu values from %s)\n", out_path.c_str(), flat.size(), theta_path.c_str());
@@ -386,34 +519,47 @@ int main(int argc, char** argv) {
   train->add_flag("!--no-progress", a.progress, "no progress bar");
 
   double bench_seconds = 6;
-  bool bench_base = false;
+  bool bench_base = false, bench_unbatched = false;
+  int bench_tasks = 8;
   auto* bench = app.add_subcommand("bench", "inner steps per second per core");
   bench->add_option("--seconds", bench_seconds)->capture_default_str();
   bench->add_flag("--base", bench_base, "Celo2-base");
+  bench->add_option("--tasks", bench_tasks, "antithetic pairs on the one core (train's default: 8 per rank at 1 rank)")
+      ->capture_default_str();
+  bench->add_flag("--unbatched", bench_unbatched, "one Optimizer per particle (the path before batching)");
 
   meta::EvalArgs ev;
   auto* eval = app.add_subcommand("eval", "evaluation table: thetas vs tuned AdamW on held-out tasks");
   meta::add_eval_options(*eval, ev);
 
-  std::string export_theta, export_out = "kernels/src/project_theta.cc", export_note;
+  std::string export_theta, export_out, export_note;
+  bool export_base = false;
   auto* exp = app.add_subcommand("export-cpp", "write a theta as the library's default (C++ source)");
   exp->add_option("--theta", export_theta, "theta.state to embed")->required();
-  exp->add_option("--out", export_out)->capture_default_str();
+  exp->add_option("--out", export_out,
+                  "default kernels/src/project_theta.cc (kernels/src/project_theta_base.cc with --base)");
   exp->add_option("--note", export_note, "provenance lines for the header comment");
+  exp->add_flag("--base", export_base, "the Celo2-base default (a Celo2-base theta)");
 
   std::string wt_kind = "adam_like", wt_out;
+  bool wt_base = false;
   auto* wt = app.add_subcommand("write-theta", "write a built-in theta in the published layout");
   wt->add_option("--kind", wt_kind, "adam_like | project")->capture_default_str();
   wt->add_option("--out", wt_out)->required();
+  wt->add_flag("--base", wt_base, "Celo2-base's");
 
   CLI11_PARSE(app, argc, argv);
   try {
     if (*train) return run_train(a);
-    if (*bench) return run_bench(bench_seconds, bench_base);
+    if (*bench) return run_bench(bench_seconds, bench_base, bench_tasks, bench_unbatched);
     if (*eval) return meta::run_eval(ev);
-    if (*exp) return run_export_cpp(export_theta, export_out, export_note);
+    if (*exp) {
+      if (export_out.empty())
+        export_out = export_base ? "kernels/src/project_theta_base.cc" : "kernels/src/project_theta.cc";
+      return run_export_cpp(export_theta, export_out, export_note, export_base);
+    }
     if (*wt) {
-      const RuleConfig rule;
+      const RuleConfig rule = rule_of(wt_base);
       if (wt_kind != "adam_like" && wt_kind != "project") {
         throw std::invalid_argument("--kind must be adam_like or project");
       }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -42,9 +43,14 @@ EvalTask make_task(const std::string& name) {
     t.steps = 1000;
     t.train = load_digits(data::Split::kTrain);
     t.test = load_digits(data::Split::kTest);
+  } else if (name == "cancer") {
+    t.layers = {30, 64, 64, 2};
+    t.steps = 200;
+    t.train = load_breast_cancer(data::Split::kTrain);
+    t.test = load_breast_cancer(data::Split::kTest);
   } else {
     throw std::invalid_argument("unknown eval task '" + name +
-                                "' (fashion8, fashion28, digits-deep)");
+                                "' (fashion8, fashion28, digits-deep, cancer)");
   }
   return t;
 }
@@ -86,27 +92,45 @@ Score evaluate(const EvalTask& t, const Contender& c, int steps, int seeds) {
 
 void add_eval_options(CLI::App& app, EvalArgs& a) {
   app.add_option("--theta", a.thetas, "label=path of a theta to evaluate (repeatable)");
-  app.add_option("--tasks", a.tasks, "fashion8, fashion28, digits-deep")->capture_default_str();
+  app.add_option("--theta-if-present", a.optional_thetas,
+                 "label=path of a theta evaluated only when the file exists (e.g. downloaded published "
+                 "weights); reported absent otherwise");
+  app.add_flag("--base", a.base, "Celo2-base thetas and recipe");
+  app.add_option("--tasks", a.tasks, "fashion8, fashion28, digits-deep, cancer")->capture_default_str();
   app.add_option("--adamw-lrs", a.adamw_lrs, "AdamW learning-rate grid")->capture_default_str();
   app.add_option("--steps", a.steps, "steps per task (in --tasks order)");
   app.add_option("--seeds", a.seeds, "seeds per (task, optimizer)")->capture_default_str();
   app.add_flag("!--no-adam-like", a.adam_like, "leave out the constructed Adam-like theta");
+  app.add_flag("!--no-adamw", a.adamw, "leave out the AdamW grid");
   app.add_option("--json", a.json_path, "write every number here");
 }
 
 int run_eval(const EvalArgs& a) {
-  const RuleConfig rule;
+  const RuleConfig rule = a.base ? RuleConfig::celo2_base() : RuleConfig{};
+  const train::OptimizerKind kind = a.base ? train::OptimizerKind::kCelo2Base : train::OptimizerKind::kCelo2;
   std::vector<Contender> contenders;
-  for (const std::string& spec : a.thetas) {
-    const auto eq = spec.find('=');
-    const std::string label = eq == std::string::npos ? spec : spec.substr(0, eq);
-    const std::string path = eq == std::string::npos ? spec : spec.substr(eq + 1);
-    contenders.push_back({label, train::OptimizerKind::kCelo2, load_theta(path, rule), 1e-3});
-  }
-  if (a.adam_like) {
-    contenders.push_back({"adam_like", train::OptimizerKind::kCelo2, Theta::adam_like(rule), 1e-3});
-  }
   nlohmann::json out = nlohmann::json::object();
+  auto split = [](const std::string& spec) {
+    const auto eq = spec.find('=');
+    return std::pair<std::string, std::string>{eq == std::string::npos ? spec : spec.substr(0, eq),
+                                               eq == std::string::npos ? spec : spec.substr(eq + 1)};
+  };
+  for (const std::string& spec : a.thetas) {
+    const auto [label, path] = split(spec);
+    contenders.push_back({label, kind, load_theta(path, rule), 1e-3});
+  }
+  for (const std::string& spec : a.optional_thetas) {
+    const auto [label, path] = split(spec);
+    if (!std::filesystem::exists(path)) {
+      std::printf("theta '%s': %s is absent (download it to evaluate it); left out\n", label.c_str(),
+                  path.c_str());
+      out["absent"][label] = path;
+      continue;
+    }
+    contenders.push_back({label, kind, load_theta(path, rule), 1e-3});
+  }
+  if (a.adam_like) contenders.push_back({"adam_like", kind, Theta::adam_like(rule), 1e-3});
+  out["rule"] = a.base ? "celo2-base" : "celo2";
   std::printf("| task | optimizer | final train loss (last 100) | test accuracy |\n");
   std::printf("|---|---|---|---|\n");
   for (size_t ti = 0; ti < a.tasks.size(); ++ti) {
@@ -118,6 +142,10 @@ int run_eval(const EvalArgs& a) {
       jt["optimizers"][c.label] = {{"loss", s.loss}, {"acc", s.acc}, {"skipped", s.skipped}};
       std::printf("| %s | %s | %.4f | %.4f |\n", t.name.c_str(), c.label.c_str(), s.loss, s.acc);
       std::fflush(stdout);
+    }
+    if (!a.adamw || a.adamw_lrs.empty()) {
+      out[t.name] = jt;
+      continue;
     }
     Score best;
     double best_lr = 0;

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <tuple>
 
 #include "celo2/labels.h"
 #include "celo2/schedule.h"
@@ -51,8 +52,27 @@ uint64_t mix(uint64_t x) {
 }
 }  // namespace
 
-InnerPair::InnerPair(const InnerConfig& cfg, const TaskFamily& family, uint64_t seed)
-    : cfg_(cfg), family_(&family), seed_(seed), rng_(seed) {
+OptimizerOptions inner_options(const InnerConfig& cfg, const Theta& theta) {
+  OptimizerOptions o;
+  o.rule = cfg.rule;
+  o.theta = theta;
+  o.schedule = Schedule::constant(cfg.lr);
+  o.rules = cfg.rule.orthogonalize ? LabelRules::metatrain_default() : LabelRules::all_celo2();
+  o.mult_1d = cfg.mult_1d;
+  o.nan_policy = NanPolicy::kSkipStep;
+  return o;
+}
+
+std::unique_ptr<OptimizerBatch> make_inner_batch(const InnerConfig& cfg, const Theta& theta) {
+  auto b = std::make_unique<OptimizerBatch>(inner_options(cfg, theta));
+  const data::MlpTask shape(cfg.layers, 0);
+  for (int i = 0; i < shape.num_tensors(); ++i) b->add_tensor(shape.name(i), shape.shape(i));
+  return b;
+}
+
+InnerPair::InnerPair(const InnerConfig& cfg, const TaskFamily& family, uint64_t seed,
+                     OptimizerBatch* batch)
+    : cfg_(cfg), family_(&family), batch_(batch), seed_(seed), rng_(seed) {
   if (cfg_.truncation <= 0) throw std::invalid_argument("truncation must be positive");
   if (cfg_.unroll_min <= 0 || cfg_.unroll_max < cfg_.unroll_min) {
     throw std::invalid_argument("unroll lengths: need 0 < min <= max");
@@ -71,22 +91,25 @@ void InnerPair::make_particle(Particle& p, const Theta& theta_shape, uint64_t in
   const int n = p.model.num_tensors();
   p.w.resize(n);
   p.gw.resize(n);
-  OptimizerOptions o;
-  o.rule = cfg_.rule;
-  o.theta = theta_shape;
-  o.schedule = Schedule::constant(cfg_.lr);
-  o.rules = cfg_.rule.orthogonalize ? LabelRules::metatrain_default() : LabelRules::all_celo2();
-  o.mult_1d = cfg_.mult_1d;
-  o.nan_policy = NanPolicy::kSkipStep;
-  p.opt = std::make_unique<Optimizer>(std::move(o));
   const float inv = static_cast<float>(1.0 / scale_);
   for (int i = 0; i < n; ++i) {
     const float* init = p.model.params(i);
     p.w[i].resize(static_cast<size_t>(p.model.numel(i)));
     for (size_t k = 0; k < p.w[i].size(); ++k) p.w[i][k] = init[k] * inv;
     p.gw[i].assign(p.w[i].size(), 0.0f);
-    p.opt->add_tensor(p.model.name(i), p.model.shape(i), p.w[i].data(), p.gw[i].data());
   }
+  if (batch_) {
+    std::vector<float*> params(n);
+    std::vector<const float*> grads(n);
+    for (int i = 0; i < n; ++i) params[i] = p.w[i].data(), grads[i] = p.gw[i].data();
+    if (p.member < 0) p.member = batch_->add_member(params, grads);
+    else batch_->reset_member(p.member, params, grads);
+    batch_->set_theta(p.member, theta_shape);
+    return;
+  }
+  p.opt = std::make_unique<Optimizer>(inner_options(cfg_, theta_shape));
+  for (int i = 0; i < n; ++i)
+    p.opt->add_tensor(p.model.name(i), p.model.shape(i), p.w[i].data(), p.gw[i].data());
 }
 
 void InnerPair::reset(const Theta& theta_shape) {
@@ -119,7 +142,7 @@ void InnerPair::reset(const Theta& theta_shape) {
   step_ = 0;
 }
 
-double InnerPair::particle_step(Particle& p, const float* x, const int* y) {
+double InnerPair::particle_grad(Particle& p, const float* x, const int* y) {
   const float s = static_cast<float>(scale_);
   const int n = p.model.num_tensors();
   for (int i = 0; i < n; ++i) {
@@ -133,19 +156,37 @@ double InnerPair::particle_step(Particle& p, const float* x, const int* y) {
     std::vector<float>& gw = p.gw[i];
     for (size_t k = 0; k < gw.size(); ++k) gw[k] = g[k] * s;
   }
-  p.opt->step();
   return loss;
 }
 
+void InnerPair::set_thetas(const Theta& plus, const Theta& minus) {
+  if (batch_) {
+    batch_->set_theta(plus_->member, plus);
+    batch_->set_theta(minus_->member, minus);
+  } else {
+    plus_->opt->set_theta(plus);
+    minus_->opt->set_theta(minus);
+  }
+}
+
+std::pair<double, double> InnerPair::step_grads() {
+  sampler_->next(*data_, x_.data(), y_.data());  // both particles see the same batch
+  const double lp = particle_grad(*plus_, x_.data(), y_.data());
+  const double lm = particle_grad(*minus_, x_.data(), y_.data());
+  return {lp, lm};
+}
+
 std::pair<double, double> InnerPair::run(const Theta& plus, const Theta& minus, int steps) {
-  plus_->opt->set_theta(plus);
-  minus_->opt->set_theta(minus);
+  if (batch_) throw std::logic_error("InnerPair::run: a batched pair is stepped by its batch");
+  set_thetas(plus, minus);
   double lp = 0.0, lm = 0.0;
   for (int t = 0; t < steps; ++t) {
-    sampler_->next(*data_, x_.data(), y_.data());  // both particles see the same batch
-    lp += normalize_meta_loss(particle_step(*plus_, x_.data(), y_.data()));
-    lm += normalize_meta_loss(particle_step(*minus_, x_.data(), y_.data()));
-    ++step_;
+    const auto [a, b] = step_grads();
+    plus_->opt->step();
+    minus_->opt->step();
+    lp += normalize_meta_loss(a);
+    lm += normalize_meta_loss(b);
+    advance();
   }
   return {lp / steps, lm / steps};
 }
@@ -157,9 +198,14 @@ PesEstimator::PesEstimator(const PesConfig& cfg, const TaskFamily& family,
   if (!(cfg_.sigma > 0)) throw std::invalid_argument("PES: sigma must be positive");
   if (world <= 0 || rank < 0 || rank >= world) throw std::invalid_argument("PES: bad rank/world");
   const int64_t n = theta_size(theta_shape);
+  if (cfg_.batched) {
+    batch_ = make_inner_batch(cfg_.inner, theta_shape);
+    batch_->set_ns_batch(cfg_.ns_batch);
+  }
   for (int i = rank; i < cfg_.tasks; i += world) {
     auto pair = std::make_unique<InnerPair>(cfg_.inner, family,
-                                            mix(cfg_.seed * 1000003ULL + static_cast<uint64_t>(i)));
+                                            mix(cfg_.seed * 1000003ULL + static_cast<uint64_t>(i)),
+                                            batch_.get());
     pair->reset(theta_shape);
     pairs_.push_back(std::move(pair));
     xi_.emplace_back(static_cast<size_t>(n), 0.0f);
@@ -172,26 +218,60 @@ PesStats PesEstimator::estimate(const std::vector<float>& theta, std::vector<dou
     throw std::invalid_argument("PES: theta/gradient sizes do not match the rule");
   }
   PesStats st;
-  std::vector<float> eps(n), tp(n), tm(n);
+  eps_.resize(n);
+  tp_.resize(n);
+  tm_.resize(n);
   const double sigma = cfg_.sigma;
   const double denom = 2.0 * sigma * sigma * cfg_.tasks;
-  for (size_t j = 0; j < pairs_.size(); ++j) {
+  const int steps = cfg_.inner.truncation;
+  const size_t P = pairs_.size();
+  lp_.assign(P, 0.0);
+  lm_.assign(P, 0.0);
+  // Each pair draws ε from its own generator and accumulates ξ; the pair's particles take
+  // θ ± ε for this truncation.
+  auto perturb = [&](size_t j) {
     InnerPair& pair = *pairs_[j];
     std::vector<float>& xi = xi_[j];
     for (size_t k = 0; k < n; ++k) {
-      eps[k] = static_cast<float>(sigma * pair.rng().next());
-      xi[k] += eps[k];
-      tp[k] = theta[k] + eps[k];
-      tm[k] = theta[k] - eps[k];
+      eps_[k] = static_cast<float>(sigma * pair.rng().next());
+      xi[k] += eps_[k];
+      tp_[k] = theta[k] + eps_[k];
+      tm_[k] = theta[k] - eps_[k];
     }
-    unflatten(tp, plus_);
-    unflatten(tm, minus_);
-    const auto [lp, lm] = pair.run(plus_, minus_, cfg_.inner.truncation);
+    unflatten(tp_, plus_);
+    unflatten(tm_, minus_);
+  };
+  if (batch_) {
+    // All pairs in lockstep: every particle's gradient, then one step of the whole batch.
+    for (size_t j = 0; j < P; ++j) {
+      perturb(j);
+      pairs_[j]->set_thetas(plus_, minus_);
+    }
+    for (int t = 0; t < steps; ++t) {
+      for (size_t j = 0; j < P; ++j) {
+        const auto [a, b] = pairs_[j]->step_grads();
+        lp_[j] += normalize_meta_loss(a);
+        lm_[j] += normalize_meta_loss(b);
+      }
+      batch_->step();
+      for (size_t j = 0; j < P; ++j) pairs_[j]->advance();
+    }
+    for (size_t j = 0; j < P; ++j) lp_[j] /= steps, lm_[j] /= steps;
+  } else {
+    for (size_t j = 0; j < P; ++j) {
+      perturb(j);
+      std::tie(lp_[j], lm_[j]) = pairs_[j]->run(plus_, minus_, steps);
+    }
+  }
+  for (size_t j = 0; j < P; ++j) {
+    InnerPair& pair = *pairs_[j];
+    std::vector<float>& xi = xi_[j];
+    const double lp = lp_[j], lm = lm_[j];
     const double coef = (lp - lm) / denom;
     for (size_t k = 0; k < n; ++k) grad[k] += coef * xi[k];
     st.loss_sum += 0.5 * (lp + lm);
     st.pairs += 1;
-    st.inner_steps += 2.0 * cfg_.inner.truncation;
+    st.inner_steps += 2.0 * steps;
     if (pair.finished()) {
       pair.reset(shape_);
       std::fill(xi.begin(), xi.end(), 0.0f);

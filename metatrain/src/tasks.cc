@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 
@@ -65,6 +68,82 @@ data::Dataset load_digits_all(const std::string& path_in) {
   if (ds.n != 1797) {
     throw std::runtime_error(path + ": " + std::to_string(ds.n) +
                              " rows, expected the 1797 of scikit-learn's digits");
+  }
+  return ds;
+}
+
+data::Dataset load_breast_cancer(data::Split split, const std::string& path_in) {
+  const std::string path = path_in.empty()
+      ? (std::filesystem::path(digits_csv_path()).parent_path() / "breast_cancer.csv").string()
+      : path_in;
+  std::ifstream f(path);
+  if (!f) {
+    throw std::runtime_error(path + ": cannot open (scikit-learn's breast_cancer.csv comes with "
+                             "Debian's python3-sklearn)");
+  }
+  constexpr int kFeatures = 30, kRows = 569;
+  std::string line;
+  std::getline(f, line);  // "569,30,malignant,benign"
+  std::vector<double> x;
+  std::vector<int> y;
+  int64_t row = 0;
+  while (std::getline(f, line)) {
+    if (line.empty() || line == "\r") continue;
+    ++row;
+    std::istringstream ls(line);
+    std::string cell;
+    int col = 0;
+    while (std::getline(ls, cell, ',')) {
+      char* end = nullptr;
+      const double v = std::strtod(cell.c_str(), &end);
+      if (end == cell.c_str() || !std::isfinite(v)) {
+        throw std::runtime_error(path + ": row " + std::to_string(row) + " column " +
+                                 std::to_string(col + 1) + ": '" + cell + "' is not a number");
+      }
+      if (col < kFeatures) {
+        x.push_back(v);
+      } else if (col == kFeatures) {
+        if (v != 0 && v != 1) {
+          throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " + cell +
+                                   " is not 0 or 1");
+        }
+        y.push_back(static_cast<int>(v));
+      }
+      ++col;
+    }
+    if (col != kFeatures + 1) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " +
+                               std::to_string(col) + " columns, expected 31");
+    }
+  }
+  if (row != kRows) {
+    throw std::runtime_error(path + ": " + std::to_string(row) +
+                             " rows, expected the 569 of scikit-learn's breast-cancer table");
+  }
+  // A fixed shuffle (Fisher–Yates on mt19937_64(0), an explicit integer draw).
+  std::vector<int64_t> order(kRows);
+  for (int64_t i = 0; i < kRows; ++i) order[i] = i;
+  std::mt19937_64 rng(0);
+  for (int64_t i = kRows - 1; i > 0; --i) std::swap(order[i], order[rng() % static_cast<uint64_t>(i + 1)]);
+  double mean[kFeatures] = {}, sd[kFeatures] = {};
+  for (int64_t r = 0; r < kCancerTrainRows; ++r)
+    for (int c = 0; c < kFeatures; ++c) mean[c] += x[order[r] * kFeatures + c] / kCancerTrainRows;
+  for (int64_t r = 0; r < kCancerTrainRows; ++r)
+    for (int c = 0; c < kFeatures; ++c) {
+      const double d = x[order[r] * kFeatures + c] - mean[c];
+      sd[c] += d * d / kCancerTrainRows;
+    }
+  for (double& v : sd) v = std::sqrt(v) > 0 ? std::sqrt(v) : 1.0;
+  const int64_t lo = split == data::Split::kTrain ? 0 : kCancerTrainRows;
+  const int64_t hi = split == data::Split::kTrain ? kCancerTrainRows : kRows;
+  data::Dataset ds;
+  ds.dim = kFeatures;
+  ds.num_classes = 2;
+  ds.n = hi - lo;
+  for (int64_t r = lo; r < hi; ++r) {
+    for (int c = 0; c < kFeatures; ++c)
+      ds.x.push_back(static_cast<float>((x[order[r] * kFeatures + c] - mean[c]) / sd[c]));
+    ds.y.push_back(y[order[r]]);
   }
   return ds;
 }

@@ -82,10 +82,11 @@ struct Theta {
   // The constructed starting point of the project's meta-training (and the default for
   // configurations that have no meta-trained weights).
   static Theta adam_like(const RuleConfig& config);
-  // The project's own meta-trained weights (kernels/src/project_theta.cc, written by
-  // `celo2-metatrain export-cpp`; docs/METATRAIN.md) when `config` is the default Celo2 rule
-  // they were meta-trained with; Theta::adam_like(config) for any other configuration. What
-  // an optimizer runs when it is given no weights.
+  // The project's own meta-trained weights (written by `celo2-metatrain export-cpp`;
+  // docs/METATRAIN.md) when `config` is a rule they were meta-trained with: the default Celo2
+  // rule (kernels/src/project_theta.cc) or RuleConfig::celo2_base()
+  // (kernels/src/project_theta_base.cc); Theta::adam_like(config) for any other configuration.
+  // What an optimizer runs when it is given no weights.
   static Theta project_default(const RuleConfig& config);
   // Deterministic pseudo-random weights (tests and benchmarks).
   static Theta random(const RuleConfig& config, uint64_t seed, float scale = 0.5f);

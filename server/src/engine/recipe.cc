@@ -107,11 +107,17 @@ AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count, co
 
 double apply_update(float lr, float wd, int64_t n, float* p, const float* u) {
   double sq = 0.0;
-#pragma omp parallel for simd reduction(+ : sq) schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) {
+  auto one = [&](int64_t i) {
     const float d = ew::applied_step(lr, wd, p[i], u[i]);
     p[i] -= d;
-    sq += static_cast<double>(d) * d;
+    return static_cast<double>(d) * d;
+  };
+  if (n > 65536) {
+#pragma omp parallel for simd reduction(+ : sq) schedule(static)
+    for (int64_t i = 0; i < n; ++i) sq += one(i);
+  } else {  // no OpenMP region for small tensors (an `if` clause still enters one)
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < n; ++i) sq += one(i);
   }
   return sq;
 }

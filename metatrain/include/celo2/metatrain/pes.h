@@ -14,8 +14,15 @@
 // pairs are spread over MPI ranks (pair i lives on rank i mod W).
 //
 // The inner update is the recipe of the original meta-training: matrices p − lr·step with
-// the Celo2 step (lr 1e-3), biases (label rule "/b$") AdamW at 20·lr = 0.02. It runs through
-// celo2::Optimizer, the project's tested single-process recipe.
+// the Celo2 step (lr 1e-3), biases (label rule "/b$") AdamW at 20·lr = 0.02. Two ways to run
+// it (tests/unit/metatrain_test.cc, BatchedEqualsUnbatched):
+//  - batched (default, PesConfig::batched): one celo2::OptimizerBatch holds every particle
+//    of the rank (both members of each pair); all pairs advance in lockstep, one inner step
+//    at a time, and one OptimizerBatch::step() updates every particle (the rule of all
+//    particles' tensors in one call, the Newton–Schulz of all their matrices of one shape in
+//    one newton_schulz_batch call); bit for bit the unbatched floats with
+//    NsBatch::kPerMatrix, to float rounding with the default kBatched;
+//  - unbatched: one celo2::Optimizer per particle, stepped alone (InnerPair::run).
 //
 // Reparameterization augmentation: with probability `reparam_prob` an inner run draws one
 // global scale s log-uniformly from [reparam_lo, reparam_hi]; its parameters are stored as
@@ -37,6 +44,7 @@
 #include "celo2/config.h"
 #include "celo2/metatrain/tasks.h"
 #include "celo2/optimizer.h"
+#include "celo2/optimizer_batch.h"
 #include "celo2/train/mlp_task.h"
 
 namespace celo2::meta {
@@ -63,14 +71,29 @@ struct InnerConfig {
   int truncation = 50;
 };
 
+// The single-process optimizer options of an inner particle (the recipe above).
+OptimizerOptions inner_options(const InnerConfig& cfg, const Theta& theta);
+// An OptimizerBatch with the inner MLP's tensor layout and no members yet.
+std::unique_ptr<OptimizerBatch> make_inner_batch(const InnerConfig& cfg, const Theta& theta);
+
 // Two particles of one inner run.
 class InnerPair {
  public:
-  InnerPair(const InnerConfig& cfg, const TaskFamily& family, uint64_t seed);
+  // batch == nullptr: each particle owns a celo2::Optimizer. Otherwise the particles are two
+  // members of *batch (added at the first reset), which the caller steps (see step_grads).
+  InnerPair(const InnerConfig& cfg, const TaskFamily& family, uint64_t seed,
+            OptimizerBatch* batch = nullptr);
   // Starts a new inner run (called by the constructor and when the unroll ends).
   void reset(const Theta& theta_shape);
   // One truncation: `steps` updates of each particle. Returns the meta-losses (L⁺, L⁻).
+  // Unbatched pairs only.
   std::pair<double, double> run(const Theta& plus, const Theta& minus, int steps);
+  // The pieces of run() for a caller that steps a batch: the thetas of a truncation; one
+  // inner step's batch, losses (L⁺, L⁻ before the update, raw) and gradients; after the
+  // optimizers have stepped, advance() counts the step.
+  void set_thetas(const Theta& plus, const Theta& minus);
+  std::pair<double, double> step_grads();
+  void advance() { ++step_; }
   bool finished() const { return step_ >= unroll_; }
   int64_t step() const { return step_; }
   int64_t unroll() const { return unroll_; }
@@ -83,14 +106,16 @@ class InnerPair {
   struct Particle {
     data::MlpTask model;
     std::vector<std::vector<float>> w, gw;  // stored parameters and their gradients
-    std::unique_ptr<Optimizer> opt;
+    std::unique_ptr<Optimizer> opt;         // unbatched
+    int member = -1;                        // batched: the member of batch_
     explicit Particle(const std::vector<int>& layers) : model(layers, 0) {}
   };
-  double particle_step(Particle& p, const float* x, const int* y);
+  double particle_grad(Particle& p, const float* x, const int* y);
   void make_particle(Particle& p, const Theta& theta_shape, uint64_t init_seed);
 
   InnerConfig cfg_;
   const TaskFamily* family_;
+  OptimizerBatch* batch_ = nullptr;
   uint64_t seed_;
   Normal rng_;
   int64_t generation_ = 0;
@@ -108,6 +133,11 @@ struct PesConfig {
   int tasks = 8;
   double sigma = 0.01;
   uint64_t seed = 0;
+  // One OptimizerBatch for the rank's particles; its Newton–Schulz: kBatched (small-matrix
+  // kernels, the estimate agrees with the unbatched one to float rounding) or kPerMatrix (BLAS
+  // per matrix: the unbatched estimate bit for bit).
+  bool batched = true;
+  NsBatch ns_batch = NsBatch::kBatched;
   InnerConfig inner;
 };
 
@@ -133,9 +163,12 @@ class PesEstimator {
  private:
   PesConfig cfg_;
   Theta shape_;
+  std::unique_ptr<OptimizerBatch> batch_;  // batched: every particle of the rank
   std::vector<std::unique_ptr<InnerPair>> pairs_;
   std::vector<std::vector<float>> xi_;
   Theta plus_, minus_;
+  std::vector<float> eps_, tp_, tm_;
+  std::vector<double> lp_, lm_;
 };
 
 // Outer optimizer: AdamW with Optax semantics (decoupled weight decay).

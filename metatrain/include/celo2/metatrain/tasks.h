@@ -33,6 +33,15 @@ data::Dataset load_digits_all(const std::string& path = "");
 // Rows [0, 1500) (train) or [1500, 1797) (test).
 data::Dataset load_digits(data::Split split, const std::string& path = "");
 
+// scikit-learn's breast-cancer table (Wisconsin diagnostic; breast_cancer.csv next to the
+// digits file in Debian's python3-sklearn, `path` empty: that one): 569 rows of 30 real
+// features and a 0/1 label. An evaluation task only (tabular, 2 classes: nothing like the
+// meta-training tasks). Rows are shuffled with a fixed generator; the first 400 are the
+// training split, the remaining 169 the test split; features are standardized with the
+// training split's mean and standard deviation.
+inline constexpr int kCancerTrainRows = 400;
+data::Dataset load_breast_cancer(data::Split split, const std::string& path = "");
+
 // A synthetic 64-feature, 10-class data set; deterministic in `seed`.
 data::Dataset make_teacher_dataset(uint64_t seed, int64_t n = 4096, int dim = 64,
                                    int classes = 10);

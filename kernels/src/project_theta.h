@@ -1,0 +1,13 @@
+// The project's meta-trained weights, one generated table per rule variant (written by
+// `celo2-metatrain export-cpp`, docs/METATRAIN.md). Theta::project_default (config.cc) is
+// the one place that chooses between them. Private to kernels/src.
+#pragma once
+
+#include "celo2/config.h"
+
+namespace celo2::detail {
+
+Theta project_theta_celo2();       // project_theta.cc: for RuleConfig{}
+Theta project_theta_celo2_base();  // project_theta_base.cc: for RuleConfig::celo2_base()
+
+}  // namespace celo2::detail
