@@ -19,7 +19,8 @@ echo "building $work/theta_fuzz with $cxx"
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
   -I"$root/server/include" -I"$root/kernels/include" \
   "$here/theta_fuzz.cc" "$root/server/src/io/flax_msgpack.cc" "$root/server/src/io/theta_io.cc" \
-  "$root/kernels/src/config.cc" -lmsgpackc -lcrypto -o "$work/theta_fuzz"
+  "$root/kernels/src/config.cc" "$root/kernels/src/project_theta.cc" \
+  "$root/kernels/src/project_theta_base.cc" -lmsgpackc -lcrypto -o "$work/theta_fuzz"
 
 # Seeds: the golden theta and the smaller golden rule files (each holds a config and a theta).
 install -m 0644 "$root/tests/golden/theta_random.state" "$root"/tests/golden/rule_variant_*.msgpack \
