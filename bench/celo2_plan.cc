@@ -10,7 +10,6 @@
 #include "celo2/newton_schulz.h"
 #include "celo2/plan.h"
 #include "celo2/rule.h"
-#include "celo2/split_ns.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"celo2-plan: bytes per rank per step of the sharded Celo2 engine"};
@@ -106,111 +105,31 @@ int main(int argc, char** argv) {
                 *std::max_element(cost.begin(), cost.end()) * 1e3);
   }
   if (!split || !cfg.orthogonalize) return 0;
-  // Split Newton–Schulz, modelled (not yet the engine's plan). Each matrix runs on a group of
-  // g ranks (g = 1: one owner, as now); per rank of the group: iters·(4r²c/g + 2r³) FLOPs at
-  // the GEMM rate, plus split_ns_cost's all-reduces (bytes at NVLink's bandwidth while the
-  // group fits in a node, else InfiniBand's; one latency each). Groups are packed largest
-  // first onto the g least-loaded ranks. Starting from g = 1 everywhere, the matrix on the
-  // largest per-rank time doubles its g while that lowers its own time, until max/mean <= 1.1
-  // (the best packing seen is kept).
-  struct Mat {
-    int64_t r, c;
-    int g = 1;
-    double t1 = 0;
-  };
-  std::vector<Mat> mats;
-  double total_ns_flops = 0;
-  for (const auto& t : tensors) {
-    if (t.label != celo2::Label::kCelo2) continue;
-    const celo2::Geometry geo = celo2::Geometry::of(t.shape);
-    if (!geo.factored) continue;
-    for (int64_t k = 0; k < geo.norm_groups; ++k) {
-      Mat m{std::min(geo.mat_rows, geo.mat_cols), std::max(geo.mat_rows, geo.mat_cols)};
-      total_ns_flops += celo2::newton_schulz_flops(cfg, m.r, m.c, celo2::NsMethod::kStandard);
-      mats.push_back(m);
-    }
-  }
-  const double rate = gemm_tflops * 1e12;
-  auto time_on = [&](const Mat& m, int g) {
-    const double r = static_cast<double>(m.r), c = static_cast<double>(m.c);
-    const double flops = cfg.ns_iters * (4.0 * r * r * c / g + 2.0 * r * r * r);
-    const celo2::SplitNsCost sc = celo2::split_ns_cost(cfg, m.r, g);
-    const double bw = (g <= node ? nvlink_gbs : ib_gbs) * 1e9;
-    return flops / rate + (g > 1 ? sc.bytes_per_rank / bw + sc.all_reduces * latency_us * 1e-6 : 0.0);
-  };
-  std::printf("\nSplit Newton-Schulz (modelled; assumptions: GEMM %.0f TFLOP/s, all-reduce %.0f GB/s in a node of %.0f, "
-              "%.0f GB/s across, %.0f us per call; training step: 6 N tokens at %.0f%% of %.0f TFLOP/s, %.0f tokens)\n",
+  // Newton–Schulz split over groups of ranks: the engine's planner (celo2/plan.h plan_ns)
+  // with the GPU's cost model. Per rank of a group: iters·(4r²c/g + 2r³) FLOPs at the GEMM
+  // rate, plus split_ns_cost's all-reduces (bytes at NVLink's bandwidth while the group fits
+  // in a node, else InfiniBand's; one latency each).
+  celo2::NsCostModel gpu = celo2::NsCostModel::h200();
+  gpu.gemm_flops = gemm_tflops * 1e12;
+  gpu.bus_bytes = nvlink_gbs * 1e9;
+  gpu.bus_bytes_inter = ib_gbs * 1e9;
+  gpu.ranks_per_node = static_cast<int>(node);
+  gpu.latency = latency_us * 1e-6;
+  std::printf("\nSplit Newton-Schulz (the engine's planner; assumptions: GEMM %.0f TFLOP/s, all-reduce %.0f GB/s in a "
+              "node of %.0f, %.0f GB/s across, %.0f us per call; training step: 6 N tokens at %.0f%% of %.0f TFLOP/s, "
+              "%.0f tokens)\n",
               gemm_tflops, nvlink_gbs, node, ib_gbs, latency_us, 100 * mfu, peak_tflops, batch_tokens);
-  std::printf("%-6s %8s %6s %10s %10s %10s %9s %11s %12s %12s %10s\n", "ranks", "matrices", "split", "max g",
+  std::printf("%-6s %8s %6s %6s %10s %10s %9s %11s %12s %12s %10s\n", "ranks", "matrices", "split", "max g",
               "load 1", "load split", "calls", "MB/rank", "vs ZeRO-1", "NS ms", "of step");
   for (int W : worlds) {
-    for (auto& m : mats) {
-      m.g = 1;
-      m.t1 = time_on(m, 1);
-    }
-    auto pack = [&](std::vector<double>& load, std::vector<double>& bytes, std::vector<int>& calls,
-                    std::vector<int>& where) {
-      load.assign(W, 0.0);
-      bytes.assign(W, 0.0);
-      calls.assign(W, 0);
-      std::vector<size_t> order(mats.size());
-      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return time_on(mats[a], mats[a].g) > time_on(mats[b], mats[b].g); });
-      where.assign(mats.size(), 0);
-      for (size_t i : order) {
-        const Mat& m = mats[i];
-        std::vector<int> ranks(W);
-        for (int k = 0; k < W; ++k) ranks[k] = k;
-        std::partial_sort(ranks.begin(), ranks.begin() + m.g, ranks.end(), [&](int a, int b) { return load[a] < load[b]; });
-        const double t = time_on(m, m.g);
-        const celo2::SplitNsCost sc = celo2::split_ns_cost(cfg, m.r, m.g);
-        for (int k = 0; k < m.g; ++k) {
-          load[ranks[k]] += t;
-          if (m.g > 1) {
-            bytes[ranks[k]] += sc.bytes_per_rank;
-            calls[ranks[k]] += sc.all_reduces;
-          }
-        }
-        where[i] = ranks[0];
-      }
-    };
-    std::vector<double> load, bytes;
-    std::vector<int> calls, where;
-    pack(load, bytes, calls, where);
-    const double mean1 = total_ns_flops / rate / W;
-    const double imb1 = *std::max_element(load.begin(), load.end()) / mean1;
-    // Keep the best packing seen; a matrix's group doubles only while that lowers its own time.
-    std::vector<int> best_g(mats.size(), 1);
-    double best_max = *std::max_element(load.begin(), load.end());
-    for (int round = 0; round < 4096 && best_max > 1.1 * mean1; ++round) {
-      size_t pick = mats.size();
-      for (size_t i = 0; i < mats.size(); ++i)
-        if (mats[i].g * 2 <= W && time_on(mats[i], mats[i].g * 2) < time_on(mats[i], mats[i].g) &&
-            (pick == mats.size() || time_on(mats[i], mats[i].g) > time_on(mats[pick], mats[pick].g)))
-          pick = i;
-      if (pick == mats.size()) break;  // no matrix gains from a larger group
-      mats[pick].g *= 2;
-      pack(load, bytes, calls, where);
-      const double mx = *std::max_element(load.begin(), load.end());
-      if (mx < best_max) {
-        best_max = mx;
-        for (size_t i = 0; i < mats.size(); ++i) best_g[i] = mats[i].g;
-      }
-    }
-    for (size_t i = 0; i < mats.size(); ++i) mats[i].g = best_g[i];
-    pack(load, bytes, calls, where);
-    int nsplit = 0, gmax = 1;
-    for (const auto& m : mats) {
-      nsplit += m.g > 1;
-      gmax = std::max(gmax, m.g);
-    }
-    const celo2::CommModel cm = celo2::model_step(tensors, cfg, W);
-    const double added = *std::max_element(bytes.begin(), bytes.end());
-    const double ns_s = *std::max_element(load.begin(), load.end());
+    const celo2::CommModel cm = celo2::model_step(tensors, cfg, W, true, 0, gpu);
+    // bytes of the busiest rank of the groups' all-reduces in place of their mean
+    const double worst = cm.celo2 - cm.ns_group_bytes_mean + cm.ns_group_bytes_max;
     const double step_s = 6.0 * static_cast<double>(n) * batch_tokens / W / (mfu * peak_tflops * 1e12);
-    std::printf("%-6d %8zu %6d %10d %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%%\n", W, mats.size(), nsplit, gmax,
-                imb1, ns_s / mean1, *std::max_element(calls.begin(), calls.end()), added / 1e6,
-                (cm.celo2 + added) / cm.zero1_adamw, ns_s * 1e3, 100 * ns_s / step_s);
+    std::printf("%-6d %8lld %6lld %6d %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%%\n", W,
+                static_cast<long long>(cm.ns_matrices), static_cast<long long>(cm.ns_split), cm.ns_group_max,
+                cm.ns_imbalance_unsplit, cm.ns_imbalance, cm.ns_group_calls_max, cm.ns_group_bytes_max / 1e6,
+                worst / cm.zero1_adamw, cm.ns_max_seconds * 1e3, 100 * cm.ns_max_seconds / step_s);
   }
   return 0;
 }

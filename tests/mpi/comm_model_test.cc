@@ -14,7 +14,7 @@ namespace {
 
 std::shared_ptr<Communicator> g_comm;
 
-void check(const RuleConfig& rule, bool gather) {
+void check(const RuleConfig& rule, bool gather, int ns_split = 0) {
   const std::vector<ModelTensor> spec = gpt_tensors(3, 48, 192, 301, 40);
   std::vector<std::vector<float>> p, g;
   EngineOptions eo;
@@ -22,6 +22,7 @@ void check(const RuleConfig& rule, bool gather) {
   eo.opt.theta = Theta::random(rule, 3);
   eo.opt.rules = LabelRules::seed_default();
   eo.gather_params = gather;
+  eo.ns_split = ns_split;
   Engine eng(eo, g_comm);
   std::mt19937 rng(g_comm->rank());
   std::normal_distribution<float> nd;
@@ -37,7 +38,7 @@ void check(const RuleConfig& rule, bool gather) {
   }
   for (size_t i = 0; i < spec.size(); ++i) ASSERT_EQ(eng.label_of(i), spec[i].label) << spec[i].name;
   eng.step();
-  const CommModel model = model_step(spec, rule, g_comm->size(), gather);
+  const CommModel model = model_step(spec, rule, g_comm->size(), gather, ns_split);
   const PhaseStats& st = eng.last_phase_stats();
   double total = 0;
   for (const auto& [phase, want] : model.bytes) {
@@ -48,7 +49,8 @@ void check(const RuleConfig& rule, bool gather) {
     // Integer division in the ring accounting: within a few bytes per rank.
     EXPECT_NEAR(got, want, 8.0 + 1e-9 * want) << phase;
     if (g_comm->rank() == 0)
-      std::printf("W=%d %-14s measured %12.0f B  model %12.0f B\n", g_comm->size(), phase.c_str(), got, want);
+      std::printf("W=%d split=%d %-14s measured %12.0f B  model %12.0f B\n", g_comm->size(), ns_split, phase.c_str(),
+                  got, want);
   }
   if (g_comm->rank() == 0)
     std::printf("W=%d total %.0f B/rank = %.3fx ZeRO-1 AdamW (%.0f B); no-locality all-to-all would be %.0f B\n",
@@ -63,6 +65,15 @@ TEST(CommModel, MatchesTheEngineReturnTrip) {
   check(r, true);
 }
 TEST(CommModel, MatchesTheEngineCelo2Base) { check(RuleConfig::celo2_base(), false); }
+// Newton–Schulz split over groups (celo2/plan.h plan_ns): the blocks' all-to-all, the
+// groups' all-reduces and the matrices' sums of squares, on both return paths.
+TEST(CommModel, MatchesTheEngineSplitInPairs) { check(RuleConfig{}, true, 2); }
+TEST(CommModel, MatchesTheEngineSplitInThrees) { check(RuleConfig{}, true, 3); }
+TEST(CommModel, MatchesTheEngineSplitReturnTrip) {
+  RuleConfig r;
+  r.precondition_output = true;
+  check(r, true, 2);
+}
 
 }  // namespace
 }  // namespace celo2

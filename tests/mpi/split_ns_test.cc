@@ -2,14 +2,19 @@
 // the unsplit newton_schulz to max|err|/RMS <= 1e-5, for groups larger than a matrix's column
 // count (ranks with empty blocks), tall matrices (transposed by the caller), two groups at
 // once (split by colour), and the cost model byte-exact against the communicator's counters.
+// Then the engine's step with its planner's groups (celo2/plan.h plan_ns): splits forced
+// over groups of 2, 3 and every rank, both return paths, bf16 parameters and a trainer that
+// gathers itself, each equal to the unsplit engine; and the planner splitting by cost.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <random>
 
+#include "celo2/engine.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/split_ns.h"
+#include "engine_test_model.h"
 #include "mpi_test_main.h"
 
 namespace celo2 {
@@ -60,10 +65,31 @@ std::vector<float> transpose(const std::vector<float>& x, int64_t rows, int64_t 
   return t;
 }
 
+// max|err|/RMS of the float32 newton_schulz against the float64 one on the same matrix:
+// how far any reordering of float32 sums may move the result (2.0e-5 at 256×1024).
+double float32_error(const RuleConfig& cfg, int64_t rows, int64_t cols, const std::vector<float>& x) {
+  std::vector<float> y = x, scratch;
+  newton_schulz(cfg, rows, cols, y.data(), scratch, NsMethod::kStandard);
+  std::vector<double> d(x.begin(), x.end());
+  newton_schulz_f64(cfg, rows, cols, d.data());
+  double m = 0, s = 0;
+  for (size_t i = 0; i < d.size(); ++i) {
+    m = std::max(m, std::fabs(y[i] - d[i]));
+    s += d[i] * d[i];
+  }
+  return m / std::sqrt(s / static_cast<double>(d.size()));
+}
+
+// The bound of a split result against the unsplit one: 1e-5, or the float32 path's own
+// distance from float64 where that is larger (large matrices).
+double split_bound(const RuleConfig& cfg, int64_t rows, int64_t cols, const std::vector<float>& x) {
+  return std::max(1e-5, float32_error(cfg, rows, cols, x));
+}
+
 TEST(SplitNewtonSchulz, EqualsTheUnsplitIteration) {
   const RuleConfig cfg;
   // (rows, cols) as the tensor has them; tall ones are transposed to the wide orientation.
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 24}, {24, 8}, {16, 5}, {1, 7}, {32, 96}, {3, 2}, {40, 40}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 24}, {24, 8}, {16, 5}, {1, 7}, {32, 96}, {3, 2}, {40, 40}, {256, 1024}};
   for (auto [rows, cols] : shapes) {
     SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols) + " on " + std::to_string(g_comm->size()));
     const std::vector<float> x = matrix(rows, cols, rows * 131 + cols);
@@ -77,7 +103,7 @@ TEST(SplitNewtonSchulz, EqualsTheUnsplitIteration) {
     if (g_comm->rank() == 0)
       std::printf("[W=%d] %lldx%lld split over %d ranks: max|err|/RMS %.2e\n", g_comm->size(),
                   static_cast<long long>(rows), static_cast<long long>(cols), g_comm->size(), worst);
-    EXPECT_LE(worst, 1e-5);
+    EXPECT_LE(worst, rows * cols > 20000 ? split_bound(cfg, rows, cols, x) : 1e-5);
   }
 }
 
@@ -103,6 +129,171 @@ TEST(SplitNewtonSchulz, TwoGroupsAtOnceAndTheCostModel) {
   EXPECT_EQ(bytes, static_cast<int64_t>(model.bytes_per_rank));
   EXPECT_EQ(calls, model.all_reduces);
   EXPECT_LE(worst_over_ranks(err), 1e-5);
+}
+
+// ---- the engine's step with split Newton–Schulz ----
+
+// max|a − b| / RMS(b − start) of the parameter change, over every tensor and rank.
+double update_error(const testing::Model& a, const testing::Model& b, const testing::Model& start, size_t t) {
+  double m = 0, s = 0;
+  for (size_t i = 0; i < b.p[t].size(); ++i) {
+    m = std::max(m, std::fabs(static_cast<double>(a.p[t][i]) - b.p[t][i]));
+    const double d = static_cast<double>(b.p[t][i]) - start.p[t][i];
+    s += d * d;
+  }
+  return m / std::max(std::sqrt(s / std::max<size_t>(1, b.p[t].size())), 1e-30);
+}
+
+struct SplitCase {
+  int split;                 // EngineOptions::ns_split of the split run
+  int variant;               // testing::rule_variant
+  bool gather = true;        // gather_params
+  bool bf16 = false;
+};
+
+// The engine with `c.split` against the same engine with one owner per matrix, 4 steps of
+// the shared test model (matrices across slice boundaries, tall and wide, 2×1 and 3-d/4-d
+// tensors); returns the worst update error over tensors and ranks.
+double split_vs_unsplit(const SplitCase& c, int* split_matrices) {
+  const RuleConfig rule = testing::rule_variant(c.variant);
+  OptimizerOptions o = testing::options();
+  o.rule = rule;
+  o.theta = Theta::random(rule, 11);
+  // Parameters start at zero, so that the first update is stored exactly (p = −lr·u) and
+  // float32 rounding of p − lr·u does not hide or inflate the difference of the updates.
+  testing::Model start(5), runs[2] = {testing::Model(5), testing::Model(5)};
+  for (testing::Model* m : {&start, &runs[0], &runs[1]})
+    for (auto& v : m->p) std::fill(v.begin(), v.end(), 0.0f);
+  double worst = 0;
+  std::vector<std::unique_ptr<Engine>> engines;
+  std::vector<std::unique_ptr<testing::HalfModel>> halves;
+  for (int k = 0; k < 2; ++k) {
+    EngineOptions eo;
+    eo.opt = o;
+    eo.gather_params = c.gather;
+    eo.ns_split = k == 0 ? c.split : 1;
+    engines.push_back(std::make_unique<Engine>(eo, g_comm));
+    if (c.bf16) {
+      halves.push_back(std::make_unique<testing::HalfModel>(runs[k], DType::kBFloat16));
+      halves.back()->register_with(*engines.back(), runs[k]);
+    } else {
+      runs[k].register_with(*engines.back());
+    }
+  }
+  if (c.bf16) halves[0]->to_float(start);
+  for (int step = 0; step < 4; ++step) {
+    for (int k = 0; k < 2; ++k) {
+      runs[k].fill_grads(step, g_comm->rank());
+      engines[k]->step();
+      if (!c.gather) engines[k]->gather_params();
+      if (c.bf16) halves[k]->to_float(runs[k]);
+    }
+    for (size_t t = 0; t < start.p.size(); ++t) {
+      if (c.bf16) {
+        // bf16 parameters: round(master) may fall either side of a rounding boundary, so
+        // one bf16 step of the value (2^-7 of it at most) is allowed on top of the bound.
+        double rms = 0;
+        for (size_t i = 0; i < start.p[t].size(); ++i) rms += std::pow(runs[1].p[t][i] - start.p[t][i], 2);
+        rms = std::sqrt(rms / std::max<size_t>(1, start.p[t].size()));
+        for (size_t i = 0; i < start.p[t].size(); ++i) {
+          const double a = runs[0].p[t][i], b = runs[1].p[t][i];
+          const double beyond = std::fabs(a - b) - std::ldexp(std::max(std::fabs(a), std::fabs(b)), -7);
+          worst = std::max(worst, std::max(0.0, beyond) / std::max(rms, 1e-30));
+        }
+      } else {
+        worst = std::max(worst, update_error(runs[0], runs[1], start, t));
+      }
+    }
+  }
+  const OwnerPlan& plan = engines[0]->owner_plan();
+  *split_matrices = 0;
+  for (size_t i = 0; i < plan.group.size(); ++i)
+    *split_matrices += std::min(plan.group[i], g_comm->size() - plan.owner[i]) > 1;
+  return worst_over_ranks(worst);
+}
+
+TEST(SplitEngine, EqualsTheUnsplitEngine) {
+  const int W = g_comm->size();
+  // (Matrices here are at most 37×24: below the size where float32 itself strays past 1e-5.)
+  const std::vector<SplitCase> cases = {
+      {2, 0},                 // groups of 2 (W odd: the last rank alone owns its matrices)
+      {3, 0},                 // groups of 3: the 2×1 matrix leaves a member an empty block
+      {W + 3, 0},             // larger than the world: every rank in one group
+      {2, 1},                 // Celo2-base: no Newton–Schulz at all (nothing to split)
+      {2, 2},                 // aggregate magnitude, parameter scale
+      {W, 3},                 // preconditioned output: the reverse all-to-all
+      {2, 0, /*gather=*/false},  // a trainer that gathers parameters itself
+      {2, 0, true, /*bf16=*/true},  // bf16 parameters: float32 masters, the reverse path
+  };
+  for (const SplitCase& c : cases) {
+    int split = 0;
+    const double err = split_vs_unsplit(c, &split);
+    if (g_comm->rank() == 0)
+      std::printf("[W=%d] ns_split=%d variant %d gather=%d bf16=%d: %d matrices split, max|err|/RMS of the update %.2e\n",
+                  W, c.split, c.variant, c.gather, c.bf16, split, err);
+    // The split iteration sums partial Gram matrices in another order: float32 rounding,
+    // ≤ 1e-5 of the update. Variant 3 divides the orthogonalized direction by sqrt(v̂) per
+    // element (preconditioned output), which magnifies that difference where v̂ is small
+    // (measured up to 4.2e-5 on 2–5 ranks): bounded there by the golden files' 1e-4.
+    EXPECT_LE(err, c.variant == 3 ? 1e-4 : 1e-5) << "ns_split " << c.split << " variant " << c.variant;
+    if (c.variant != 1) { EXPECT_EQ(split > 0, std::min(c.split, W) > 1) << "ns_split " << c.split; }
+  }
+}
+
+TEST(SplitEngine, ThePlannerSplitsWhereTheLargestMatrixBoundsTheStep) {
+  // One 256×1024 matrix and a few small ones: with one owner the largest matrix is the
+  // step; at W >= 2 the planner gives it a group (its modelled time falls), and the result
+  // equals the unsplit engine's.
+  const int W = g_comm->size();
+  std::vector<std::vector<int64_t>> shapes = {{256, 1024}, {16, 48}, {48, 16}, {64}};
+  std::vector<std::vector<float>> p[2], g;
+  std::normal_distribution<float> nd;
+  for (const auto& sh : shapes) {
+    int64_t n = 1;
+    for (auto d : sh) n *= d;
+    std::vector<float> v(n, 0.0f);  // zero: the first update is stored exactly (as above)
+    p[0].push_back(v);
+    p[1].push_back(v);
+    g.emplace_back(n);
+  }
+  const std::vector<std::vector<float>> start = p[0];
+  std::unique_ptr<Engine> eng[2];
+  for (int k = 0; k < 2; ++k) {
+    EngineOptions eo;
+    eo.opt = testing::options();
+    eo.ns_split = k == 0 ? 0 : 1;
+    eng[k] = std::make_unique<Engine>(eo, g_comm);
+    for (size_t t = 0; t < shapes.size(); ++t)
+      eng[k]->add_tensor("m" + std::to_string(t), shapes[t], p[k][t].data(), g[t].data());
+  }
+  const OwnerPlan& plan = eng[0]->owner_plan();
+  if (W >= 2) {
+    EXPECT_GT(plan.group[0], 1) << "the 256x1024 matrix should be split at W=" << W;
+    EXPECT_LT(plan.imbalance, plan.imbalance_unsplit);
+  }
+  for (size_t i = 1; i < plan.group.size(); ++i) EXPECT_EQ(plan.group[i], 1) << "small matrix " << i;
+  double worst = 0;
+  for (int step = 0; step < 3; ++step) {
+    std::mt19937_64 gr(100 + step);
+    for (auto& v : g)
+      for (auto& x : v) x = nd(gr);
+    for (int k = 0; k < 2; ++k) eng[k]->step();
+    for (size_t t = 0; t < shapes.size(); ++t) {
+      double m = 0, s = 0;
+      for (size_t i = 0; i < start[t].size(); ++i) {
+        m = std::max(m, std::fabs(static_cast<double>(p[0][t][i]) - p[1][t][i]));
+        s += (static_cast<double>(p[1][t][i]) - start[t][i]) * (static_cast<double>(p[1][t][i]) - start[t][i]);
+      }
+      worst = std::max(worst, m / std::sqrt(s / static_cast<double>(start[t].size())));
+    }
+  }
+  worst = worst_over_ranks(worst);
+  const double bound = split_bound(RuleConfig{}, 256, 1024, matrix(256, 1024, 9));
+  if (g_comm->rank() == 0)
+    std::printf("[W=%d] planner: group of the 256x1024 matrix %d, modelled max/mean %.2f (one owner each %.2f), "
+                "max|err|/RMS of the update %.2e (bound %.2e)\n", W, plan.group[0], plan.imbalance,
+                plan.imbalance_unsplit, worst, bound);
+  EXPECT_LE(worst, bound);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include "celo2/config.h"
 #include "celo2/labels.h"
+#include "celo2/plan.h"
 
 namespace celo2 {
 
@@ -30,14 +31,23 @@ struct CommModel {
   double a2a_no_locality = 0;           // the all-to-all if owners ignored where data lives
   double layerwise = 0;                 // whole tensors to owners: reduce + broadcast
   double layerwise_state_imbalance = 1; // max/mean optimizer-state elements per rank
-  double ns_imbalance = 1;              // Newton–Schulz FLOPs max/mean (the engine's owners)
+  double ns_imbalance = 1;              // Newton–Schulz modelled time max/mean (the engine's plan)
+  double ns_imbalance_unsplit = 1;      // ... with one owner per matrix
   int64_t ns_matrices = 0;
+  int64_t ns_split = 0;                 // matrices split over groups of ranks
+  int ns_group_max = 1;                 // the largest group
+  double ns_max_seconds = 0;            // the busiest rank's modelled Newton–Schulz time
+  double ns_group_bytes_max = 0;        // the groups' all-reduce bytes of the busiest rank
+  double ns_group_bytes_mean = 0;       // ... averaged over ranks (in bytes["newton_schulz"])
+  int ns_group_calls_max = 0;           // ... and its all-reduce calls
 };
 
 // `gather_params`: the engine all-gathers parameters (merged return path unless
-// precondition_output).
+// precondition_output). `ns_split` and `ns_model`: the Newton–Schulz planner's inputs
+// (celo2/plan.h plan_ns; the engine's are EngineOptions::ns_split and NsCostModel::cpu()).
 CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int world,
-                     bool gather_params = true);
+                     bool gather_params = true, int ns_split = 0,
+                     const NsCostModel& ns_model = NsCostModel::cpu());
 
 // A GPT-style tensor set (names as a Megatron-like trainer has them): token and position
 // embeddings (adamw), per layer LayerNorms and biases (adamw), qkv/proj/fc1/fc2 (celo2).

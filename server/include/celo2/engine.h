@@ -61,6 +61,10 @@ struct EngineOptions {
   // Floats per bucket of the gradient reduce-scatter and of the parameter all-gather (the
   // engine's only buffers not proportional to its slice).
   int64_t bucket_elements = int64_t{1} << 24;  // 64 MiB of float32
+  // Newton–Schulz groups of the flat plan (celo2/plan.h plan_ns): -1, the CELO2_NS_SPLIT
+  // tunable (unset: 0); 0, chosen by cost; 1, one owner per matrix; g >= 2, every matrix
+  // split over groups of g ranks.
+  int ns_split = -1;
 };
 
 class Backend;
@@ -203,7 +207,11 @@ class Engine : public EngineControl {
   PhaseStats stats_;
   const char* cur_phase_ = nullptr;
   double phase_t0_ = 0;
-  std::map<std::string, int64_t> phase_bytes0_;
+  int64_t phase_bytes0_ = 0;
+  // The Newton–Schulz groups' communicators, by nominal group size (made at the first step
+  // that splits a matrix).
+  std::map<int, std::unique_ptr<Communicator>> ns_groups_;
+  int64_t bytes_sent() const;
 };
 
 }  // namespace celo2

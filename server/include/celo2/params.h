@@ -34,6 +34,7 @@ namespace param {
 enum class Kind {
   kSeconds,  // double: a finite number >= 0
   kPort,     // int: a TCP port 1..65535; unset: 0
+  kInt,      // int: a whole number >= 0; unset: 0
   kBool,     // bool: 1/0, true/false, yes/no, on/off (any case)
   kChoice,   // std::string: one of the entry's choices ("a|b|c")
   kString,   // std::string: any text
@@ -68,6 +69,10 @@ enum class Kind {
   X(ns_method, "CELO2_NS_METHOD", kChoice, "auto", "auto|standard|gram",                          \
     "Newton-Schulz on the CPU: standard (auto) or gram (the Gram iteration with restarts every " \
     "2 iterations, for every matrix; fewer FLOPs on wide matrices, docs/PERF.md)")               \
+  X(ns_split, "CELO2_NS_SPLIT", kInt, "", "",                                                   \
+    "Newton-Schulz groups of the flat plan: unset or 0, chosen by cost (a matrix is split over "  \
+    "a group of ranks only where the largest matrices bound the step); 1, one owner per "        \
+    "matrix; g >= 2, every matrix split over groups of g ranks (tests)")                         \
   X(cpu_isa, "CELO2_CPU_ISA", kChoice, "auto", "auto|avx512|avx2|base",                         \
     "Which copy of the CPU rule's vector loops runs: auto (the best this CPU supports), or one "  \
     "forced (to compare them; a set this CPU lacks is an error at engine start)")                \
@@ -107,6 +112,10 @@ struct ValueOf<Kind::kSeconds> {
 };
 template <>
 struct ValueOf<Kind::kPort> {
+  using type = int;
+};
+template <>
+struct ValueOf<Kind::kInt> {
   using type = int;
 };
 template <>

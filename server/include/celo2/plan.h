@@ -5,7 +5,8 @@
 //
 //   kFlat: even cuts (N·r/W); each Newton–Schulz matrix goes to one owner, largest first, to
 //     the rank that already holds most of it unless that rank is past 1.1x the balanced
-//     load, else to the least-loaded rank (plan_owners).
+//     load, else to the least-loaded rank; or, where the largest matrices bound the step,
+//     to a group of ranks that split it (plan_ns).
 //   kWholeTensors: cuts only at Celo2 tensor boundaries (AdamW and frozen tensors are cut
 //     anywhere: they are element-wise), placed to minimize the worse of the largest rank's
 //     modelled cost and engine memory, each over its mean (binary search on the budget,
@@ -13,6 +14,7 @@
 //     rank holding it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -50,14 +52,89 @@ double slice_bytes_per_element(Label label);
 std::vector<int64_t> plan_cuts(const std::vector<PlanTensor>& tensors, int W, Plan plan);
 
 struct OwnerPlan {
-  std::vector<int> owner;    // per matrix (global order)
-  std::vector<double> load;  // Newton–Schulz FLOPs per rank
-  double imbalance = 1.0;    // max / mean load (1 = perfect)
+  std::vector<int> owner;    // per matrix (global order): its owner, or its group's first rank
+  // per matrix: its group's nominal size g (1: one owner): ranks [owner, min(W, owner + g))
+  std::vector<int> group;
+  std::vector<double> load;  // modelled Newton–Schulz seconds per rank (plan_owners: FLOPs)
+  double imbalance = 1.0;    // max / mean load (1 = perfect; mean = unsplit work / W)
+  double imbalance_unsplit = 1.0;  // the same with one owner per matrix
 };
 
-// Owners of the flat plan's Newton–Schulz matrices. `flat` are the matrices' [lo, hi)
-// ranges in the flat index space, `cuts` the slices (plan_cuts).
-OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
-                      const std::vector<double>& cost, const std::vector<int64_t>& cuts);
+// ---- Newton–Schulz split over groups of ranks (celo2/split_ns.h) ----
+//
+// A matrix's group is an aligned block of ranks: with nominal size g, group q is ranks
+// [q·g, min(W, (q+1)·g)) (the last one may be smaller), so every group of one size comes
+// from one Communicator::split (colour rank / g). Member j of a group of s ranks holds the
+// column block [C·j/s, C·(j+1)/s) of the matrix's wide orientation (r×c, r <= c): for a
+// wide row-major matrix, a column block (one run per row); for a tall one (rows > cols),
+// whose wide orientation is its transpose, a block of whole rows (one run).
+
+// What the planner weighs: seconds of GEMM FLOPs and of the group all-reduces.
+struct NsCostModel {
+  double gemm_flops = 100e9;      // FLOP/s of one rank's Newton–Schulz GEMMs
+  double bus_bytes = 5e9;         // all-reduce bus bandwidth within a node, B/s
+  double bus_bytes_inter = 5e9;   // ... across nodes
+  int ranks_per_node = 1 << 30;   // groups up to this size stay in a node
+  double latency = 20e-6;         // seconds per all-reduce call
+  static NsCostModel cpu();   // the defaults: one CPU rank of a shared-memory MPI job
+  static NsCostModel h200();  // H200-class GPUs, 8 per node (celo2-plan's model, DISTRIBUTED.md)
+};
+
+// The matrices of a step, in flat order: rows × cols of each (row-major) and its flat range.
+struct NsMatrix {
+  int64_t flat_lo = 0;
+  int64_t rows = 0, cols = 0;
+};
+
+// Modelled seconds on each rank of a group of g ranks for one matrix (g = 1: newton_schulz;
+// g > 1: the split iteration plus its all-reduces).
+double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g);
+
+// The flat plan's Newton–Schulz owners and groups. force: 0 = choose by cost (groups only
+// where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,
+// and only where a larger group lowers the matrix's own modelled time); 1 = one owner per
+// matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT).
+// Matrices of one owner are placed as plan_owners places them.
+OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
+                  const NsCostModel& model, int force = 0);
+
+// Member j's block of a matrix split over `size` ranks, and its runs in the flat index space.
+struct NsBlock {
+  int64_t flat_lo = 0, rows = 0, cols = 0;  // the matrix (row-major rows × cols)
+  int size = 1, j = 0;                      // group size, member index
+  bool tall() const { return rows > cols; }
+  int64_t wide_rows() const { return tall() ? cols : rows; }
+  int64_t wide_cols() const { return tall() ? rows : cols; }
+  int64_t c0() const { return wide_cols() * j / size; }
+  int64_t c1() const { return wide_cols() * (j + 1) / size; }
+  int64_t local_cols() const { return c1() - c0(); }
+  int64_t numel() const { return wide_rows() * local_cols(); }
+  // fn(flat index, count, index in the block) for each run of the block inside [lo, hi),
+  // in flat order. The block is stored row-major: wide, r × local_cols(); tall, its rows
+  // [c0, c1) of the matrix (local_cols() × cols, the transpose of the wide block).
+  template <class F>
+  void runs(int64_t lo, int64_t hi, F&& fn) const {
+    const int64_t a = std::max(lo, flat_lo), b = std::min(hi, flat_lo + rows * cols);
+    if (a >= b) return;
+    if (size == 1 || tall()) {
+      const int64_t b0 = flat_lo + (size == 1 ? 0 : c0() * cols), b1 = flat_lo + (size == 1 ? rows * cols : c1() * cols);
+      const int64_t s = std::max(a, b0), e = std::min(b, b1);
+      if (s < e) fn(s, e - s, s - b0);
+      return;
+    }
+    const int64_t k0 = c0(), k1 = c1(), w = k1 - k0;
+    if (w == 0) return;
+    for (int64_t i = (a - flat_lo) / cols; i < rows && flat_lo + i * cols + k0 < b; ++i) {
+      const int64_t r0 = flat_lo + i * cols;
+      const int64_t s = std::max(a, r0 + k0), e = std::min(b, r0 + k1);
+      if (s < e) fn(s, e - s, i * w + (s - r0 - k0));
+    }
+  }
+  int64_t count_in(int64_t lo, int64_t hi) const {
+    int64_t n = 0;
+    runs(lo, hi, [&](int64_t, int64_t k, int64_t) { n += k; });
+    return n;
+  }
+};
 
 }  // namespace celo2

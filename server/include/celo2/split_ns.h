@@ -1,5 +1,5 @@
-// Newton–Schulz of one matrix split over a group of ranks (issue 15's building block; not
-// yet called by the engine's step, whose planner still gives each matrix one owner).
+// Newton–Schulz of one matrix split over a group of ranks: what the engine's step runs for
+// the matrices its planner (celo2/plan.h plan_ns) gives a group of ranks.
 //
 // The matrix is taken in its wide orientation, r×c with r <= c (the engine transposes tall
 // matrices, as newton_schulz does). Rank i of `group` holds the column block X_i (r × c_i,
@@ -22,8 +22,11 @@
 
 namespace celo2 {
 
+// rows_block: x_local holds the transpose of the column block instead (c_local × r,
+// row-major): the rows of a tall matrix, as the engine's blocks of tall matrices are laid
+// out (celo2/plan.h NsBlock); A = X_iᵀX_i and X_i ← aX_i + X_iB then.
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
-                         std::vector<float>& scratch);
+                         std::vector<float>& scratch, bool rows_block = false);
 
 // Bytes each rank sends and all-reduce calls of one newton_schulz_split on g ranks.
 struct SplitNsCost {

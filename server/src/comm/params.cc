@@ -91,6 +91,15 @@ Value parse(const Info& p, const std::string& text) {
         refuse(p, text, "a TCP port (1-65535)");
       return static_cast<int>(v);
     }
+    case Kind::kInt: {
+      if (text.empty()) return 0;
+      char* end = nullptr;
+      errno = 0;
+      const long v = std::strtol(text.c_str(), &end, 10);
+      if (errno != 0 || end == text.c_str() || *end != '\0' || v < 0 || v > (1 << 30))
+        refuse(p, text, "a whole number >= 0");
+      return static_cast<int>(v);
+    }
     case Kind::kBool: {
       const std::string s = lower(text);
       if (s == "1" || s == "true" || s == "yes" || s == "on") return true;
@@ -165,6 +174,8 @@ std::string kind_text(const Info& p) {
       return "seconds";
     case Kind::kPort:
       return "port";
+    case Kind::kInt:
+      return "integer";
     case Kind::kBool:
       return "bool";
     case Kind::kChoice: {

@@ -6,20 +6,19 @@
 #include "celo2/plan.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
+#include "celo2/split_ns.h"
 
 namespace celo2 {
 
 CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int W,
-                     bool gather_params) {
+                     bool gather_params, int ns_split, const NsCostModel& ns_model) {
   CommModel m;
   m.world = W;
   const double f = W > 1 ? static_cast<double>(W - 1) / W : 0.0;
   auto all_reduce = [&](double doubles) { return 2.0 * f * 8.0 * doubles; };
   int64_t N = 0;
-  double stats = 1, sq = 0, small = 0;  // doubles in each all-reduce (+1: p²... per tensor)
-  stats = 0;
-  std::vector<std::pair<int64_t, int64_t>> flat;
-  std::vector<double> cost;
+  double stats = 0, sq = 0, small = 0;  // doubles in each all-reduce
+  std::vector<NsMatrix> mats;
   for (const ModelTensor& t : tensors) {
     const Geometry g = Geometry::of(t.shape);
     if (t.label == Label::kCelo2 && g.numel > 0) {
@@ -28,42 +27,57 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
       const bool ns = cfg.orthogonalize && g.factored;
       small += 1 + (ns ? 0 : g.norm_groups);
       if (ns)
-        for (int64_t k = 0; k < g.norm_groups; ++k) {
-          flat.emplace_back(N + k * g.norm_size, N + (k + 1) * g.norm_size);
-          cost.push_back(newton_schulz_flops(cfg, g.mat_rows, g.mat_cols));
-        }
+        for (int64_t k = 0; k < g.norm_groups; ++k) mats.push_back({N + k * g.norm_size, g.mat_rows, g.mat_cols});
     }
     N += g.numel;
   }
   m.elements = N;
-  m.ns_matrices = static_cast<int64_t>(flat.size());
+  m.ns_matrices = static_cast<int64_t>(mats.size());
   const double bytesN = 4.0 * static_cast<double>(N);
   // the gradient statistics: non-finite count, per-label sums of squares, re-seeded masters
   m.bytes["grads"] = f * bytesN + all_reduce(5);
   m.bytes["stats_reduce"] = all_reduce(stats);
   m.bytes["features"] = cfg.normalize_input ? all_reduce(sq) : 0.0;
   m.bytes["mlp"] = all_reduce(small);
-  // All-to-all: what of each matrix lies outside its owner's slice, averaged over ranks.
-  double moved = 0, ns_elems = 0;
-  if (!flat.empty()) {
+  // All-to-all: what of each member's block lies outside its slice, averaged over ranks;
+  // the groups' all-reduces (split_ns_cost, as the communicators count them).
+  double moved = 0, ns_elems = 0, group_bytes = 0;
+  if (!mats.empty()) {
     std::vector<int64_t> cuts(W + 1);
     for (int k = 0; k <= W; ++k) cuts[k] = N * k / W;
-    const OwnerPlan plan = plan_owners(flat, cost, cuts);
+    const OwnerPlan plan = plan_ns(mats, cuts, cfg, ns_model, ns_split);
     m.ns_imbalance = plan.imbalance;
-    for (size_t i = 0; i < flat.size(); ++i) {
-      const int o = plan.owner[i];
-      const int64_t lo = N * o / W, hi = N * (o + 1) / W;
-      const int64_t inside = std::max<int64_t>(0, std::min(hi, flat[i].second) - std::max(lo, flat[i].first));
-      moved += static_cast<double>(flat[i].second - flat[i].first - inside);
-      ns_elems += static_cast<double>(flat[i].second - flat[i].first);
+    m.ns_imbalance_unsplit = plan.imbalance_unsplit;
+    m.ns_max_seconds = *std::max_element(plan.load.begin(), plan.load.end());
+    std::vector<double> rank_bytes(W, 0.0);
+    std::vector<int> rank_calls(W, 0);
+    for (size_t i = 0; i < mats.size(); ++i) {
+      const int o = plan.owner[i], s = std::min(plan.group[i], W - o);
+      for (int j = 0; j < s; ++j) {
+        const NsBlock b{mats[i].flat_lo, mats[i].rows, mats[i].cols, s, j};
+        moved += static_cast<double>(b.numel() - b.count_in(cuts[o + j], cuts[o + j + 1]));
+      }
+      ns_elems += static_cast<double>(mats[i].rows * mats[i].cols);
+      if (s > 1) {
+        const SplitNsCost sc = split_ns_cost(cfg, std::min(mats[i].rows, mats[i].cols), s);
+        ++m.ns_split;
+        m.ns_group_max = std::max(m.ns_group_max, s);
+        group_bytes += s * sc.bytes_per_rank;
+        for (int j = 0; j < s; ++j) {
+          rank_bytes[o + j] += sc.bytes_per_rank;
+          rank_calls[o + j] += sc.all_reduces;
+        }
+      }
     }
+    m.ns_group_bytes_max = *std::max_element(rank_bytes.begin(), rank_bytes.end());
+    m.ns_group_bytes_mean = group_bytes / W;
+    m.ns_group_calls_max = *std::max_element(rank_calls.begin(), rank_calls.end());
   }
   const bool merged = gather_params && !cfg.precondition_output;
   const double a2a = 4.0 * moved / W;
   m.a2a_no_locality = 4.0 * ns_elems * f;
-  m.bytes["newton_schulz"] = flat.empty() ? 0.0
-      : merged ? a2a
-               : 2.0 * a2a + (cfg.normalize_output ? all_reduce(static_cast<double>(flat.size())) : 0.0);
+  const double sums = cfg.normalize_output && (!merged || m.ns_split > 0) ? all_reduce(static_cast<double>(mats.size())) : 0.0;
+  m.bytes["newton_schulz"] = mats.empty() ? 0.0 : (merged ? a2a : 2.0 * a2a) + sums + group_bytes / W;
   // the gate on non-finite updates (one count), then the update RMS sums
   m.bytes["apply"] = all_reduce(1) + all_reduce(3);
   m.bytes["gather"] = gather_params ? f * bytesN : 0.0;

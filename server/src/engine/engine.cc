@@ -16,6 +16,7 @@
 #include "celo2/newton_schulz.h"
 #include "celo2/params.h"
 #include "celo2/rule.h"
+#include "celo2/split_ns.h"
 #include "celo2/state_file.h"
 #include "celo2/theta_io.h"
 #include "engine_internal.h"
@@ -73,11 +74,15 @@ struct Engine::Entry {
 
 struct Engine::Matrix {
   int entry = 0;
-  int64_t group = 0;
+  int64_t group = 0;       // normalization group of the tensor
   int64_t flat_lo = 0, flat_hi = 0;
-  double cost = 0;
-  int owner = 0;
-  int64_t owned_off = -1;  // offset in mat_buf_ if this rank owns it
+  int64_t rows = 0, cols = 0;
+  int owner = 0;           // the owner, or the first rank of its group
+  int ranks = 1;           // ranks in its group (1: one owner)
+  int nominal = 1;         // the group's nominal size (its communicator: colour rank / nominal)
+  int member = -1;         // this rank's index in the group, or -1
+  int64_t owned_off = -1;  // offset of this rank's block in mat_buf_ if it is a member
+  NsBlock block(int j) const { return NsBlock{flat_lo, rows, cols, ranks, j}; }
 };
 
 namespace {
@@ -298,33 +303,38 @@ void Engine::build_plan() {
       m.group = k;
       m.flat_lo = e.offset + k * e.geo.norm_size;
       m.flat_hi = m.flat_lo + e.geo.norm_size;
-      m.cost = newton_schulz_flops(cfg, e.geo.mat_rows, e.geo.mat_cols);
+      m.rows = e.geo.mat_rows;
+      m.cols = e.geo.mat_cols;
       matrices_.push_back(m);
     }
   }
   {
-    std::vector<std::pair<int64_t, int64_t>> flat;
-    std::vector<double> cost;
-    for (const auto& m : matrices_) {
-      flat.emplace_back(m.flat_lo, m.flat_hi);
-      cost.push_back(m.cost);
+    std::vector<NsMatrix> ns;
+    for (const auto& m : matrices_) ns.push_back({m.flat_lo, m.rows, m.cols});
+    const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
+    owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force);
+    for (size_t i = 0; i < matrices_.size(); ++i) {
+      Matrix& m = matrices_[i];
+      m.owner = owners_.owner[i];
+      m.nominal = owners_.group[i];
+      m.ranks = std::min(m.nominal, W - m.owner);
+      m.member = r >= m.owner && r < m.owner + m.ranks ? r - m.owner : -1;
     }
-    owners_ = plan_owners(flat, cost, cuts_);
-    for (size_t i = 0; i < matrices_.size(); ++i) matrices_[i].owner = owners_.owner[i];
   }
-  // All-to-all layout: send grouped by destination, then matrix order; receive grouped by
-  // source, then matrix order. The reverse exchange uses the same layouts swapped.
+  // All-to-all layout: send grouped by destination, then matrix order (each member of a
+  // matrix's group gets its block, celo2/plan.h NsBlock); receive grouped by source, then
+  // matrix order. The reverse exchange uses the same layouts swapped.
   a2a_send_counts_.assign(W, 0);
   a2a_recv_counts_.assign(W, 0);
   owned_floats_ = 0;
   for (auto& m : matrices_) {
-    int64_t lo = 0;
-    a2a_send_counts_[m.owner] += overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
+    for (int j = 0; j < m.ranks; ++j) a2a_send_counts_[m.owner + j] += m.block(j).count_in(my_lo_, my_hi_);
     m.owned_off = -1;
-    if (m.owner == r) {
+    if (m.member >= 0) {
+      const NsBlock b = m.block(m.member);
       m.owned_off = owned_floats_;
-      owned_floats_ += m.flat_hi - m.flat_lo;
-      for (int s = 0; s < W; ++s) a2a_recv_counts_[s] += overlap(m.flat_lo, m.flat_hi, cut(s), cut(s + 1), &lo);
+      owned_floats_ += b.numel();
+      for (int s = 0; s < W; ++s) a2a_recv_counts_[s] += b.count_in(cut(s), cut(s + 1));
     }
   }
   // Parameter all-gather pieces: each rank's slice without the Newton–Schulz matrices, plus
@@ -351,7 +361,10 @@ void Engine::build_plan() {
     }
     if (merged_)
       for (const Matrix& m : matrices_)
-        if (m.owner == k) add_piece(m.entry, m.flat_lo - entries_[m.entry]->offset, m.flat_hi - m.flat_lo);
+        if (k >= m.owner && k < m.owner + m.ranks)
+          m.block(k - m.owner).runs(m.flat_lo, m.flat_hi, [&](int64_t flat, int64_t n, int64_t) {
+            add_piece(m.entry, flat - entries_[m.entry]->offset, n);
+          });
   }
   grad_local_->reset();
   u_local_->reset();
@@ -368,21 +381,24 @@ const OwnerPlan& Engine::owner_plan() {
   return owners_;
 }
 
+// Bytes this rank has sent, over the world and the Newton–Schulz groups.
+int64_t Engine::bytes_sent() const {
+  int64_t b = 0;
+  for (const auto& [op, c] : comm_->counters()) b += c.bytes;
+  for (const auto& [g, sub] : ns_groups_)
+    for (const auto& [op, c] : sub->counters()) b += c.bytes;
+  return b;
+}
+
 void Engine::phase_begin(const char* name) {
   cur_phase_ = name;
   phase_t0_ = now_s();
-  phase_bytes0_.clear();
-  for (const auto& [op, c] : comm_->counters()) phase_bytes0_[op] = c.bytes;
+  phase_bytes0_ = bytes_sent();
 }
 
 void Engine::phase_end() {
   stats_.seconds[cur_phase_] += now_s() - phase_t0_;
-  int64_t b = 0;
-  for (const auto& [op, c] : comm_->counters()) {
-    auto it = phase_bytes0_.find(op);
-    b += c.bytes - (it == phase_bytes0_.end() ? 0 : it->second);
-  }
-  stats_.bytes[cur_phase_] += b;
+  stats_.bytes[cur_phase_] += bytes_sent() - phase_bytes0_;
 }
 
 StepReport Engine::step(const std::vector<uint8_t>* has_grad) {
@@ -749,91 +765,123 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   }
   phase_end();
 
-  // 7b. Newton–Schulz at the owners.
+  // 7b. Newton–Schulz at the owners, or split over their groups (celo2/split_ns.h).
   std::vector<double> mat_sq(matrices_.size(), 0.0);
+  // This rank's blocks: (matrix, offset in mat_buf_), in matrix order.
+  std::vector<size_t> mine_idx;
+  for (size_t i = 0; i < matrices_.size(); ++i)
+    if (matrices_[i].member >= 0 && !skip_[matrices_[i].entry]) mine_idx.push_back(i);
   if (!matrices_.empty()) {
     phase_begin("newton_schulz");
     auto cut = [&](int k) { return cuts_[k]; };
-    // This rank's pieces of the matrices, in the send layout: by destination (owner), then
-    // matrix order. fn(offset in u_local_, count, offset in send_buf_).
+    // This rank's pieces of the matrices, in the send layout: by destination (a member of
+    // the matrix's group), then matrix order, then flat order. fn(offset in u_local_,
+    // count, offset in send_buf_).
     auto walk_mine = [&](auto fn) {
       std::vector<int64_t> pos(W, 0);
       for (int d = 1; d < W; ++d) pos[d] = pos[d - 1] + a2a_send_counts_[d - 1];
-      for (const Matrix& m : matrices_) {
-        int64_t lo = 0;
-        const int64_t n = overlap(m.flat_lo, m.flat_hi, my_lo_, my_hi_, &lo);
-        if (!n) continue;
-        fn(lo - my_lo_, n, pos[m.owner]);
-        pos[m.owner] += n;
-      }
+      for (const Matrix& m : matrices_)
+        for (int j = 0; j < m.ranks; ++j)
+          m.block(j).runs(my_lo_, my_hi_, [&](int64_t flat, int64_t n, int64_t) {
+            fn(flat - my_lo_, n, pos[m.owner + j]);
+            pos[m.owner + j] += n;
+          });
     };
     walk_mine([&](int64_t local, int64_t n, int64_t pos) {
       std::memcpy(send_buf_.data() + pos, U + local, n * sizeof(float));
     });
     comm_->all_to_all_v(send_buf_.data(), a2a_send_counts_, recv_buf_.data(), a2a_recv_counts_);
-    // Unpack into whole matrices (by source, then matrix order), orthogonalize, pack back.
+    // Unpack into this rank's blocks (by source, then matrix order), orthogonalize, pack back.
+    // fn(offset in mat_buf_, count, offset in recv_buf_).
     auto walk_owned = [&](auto fn) {
       int64_t pos = 0;
       for (int s = 0; s < W; ++s)
         for (const Matrix& m : matrices_) {
-          if (m.owner != me) continue;
-          int64_t lo = 0;
-          const int64_t n = overlap(m.flat_lo, m.flat_hi, cut(s), cut(s + 1), &lo);
-          if (!n) continue;
-          fn(m, lo - m.flat_lo, n, pos);
-          pos += n;
+          if (m.member < 0) continue;
+          m.block(m.member).runs(cut(s), cut(s + 1), [&](int64_t, int64_t n, int64_t at) {
+            fn(m.owned_off + at, n, pos);
+            pos += n;
+          });
         }
     };
-    walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
-      std::memcpy(mat_buf_.data() + m.owned_off + at, recv_buf_.data() + pos, n * sizeof(float));
+    walk_owned([&](int64_t at, int64_t n, int64_t pos) {
+      std::memcpy(mat_buf_.data() + at, recv_buf_.data() + pos, n * sizeof(float));
     });
-    std::vector<size_t> mine_idx;
-    for (size_t i = 0; i < matrices_.size(); ++i)
-      if (matrices_[i].owner == me) mine_idx.push_back(i);
-    // Owners orthogonalize. On the merged path they also finish the step and update the
-    // parameters of the whole matrix (parameters are replicated), which reach every rank
-    // through the parameter all-gather.
-#pragma omp parallel if (mine_idx.size() > 1)
+    // Whole matrices on their owners (threads over matrices); then the split ones, in matrix
+    // order on every member (their all-reduces are collectives of the group).
+    std::vector<size_t> whole_idx, split_idx;
+    for (size_t i : mine_idx) (matrices_[i].ranks == 1 ? whole_idx : split_idx).push_back(i);
+    auto block_sumsq = [&](size_t i) {
+      const Matrix& m = matrices_[i];
+      Slice s;
+      s.lo = 0;
+      s.hi = m.block(m.member).numel();
+      s.u = mat_buf_.data() + m.owned_off;
+      phase_output_sumsq(entries_[m.entry]->geo, s, &mat_sq[i], 0);
+    };
+#pragma omp parallel if (whole_idx.size() > 1)
     {
       std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-      for (size_t t = 0; t < mine_idx.size(); ++t) {
-        const Matrix& m = matrices_[mine_idx[t]];
-        const Entry& e = *entries_[m.entry];
-        if (skip_[m.entry]) continue;  // no gradient this step: its parameters stay as they are
-        float* x = mat_buf_.data() + m.owned_off;
-        newton_schulz(cfg, e.geo.mat_rows, e.geo.mat_cols, x, scratch);
-        Slice s;
-        s.lo = 0;
-        s.hi = e.geo.norm_size;
-        s.u = x;
-        if (cfg.normalize_output) phase_output_sumsq(e.geo, s, &mat_sq[mine_idx[t]], 0);
-        if (merged_) {
-          const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
-          phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
-        }
+      for (size_t t = 0; t < whole_idx.size(); ++t) {
+        const Matrix& m = matrices_[whole_idx[t]];
+        newton_schulz(cfg, m.rows, m.cols, mat_buf_.data() + m.owned_off, scratch);
+        if (cfg.normalize_output) block_sumsq(whole_idx[t]);
+      }
+    }
+    bool any_split = false;
+    for (const Matrix& m : matrices_) any_split = any_split || m.ranks > 1;
+    if (any_split) {
+      // One communicator per nominal group size, made in the same order on every rank.
+      for (const Matrix& m : matrices_)
+        if (m.ranks > 1 && !ns_groups_.count(m.nominal)) ns_groups_[m.nominal] = comm_->split(me / m.nominal, me);
+      std::vector<float> scratch;
+      for (size_t i : split_idx) {
+        const Matrix& m = matrices_[i];
+        const NsBlock b = m.block(m.member);
+        newton_schulz_split(cfg, b.wide_rows(), b.local_cols(), mat_buf_.data() + m.owned_off,
+                            *ns_groups_.at(m.nominal), scratch, b.tall());
+        if (cfg.normalize_output) block_sumsq(i);
       }
     }
     if (!merged_) {
-      walk_owned([&](const Matrix& m, int64_t at, int64_t n, int64_t pos) {
-        std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + m.owned_off + at, n * sizeof(float));
+      walk_owned([&](int64_t at, int64_t n, int64_t pos) {
+        std::memcpy(recv_buf_.data() + pos, mat_buf_.data() + at, n * sizeof(float));
       });
       comm_->all_to_all_v(recv_buf_.data(), a2a_recv_counts_, send_buf_.data(), a2a_send_counts_);
       walk_mine([&](int64_t local, int64_t n, int64_t pos) {
         std::memcpy(U + local, send_buf_.data() + pos, n * sizeof(float));
       });
-      if (cfg.normalize_output)
-        comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
+    }
+    // The matrices' sums of squares: summed over ranks where the slices finish the step
+    // (members' blocks are partial sums; everyone else adds zeros), and over the groups
+    // where members finish their blocks.
+    if (cfg.normalize_output && (!merged_ || any_split))
+      comm_->all_reduce_sum(mat_sq.data(), static_cast<int64_t>(mat_sq.size()));
+    // On the merged path members finish the step and update the parameters of their
+    // blocks (parameters are replicated), which reach every rank through the parameter
+    // all-gather.
+    if (merged_) {
+#pragma omp parallel for schedule(dynamic, 1) if (mine_idx.size() > 1)
+      for (size_t t = 0; t < mine_idx.size(); ++t) {
+        const Matrix& m = matrices_[mine_idx[t]];
+        const Entry& e = *entries_[m.entry];
+        const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
+        Slice s;
+        s.lo = 0;
+        s.hi = m.block(m.member).numel();
+        s.u = mat_buf_.data() + m.owned_off;
+        phase_finish(cfg, e.geo, sc[k], s, &mat_sq[mine_idx[t]]);
+      }
     }
     phase_end();
   }
 
   // 8. Output normalization, the gate on non-finite updates, and the update, locally (the
-  // merged path's owners update their whole matrices).
+  // merged path's members update their blocks).
   phase_begin("apply");
   std::vector<size_t> owned;
-  for (size_t i = 0; i < matrices_.size(); ++i)
-    if (merged_ && matrices_[i].owner == me && !skip_[matrices_[i].entry]) owned.push_back(i);
+  if (merged_) owned = mine_idx;
   double bad = 0;
   {
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : bad) if (items.size() > 1)
@@ -850,7 +898,8 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   }
   for (size_t i : owned) {
     double sq = 0;
-    backend_->grad_stats(mat_buf_.data() + matrices_[i].owned_off, entries_[matrices_[i].entry]->geo.norm_size, &bad, &sq);
+    const Matrix& m = matrices_[i];
+    backend_->grad_stats(mat_buf_.data() + m.owned_off, m.block(m.member).numel(), &bad, &sq);
   }
   const NanAction act = check_updates(bad, rep);
   if (act == NanAction::kSkip) {
@@ -863,10 +912,12 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   for (size_t t = 0; t < owned.size(); ++t) {
     const Matrix& m = matrices_[owned[t]];
     const Entry& e = *entries_[m.entry];
+    const NsBlock b = m.block(m.member);
     float* x = mat_buf_.data() + m.owned_off;
-    if (zero) backend_->zero_nonfinite(x, e.geo.norm_size);
-    usq0 += apply_update(group_lr(lr, e.group), group_wd(o, e.group), e.geo.norm_size,
-                         e.params + m.group * e.geo.norm_size, x);
+    if (zero) backend_->zero_nonfinite(x, b.numel());
+    b.runs(m.flat_lo, m.flat_hi, [&](int64_t flat, int64_t n, int64_t at) {
+      usq0 += apply_update(group_lr(lr, e.group), group_wd(o, e.group), n, e.params + (flat - e.offset), x + at);
+    });
   }
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : usq0) if (items.size() > 1)
   for (size_t it = 0; it < items.size(); ++it) {
@@ -921,12 +972,19 @@ std::string Engine::plan_report() {
   const int W = comm_->size();
   s << "world size " << W << ", " << total_ << " elements, slice of rank " << comm_->rank()
     << ": [" << my_lo_ << ", " << my_hi_ << ")\n";
-  s << "Newton–Schulz: " << matrices_.size() << " matrices, owner load imbalance (max/mean) "
-    << owners_.imbalance << "\n";
+  int split = 0;
+  for (const Matrix& m : matrices_) split += m.ranks > 1;
+  s << "Newton–Schulz: " << matrices_.size() << " matrices (" << split
+    << " split over groups of ranks), load imbalance (max/mean) " << owners_.imbalance << " (one owner each: "
+    << owners_.imbalance_unsplit << ")\n";
   for (int r = 0; r < W; ++r) {
-    int n = 0;
-    for (int o : owners_.owner) n += o == r;
-    s << "  rank " << r << ": " << n << " matrices, " << owners_.load[r] / 1e9 << " GFLOP\n";
+    int n = 0, b = 0;
+    for (const Matrix& m : matrices_) {
+      n += m.ranks == 1 && m.owner == r;
+      b += m.ranks > 1 && r >= m.owner && r < m.owner + m.ranks;
+    }
+    s << "  rank " << r << ": " << n << " matrices, " << b << " blocks of split ones, modelled "
+      << owners_.load[r] * 1e3 << " ms\n";
   }
   if (!stats_.seconds.empty()) {
     s << "last step, per phase (seconds, bytes sent by this rank):\n";

@@ -9,6 +9,7 @@
 
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
+#include "celo2/split_ns.h"
 
 namespace celo2 {
 
@@ -120,46 +121,121 @@ std::vector<int64_t> plan_cuts(const std::vector<PlanTensor>& tensors, int W, Pl
   return cuts;
 }
 
-OwnerPlan plan_owners(const std::vector<std::pair<int64_t, int64_t>>& flat,
-                      const std::vector<double>& cost, const std::vector<int64_t>& cuts) {
+NsCostModel NsCostModel::cpu() { return NsCostModel{}; }
+
+NsCostModel NsCostModel::h200() {
+  NsCostModel m;
+  m.gemm_flops = 400e12;      // TF32 / float32-accumulate GEMMs
+  m.bus_bytes = 360e9;        // NVLink all-reduce bus bandwidth
+  m.bus_bytes_inter = 50e9;   // InfiniBand, 400 Gb/s per GPU
+  m.ranks_per_node = 8;
+  m.latency = 15e-6;
+  return m;
+}
+
+double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g) {
+  if (g <= 1) return newton_schulz_flops(cfg, rows, cols) / model.gemm_flops;
+  const double r = static_cast<double>(std::min(rows, cols)), c = static_cast<double>(std::max(rows, cols));
+  const double flops = cfg.ns_iters * (4.0 * r * r * c / g + 2.0 * r * r * r);
+  const SplitNsCost sc = split_ns_cost(cfg, std::min(rows, cols), g);
+  const double bw = g <= model.ranks_per_node ? model.bus_bytes : model.bus_bytes_inter;
+  return flops / model.gemm_flops + sc.bytes_per_rank / bw + sc.all_reduces * model.latency;
+}
+
+OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
+                  const NsCostModel& model, int force) {
   const int W = static_cast<int>(cuts.size()) - 1;
-  auto cut = [&](int k) { return cuts[k]; };
-  std::vector<size_t> order(flat.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return cost[a] > cost[b]; });
-  double total_cost = 0, max_cost = 0;
-  for (double c : cost) {
-    total_cost += c;
-    max_cost = std::max(max_cost, c);
-  }
-  constexpr double kOwnerSlack = 1.10;
-  const double capacity = std::max(kOwnerSlack * total_cost / W, max_cost);
-  OwnerPlan plan;
-  plan.load.assign(W, 0.0);
-  plan.owner.assign(flat.size(), 0);
-  for (size_t idx : order) {
-    // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
-    const int first = static_cast<int>(std::min<int64_t>(
-        W - 1, std::upper_bound(cuts.begin(), cuts.end(), flat[idx].first) - cuts.begin() - 1));
-    int best = -1;
-    int64_t best_overlap = 0;
-    for (int k = std::max(0, first - 1); k < W && cut(k) < flat[idx].second; ++k) {
-      int64_t lo = 0;
-      const int64_t ov = overlap(flat[idx].first, flat[idx].second, cut(k), cut(k + 1), &lo);
-      if (ov > best_overlap && plan.load[k] + cost[idx] <= capacity) {
-        best = k;
-        best_overlap = ov;
+  if (W < 1) throw std::invalid_argument("plan_ns: no ranks");
+  if (force < 0) throw std::invalid_argument("plan_ns: negative group size " + std::to_string(force));
+  const size_t n = mats.size();
+  std::vector<double> t1(n);
+  double total1 = 0;
+  for (size_t i = 0; i < n; ++i) total1 += t1[i] = ns_time(cfg, model, mats[i].rows, mats[i].cols, 1);
+  const double mean = total1 / W;
+  auto time_in = [&](size_t i, int s) { return s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s); };
+  // Places every matrix for nominal group sizes g: largest per-rank time first; one owner
+  // where it holds most of the matrix unless past 1.1x the balanced load, else the
+  // least-loaded rank; a group on the aligned block whose busiest member is least busy.
+  auto pack = [&](const std::vector<int>& g) {
+    OwnerPlan p;
+    p.load.assign(W, 0.0);
+    p.owner.assign(n, 0);
+    p.group.assign(n, 1);
+    std::vector<double> t(n);
+    double work = 0, tmax = 0;
+    for (size_t i = 0; i < n; ++i) {
+      t[i] = time_in(i, g[i]);
+      work += t[i] * g[i];
+      tmax = std::max(tmax, t[i]);
+    }
+    std::vector<size_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return t[a] > t[b]; });
+    constexpr double kOwnerSlack = 1.10;
+    const double capacity = std::max(kOwnerSlack * work / W, tmax);
+    for (size_t i : order) {
+      const int64_t lo_i = mats[i].flat_lo, hi_i = lo_i + mats[i].rows * mats[i].cols;
+      if (g[i] <= 1) {
+        // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
+        const int first = static_cast<int>(std::min<int64_t>(
+            W - 1, std::upper_bound(cuts.begin(), cuts.end(), lo_i) - cuts.begin() - 1));
+        int best = -1;
+        int64_t best_overlap = 0;
+        for (int k = std::max(0, first - 1); k < W && cuts[k] < hi_i; ++k) {
+          int64_t lo = 0;
+          const int64_t ov = overlap(lo_i, hi_i, cuts[k], cuts[k + 1], &lo);
+          if (ov > best_overlap && p.load[k] + t[i] <= capacity) {
+            best = k;
+            best_overlap = ov;
+          }
+        }
+        if (best < 0) best = static_cast<int>(std::min_element(p.load.begin(), p.load.end()) - p.load.begin());
+        p.owner[i] = best;
+        p.load[best] += t[i];
+        continue;
+      }
+      int best_q = 0;
+      double best_score = 0;
+      for (int q = 0; q * g[i] < W; ++q) {
+        const int a = q * g[i], b = std::min(W, a + g[i]);
+        if (force >= 2 && q > 0 && b - a < g[i]) break;  // forced: full groups only
+        const double busiest = *std::max_element(p.load.begin() + a, p.load.begin() + b);
+        const double score = busiest + time_in(i, b - a);
+        if (q == 0 || score < best_score) {
+          best_q = q;
+          best_score = score;
+        }
+      }
+      const int a = best_q * g[i], b = std::min(W, a + g[i]);
+      p.owner[i] = a;
+      p.group[i] = b - a > 1 ? g[i] : 1;  // nominal size (a last block of one rank: an owner)
+      for (int k = a; k < b; ++k) p.load[k] += time_in(i, b - a);
+    }
+    p.imbalance = mean > 0 ? *std::max_element(p.load.begin(), p.load.end()) / mean : 1.0;
+    return p;
+  };
+  std::vector<int> g(n, force >= 2 ? std::min(force, W) : 1);
+  OwnerPlan best = pack(g);
+  const double unsplit = force >= 2 ? pack(std::vector<int>(n, 1)).imbalance : best.imbalance;
+  if (force == 0 && W > 1) {
+    // While the largest per-rank times bound the step, the matrix with the largest per-rank
+    // time doubles its group if that lowers its own time; the best packing seen is kept.
+    for (int round = 0; round < 4096 && best.imbalance > 1.1; ++round) {
+      size_t pick = n;
+      for (size_t i = 0; i < n; ++i)
+        if (g[i] * 2 <= W && time_in(i, g[i] * 2) < time_in(i, g[i]) &&
+            (pick == n || time_in(i, g[i]) > time_in(pick, g[pick])))
+          pick = i;
+      if (pick == n) break;  // no matrix gains from a larger group
+      g[pick] *= 2;
+      OwnerPlan p = pack(g);
+      if (p.imbalance < best.imbalance) {
+        best = std::move(p);
       }
     }
-    if (best < 0)
-      best = static_cast<int>(std::min_element(plan.load.begin(), plan.load.end()) - plan.load.begin());
-    plan.owner[idx] = best;
-    plan.load[best] += cost[idx];
   }
-  plan.imbalance = total_cost > 0
-      ? *std::max_element(plan.load.begin(), plan.load.end()) / (total_cost / W)
-      : 1.0;
-  return plan;
+  best.imbalance_unsplit = unsplit;
+  return best;
 }
 
 }  // namespace celo2

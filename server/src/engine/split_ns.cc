@@ -12,7 +12,7 @@
 namespace celo2 {
 
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
-                         std::vector<float>& scratch) {
+                         std::vector<float>& scratch, bool rows_block) {
   if (r <= 0) return;
   if (c_local < 0) throw std::invalid_argument("newton_schulz_split: negative column count");
   const size_t rc = static_cast<size_t>(r * c_local), rr = static_cast<size_t>(r * r);
@@ -31,7 +31,9 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   float* X = x_local;
   for (int it = 0; it < cfg.ns_iters; ++it) {
     // This rank's part of A = X Xᵀ, summed over the group in double.
-    if (C > 0) {
+    if (C > 0 && rows_block) {
+      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, R, C, 1.0f, X, R, 0.0f, A, R);
+    } else if (C > 0) {
       cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, R, C, 1.0f, X, C, 0.0f, A, R);
     } else {
       std::fill(A, A + rr, 0.0f);
@@ -45,7 +47,14 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
             static_cast<float>(sum[static_cast<size_t>(i) * R + j]);
     ns_polynomial(cfg, r, A, B);
     if (C == 0) continue;
-    ns_apply_polynomial(cfg, r, c_local, B, X, Y);
+    if (rows_block) {
+      // Y = a·X + X·B (B symmetric): the transpose of a·Xᵀ + B·Xᵀ.
+      const float a = static_cast<float>(cfg.ns_coeffs[0]);
+      for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, B, R, 1.0f, Y, R);
+    } else {
+      ns_apply_polynomial(cfg, r, c_local, B, X, Y);
+    }
     std::memcpy(X, Y, rc * sizeof(float));
   }
 }
