@@ -244,6 +244,37 @@ class TorchCommunicator:
     def barrier(self):
         self._run("barrier", self._dist.barrier, group=self._group)
 
+    def split(self, color, key):
+        """Collective: a TorchCommunicator for the ranks of this one's that pass the same
+        ``color`` (the engine's Newton–Schulz groups). torch.distributed.new_group must be
+        called by every process for every group, so every rank's (colour, key) is gathered
+        first and the groups are made in colour order; within a group ranks keep this
+        communicator's order (torch orders a group by global rank; ``key`` must not reorder
+        them). Needs this communicator to span every process."""
+        dist, torch = self._dist, self._torch
+        if self._size != dist.get_world_size():
+            raise RuntimeError("TorchCommunicator.split needs a communicator over every process "
+                               f"({self._size} of {dist.get_world_size()})")
+        both = torch.zeros(2 * self._size, dtype=torch.float64)
+        both[2 * self._rank] = float(color)
+        both[2 * self._rank + 1] = float(key)
+        self._run("split", dist.all_reduce, both, group=self._group)
+        colors = [int(both[2 * r]) for r in range(self._size)]
+        keys = [int(both[2 * r + 1]) for r in range(self._size)]
+        mine = None
+        for c in sorted(set(colors)):
+            members = [r for r in range(self._size) if colors[r] == c]
+            if [keys[r] for r in members] != sorted(keys[r] for r in members):
+                raise ValueError(f"TorchCommunicator.split: keys {[keys[r] for r in members]} of colour {c} "
+                                 "reorder the ranks; torch groups keep global-rank order")
+            timeout = datetime.timedelta(seconds=self._timeout_s) if self._timeout_s and self._timeout_s > 0 else _NO_LIMIT
+            group = dist.new_group(ranks=[self._global[r] for r in members], backend="gloo", timeout=timeout)
+            if c == color:
+                mine = group
+        sub = TorchCommunicator(group=mine)
+        sub._timeout_s = self._timeout_s
+        return sub
+
 
 def _init_torch_from_env(info: RankInfo):
     dist = _torch_dist()

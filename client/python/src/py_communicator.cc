@@ -104,6 +104,20 @@ void PyCommunicator::all_to_all_v(const float* send, const std::vector<int64_t>&
   });
 }
 
+std::unique_ptr<Communicator> PyCommunicator::split(int color, int key) {
+  py::object sub;
+  {
+    py::gil_scoped_acquire gil;
+    if (!py::hasattr(impl_, "split")) return Communicator::split(color, key);  // UnsupportedError
+  }
+  count("split", 0);
+  call("split", [&] { sub = impl_.attr("split")(color, key); });
+  py::gil_scoped_acquire gil;
+  auto out = std::make_unique<PyCommunicator>(sub);
+  sub = py::object();
+  return out;
+}
+
 void PyCommunicator::broadcast(void* data, int64_t bytes, int root) {
   count("broadcast", rank_ == root ? bytes : 0);
   if (size_ == 1 || bytes == 0) return;

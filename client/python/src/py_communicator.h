@@ -43,6 +43,8 @@ class PyCommunicator : public Communicator {
                     const std::vector<int64_t>& recv_counts) override;
   void broadcast(void* data, int64_t bytes, int root) override;
   void barrier() override;
+  // The Python object's split(color, key), when it has one (TorchCommunicator does).
+  std::unique_ptr<Communicator> split(int color, int key) override;
 
  private:
   template <class F>

@@ -113,6 +113,27 @@ class Nccl final : public NcclCommunicator {
     for (cudaEvent_t& e : done_) CELO2_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     timeout_ = comm_timeout_seconds();
   }
+  // A communicator of ranks of `parent` (Communicator::split): ncclCommSplit's result, on
+  // the parent's device, with the parent's timeout and a stream of its own.
+  Nccl(const Nccl& parent, ncclComm_t sub) : info_(parent.info_), bootstrap_("split"), device_(parent.device_), comm_(sub) {
+    CELO2_NCCL_CHECK(ncclCommUserRank(comm_, &info_.rank));
+    CELO2_NCCL_CHECK(ncclCommCount(comm_, &info_.size));
+    CELO2_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    for (cudaEvent_t& e : ready_) CELO2_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (cudaEvent_t& e : done_) CELO2_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    timeout_ = parent.timeout_;
+  }
+  // Collective over this communicator: ranks of one colour form a communicator, ordered by
+  // key (NCCL's ncclCommSplit: the Newton–Schulz groups, celo2/plan.h).
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    alive();
+    if (color < 0) throw CommError("NCCL communicator: split colour must be >= 0 (got " + std::to_string(color) + ")");
+    count("split", 0);
+    ncclComm_t sub = nullptr;
+    CELO2_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+    if (!sub) throw CommError("NCCL communicator: ncclCommSplit returned no communicator");
+    return std::make_unique<Nccl>(*this, sub);
+  }
   ~Nccl() override {
     // Teardown errors are ignored on purpose: a destructor must not throw.
     if (stream_) cudaStreamSynchronize(stream_);
