@@ -29,7 +29,9 @@
 #include "celo2/comm_model.h"
 #include "celo2/cuda/check.h"
 #include "celo2/cuda/rule_cuda.h"
+#include "celo2/newton_schulz.h"
 #include "celo2/plan.h"
+#include "ns_bench.h"  // ns_input, normalized_err: the CPU table's inputs and measure
 #if CELO2_BENCH_ENGINE
 #include <chrono>
 
@@ -183,6 +185,9 @@ int main(int argc, char** argv) {
   app.add_option("--ranks", ranks, "World sizes whose per-rank compute share is timed (the whole-tensor plan)");
   app.add_option("--engine", engine, "Also time the whole engine step on its cuda backend");
   app.add_option("--out", out_dir, "Directory for the JSON and CSV (default $OUT or ./celo2-bench-gpu-out)");
+  bool ns_error = true;
+  app.add_option("--ns-error", ns_error,
+                 "Also measure each precision's Newton-Schulz error against float64 (CPU) at the GPT-3 XL shapes");
   CLI11_PARSE(app, argc, argv);
   if (out_dir.empty()) {
     const char* o = std::getenv("OUT");
@@ -344,6 +349,39 @@ int main(int argc, char** argv) {
       J["engine"]["float32"] = r;
     }
 #endif
+
+    if (ns_error) {
+      // The precision table of docs/PERF.md ("Gram Newton–Schulz"): per shape and input,
+      // each precision's result against the float64 standard iteration on the CPU, after
+      // the output normalization (max|err| / RMS; the golden files' tolerance is 1e-4).
+      const std::vector<std::pair<int64_t, int64_t>> shapes =
+          quick ? std::vector<std::pair<int64_t, int64_t>>{{256, 512}, {512, 256}}
+                : std::vector<std::pair<int64_t, int64_t>>{{2048, 2048}, {2048, 6144}, {2048, 8192}, {8192, 2048}};
+      std::printf("\nNewton-Schulz error vs float64 (after output normalization, max|err|/RMS):\n%-11s %-9s",
+                  "shape", "input");
+      for (const std::string& pn : precisions) std::printf(" %10s", pn.c_str());
+      std::printf("\n");
+      for (const auto& [r, c] : shapes)
+        for (const std::string kind : {"gaussian", "lowrank"}) {
+          const std::vector<float> x = celo2::bench::ns_input(kind, r, c, static_cast<uint64_t>(r * 7 + c));
+          std::vector<double> want(x.begin(), x.end());
+          celo2::newton_schulz_f64(cfg, r, c, want.data());
+          const std::string sname = std::to_string(r) + "x" + std::to_string(c);
+          std::printf("%-11s %-9s", sname.c_str(), kind.c_str());
+          Dev d(r * c);
+          std::vector<float> got(x.size());
+          for (const std::string& pn : precisions) {
+            celo2::cuda::NewtonSchulzCuda ns(celo2::cuda::parse_ns_precision(pn));
+            CELO2_CUDA_CHECK(cudaMemcpy(d.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+            ns.run(cfg, r, c, 1, d.p, nullptr);
+            CELO2_CUDA_CHECK(cudaMemcpy(got.data(), d.p, got.size() * 4, cudaMemcpyDeviceToHost));
+            const double err = celo2::bench::normalized_err(got, want);
+            J["ns_error"][sname][kind][pn] = err;
+            std::printf(" %10.2e", err);
+          }
+          std::printf("\n");
+        }
+    }
 
     std::filesystem::create_directories(out_dir);
     std::ofstream(out_dir + "/celo2_bench_gpu.json") << J.dump(2) << "\n";

@@ -147,7 +147,7 @@ done
 stamp "celo2-bench-gpu"
 bench=$(find "$BIN_DIR" -name celo2-bench-gpu -type f -perm -u+x | head -1)
 rc_bench=0
-timeout 240 "$bench" --out "$OUT" ${BENCH_ARGS:-} || rc_bench=$?
+timeout 300 "$bench" --out "$OUT" ${BENCH_ARGS:-} || rc_bench=$?
 
 stamp "done: tests rc=$rc_tests bench rc=$rc_bench"
 [ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]
