@@ -4,14 +4,15 @@
 // The matrix is taken in its wide orientation, r×c with r <= c (the engine transposes tall
 // matrices, as newton_schulz does). Rank i of `group` holds the column block X_i (r × c_i,
 // row-major; c_i may be 0, e.g. a group larger than the column count). Per iteration:
-//   A = Σ_i X_i X_iᵀ     (each rank's ssyrk, one all-reduce of r² values, summed in double)
+//   A = Σ_i X_i X_iᵀ     (each rank's ssyrk, one all-reduce of its r(r+1)/2 upper triangle,
+//                        summed in double)
 //   B = bA + cA²         (redundantly on every rank: r³, small next to r²c / g)
 //   X_i ← aX_i + B X_i    (local sgemm)
 // and the Frobenius normalization before is a group sum too. In real arithmetic this is
 // newton_schulz of the whole matrix; in float32 the partial Gram sums round differently
 // (tests/mpi/split_ns_test.cc bounds the difference: max|err|/RMS <= 1e-5).
-// Cost per rank: 2 r² c_i · 2 + 2 r³ FLOPs and 8 r² bytes sent per iteration (ring
-// all-reduce of r² doubles: 2 · 8 r² (g−1)/g).
+// Cost per rank: 2 r² c_i · 2 + 2 r³ FLOPs and about 8 r² bytes sent per iteration (ring
+// all-reduce of r(r+1)/2 doubles: 2 · 8 · r(r+1)/2 · (g−1)/g).
 #pragma once
 
 #include <cstdint>

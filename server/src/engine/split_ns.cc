@@ -20,7 +20,8 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   float* Y = scratch.data();
   float* A = Y + rc;
   float* B = A + rr;
-  std::vector<double> sum(rr);
+  const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
+  std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
   double fro = 0.0;
   for (size_t i = 0; i < rc; ++i) fro += static_cast<double>(x_local[i]) * x_local[i];
@@ -38,13 +39,15 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     } else {
       std::fill(A, A + rr, 0.0f);
     }
+    // The upper triangle only (A is symmetric): r(r+1)/2 values on the wire.
+    size_t k = 0;
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < R; ++j) sum[static_cast<size_t>(i) * R + j] = j >= i ? A[static_cast<size_t>(i) * R + j] : 0.0;
-    group.all_reduce_sum(sum.data(), static_cast<int64_t>(rr));
+      for (int j = i; j < R; ++j) sum[k++] = A[static_cast<size_t>(i) * R + j];
+    group.all_reduce_sum(sum.data(), static_cast<int64_t>(tri));
+    k = 0;
     for (int i = 0; i < R; ++i)
-      for (int j = i; j < R; ++j)
-        A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] =
-            static_cast<float>(sum[static_cast<size_t>(i) * R + j]);
+      for (int j = i; j < R; ++j, ++k)
+        A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] = static_cast<float>(sum[k]);
     ns_polynomial(cfg, r, A, B);
     if (C == 0) continue;
     if (rows_block) {
@@ -65,7 +68,7 @@ SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g) {
   if (g <= 1) return c;
   // As the communicators count a ring all-reduce of n doubles: 2 · (8n (g−1) / g), integer.
   auto all_reduce = [&](int64_t n) { return 2 * (8 * n * (g - 1) / g); };
-  c.bytes_per_rank = static_cast<double>(all_reduce(1) + cfg.ns_iters * all_reduce(r * r));
+  c.bytes_per_rank = static_cast<double>(all_reduce(1) + cfg.ns_iters * all_reduce(r * (r + 1) / 2));
   return c;
 }
 
