@@ -11,10 +11,12 @@
 //   4. local features; 5. summed per-channel squares (one all-reduce); 6. local MLP;
 //   7. one small all-reduce (tensor-wide magnitude, output sums of squares of tensors
 //      without Newton–Schulz); every matrix goes to one owner (chosen by Newton–Schulz cost,
-//      largest first onto the least-loaded rank) in one all-to-all, owners orthogonalize,
-//      a reverse all-to-all returns the slices, one small all-reduce of the matrices' sums
-//      of squares; 8. update applied locally; 9. parameters all-gathered (or left to the
-//      trainer).
+//      largest first onto the least-loaded rank), or in column blocks to a group of ranks
+//      where the largest matrices bound the step (celo2/plan.h plan_ns; the group runs
+//      celo2/split_ns.h), in one all-to-all; owners orthogonalize; a reverse all-to-all
+//      returns the slices, one small all-reduce of the matrices' sums of squares (or, with
+//      parameters gathered, owners apply the update themselves); 8. update applied
+//      locally; 9. parameters all-gathered (or left to the trainer).
 // Reductions are done in double over exact float squares, so the result is the same as
 // the single-process Optimizer's for any W (to the last bit in practice; tests bound it).
 //
