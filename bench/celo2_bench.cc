@@ -47,6 +47,7 @@
 #include "celo2/config.h"
 #include "celo2/isa.h"
 #include "celo2/newton_schulz.h"
+#include "machine_rates.h"
 #include "ns_bench.h"
 #include "celo2/rule.h"
 
@@ -179,48 +180,18 @@ StreamRates measure_stream(const Options& o, int64_t n, int threads) {
   return {8.0 * n / copy.median_s / 1e9, 12.0 * n / triad.median_s / 1e9};
 }
 
-// FMA throughput: kChains independent vector FMA chains per thread (enough to cover the FMA
-// latency times the number of FMA pipes on current x86 cores), native vector width.
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-constexpr int kVecLanes = kVecBytes / 4;
-constexpr int kChains = 12;
-typedef float VecF __attribute__((vector_size(kVecBytes)));
-
-__attribute__((noinline)) float fma_chains(int64_t iters, float seed) {
-  VecF acc[kChains];
-  for (int k = 0; k < kChains; ++k)
-    for (int j = 0; j < kVecLanes; ++j) acc[k][j] = seed + 0.01f * (k + j);
-  VecF x, y;
-  for (int j = 0; j < kVecLanes; ++j) {
-    x[j] = 0.9999f;
-    y[j] = 1e-4f;
-  }
-  for (int64_t it = 0; it < iters; ++it)
-#pragma GCC unroll 12
-    for (int k = 0; k < kChains; ++k) acc[k] = acc[k] * x + y;  // one FMA (-ffp-contract=fast)
-  float s = 0.0f;
-  for (int k = 0; k < kChains; ++k)
-    for (int j = 0; j < kVecLanes; ++j) s += acc[k][j];
-  return s;
-}
-
+// FMA throughput: machine_rates.h's loop on every thread, native vector width.
 double measure_fma_gflops(const Options& o, int threads) {
   set_threads(threads);
   const int64_t iters = o.quick ? 2'000'000 : 20'000'000;
   std::vector<float> sink(threads);
   const Timing t = time_median(o, [&] {
 #pragma omp parallel num_threads(threads)
-    sink[omp_get_thread_num()] = fma_chains(iters, 1.0f + omp_get_thread_num());
+    sink[omp_get_thread_num()] = celo2::bench::fma_chains<celo2::bench::kNativeVecBytes>(iters, 1.0f + omp_get_thread_num());
   });
   for (float s : sink)
     if (!std::isfinite(s)) fail("FMA loop produced a non-finite value");
-  return 2.0 * kChains * kVecLanes * static_cast<double>(iters) * threads / t.median_s / 1e9;
+  return celo2::bench::fma_chains_flop<celo2::bench::kNativeVecBytes>(iters) * threads / t.median_s / 1e9;
 }
 
 double measure_sgemm_gflops(const Options& o, int m, int n, int k, int threads) {
@@ -418,12 +389,12 @@ int main(int argc, char** argv) {
   char corename[64] = "?";
   if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
-                   {"threads_all", all}, {"vector_bytes", kVecBytes},
+                   {"threads_all", all}, {"vector_bytes", celo2::bench::kNativeVecBytes},
                    {"openblas_core", corename}, {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())}};
   std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s, "
               "%d-byte vectors, rule copy %s\n",
-              o.quick ? "quick" : "full", all, o.reps, corename, kVecBytes,
+              o.quick ? "quick" : "full", all, o.reps, corename, celo2::bench::kNativeVecBytes,
               celo2::cpu_isa_name(celo2::cpu_isa()));
 
   // ----- 1. Machine rates -----------------------------------------------------------------

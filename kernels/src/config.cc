@@ -105,6 +105,33 @@ void Theta::check_fits(const RuleConfig& cfg) const {
   }
 }
 
+int64_t Theta::size() const {
+  int64_t n = 0;
+  for (const DenseLayer& l : layers) n += static_cast<int64_t>(l.w.size() + l.b.size());
+  return n;
+}
+
+std::vector<float> Theta::values() const {
+  std::vector<float> v;
+  v.reserve(static_cast<size_t>(size()));
+  for (const DenseLayer& l : layers) {
+    v.insert(v.end(), l.w.begin(), l.w.end());
+    v.insert(v.end(), l.b.begin(), l.b.end());
+  }
+  return v;
+}
+
+void Theta::set_values(const float* v, size_t n) {
+  if (static_cast<int64_t>(n) != size())
+    throw std::invalid_argument("Theta::set_values: " + std::to_string(n) + " values for a theta of " +
+                                std::to_string(size()));
+  size_t at = 0;
+  for (DenseLayer& l : layers) {
+    for (float& w : l.w) w = v[at++];
+    for (float& b : l.b) b = v[at++];
+  }
+}
+
 Theta Theta::adam_like(const RuleConfig& cfg) {
   // relu(x) - relu(-x) = x: layer 0 puts +x and -x of channel 7 (m̂·ρ, decay 0.9) on units
   // 0 and 1, the hidden layers pass units 0 and 1 through (they are >= 0), and the output
@@ -137,8 +164,13 @@ Theta Theta::adam_like(const RuleConfig& cfg) {
 }
 
 Theta Theta::project_default(const RuleConfig& cfg) {
-  if (cfg == RuleConfig{}) return detail::project_theta_celo2();
-  if (cfg == RuleConfig::celo2_base()) return detail::project_theta_celo2_base();
+  const bool base = cfg == RuleConfig::celo2_base();
+  if (cfg == RuleConfig{} || base) {
+    const std::vector<float>& v = base ? detail::project_theta_celo2_base() : detail::project_theta_celo2();
+    Theta t = Theta::adam_like(cfg);  // the shapes of the rule
+    t.set_values(v.data(), v.size());
+    return t;
+  }
   return adam_like(cfg);
 }
 

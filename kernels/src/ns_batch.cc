@@ -18,18 +18,17 @@
 
 #include "celo2/newton_schulz.h"
 #include "celo2/rule_batch.h"
+#include "simd.h"
 
 namespace celo2 {
 namespace {
 
+constexpr int kW = simd::kV;
 #if defined(__AVX512F__)
-constexpr int kW = 16;
 constexpr int kMaxNV = 4;  // up to 6 rows × 4 vectors of accumulators + 4 of B: 28 of 32 registers
 #elif defined(__AVX__)
-constexpr int kW = 8;
 constexpr int kMaxNV = 2;  // 4 × 2 + 2 (or 8 × 1 + 1) of 16 registers
 #else
-constexpr int kW = 4;
 constexpr int kMaxNV = 2;
 #endif
 // Rows per register block: as many as the accumulators allow beside NV vectors of B.
@@ -37,14 +36,9 @@ template <int NV>
 constexpr int rows_per_block() {
   return kW >= 16 ? (NV <= 2 ? 8 : 6) : (NV <= 1 ? 8 : 4);
 }
-typedef float Vf __attribute__((vector_size(kW * sizeof(float))));
-
-inline Vf loadv(const float* p) {
-  Vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storev(float* p, Vf v) { std::memcpy(p, &v, sizeof v); }
+using simd::VF;
+using simd::vload;
+using simd::vstore;
 inline int64_t padded(int64_t n) { return (n + kW - 1) / kW * kW; }
 
 // C[i][j0, j0 + NV·kW) = alpha·Σ_{kk<k} A(i, kk)·B[kk][·] (+ beta·D[i][·]) for MR rows, where
@@ -52,12 +46,12 @@ inline int64_t padded(int64_t n) { return (n + kW - 1) / kW * kW; }
 template <int MR, int NV>
 inline void block(int64_t k, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb,
                   float* C, int64_t ldc, const float* D, int64_t ldd, float alpha, float beta) {
-  Vf acc[MR][NV];
+  VF acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = Vf{};
+    for (int v = 0; v < NV; ++v) acc[i][v] = VF{};
   for (int64_t kk = 0; kk < k; ++kk) {
-    Vf b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = loadv(B + kk * ldb + v * kW);
+    VF b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + kk * ldb + v * kW);
     for (int i = 0; i < MR; ++i) {
       const float a = A[i * ars + kk * aks];
       for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
@@ -65,9 +59,9 @@ inline void block(int64_t k, const float* A, int64_t ars, int64_t aks, const flo
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) {
-      Vf r = alpha * acc[i][v];
-      if (D) r += beta * loadv(D + i * ldd + v * kW);
-      storev(C + i * ldc + v * kW, r);
+      VF r = alpha * acc[i][v];
+      if (D) r += beta * vload(D + i * ldd + v * kW);
+      vstore(C + i * ldc + v * kW, r);
     }
 }
 

@@ -8,7 +8,7 @@
 namespace celo2 {
 namespace {
 
-// Layer by layer: weights (row-major, in x out), then biases.
+// RuleConfig{}'s Theta::values(): layer by layer, weights (row-major, in x out), then biases.
 constexpr float kTheta[347] = {
     0x1.0ce4eep-5f, -0x1.fc94cap-6f, -0x1.cc9d02p-7f, 0x1.57e718p-5f, -0x1.791a16p-11f, 0x1.13b6bcp-8f,
     -0x1.65a9dap-6f, 0x1.de9acap-8f, 0x1.efb648p-6f, -0x1.cc495ep-10f, -0x1.83d7p-8f, 0x1.b66466p-8f,
@@ -72,15 +72,9 @@ constexpr float kTheta[347] = {
 
 }  // namespace
 
-Theta detail::project_theta_celo2() {
-  Theta t = Theta::adam_like(RuleConfig{});  // the shapes of the rule
-  size_t at = 0;
-  for (DenseLayer& l : t.layers) {
-    for (float& w : l.w) w = kTheta[at++];
-    for (float& b : l.b) b = kTheta[at++];
-  }
-  static_assert(sizeof(kTheta) / sizeof(float) == 347);
-  return t;
+const std::vector<float>& detail::project_theta_celo2() {
+  static const std::vector<float> v(kTheta, kTheta + 347);
+  return v;
 }
 
 }  // namespace celo2

@@ -3,11 +3,12 @@
 // the one place that chooses between them. Private to kernels/src.
 #pragma once
 
-#include "celo2/config.h"
+#include <vector>
 
 namespace celo2::detail {
 
-Theta project_theta_celo2();       // project_theta.cc: for RuleConfig{}
-Theta project_theta_celo2_base();  // project_theta_base.cc: for RuleConfig::celo2_base()
+// Theta::values() of each (layer by layer, weights then biases).
+const std::vector<float>& project_theta_celo2();       // project_theta.cc: for RuleConfig{}
+const std::vector<float>& project_theta_celo2_base();  // project_theta_base.cc: for RuleConfig::celo2_base()
 
 }  // namespace celo2::detail

@@ -8,7 +8,7 @@
 namespace celo2 {
 namespace {
 
-// Layer by layer: weights (row-major, in x out), then biases.
+// RuleConfig::celo2_base()'s Theta::values(): layer by layer, weights (row-major, in x out), then biases.
 constexpr float kTheta[347] = {
     0x1.7741d4p-4f, -0x1.5bd7a2p-4f, 0x1.52f4f4p-8f, 0x1.886beep-8f, -0x1.7bfcf6p-7f, -0x1.8c7e1p-7f,
     -0x1.9c359cp-4f, -0x1.441bdep-5f, 0x1.59b2fap-5f, 0x1.220698p-7f, 0x1.789364p-4f, 0x1.9b054ep-6f,
@@ -72,15 +72,9 @@ constexpr float kTheta[347] = {
 
 }  // namespace
 
-Theta detail::project_theta_celo2_base() {
-  Theta t = Theta::adam_like(RuleConfig::celo2_base());  // the shapes of the rule
-  size_t at = 0;
-  for (DenseLayer& l : t.layers) {
-    for (float& w : l.w) w = kTheta[at++];
-    for (float& b : l.b) b = kTheta[at++];
-  }
-  static_assert(sizeof(kTheta) / sizeof(float) == 347);
-  return t;
+const std::vector<float>& detail::project_theta_celo2_base() {
+  static const std::vector<float> v(kTheta, kTheta + 347);
+  return v;
 }
 
 }  // namespace celo2

@@ -23,6 +23,7 @@
 
 #include "celo2/elementwise.h"
 #include "rule_fast.h"
+#include "simd.h"
 
 #ifndef CELO2_ISA_NS
 #error "rule_fast.cc is compiled per instruction set with -DCELO2_ISA_NS=isa_<name>"
@@ -31,14 +32,16 @@
 namespace celo2::fast::CELO2_ISA_NS {
 namespace {
 
+using simd::kV;
+using simd::splat;
+using simd::vload;
+using simd::vstore;
+using simd::VF;
 #if defined(__AVX512F__)
-constexpr int kV = 16;
 constexpr const char* kName = "avx512";
 #elif defined(__AVX2__)
-constexpr int kV = 8;
 constexpr const char* kName = "avx2";
 #else
-constexpr int kV = 4;
 constexpr const char* kName = "base";
 #endif
 // Elements per block: two vectors, so the MLP keeps 16 independent accumulator chains in
@@ -46,19 +49,6 @@ constexpr const char* kName = "base";
 constexpr int kBlk = 2 * kV;
 static_assert(kBlk <= kBlockMax);
 
-typedef float VF __attribute__((vector_size(kV * sizeof(float))));
-
-inline VF vload(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
-inline VF splat(float x) {
-  VF v;
-  for (int i = 0; i < kV; ++i) v[i] = x;
-  return v;
-}
 inline VF relu(VF x) {
   const VF z = {};
   return x > z ? x : z;

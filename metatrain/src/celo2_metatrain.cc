@@ -31,6 +31,7 @@
 #include "celo2/metatrain/pes.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/theta_io.h"
+#include "machine_rates.h"  // bench/: the FMA-throughput loop
 
 namespace {
 
@@ -111,7 +112,7 @@ int run_train(const TrainArgs& a) {
   outer.lr = a.outer_lr > 0 ? a.outer_lr : (a.base ? 1e-4 : 5e-5);
   outer.weight_decay = a.outer_wd;
   Theta theta_shape = initial_theta(a.init, rule, a.seed);
-  std::vector<float> theta = meta::flatten(theta_shape);
+  std::vector<float> theta = theta_shape.values();
   int64_t step = 0;
   double wall_before = 0;
   if (a.resume && fs::exists(ckpt_path)) {
@@ -156,7 +157,7 @@ int run_train(const TrainArgs& a) {
   pc.inner.unroll_min = a.unroll_min;
   pc.inner.unroll_max = a.unroll_max;
   pc.inner.reparam_prob = a.reparam_prob;
-  meta::unflatten(theta, theta_shape);
+  theta_shape.set_values(theta.data(), theta.size());
   meta::PesEstimator pes(pc, family, theta_shape, rank, world);
 
   std::ofstream csv;
@@ -198,7 +199,7 @@ int run_train(const TrainArgs& a) {
                    {"reparam_prob", a.reparam_prob}, {"ranks", world}};
     write_atomic(ckpt_path, j.dump());
     Theta t = theta_shape;
-    meta::unflatten(theta, t);
+    t.set_values(theta.data(), theta.size());
     save_theta((dir / "theta.state").string(), t);
   };
 
@@ -260,30 +261,6 @@ int run_train(const TrainArgs& a) {
 
 // ---- bench: the machine's FMA rate and the inner step's FLOP ----
 
-// FMA throughput of one core: kChains independent vector FMA chains (enough to cover the FMA
-// latency times the FMA pipes of current x86 cores), vectors of `Bytes` bytes.
-constexpr int kChains = 12;
-template <int Bytes> struct VecOf;
-template <> struct VecOf<16> { typedef float type __attribute__((vector_size(16))); };
-template <> struct VecOf<32> { typedef float type __attribute__((vector_size(32))); };
-template <> struct VecOf<64> { typedef float type __attribute__((vector_size(64))); };
-template <int Bytes>
-__attribute__((noinline)) float fma_loop(int64_t iters, float seed) {
-  using V = typename VecOf<Bytes>::type;
-  constexpr int L = Bytes / 4;
-  V acc[kChains], x, y;
-  for (int k = 0; k < kChains; ++k)
-    for (int j = 0; j < L; ++j) acc[k][j] = seed + 0.001f * static_cast<float>(k * L + j);
-  for (int j = 0; j < L; ++j) x[j] = 0.99995f, y[j] = 2e-5f;
-  for (int64_t it = 0; it < iters; ++it)
-#pragma GCC unroll 12
-    for (int k = 0; k < kChains; ++k) acc[k] = acc[k] * x + y;  // one FMA (-ffp-contract=fast, metatrain/CMakeLists.txt)
-  float sum = 0.0f;
-  for (int k = 0; k < kChains; ++k)
-    for (int j = 0; j < L; ++j) sum += acc[k][j];
-  return sum;
-}
-
 // GFLOP/s (an FMA = 2 FLOP), the best of 5 repetitions of ~0.1 s.
 template <int Bytes>
 double fma_gflops() {
@@ -291,21 +268,15 @@ double fma_gflops() {
   double best = 0.0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = Clock::now();
-    const float r = fma_loop<Bytes>(iters, 1.0f + 0.1f * rep);
+    const float r = bench::fma_chains<Bytes>(iters, 1.0f + 0.1f * rep);
     const double dt = seconds_since(t0);
     if (!std::isfinite(r)) throw std::runtime_error("FMA loop: non-finite result");
-    best = std::max(best, 2.0 * kChains * (Bytes / 4) * static_cast<double>(iters) / dt / 1e9);
+    best = std::max(best, bench::fma_chains_flop<Bytes>(iters) / dt / 1e9);
   }
   return best;
 }
 
-#if defined(__AVX512F__)
-constexpr int kWidestVector = 64;
-#elif defined(__AVX__)
-constexpr int kWidestVector = 32;
-#else
-constexpr int kWidestVector = 16;
-#endif
+constexpr int kWidestVector = bench::kNativeVecBytes;
 
 // FLOP of one inner step of one particle, counted from the code that runs:
 //  - the MLP's products: forward batch·in·out·2 per layer; backward dW (2·batch·in·out) per
@@ -350,7 +321,7 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched) {
   const RuleConfig rule = rule_of(base);
   meta::TaskFamily family = meta::TaskFamily::parse("fashion8");
   const Theta theta = Theta::adam_like(rule);
-  const std::vector<float> flat = meta::flatten(theta);
+  const std::vector<float> flat = theta.values();
 
   // 0. The machine: one core's FMA rate at the widest vectors this build uses (and 256-bit).
   const double fma_w = fma_gflops<kWidestVector>();
@@ -459,17 +430,17 @@ int run_export_cpp(const std::string& theta_path, const std::string& out_path,
                    const std::string& provenance, bool base) {
   const RuleConfig rule = rule_of(base);
   const Theta theta = load_theta(theta_path, rule);
-  const std::vector<float> flat = meta::flatten(theta);
+  const std::vector<float> flat = theta.values();
   const char* variant = base ? "Celo2-base" : "Celo2";
   const char* fn = base ? "project_theta_celo2_base" : "project_theta_celo2";
-  const char* cfg = base ? "RuleConfig::celo2_base()" : "RuleConfig{}";
   std::ostringstream o;
   o << "// The project's default " << variant << " weights, meta-trained with celo2-metatrain (docs/METATRAIN.md).\n"
     << "// Generated by `celo2-metatrain export-cpp" << (base ? " --base" : "") << "`; do not edit by hand.\n";
   std::istringstream prov(provenance);
   for (std::string line; std::getline(prov, line);) o << "// " << line << "\n";
   o << "#include \"project_theta.h\"\n\nnamespace celo2 {\nnamespace {\n\n"
-    << "// Layer by layer: weights (row-major, in x out), then biases.\n"
+    << "// " << (base ? "RuleConfig::celo2_base()" : "RuleConfig{}")
+    << "'s Theta::values(): layer by layer, weights (row-major, in x out), then biases.\n"
     << "constexpr float kTheta[" << flat.size() << "] = {\n";
   char buf[48];
   for (size_t k = 0; k < flat.size(); ++k) {
@@ -477,15 +448,9 @@ int run_export_cpp(const std::string& theta_path, const std::string& out_path,
     o << (k % 6 == 0 ? "    " : " ") << buf << "f," << (k % 6 == 5 || k + 1 == flat.size() ? "\n" : "");
   }
   o << "};\n\n}  // namespace\n\n"
-    << "Theta detail::" << fn << "() {\n"
-    << "  Theta t = Theta::adam_like(" << cfg << ");  // the shapes of the rule\n"
-    << "  size_t at = 0;\n"
-    << "  for (DenseLayer& l : t.layers) {\n"
-    << "    for (float& w : l.w) w = kTheta[at++];\n"
-    << "    for (float& b : l.b) b = kTheta[at++];\n"
-    << "  }\n"
-    << "  static_assert(sizeof(kTheta) / sizeof(float) == " << flat.size() << ");\n"
-    << "  return t;\n}\n\n}  // namespace celo2\n";
+    << "const std::vector<float>& detail::" << fn << "() {\n"
+    << "  static const std::vector<float> v(kTheta, kTheta + " << flat.size() << ");\n"
+    << "  return v;\n}\n\n}  // namespace celo2\n";
   write_atomic(out_path, o.str());
   std::printf("wrote %s (%zu values from %s)\n", out_path.c_str(), flat.size(), theta_path.c_str());
   return 0;

@@ -9,34 +9,6 @@
 
 namespace celo2::meta {
 
-int64_t theta_size(const Theta& theta) {
-  int64_t n = 0;
-  for (const DenseLayer& l : theta.layers) n += static_cast<int64_t>(l.w.size() + l.b.size());
-  return n;
-}
-
-std::vector<float> flatten(const Theta& theta) {
-  std::vector<float> flat;
-  flat.reserve(static_cast<size_t>(theta_size(theta)));
-  for (const DenseLayer& l : theta.layers) {
-    flat.insert(flat.end(), l.w.begin(), l.w.end());
-    flat.insert(flat.end(), l.b.begin(), l.b.end());
-  }
-  return flat;
-}
-
-void unflatten(const std::vector<float>& flat, Theta& theta) {
-  if (static_cast<int64_t>(flat.size()) != theta_size(theta)) {
-    throw std::invalid_argument("unflatten: " + std::to_string(flat.size()) +
-                                " values for a theta of " + std::to_string(theta_size(theta)));
-  }
-  size_t at = 0;
-  for (DenseLayer& l : theta.layers) {
-    for (float& w : l.w) w = flat[at++];
-    for (float& b : l.b) b = flat[at++];
-  }
-}
-
 double normalize_meta_loss(double loss) {
   if (!std::isfinite(loss)) return meta_loss_max();
   return std::min(std::max(loss, 0.0), meta_loss_max());
@@ -197,7 +169,7 @@ PesEstimator::PesEstimator(const PesConfig& cfg, const TaskFamily& family,
   if (cfg_.tasks <= 0) throw std::invalid_argument("PES: tasks must be positive");
   if (!(cfg_.sigma > 0)) throw std::invalid_argument("PES: sigma must be positive");
   if (world <= 0 || rank < 0 || rank >= world) throw std::invalid_argument("PES: bad rank/world");
-  const int64_t n = theta_size(theta_shape);
+  const int64_t n = theta_shape.size();
   if (cfg_.batched) {
     batch_ = make_inner_batch(cfg_.inner, theta_shape);
     batch_->set_ns_batch(cfg_.ns_batch);
@@ -214,7 +186,7 @@ PesEstimator::PesEstimator(const PesConfig& cfg, const TaskFamily& family,
 
 PesStats PesEstimator::estimate(const std::vector<float>& theta, std::vector<double>& grad) {
   const size_t n = theta.size();
-  if (grad.size() != n || static_cast<int64_t>(n) != theta_size(shape_)) {
+  if (grad.size() != n || static_cast<int64_t>(n) != shape_.size()) {
     throw std::invalid_argument("PES: theta/gradient sizes do not match the rule");
   }
   PesStats st;
@@ -238,8 +210,8 @@ PesStats PesEstimator::estimate(const std::vector<float>& theta, std::vector<dou
       tp_[k] = theta[k] + eps_[k];
       tm_[k] = theta[k] - eps_[k];
     }
-    unflatten(tp_, plus_);
-    unflatten(tm_, minus_);
+    plus_.set_values(tp_.data(), tp_.size());
+    minus_.set_values(tm_.data(), tm_.size());
   };
   if (batch_) {
     // All pairs in lockstep: every particle's gradient, then one step of the whole batch.

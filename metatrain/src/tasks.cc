@@ -14,6 +14,39 @@ namespace celo2::meta {
 
 std::string digits_csv_path() { return param::digits_csv(); }
 
+namespace {
+
+// The numeric rows of a CSV text, in order (blank lines skipped): fn(row number from 1,
+// cells as text, their values). A cell that is not a finite number is an error naming the
+// file, row and column; each loader checks its own column count, ranges and labels.
+template <class F>
+void for_each_csv_row(std::istream& in, const std::string& path, F&& fn) {
+  std::string line, cell;
+  std::vector<std::string> cells;
+  std::vector<double> values;
+  int64_t row = 0;
+  while (std::getline(in, line)) {
+    if (line.empty() || line == "\r") continue;
+    ++row;
+    cells.clear();
+    values.clear();
+    std::istringstream ls(line);
+    while (std::getline(ls, cell, ',')) {
+      char* end = nullptr;
+      const double v = std::strtod(cell.c_str(), &end);
+      if (end == cell.c_str() || !std::isfinite(v)) {
+        throw std::runtime_error(path + ": row " + std::to_string(row) + " column " +
+                                 std::to_string(cells.size() + 1) + ": '" + cell + "' is not a number");
+      }
+      cells.push_back(cell);
+      values.push_back(v);
+    }
+    fn(row, cells, values);
+  }
+}
+
+}  // namespace
+
 data::Dataset load_digits_all(const std::string& path_in) {
   const std::string path = path_in.empty() ? digits_csv_path() : path_in;
   std::vector<uint8_t> bytes;
@@ -29,41 +62,25 @@ data::Dataset load_digits_all(const std::string& path_in) {
   ds.num_classes = 10;
   const std::string text(bytes.begin(), bytes.end());
   std::istringstream in(text);
-  std::string line;
   int64_t row = 0;
-  while (std::getline(in, line)) {
-    if (line.empty() || line == "\r") continue;
-    ++row;
-    std::istringstream ls(line);
-    std::string cell;
-    int col = 0;
-    while (std::getline(ls, cell, ',')) {
-      char* end = nullptr;
-      const double v = std::strtod(cell.c_str(), &end);
-      if (end == cell.c_str() || !std::isfinite(v)) {
-        throw std::runtime_error(path + ": row " + std::to_string(row) + " column " +
-                                 std::to_string(col + 1) + ": '" + cell + "' is not a number");
-      }
-      if (col < 64) {
-        if (v < 0 || v > 16) {
-          throw std::runtime_error(path + ": row " + std::to_string(row) + ": pixel " +
-                                   std::to_string(v) + " outside 0..16");
-        }
-        ds.x.push_back(static_cast<float>(v / 16.0));
-      } else if (col == 64) {
-        if (v != std::floor(v) || v < 0 || v > 9) {
-          throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " +
-                                   cell + " outside 0..9");
-        }
-        ds.y.push_back(static_cast<int>(v));
-      }
-      ++col;
+  for_each_csv_row(in, path, [&](int64_t r, const std::vector<std::string>& cells, const std::vector<double>& v) {
+    row = r;
+    if (v.size() != 65) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " + std::to_string(v.size()) +
+                               " columns, expected 65");
     }
-    if (col != 65) {
-      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " +
-                               std::to_string(col) + " columns, expected 65");
+    for (int col = 0; col < 64; ++col) {
+      if (v[col] < 0 || v[col] > 16) {
+        throw std::runtime_error(path + ": row " + std::to_string(row) + ": pixel " + std::to_string(v[col]) +
+                                 " outside 0..16");
+      }
+      ds.x.push_back(static_cast<float>(v[col] / 16.0));
     }
-  }
+    if (v[64] != std::floor(v[64]) || v[64] < 0 || v[64] > 9) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " + cells[64] + " outside 0..9");
+    }
+    ds.y.push_back(static_cast<int>(v[64]));
+  });
   ds.n = row;
   if (ds.n != 1797) {
     throw std::runtime_error(path + ": " + std::to_string(ds.n) +
@@ -87,35 +104,19 @@ data::Dataset load_breast_cancer(data::Split split, const std::string& path_in) 
   std::vector<double> x;
   std::vector<int> y;
   int64_t row = 0;
-  while (std::getline(f, line)) {
-    if (line.empty() || line == "\r") continue;
-    ++row;
-    std::istringstream ls(line);
-    std::string cell;
-    int col = 0;
-    while (std::getline(ls, cell, ',')) {
-      char* end = nullptr;
-      const double v = std::strtod(cell.c_str(), &end);
-      if (end == cell.c_str() || !std::isfinite(v)) {
-        throw std::runtime_error(path + ": row " + std::to_string(row) + " column " +
-                                 std::to_string(col + 1) + ": '" + cell + "' is not a number");
-      }
-      if (col < kFeatures) {
-        x.push_back(v);
-      } else if (col == kFeatures) {
-        if (v != 0 && v != 1) {
-          throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " + cell +
-                                   " is not 0 or 1");
-        }
-        y.push_back(static_cast<int>(v));
-      }
-      ++col;
+  for_each_csv_row(f, path, [&](int64_t r, const std::vector<std::string>& cells, const std::vector<double>& v) {
+    row = r;
+    if (v.size() != kFeatures + 1) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " + std::to_string(v.size()) +
+                               " columns, expected 31");
     }
-    if (col != kFeatures + 1) {
-      throw std::runtime_error(path + ": row " + std::to_string(row) + " has " +
-                               std::to_string(col) + " columns, expected 31");
+    x.insert(x.end(), v.begin(), v.begin() + kFeatures);
+    if (v[kFeatures] != 0 && v[kFeatures] != 1) {
+      throw std::runtime_error(path + ": row " + std::to_string(row) + ": label " + cells[kFeatures] +
+                               " is not 0 or 1");
     }
-  }
+    y.push_back(static_cast<int>(v[kFeatures]));
+  });
   if (row != kRows) {
     throw std::runtime_error(path + ": " + std::to_string(row) +
                              " rows, expected the 569 of scikit-learn's breast-cancer table");

@@ -263,8 +263,8 @@ TEST(SplitEngine, ThePlannerSplitsWhereTheLargestMatrixBoundsTheStep) {
     eo.opt = testing::options();
     eo.ns_split = k == 0 ? 0 : 1;
     eng[k] = std::make_unique<Engine>(eo, g_comm);
-    for (size_t t = 0; t < shapes.size(); ++t)
-      eng[k]->add_tensor("m" + std::to_string(t), shapes[t], p[k][t].data(), g[t].data());
+    const char* names[] = {"big", "wide", "tall", "bias"};
+    for (size_t t = 0; t < shapes.size(); ++t) eng[k]->add_tensor(names[t], shapes[t], p[k][t].data(), g[t].data());
   }
   const OwnerPlan& plan = eng[0]->owner_plan();
   if (W >= 2) {

@@ -18,19 +18,19 @@ namespace {
 TEST(Metatrain, FlattenRoundTrip) {
   const RuleConfig cfg;
   const Theta t = Theta::random(cfg, 3);
-  EXPECT_EQ(theta_size(t), 30 * 8 + 8 + 8 * 8 + 8 + 8 * 3 + 3);  // 347
-  std::vector<float> flat = flatten(t);
-  ASSERT_EQ(static_cast<int64_t>(flat.size()), theta_size(t));
+  EXPECT_EQ(t.size(), 30 * 8 + 8 + 8 * 8 + 8 + 8 * 3 + 3);  // 347
+  std::vector<float> flat = t.values();
+  ASSERT_EQ(static_cast<int64_t>(flat.size()), t.size());
   EXPECT_EQ(flat[0], t.layers[0].w[0]);
   EXPECT_EQ(flat[240], t.layers[0].b[0]);  // weights first, then biases
   Theta u = Theta::adam_like(cfg);
-  unflatten(flat, u);
+  u.set_values(flat.data(), flat.size());
   for (size_t l = 0; l < t.layers.size(); ++l) {
     EXPECT_EQ(u.layers[l].w, t.layers[l].w);
     EXPECT_EQ(u.layers[l].b, t.layers[l].b);
   }
   flat.pop_back();
-  EXPECT_THROW(unflatten(flat, u), std::invalid_argument);
+  EXPECT_THROW(u.set_values(flat.data(), flat.size()), std::invalid_argument);
 }
 
 TEST(Metatrain, MetaLossNormalizer) {
@@ -138,7 +138,7 @@ TEST(Metatrain, InnerRunEndsAndRestarts) {
   pc.inner.unroll_min = pc.inner.unroll_max = 100;  // two truncations
   const Theta th = Theta::adam_like(pc.inner.rule);
   PesEstimator pes(pc, fam, th, 0, 1);
-  std::vector<float> flat = flatten(th);
+  std::vector<float> flat = th.values();
   std::vector<double> g(flat.size());
   EXPECT_EQ(pes.estimate(flat, g).resets, 0.0);
   EXPECT_EQ(pes.pair(0).step(), 50);
@@ -155,7 +155,7 @@ TEST(Metatrain, EstimateDoesNotDependOnHowPairsAreSpread) {
   pc.seed = 9;
   pc.inner.unroll_min = pc.inner.unroll_max = 100;
   const Theta th = Theta::adam_like(pc.inner.rule);
-  const std::vector<float> flat = flatten(th);
+  const std::vector<float> flat = th.values();
   std::vector<double> one(flat.size(), 0.0), two(flat.size(), 0.0);
   PesEstimator all(pc, fam, th, 0, 1);
   PesEstimator r0(pc, fam, th, 0, 2), r1(pc, fam, th, 1, 2);
@@ -194,7 +194,7 @@ void batched_equals_unbatched(const RuleConfig& rule) {
   pc.inner.unroll_max = 40;
   pc.inner.reparam_prob = 0.5;
   Theta th = Theta::adam_like(rule);
-  std::vector<float> flat = flatten(th);
+  std::vector<float> flat = th.values();
   PesConfig pu = pc, pe = pc, pf = pc;
   pu.batched = false;
   pe.ns_batch = NsBatch::kPerMatrix;
@@ -248,7 +248,7 @@ TEST(Metatrain, PesDirectionAgreesWithFiniteDifferences) {
   pc.inner.unroll_min = pc.inner.unroll_max = 20;
   const RuleConfig rule;
   const Theta th = Theta::adam_like(rule);
-  const std::vector<float> flat = flatten(th);
+  const std::vector<float> flat = th.values();
   std::vector<double> g(flat.size(), 0.0);
   PesEstimator pes(pc, fam, th, 0, 1);
   pes.estimate(flat, g);
@@ -264,8 +264,8 @@ TEST(Metatrain, PesDirectionAgreesWithFiniteDifferences) {
     dn[k] = static_cast<float>(flat[k] - h * g[k] / norm);
   }
   Theta tu = th, td = th;
-  unflatten(up, tu);
-  unflatten(dn, td);
+  tu.set_values(up.data(), up.size());
+  td.set_values(dn.data(), dn.size());
   double fd = 0;
   for (int i = 0; i < pc.tasks; ++i) {
     // Pair i again, freshly started: "rank i of tasks" holds exactly pair i, with its seed.

@@ -90,6 +90,13 @@ struct Theta {
   static Theta project_default(const RuleConfig& config);
   // Deterministic pseudo-random weights (tests and benchmarks).
   static Theta random(const RuleConfig& config, uint64_t seed, float scale = 0.5f);
+  // All values as one vector: layer by layer, weights (row-major, in x out) then biases
+  // (meta-training's parameter vector; the generated default tables).
+  int64_t size() const;
+  std::vector<float> values() const;
+  // Overwrites the values from `v` in the order of values(); throws std::invalid_argument
+  // unless n == size().
+  void set_values(const float* v, size_t n);
   bool operator==(const Theta&) const = default;
 };
 

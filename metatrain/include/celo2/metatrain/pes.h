@@ -49,11 +49,7 @@
 
 namespace celo2::meta {
 
-// Theta <-> a flat vector: layer by layer, weights (row-major) then biases.
-std::vector<float> flatten(const Theta& theta);
-// Overwrites `theta`'s values from `flat` (same sizes; throws otherwise).
-void unflatten(const std::vector<float>& flat, Theta& theta);
-int64_t theta_size(const Theta& theta);
+// Theta <-> the flat parameter vector of meta-training: Theta::values / set_values.
 
 inline double meta_loss_max() { return 1.5 * 2.302585092994046; }  // 1.5·ln 10
 // clip(loss, 0, 1.5·ln 10), NaN and ±inf -> the maximum.
@@ -153,7 +149,7 @@ class PesEstimator {
  public:
   PesEstimator(const PesConfig& cfg, const TaskFamily& family, const Theta& theta_shape,
                int rank, int world);
-  // Adds this rank's Σ ξ (L⁺ − L⁻) / (2σ²·tasks) into grad (theta_size floats, as doubles)
+  // Adds this rank's Σ ξ (L⁺ − L⁻) / (2σ²·tasks) into grad (Theta::size() floats, as doubles)
   // and returns the rank's statistics.
   PesStats estimate(const std::vector<float>& theta, std::vector<double>& grad);
   int local_pairs() const { return static_cast<int>(pairs_.size()); }

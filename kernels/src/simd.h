@@ -1,0 +1,37 @@
+// Internal to kernels/src: GCC vector extensions at the width the including file is compiled
+// for (AVX-512: 16 floats, AVX/AVX2: 8, otherwise 4), with unaligned load, store and splat.
+// Used by the per-instruction-set rule loops (rule_fast.cc, compiled three times with
+// different flags) and the batched Newton–Schulz (ns_batch.cc). Everything here has
+// internal linkage, so copies compiled for different instruction sets never meet at link
+// time (see rule_fast.h).
+#pragma once
+
+#include <cstring>
+
+namespace celo2::simd {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kV = 16;
+#elif defined(__AVX__)
+constexpr int kV = 8;
+#else
+constexpr int kV = 4;
+#endif
+
+typedef float VF __attribute__((vector_size(kV * sizeof(float))));
+
+inline VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+inline VF splat(float x) {
+  VF v;
+  for (int i = 0; i < kV; ++i) v[i] = x;
+  return v;
+}
+
+}  // namespace
+}  // namespace celo2::simd
