@@ -77,7 +77,10 @@ inline int run_engine_bench(const EngineBenchOptions& o) {
   }
   if (me == 0) {
     const OwnerPlan& plan = eng.owner_plan();
-    std::printf("  Newton–Schulz owners: imbalance (max/mean FLOPs) %.2f\n", plan.imbalance);
+    int split = 0;
+    for (size_t i = 0; i < plan.group.size(); ++i) split += std::min(plan.group[i], W - plan.owner[i]) > 1;
+    std::printf("  Newton–Schulz plan: %zu matrices, %d split over groups of ranks; modelled load max/mean %.2f "
+                "(one owner each %.2f)\n", plan.group.size(), split, plan.imbalance, plan.imbalance_unsplit);
   }
   return 0;
 }

@@ -93,7 +93,8 @@ double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, in
 // The flat plan's Newton–Schulz owners and groups. force: 0 = choose by cost (groups only
 // where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,
 // and only where a larger group lowers the matrix's own modelled time); 1 = one owner per
-// matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT).
+// matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT). By cost,
+// splits are kept only if they cut the busiest rank's modelled time by 10 % or more.
 // Matrices of one owner are placed as plan_owners places them.
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
                   const NsCostModel& model, int force = 0);
