@@ -114,11 +114,6 @@ _NO_LIMIT = datetime.timedelta(days=365)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 _TIMED_OUT = ("Timed out waiting",)
 
-_FIX = ("Usual cause: a collective called on some ranks only, e.g. opt.state_dict() or "
-        "opt.save() from rank 0 only (nanoGPT style): call opt.consolidate_state_dict(to=0) on "
-        "every rank before saving from rank 0, or call state_dict() on every rank. If a rank is "
-        "legitimately slower (a long evaluation or checkpoint write on one rank), raise "
-        "CELO2_COMM_TIMEOUT_S.")
 
 
 class TorchCommunicator:
@@ -177,7 +172,7 @@ class TorchCommunicator:
             limit = (f"{self._timeout_s:g} s (CELO2_COMM_TIMEOUT_S)" if self._timeout_s is not None
                      else "the timeout of the group given to TorchCommunicator")
             msg = (f"{where} did not complete within {limit}: the other ranks are alive (their "
-                   f"connections are open) but in a different collective or none, or hung. {_FIX} "
+                   f"connections are open) but in a different collective or none, or hung. {_launch_module().HANG_FIX} "
                    f"(gloo: {gloo})")
         else:
             msg = f"{where} failed: {gloo}"

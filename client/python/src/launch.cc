@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "celo2/communicator.h"
 #include "celo2/params.h"
 
 namespace py = pybind11;
@@ -21,6 +22,7 @@ namespace py = pybind11;
 namespace celo2::python {
 
 void register_launch(py::module_& m) {
+  m.attr("HANG_FIX") = kHangFix;  // celo2/communicator.h: one text for every transport
   m.def(
       "detect_launch",
       [] {

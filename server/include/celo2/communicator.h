@@ -92,4 +92,13 @@ std::unique_ptr<Communicator> make_communicator(const std::string& kind = "auto"
 // malformed value throws ParamError).
 double comm_timeout_seconds();
 
+// What every transport (MPI, NCCL, torch/gloo) says after naming a collective that timed
+// out with its peers alive: the usual cause and its fix. One text; Python reads it as
+// celo2._celo2.HANG_FIX.
+inline constexpr const char* kHangFix =
+    "Usual cause: a collective called on some ranks only, e.g. opt.state_dict() or opt.save() from rank 0 only "
+    "(nanoGPT style): call opt.consolidate_state_dict(to=0) on every rank before saving from rank 0, or call "
+    "state_dict() on every rank. If a rank is legitimately slower (a long evaluation or checkpoint write on one "
+    "rank), raise CELO2_COMM_TIMEOUT_S.";
+
 }  // namespace celo2

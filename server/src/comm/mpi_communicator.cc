@@ -197,12 +197,8 @@ class MpiCommunicator final : public Communicator {
                      "celo2: rank %d of %d: %s did not complete within %g s "
                      "(CELO2_COMM_TIMEOUT_S): the other ranks did not join it. Under mpirun "
                      "they are alive (Open MPI ends the job when a rank dies) but in a "
-                     "different collective or none, or hung. Usual cause: a collective called "
-                     "on some ranks only, e.g. opt.state_dict() or opt.save() from rank 0 only "
-                     "(nanoGPT style): call opt.consolidate_state_dict(to=0) on every rank "
-                     "before saving from rank 0, or call state_dict() on every rank. If a rank "
-                     "is legitimately slower, raise CELO2_COMM_TIMEOUT_S. Exiting.\n",
-                     rank_, size_, op_.load(), timeout_);
+                     "different collective or none, or hung. %s Exiting.\n",
+                     rank_, size_, op_.load(), timeout_, kHangFix);
         std::fflush(stderr);
         std::_Exit(75);
       }

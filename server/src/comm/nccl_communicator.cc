@@ -362,11 +362,7 @@ class Nccl final : public NcclCommunicator {
             ": NCCL collective did not finish within " + limit +
             " s (CELO2_COMM_TIMEOUT_S); communicator aborted. NCCL reported no error: the "
             "other ranks are in a different collective or none, or hung (or died without "
-            "NCCL noticing: check that every rank still runs). Usual cause: a collective "
-            "called on some ranks only, e.g. opt.state_dict() or opt.save() from rank 0 only "
-            "(nanoGPT style): call opt.consolidate_state_dict(to=0) on every rank before "
-            "saving from rank 0, or call state_dict() on every rank. If a rank is legitimately "
-            "slower, raise CELO2_COMM_TIMEOUT_S.");
+            "NCCL noticing: check that every rank still runs). " + kHangFix);
       }
       std::this_thread::yield();
     }
