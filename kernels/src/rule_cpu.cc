@@ -301,7 +301,10 @@ void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const Ste
   const double inv_d1 = 1.0 / static_cast<double>(geo.shape[geo.d1]);
   t.rows.resize(R);
   t.cols.resize(Cn);
-  std::vector<double> rest(geo.rest_count), rest_hat(geo.rest_count);
+  // Per-thread scratch, reused across calls (the engine calls this per tensor per step).
+  thread_local std::vector<double> rest, rest_hat;
+  rest.resize(geo.rest_count);
+  rest_hat.resize(geo.rest_count);
   for (int k = 0; k < kFac; ++k) {
     const float b = sc.fac[k], bc = sc.bc_fac[k];
     float* vr = v_row + k * R;

@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "celo2/communicator.h"
+#include "mpi_runtime.h"
 
 #define CELO2_MPI_CHECK(call)                                                          \
   do {                                                                                 \
@@ -33,6 +34,32 @@
   } while (0)
 
 namespace celo2 {
+
+namespace detail {
+namespace {
+struct MpiRuntime {
+  bool owned = false;
+  MpiRuntime() {
+    int init = 0;
+    CELO2_MPI_CHECK(MPI_Initialized(&init));
+    if (!init) {
+      int provided = 0;
+      CELO2_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+      owned = true;
+    }
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  }
+  ~MpiRuntime() {
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (owned && !fin) MPI_Finalize();
+  }
+};
+}  // namespace
+
+void ensure_mpi() { static MpiRuntime rt; }
+}  // namespace detail
+
 namespace {
 
 int to_int(int64_t n, const char* what) {
@@ -59,36 +86,13 @@ std::vector<int> displs_of(const std::vector<int>& counts) {
 }
 
 // MPI is initialized once per process and finalized at exit if we initialized it.
-struct MpiRuntime {
-  bool owned = false;
-  MpiRuntime() {
-    int init = 0;
-    MPI_Initialized(&init);
-    if (!init) {
-      int provided = 0;
-      MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
-      owned = true;
-    }
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-  }
-  ~MpiRuntime() {
-    int fin = 0;
-    MPI_Finalized(&fin);
-    if (owned && !fin) MPI_Finalize();
-  }
-  static MpiRuntime& get() {
-    static MpiRuntime rt;
-    return rt;
-  }
-};
-
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator() : MpiCommunicator((MpiRuntime::get(), MPI_COMM_WORLD), false) {}
+  MpiCommunicator() : MpiCommunicator((detail::ensure_mpi(), MPI_COMM_WORLD), false) {}
   // `owned`: a communicator of our own (split), freed with this object.
   MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
     timeout_ = comm_timeout_seconds();  // a malformed CELO2_COMM_TIMEOUT_S is refused before MPI starts
-    MpiRuntime::get();
+    detail::ensure_mpi();
     CELO2_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     CELO2_MPI_CHECK(MPI_Comm_size(comm_, &size_));
     if (timeout_ > 0) watchdog_ = std::thread([this] { watch(); });

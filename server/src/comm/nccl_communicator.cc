@@ -20,6 +20,7 @@
 
 #include "celo2/cuda/check.h"
 #include "celo2/tcp_bootstrap.h"
+#include "mpi_runtime.h"
 
 #define CELO2_NCCL_CHECK(call)                                                          \
   do {                                                                                  \
@@ -44,29 +45,6 @@ namespace {
 
 int64_t total_of(const std::vector<int64_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
 
-// MPI only carries the NCCL id. Initialized here if nobody else did, finalized at exit then.
-struct MpiBoot {
-  bool owned = false;
-  MpiBoot() {
-    int init = 0;
-    MPI_Initialized(&init);
-    if (!init) {
-      int provided = 0;
-      CELO2_MPI_BOOT_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
-      owned = true;
-    }
-  }
-  ~MpiBoot() {
-    int fin = 0;
-    MPI_Finalized(&fin);
-    if (owned && !fin) MPI_Finalize();
-  }
-  static MpiBoot& get() {
-    static MpiBoot b;
-    return b;
-  }
-};
-
 class Nccl final : public NcclCommunicator {
  public:
   explicit Nccl(const LaunchInfo& ri) : info_(ri) {
@@ -83,7 +61,7 @@ class Nccl final : public NcclCommunicator {
       CELO2_MPI_BOOT_CHECK(MPI_Initialized(&mpi_init));
       bootstrap_ = choose_nccl_bootstrap(ri, mpi_init != 0);
       if (bootstrap_ == "mpi") {
-        MpiBoot::get();
+        detail::ensure_mpi();  // MPI only carries the NCCL id (mpi_runtime.h)
         int mpi_rank = -1, mpi_size = -1;
         CELO2_MPI_BOOT_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank));
         CELO2_MPI_BOOT_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &mpi_size));
