@@ -188,13 +188,16 @@ void Client::add_tensor(const std::string& name, const std::vector<int64_t>& sha
 void Client::add_tensor(const std::string& name, const std::vector<int64_t>& shape, void* params, DType dtype,
                         const float* grads) {
   engine_->add_tensor(name, shape, params, dtype, grads);
-  tensors_.push_back({name, shape});
 }
 
 void Client::set_group(const std::string& name, const TensorGroup& g) {
-  for (size_t i = 0; i < tensors_.size(); ++i)
-    if (tensors_[i].name == name) return engine_->set_group(i, g);
-  throw std::invalid_argument("set_group: no tensor named '" + name + "'");
+  size_t i = 0;
+  try {
+    i = engine_->index_of(name);
+  } catch (const std::invalid_argument&) {
+    throw std::invalid_argument("set_group: no tensor named '" + name + "'");
+  }
+  engine_->set_group(i, g);
 }
 
 void Client::start_control() {
@@ -207,7 +210,7 @@ void Client::start_control() {
   co.weights_root = opts_.control.weights_root;
   co.checkpoint_dir = opts_.control.checkpoint_dir;
   auto holder = std::make_unique<ControlHolder>();
-  holder->plane = std::make_unique<ControlPlane>(std::move(co), *engine_, tensors_);
+  holder->plane = std::make_unique<ControlPlane>(std::move(co), *engine_, engine_->tensors());
   control_ = std::move(holder);
 #else
   throw UnsupportedError("this build of celo2 has no gRPC control plane");
@@ -328,7 +331,7 @@ ClientStatus Client::status() {
   s.rank = comm_->rank();
   s.world_size = comm_->size();
   s.backend = comm_->backend();
-  s.num_tensors = tensors_.size();
+  s.num_tensors = engine_->num_tensors();
   s.total_elements = engine_->total_elements();
   std::tie(s.local_lo, s.local_hi) = engine_->local_range();
   s.schedule = engine_->options().opt.schedule.to_string();
@@ -340,9 +343,9 @@ ClientStatus Client::status() {
   s.total_step_seconds = total_seconds_;
   s.grad_norm = last_grad_norm_;
   s.max_grad_norm = engine_->options().opt.max_grad_norm;
-  for (size_t i = 0; i < tensors_.size(); ++i)
-    s.label_elements[static_cast<int>(engine_->label_of(i))] +=
-        numel_of(tensors_[i].shape);
+  const std::vector<TensorDesc> tensors = engine_->tensors();
+  for (size_t i = 0; i < tensors.size(); ++i)
+    s.label_elements[static_cast<int>(engine_->label_of(i))] += numel_of(tensors[i].shape);
   return s;
 }
 

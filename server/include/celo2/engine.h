@@ -147,6 +147,10 @@ class Engine : public EngineControl {
   size_t num_tensors() const override;
   Label label_of(size_t i) const override;
   const std::string& name_of(size_t i) const;
+  // Every registered tensor's name and shape, in registration order.
+  std::vector<TensorDesc> tensors() const;
+  // The index of the tensor registered as `name`; throws std::invalid_argument naming it.
+  size_t index_of(const std::string& name) const;
   // Where slice k starts, for k = 0..W (valid after the first step or owner_plan()).
   const std::vector<int64_t>& cuts() const { return cuts_; }
   // Bytes this rank's engine holds: state, slice buffers and buckets (after a step).

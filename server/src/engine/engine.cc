@@ -220,10 +220,20 @@ void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, voi
   relabel();
 }
 
-void Engine::relabel() {
+std::vector<TensorDesc> Engine::tensors() const {
   std::vector<TensorDesc> descs;
   for (const auto& e : entries_) descs.push_back({e->name, e->geo.shape});
-  const std::vector<Label> labels = opts_.opt.rules.assign(descs);
+  return descs;
+}
+
+size_t Engine::index_of(const std::string& name) const {
+  for (size_t i = 0; i < entries_.size(); ++i)
+    if (entries_[i]->name == name) return i;
+  throw std::invalid_argument("no tensor named '" + name + "' is registered");
+}
+
+void Engine::relabel() {
+  const std::vector<Label> labels = opts_.opt.rules.assign(tensors());
   for (size_t i = 0; i < entries_.size(); ++i)
     if (entries_[i]->label != labels[i]) {
       entries_[i]->label = labels[i];
@@ -233,9 +243,7 @@ void Engine::relabel() {
 }
 
 void Engine::warn_unused_rules() {
-  std::vector<TensorDesc> descs;
-  for (const auto& e : entries_) descs.push_back({e->name, e->geo.shape});
-  const std::vector<std::string> unused = opts_.opt.rules.unused(descs);
+  const std::vector<std::string> unused = opts_.opt.rules.unused(tensors());
   if (unused.empty() || comm_->rank() != 0) return;
   std::string msg = "celo2: label rules that route no tensor (check the routing with --dry-run / routing_table()):";
   for (const std::string& u : unused) msg += "\n  " + u;
@@ -957,13 +965,9 @@ void Engine::set_rules(const LabelRules& rules) {
 }
 
 std::string Engine::routing_table() const {
-  std::vector<TensorDesc> descs;
   std::vector<Label> labels;
-  for (const auto& e : entries_) {
-    descs.push_back({e->name, e->geo.shape});
-    labels.push_back(e->label);
-  }
-  return format_routing_table(descs, labels, &opts_.opt.rules);
+  for (const auto& e : entries_) labels.push_back(e->label);
+  return format_routing_table(tensors(), labels, &opts_.opt.rules);
 }
 
 std::string Engine::plan_report() {

@@ -158,7 +158,7 @@ class Client {
   ClientStatus status();
   std::string routing_table() const;
   std::string plan_report();
-  const std::vector<TensorDesc>& tensors() const { return tensors_; }
+  std::vector<TensorDesc> tensors() const { return engine_->tensors(); }
   Engine& engine() { return *engine_; }
   const ClientOptions& options() const { return opts_; }
 
@@ -167,7 +167,6 @@ class Client {
   ClientOptions opts_;
   std::shared_ptr<Communicator> comm_;
   std::unique_ptr<Engine> engine_;
-  std::vector<TensorDesc> tensors_;
   std::unique_ptr<ControlHolder> control_;
   double last_lr_ = 0.0, last_seconds_ = 0.0, total_seconds_ = 0.0, last_grad_norm_ = 0.0;
 };
