@@ -97,6 +97,39 @@ TEST(NcclEngine, OneRankEqualsLocalEngine) {
   EXPECT_GT(nccl->counters().at("all_reduce").calls, 0);
 }
 
+TEST(NcclEngine, SplitCommunicatorAndSplitNewtonSchulz) {
+  // Communicator::split on NCCL (ncclCommSplit): a one-rank group whose all-reduce works,
+  // and the engine with every matrix forced onto a group (CELO2_NS_SPLIT's option) over
+  // NCCL equals the engine over the local communicator with one owner per matrix.
+  CELO2_NEED_GPU();
+  std::shared_ptr<celo2::Communicator> nccl(celo2::make_communicator("nccl"));
+  std::unique_ptr<celo2::Communicator> sub = nccl->split(0, 0);
+  ASSERT_EQ(sub->size(), 1);
+  ASSERT_EQ(sub->rank(), 0);
+  double x[2] = {1.5, -2.0};
+  sub->all_reduce_sum(x, 2);
+  EXPECT_EQ(x[0], 1.5);
+  EXPECT_EQ(x[1], -2.0);
+  Model a(3), b(3);
+  std::vector<std::vector<float>> grads(a.shapes.size());
+  celo2::EngineOptions ea_opts, eb_opts;
+  ea_opts.ns_split = 2;  // one rank: groups of min(2, W) = 1, so this is the owner path over NCCL
+  eb_opts.ns_split = 1;
+  celo2::Engine ea(ea_opts, nccl), eb(eb_opts, celo2::make_local_communicator());
+  for (size_t i = 0; i < a.shapes.size(); ++i) {
+    grads[i].resize(a.params[i].size());
+    ea.add_tensor(a.names[i], a.shapes[i], a.params[i].data(), grads[i].data());
+    eb.add_tensor(b.names[i], b.shapes[i], b.params[i].data(), grads[i].data());
+  }
+  for (int step = 0; step < 2; ++step) {
+    for (size_t i = 0; i < grads.size(); ++i) grads[i] = randn(grads[i].size(), 70 + step * 10 + i, 0.1f);
+    ea.step_with_lr(0.01);
+    eb.step_with_lr(0.01);
+  }
+  for (size_t i = 0; i < a.shapes.size(); ++i)
+    EXPECT_EQ(0, std::memcmp(a.params[i].data(), b.params[i].data(), a.params[i].size() * 4)) << a.names[i];
+}
+
 TEST(NcclGpuStep, DeviceStepEqualsCpuOptimizer) {
   CELO2_NEED_GPU();
   auto nccl = celo2::make_nccl_communicator_ex();
