@@ -101,3 +101,25 @@ def test_timeout_comes_from_the_one_table(monkeypatch):
     r = subprocess.run([sys.executable, "-c", "import celo2.distributed as d; print(d.comm_timeout_s())"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "7.5", r.stdout + r.stderr
+
+
+def test_peer_closing_at_the_limit_is_a_timeout_not_a_death():
+    """gloo closes a pair's connection when its own collective times out, so the rank whose
+    limit runs out a moment later sees "connection closed" (seen in CI on a loaded 2-core
+    machine). With the same CELO2_COMM_TIMEOUT_S on every rank, a close at this rank's limit
+    is the peer's timeout (alive, elsewhere); one long before it is a death."""
+    from types import SimpleNamespace
+
+    import celo2.distributed as d
+    from celo2.distributed import TorchCommunicator
+
+    was = d._comm_failed  # _failed marks the process's communicator as failed; restored below
+    me = SimpleNamespace(_global=[0, 1], _rank=1, _size=2, _timeout_s=float(TIMEOUT_S))
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:65244")
+    late = str(TorchCommunicator._failed(me, "reduce_scatter", gone, TIMEOUT_S + 0.006))
+    early = str(TorchCommunicator._failed(me, "reduce_scatter", gone, 0.2))
+    d._comm_failed = was
+    assert f"did not complete within {TIMEOUT_S} s (CELO2_COMM_TIMEOUT_S)" in late
+    assert "alive" in late and "in a different collective" in late and "died" not in late
+    assert "opt.consolidate_state_dict(to=0) on every rank" in late
+    assert "a peer rank died" in early and "did not complete" not in early

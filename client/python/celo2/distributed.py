@@ -27,6 +27,7 @@ import datetime
 import importlib.machinery
 import importlib.util
 import sys
+import time
 from dataclasses import dataclass
 
 
@@ -153,9 +154,9 @@ class TorchCommunicator:
         self._size = dist.get_world_size(group)
         self._global = [self._to_global(r) for r in range(self._size)]
 
-    def _failed(self, op, error):
-        """celo2.CommError for a gloo error in collective `op`, saying what happened, on
-        which rank, and what to do."""
+    def _failed(self, op, error, waited=0.0):
+        """celo2.CommError for a gloo error in collective `op` after `waited` seconds, saying
+        what happened, on which rank, and what to do."""
         from ._celo2 import CommError  # noqa: PLC0415
 
         global _comm_failed
@@ -164,13 +165,21 @@ class TorchCommunicator:
         gloo = text.split("] ", 1)[-1] if text.startswith("[") else text  # without gloo's file:line
         where = (f"celo2: rank {self._global[self._rank]} of {self._size}: {op} over "
                  "torch.distributed/gloo")
-        if any(k in text for k in _PEER_GONE):
+        limit = (f"{self._timeout_s:g} s (CELO2_COMM_TIMEOUT_S)" if self._timeout_s is not None
+                 else "the timeout of the group given to TorchCommunicator")
+        # Every rank has the same CELO2_COMM_TIMEOUT_S, and gloo closes a pair's connection
+        # when its own collective times out: a peer that closes as this rank's limit comes up
+        # timed out itself (alive, elsewhere), it did not die.
+        peer_timed_out = self._timeout_s is not None and self._timeout_s > 0 and waited >= self._timeout_s - 1.0
+        if any(k in text for k in _PEER_GONE) and peer_timed_out:
+            msg = (f"{where} did not complete within {limit}: a peer closed its connection when its "
+                   f"own limit ran out, so the other ranks are alive but in a different collective "
+                   f"or none, or hung. {_launch_module().HANG_FIX} (gloo: {gloo})")
+        elif any(k in text for k in _PEER_GONE):
             msg = (f"{where} failed: a peer rank died (its process is gone: gloo reports its "
                    f"connection closed). Look at the other ranks' output for the first error; "
                    f"this job cannot continue. (gloo: {gloo})")
         elif any(k in text for k in _TIMED_OUT):
-            limit = (f"{self._timeout_s:g} s (CELO2_COMM_TIMEOUT_S)" if self._timeout_s is not None
-                     else "the timeout of the group given to TorchCommunicator")
             msg = (f"{where} did not complete within {limit}: the other ranks are alive (their "
                    f"connections are open) but in a different collective or none, or hung. {_launch_module().HANG_FIX} "
                    f"(gloo: {gloo})")
@@ -179,10 +188,11 @@ class TorchCommunicator:
         return CommError(msg)
 
     def _run(self, op, fn, *args, **kwargs):
+        t0 = time.monotonic()
         try:
             return fn(*args, **kwargs)
         except RuntimeError as e:
-            raise self._failed(op, e) from e
+            raise self._failed(op, e, time.monotonic() - t0) from e
 
     def _to_global(self, r):
         if self._group is None:
