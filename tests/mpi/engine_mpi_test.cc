@@ -6,7 +6,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <chrono>
+#include <numeric>
 #include <random>
+#include <thread>
 
 #include "celo2/engine.h"
 #include "celo2/optimizer.h"
@@ -284,6 +287,102 @@ TEST(Engine, SmallBucketsChangeNothing) {
     small.step();
     EXPECT_EQ(a.p, b.p) << "step " << s;
   }
+}
+
+// Overlap of the gradient reduce-scatter with backward (overlap_grad_reduce): tensors marked
+// ready in a different order and at different times on every rank, some never marked, the
+// plan built before the first step or not: the same bits, the same bytes, as reducing every
+// bucket at step(); buckets really ran on the worker before step() was called.
+TEST(Engine, OverlappedBucketsEqualTheStepsReduction) {
+  const int W = g_comm->size(), me = g_comm->rank();
+  for (const bool plan_first : {false, true}) {
+    Model a(5), b(5);
+    EngineOptions eo;
+    eo.opt = options();
+    eo.bucket_elements = 7;  // many buckets, crossing tensors and slices
+    eo.overlap_grad_reduce = true;
+    PhaseStats sa[5], sb[5];
+    std::vector<size_t> marked_ahead(5, 0);
+    {
+      Engine eng(eo, g_comm);
+      a.register_with(eng);
+      EXPECT_EQ(eng.overlapping(), W > 1);
+      if (plan_first) eng.owner_plan();
+      std::mt19937 rng(100 + me);
+      for (int s = 0; s < 5; ++s) {
+        a.fill_grads(s, me);
+        // Backward order (last tensor first), shuffled a little per rank, with pauses; on
+        // odd steps rank 0 leaves tensor 2 for step() to reduce.
+        std::vector<size_t> order(a.p.size());
+        std::iota(order.rbegin(), order.rend(), size_t{0});
+        for (size_t k = 0; k + 1 < order.size(); k += 2)
+          if (rng() % 2) std::swap(order[k], order[k + 1]);
+        for (size_t t : order) {
+          if (s % 2 && me == 0 && t == 2) continue;
+          eng.grad_ready(t);
+          std::this_thread::sleep_for(std::chrono::microseconds(rng() % 300));
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        eng.step();
+        sa[s] = eng.last_phase_stats();
+      }
+    }
+    {
+      eo.overlap_grad_reduce = false;
+      Engine eng(eo, g_comm);
+      b.register_with(eng);
+      EXPECT_FALSE(eng.overlapping());
+      for (int s = 0; s < 5; ++s) {
+        b.fill_grads(s, me);
+        eng.grad_ready(0);  // does nothing without the option
+        eng.step();
+        sb[s] = eng.last_phase_stats();
+      }
+    }
+    EXPECT_EQ(a.p, b.p) << "plan_first " << plan_first;
+    for (int s = 0; s < 5; ++s) {
+      EXPECT_EQ(sa[s].bytes["grads"], sb[s].bytes["grads"]) << "step " << s;
+      // From the first step with a plan, the worker reduced buckets during "backward".
+      const bool overlapped = W > 1 && (plan_first || s > 0);
+      EXPECT_EQ(sa[s].seconds.count("grads_background"), overlapped ? 1u : 0u) << "step " << s;
+    }
+  }
+}
+
+TEST(Engine, OverlapMisuseIsRefusedAndTheStepStillCompletes) {
+  if (g_comm->size() == 1) GTEST_SKIP() << "one rank: nothing to overlap";
+  const int me = g_comm->rank();
+  Model a(6), b(6);
+  EngineOptions eo;
+  eo.opt = options();
+  eo.bucket_elements = 7;
+  eo.overlap_grad_reduce = true;
+  {
+    Engine eng(eo, g_comm);
+    a.register_with(eng);
+    eng.owner_plan();
+    a.fill_grads(0, me);
+    const size_t last = a.p.size() - 1;
+    eng.grad_ready(last);
+    EXPECT_THROW(eng.grad_ready(last), std::logic_error);  // twice in one step
+    EXPECT_THROW(eng.grad_ready(a.p.size()), std::out_of_range);
+    EXPECT_THROW(eng.gather_params(), std::logic_error);   // a collective while buckets fly
+    EXPECT_THROW(eng.save_state("/nonexistent/x"), std::logic_error);
+    eng.step();                                            // finishes them, as every rank does
+    a.fill_grads(1, me);
+    eng.grad_ready(last);  // a new step: marking again is fine
+    eng.step();
+  }
+  {
+    eo.overlap_grad_reduce = false;
+    Engine eng(eo, g_comm);
+    b.register_with(eng);
+    for (int s = 0; s < 2; ++s) {
+      b.fill_grads(s, me);
+      eng.step();
+    }
+  }
+  EXPECT_EQ(a.p, b.p);
 }
 
 TEST(Engine, ReferenceBackendOnRanks) {

@@ -206,6 +206,13 @@ celo2_status_t celo2_set(celo2_t* opt, const char* key, const char* value) {
   });
 }
 
+celo2_status_t celo2_grad_ready(celo2_t* opt, const char* name) {
+  return guarded("celo2_grad_ready", [&] {
+    celo2::capi::check_handle(opt);
+    opt->client->grad_ready(celo2::capi::check_string(name, "name"));
+  });
+}
+
 celo2_status_t celo2_gather_params(celo2_t* opt) {
   return guarded("celo2_gather_params", [&] {
     celo2::capi::check_handle(opt);

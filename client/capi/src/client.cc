@@ -125,6 +125,7 @@ EngineOptions engine_options_from(const ClientOptions& o) {
   eo.backend = o.backend;
   if (o.bucket_elements < 1) throw std::invalid_argument("bucket_elements must be positive");
   eo.bucket_elements = o.bucket_elements;
+  eo.overlap_grad_reduce = o.overlap_grad_reduce;
   return eo;
 }
 
@@ -229,6 +230,9 @@ StepReport Client::step(std::optional<double> loss, std::optional<double> lr,
   if (lr) check_finite("lr", *lr);
   if (!opts_.control.address.empty() && !control_) start_control();
   const auto t0 = std::chrono::steady_clock::now();
+  // The gradient buckets grad_ready started are collectives in flight: they end before the
+  // control plane's own (a command that relabels makes the step reduce them again).
+  engine_->finish_grads();
 #ifdef CELO2_HAVE_CONTROL
   if (control_) control_->plane->apply_pending(*engine_);
 #endif
@@ -322,6 +326,9 @@ void Client::set_mult_1d(double m) {
 }
 
 void Client::gather_params() { engine_->gather_params(); }
+
+void Client::grad_ready(size_t i) { engine_->grad_ready(i); }
+void Client::grad_ready(const std::string& name) { engine_->grad_ready(engine_->index_of(name)); }
 
 ClientStatus Client::status() {
   ClientStatus s;

@@ -74,6 +74,8 @@ const std::vector<Row>& rows() {
        [](O& o, S, S v) { o.plan = v; }},
       {{"bucket_elements", "count", false, "floats per bucket of the gradient reduce-scatter and parameter all-gather"},
        [](O& o, S k, S v) { o.bucket_elements = parse_count(k, v); }},
+      {{"overlap_grad_reduce", "bool", false, "reduce-scatter gradient buckets during backward as grad_ready marks tensors (MPI)"},
+       [](O& o, S k, S v) { o.overlap_grad_reduce = parse_bool(k, v); }},
       {{"communicator", "text", false, "auto (MPI under an MPI launcher with > 1 rank), local, mpi, nccl"},
        [](O& o, S, S v) { o.communicator = v; }},
       {{"control_address", "text", false, "serve celo2.v1.Control on rank 0 here (host:port; port 0 picks one)"},

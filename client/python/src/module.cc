@@ -427,6 +427,10 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
           "A tensor's param group: lr multiplier and weight decay (None: the recipe's)")
       .def("set_max_grad_norm", [](PyOptimizer& o, double v) { o.client().set_max_grad_norm(v); })
       .def("gather_params", [](PyOptimizer& o) { o.collective([&] { o.client().gather_params(); }); })
+      .def("grad_ready", [](PyOptimizer& o, size_t i) { o.client().grad_ready(i); }, py::arg("index"),
+           "overlap_grad_reduce: tensor `index` (registration order) has its final gradient for this step")
+      .def("overlapping", [](PyOptimizer& o) { return o.client().engine().overlapping(); },
+           "whether grad_ready() overlaps the gradient reduce-scatter with backward (option set, MPI)")
       .def("start_control", [](PyOptimizer& o) { o.collective([&] { o.client().start_control(); }); })
       .def_property_readonly("control_address", [](PyOptimizer& o) { return o.client().control_address(); })
       .def("status", [](PyOptimizer& o) { return status_dict(o.client()); })

@@ -54,6 +54,11 @@ class Communicator {
   // communicator, ranked by `key` (then by rank here). Groups of ranks for the split
   // Newton–Schulz (celo2/split_ns.h). Backends without it throw UnsupportedError.
   virtual std::unique_ptr<Communicator> split(int color, int key);
+  // Whether one other thread may call this communicator's collectives while the thread that
+  // made it calls none (MPI_THREAD_SERIALIZED): what the engine's overlap of the gradient
+  // reduce-scatter with the trainer's backward pass needs (EngineOptions::overlap_grad_reduce).
+  // Transports that cannot say no run the buckets at step() instead.
+  virtual bool background_ok() const { return false; }
 
   // name -> counter ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", ...).
   const std::map<std::string, CommCounter>& counters() const { return counters_; }

@@ -67,10 +67,22 @@ struct EngineOptions {
   // tunable (unset: 0); 0, chosen by cost; 1, one owner per matrix; g >= 2, every matrix
   // split over groups of g ranks.
   int ns_split = -1;
+  // Overlap the gradient reduce-scatter with the trainer's backward pass (GradMode::kLocal,
+  // W > 1; Megatron's overlap_grad_reduce): the trainer calls grad_ready(i) as each tensor's
+  // gradient becomes final, and every bucket whose tensors are all final is reduce-scattered
+  // on the engine's communication thread while backward goes on. Needs a transport that
+  // allows it (Communicator::background_ok: MPI) and a host backend; otherwise grad_ready()
+  // does nothing and step() reduces every bucket, as without this option. The gradients are
+  // read when their bucket starts: in-place changes after backward (torch's
+  // clip_grad_norm_, GradScaler.unscale_) are not seen; use max_grad_norm instead.
+  bool overlap_grad_reduce = false;
 };
 
 class Backend;
 class BackendBuffer;
+namespace detail {
+class SerialWorker;
+}
 
 // Seconds and bytes (sent by this rank) of each phase of the last step.
 struct PhaseStats {
@@ -114,6 +126,21 @@ class Engine : public EngineControl {
   // unchanged, state and update counters included, as torch.optim does.
   StepReport step(const std::vector<uint8_t>* has_grad = nullptr);
   StepReport step_with_lr(double lr, const std::vector<uint8_t>* has_grad = nullptr);
+
+  // Overlap (EngineOptions::overlap_grad_reduce). grad_ready(i): tensor i's gradient is final
+  // for this step (torch: its post-accumulate-grad hook, after the last micro-batch). The
+  // buckets (bucket_elements floats of the flat index space, the last one first, as backward
+  // produces them) start in that fixed order on every rank, each once all its tensors are
+  // ready. Marking a tensor twice in one step throws std::logic_error (gradient accumulation:
+  // mark only after the last micro-batch). Tensors never marked are reduced at step().
+  // Before the first step, and after a relabel, it does nothing (the plan is not built).
+  void grad_ready(size_t i);
+  // Collective: start every bucket not yet started, in order, and wait for all of them.
+  // step() calls it; a caller with collectives of its own before step() (the Client's
+  // control plane) calls it first. Rethrows a failed bucket's CommError.
+  void finish_grads();
+  // Whether grad_ready() overlaps anything (option set, transport and backend allow it).
+  bool overlapping() const;
 
   // Collective. World-size-independent checkpoints (state_file.h); rank 0 writes. Load
   // validates everything (on every rank) before changing anything.
@@ -164,7 +191,16 @@ class Engine : public EngineControl {
   void phase_begin(const char* name);
   void phase_end();
   void warn_unused_rules();  // rank 0, stderr: rules that route no tensor
-  void reduce_scatter_grads();
+  // Gradient buckets (the reduce-scatter of phase 1), in launch order.
+  struct GradBucket {
+    int64_t lo = 0, hi = 0;  // flat range
+    int pending = 0;         // tensors overlapping it not yet marked ready this step
+  };
+  void build_buckets();
+  void reduce_bucket(const GradBucket& b);
+  void launch_bucket();                 // the next bucket, on the worker (or inline)
+  void reset_buckets();                 // for the next step: nothing marked, nothing started
+  void require_no_buckets(const char* op) const;  // throws while buckets are in flight
   // Returns false when the step was skipped (non-finite updates under NanPolicy::kSkipStep).
   bool step_phases(double lr, StepReport& rep, double* usq0);
   // The gate between computing the Celo2 updates and applying them: sums this rank's count
@@ -218,6 +254,16 @@ class Engine : public EngineControl {
   // that splits a matrix).
   std::map<int, std::unique_ptr<Communicator>> ns_groups_;
   int64_t bytes_sent() const;
+  // Overlap of the gradient reduce-scatter (grad_ready / finish_grads).
+  std::vector<GradBucket> buckets_;
+  std::vector<std::pair<size_t, size_t>> entry_buckets_;  // per tensor: [first, last) in buckets_
+  std::vector<uint8_t> grad_marked_;
+  size_t next_bucket_ = 0;     // buckets_[0, next_bucket_) started this step
+  bool grads_done_ = false;    // every bucket reduced into grad_local_, not yet consumed
+  int64_t grad_bytes0_ = 0, grad_bytes_ = 0;  // bytes sent by this step's buckets
+  double grad_wait_s_ = 0, grad_background_s_ = 0;
+  bool overlap_ = false;       // overlapping(): decided at construction
+  std::unique_ptr<detail::SerialWorker> worker_;
 };
 
 }  // namespace celo2

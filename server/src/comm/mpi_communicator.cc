@@ -44,7 +44,9 @@ struct MpiRuntime {
     CELO2_MPI_CHECK(MPI_Initialized(&init));
     if (!init) {
       int provided = 0;
-      CELO2_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+      // SERIALIZED: the engine's gradient buckets may be reduced on its communication
+      // thread while the trainer's thread makes no MPI call (Communicator::background_ok).
+      CELO2_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
       owned = true;
     }
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
@@ -118,6 +120,10 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
+  bool background_ok() const override {
+    int level = MPI_THREAD_SINGLE;
+    return MPI_Query_thread(&level) == MPI_SUCCESS && level >= MPI_THREAD_SERIALIZED;
+  }
 
   void all_reduce_sum(double* data, int64_t n) override {
     Guard g(this, "all_reduce");

@@ -43,6 +43,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+  // Whether its buffers are host memory (any thread may copy them; the engine's gradient
+  // buckets may then be reduced on its worker thread).
+  virtual bool host() const { return true; }
 
   // ---- memory ----
   virtual float* alloc(int64_t n) = 0;  // n floats, zero-filled (n may be 0)

@@ -53,6 +53,7 @@ class CudaBackend final : public Backend {
     cudaFree(scratch_);
   }
   const char* name() const override { return "cuda"; }
+  bool host() const override { return false; }
 
   // ---- memory ----
   float* alloc(int64_t n) override {

@@ -21,6 +21,7 @@
 #include "celo2/theta_io.h"
 #include "engine_internal.h"
 #include "recipe_internal.h"
+#include "serial_worker.h"
 
 namespace celo2 {
 
@@ -137,11 +138,16 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   u_local_ = std::make_unique<BackendBuffer>(backend_.get());
   bucket_send_ = std::make_unique<BackendBuffer>(backend_.get());
   bucket_recv_ = std::make_unique<BackendBuffer>(backend_.get());
+  overlap_ = opts_.overlap_grad_reduce && opts_.grad_mode == GradMode::kLocal && comm_->size() > 1 &&
+             backend_->host() && comm_->background_ok();
 }
 
 
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  // The worker first: a bucket in flight uses the buffers below.
+  worker_.reset();
+}
 
 size_t Engine::num_tensors() const { return entries_.size(); }
 Label Engine::label_of(size_t i) const { return entries_.at(i)->label; }
@@ -159,6 +165,7 @@ void Engine::set_group(size_t i, const TensorGroup& g) {
 }
 
 void Engine::gather_params() {
+  require_no_buckets("gather_params");
   if (!plan_ready_) build_plan();
   if (comm_->size() > 1) gather_params_now();
 }
@@ -381,6 +388,7 @@ void Engine::build_plan() {
   send_buf_.assign(std::accumulate(a2a_send_counts_.begin(), a2a_send_counts_.end(), int64_t{0}), 0.0f);
   recv_buf_.assign(std::accumulate(a2a_recv_counts_.begin(), a2a_recv_counts_.end(), int64_t{0}), 0.0f);
   mat_buf_.assign(owned_floats_, 0.0f);
+  build_buckets();
   plan_ready_ = true;
 }
 
@@ -415,28 +423,113 @@ StepReport Engine::step(const std::vector<uint8_t>* has_grad) {
 
 // 1. Gradients reduce-scattered and averaged, one bucket of the flat index space at a time:
 // no full-size copy of the gradients exists (the trainer's buffers are read in place into a
-// bucket of at most bucket_elements floats).
-void Engine::reduce_scatter_grads() {
+// bucket of at most bucket_elements floats). The buckets run last first (backward produces
+// the last layers' gradients first), in the same order on every rank, either all at step()
+// or, with overlap_grad_reduce, each as soon as its tensors are final (grad_ready) on the
+// worker thread while the trainer's backward pass goes on. Either way the same sums land in
+// the same places.
+void Engine::build_buckets() {
+  buckets_.clear();
+  for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements)
+    buckets_.push_back({b0, std::min(total_, b0 + opts_.bucket_elements), 0});
+  std::reverse(buckets_.begin(), buckets_.end());
+  const size_t nb = buckets_.size();
+  entry_buckets_.assign(entries_.size(), {0, 0});
+  for (size_t t = 0; t < entries_.size(); ++t) {
+    const Entry& e = *entries_[t];
+    if (!e.geo.numel) continue;
+    // bucket k (ascending) covers [k·B, (k+1)·B); launch index = nb - 1 - k.
+    const auto first = static_cast<size_t>(e.offset / opts_.bucket_elements);
+    const auto last = static_cast<size_t>((e.offset + e.geo.numel - 1) / opts_.bucket_elements);
+    entry_buckets_[t] = {nb - 1 - last, nb - first};
+  }
+  reset_buckets();
+}
+
+void Engine::reset_buckets() {
+  for (GradBucket& b : buckets_) b.pending = 0;
+  for (const auto& [a, z] : entry_buckets_)
+    for (size_t k = a; k < z; ++k) ++buckets_[k].pending;
+  grad_marked_.assign(entries_.size(), 0);
+  next_bucket_ = 0;
+  grads_done_ = false;
+}
+
+void Engine::reduce_bucket(const GradBucket& b) {
   const int W = comm_->size();
   std::vector<int64_t> counts(W);
-  for (int64_t b0 = 0; b0 < total_; b0 += opts_.bucket_elements) {
-    const int64_t b1 = std::min(total_, b0 + opts_.bucket_elements);
-    bucket_send_->resize(b1 - b0);
-    for (auto& e : entries_) {
-      int64_t lo = 0;
-      const int64_t n = overlap(e->offset, e->offset + e->geo.numel, b0, b1, &lo);
-      if (n) backend_->copy(bucket_send_->data() + (lo - b0), e->grads + (lo - e->offset), n);
-    }
-    for (int k = 0; k < W; ++k) {
-      int64_t lo = 0;
-      counts[k] = overlap(b0, b1, cuts_[k], cuts_[k + 1], &lo);
-    }
-    int64_t mlo = 0;
-    const int64_t mine = overlap(b0, b1, my_lo_, my_hi_, &mlo);
-    float* dst = grad_local_->data() + (mine ? mlo - my_lo_ : 0);
-    comm_->reduce_scatter_sum(bucket_send_->data(), dst, counts);
-    backend_->scale(dst, mine, 1.0f / static_cast<float>(W));
+  bucket_send_->resize(b.hi - b.lo);
+  for (auto& e : entries_) {
+    int64_t lo = 0;
+    const int64_t n = overlap(e->offset, e->offset + e->geo.numel, b.lo, b.hi, &lo);
+    if (n) backend_->copy(bucket_send_->data() + (lo - b.lo), e->grads + (lo - e->offset), n);
   }
+  for (int k = 0; k < W; ++k) {
+    int64_t lo = 0;
+    counts[k] = overlap(b.lo, b.hi, cuts_[k], cuts_[k + 1], &lo);
+  }
+  int64_t mlo = 0;
+  const int64_t mine = overlap(b.lo, b.hi, my_lo_, my_hi_, &mlo);
+  float* dst = grad_local_->data() + (mine ? mlo - my_lo_ : 0);
+  comm_->reduce_scatter_sum(bucket_send_->data(), dst, counts);
+  backend_->scale(dst, mine, 1.0f / static_cast<float>(W));
+}
+
+bool Engine::overlapping() const { return overlap_; }
+
+void Engine::launch_bucket() {
+  // Bytes are counted from the first bucket on (the worker is idle then: no race on the
+  // communicator's counters).
+  if (next_bucket_ == 0) grad_bytes0_ = bytes_sent();
+  const GradBucket& b = buckets_[next_bucket_++];
+  if (!overlapping()) {
+    reduce_bucket(b);
+    return;
+  }
+  if (!worker_) worker_ = std::make_unique<detail::SerialWorker>();
+  worker_->post([this, &b] { reduce_bucket(b); });
+}
+
+void Engine::grad_ready(size_t i) {
+  if (i >= entries_.size())
+    throw std::out_of_range("grad_ready: tensor index " + std::to_string(i) + " of " +
+                            std::to_string(entries_.size()));
+  if (!overlapping() || !plan_ready_ || grads_done_) return;
+  if (grad_marked_[i])
+    throw std::logic_error("grad_ready: tensor '" + entries_[i]->name +
+                           "' was already marked ready this step (with gradient accumulation, mark "
+                           "tensors only after the last micro-batch: torch opt.no_sync())");
+  grad_marked_[i] = 1;
+  for (size_t k = entry_buckets_[i].first; k < entry_buckets_[i].second; ++k) --buckets_[k].pending;
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) launch_bucket();
+}
+
+void Engine::finish_grads() {
+  if (opts_.grad_mode != GradMode::kLocal || comm_->size() == 1 || grads_done_) return;
+  if (!plan_ready_) build_plan();
+  const double t0 = now_s();
+  try {
+    // The worker's buckets first, then the rest here, in launch order.
+    if (worker_) worker_->wait();
+    if (next_bucket_ == 0) grad_bytes0_ = bytes_sent();
+    while (next_bucket_ < buckets_.size()) {
+      const GradBucket& b = buckets_[next_bucket_++];
+      reduce_bucket(b);
+    }
+  } catch (...) {
+    reset_buckets();
+    throw;
+  }
+  grad_background_s_ = worker_ ? worker_->take_busy_seconds() : 0.0;
+  grad_bytes_ = bytes_sent() - grad_bytes0_;
+  grad_wait_s_ = now_s() - t0;
+  grads_done_ = true;
+}
+
+void Engine::require_no_buckets(const char* op) const {
+  if (next_bucket_ > 0 && !grads_done_)
+    throw std::logic_error(std::string(op) + ": this step's gradient buckets are being reduced (grad_ready "
+                           "started them); call step() first");
 }
 
 // 9. Parameters all-gathered: every rank contributes its pieces (gather_pieces_), streamed
@@ -499,7 +592,14 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   // 1. Gradients: reduce-scatter and average, or take this rank's part of reduced ones.
   phase_begin("grads");
   if (opts_.grad_mode == GradMode::kLocal && W > 1) {
-    reduce_scatter_grads();
+    // Buckets started by grad_ready (or all of them now); counted as this phase's, with the
+    // seconds the step waited for them (and "grads_background": the worker's time on them).
+    const bool early = grads_done_;
+    finish_grads();
+    reset_buckets();  // consumed: the next step starts afresh
+    phase_bytes0_ = bytes_sent() - grad_bytes_;
+    if (early) phase_t0_ -= grad_wait_s_;
+    if (grad_background_s_ > 0) stats_.seconds["grads_background"] = grad_background_s_;
   } else {
     for (auto& e : entries_)
       if (e->len()) backend_->copy(grad_local_->data() + e->local_off, e->grads + e->lo, e->len());
@@ -959,6 +1059,7 @@ void Engine::set_max_grad_norm(double v) {
 }
 
 void Engine::set_rules(const LabelRules& rules) {
+  require_no_buckets("set_rules");
   opts_.opt.rules = rules;
   rules_checked_ = false;
   relabel();
@@ -1188,6 +1289,7 @@ void Engine::install_state(size_t i, const TensorStateRecord& r) {
 }
 
 void Engine::save_state(const std::string& path) {
+  require_no_buckets("save_state");
   if (!plan_ready_) build_plan();
   const StateFile f = collect_state(/*all_ranks=*/false);
   std::string err;
@@ -1206,6 +1308,7 @@ void Engine::save_state(const std::string& path) {
 }
 
 void Engine::load_state(const std::string& path) {
+  require_no_buckets("load_state");
   if (!plan_ready_) build_plan();
   std::vector<TensorIdentity> ids;
   for (const auto& e : entries_) ids.push_back({&e->name, &e->geo.shape, e->label});

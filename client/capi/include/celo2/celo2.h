@@ -89,6 +89,8 @@ CELO2_API celo2_status_t celo2_version(int* major, int* minor, int* patch, int* 
  *   nan_policy       skip | error | zero                          (skip)
  *   grads            local | reduced | sharded                    (local)
  *   gather_params    1 | 0                                        (1)
+ *   overlap_grad_reduce 1 | 0: reduce gradient buckets during backward, as
+ *                    celo2_grad_ready marks tensors (MPI)          (0)
  *   communicator     auto | local | mpi                           (auto)
  *   control_address, control_token, control_token_file, control_weights_root,
  *   control_checkpoint_dir                                        (control plane off)
@@ -123,6 +125,12 @@ CELO2_API celo2_status_t celo2_set(celo2_t* opt, const char* key, const char* va
  * calls on every rank; takes effect at the next step. */
 CELO2_API celo2_status_t celo2_set_tensor_group(celo2_t* opt, const char* name, double lr_scale,
                                                 double weight_decay);
+
+/* overlap_grad_reduce=1: the named tensor's gradient is final for this step (after the last
+ * micro-batch's backward); every gradient bucket whose tensors are all final is reduced on the
+ * engine's communication thread while backward goes on, in the same order on every rank.
+ * Tensors never marked are reduced at celo2_step. Marking a tensor twice in one step fails. */
+CELO2_API celo2_status_t celo2_grad_ready(celo2_t* opt, const char* name);
 
 /* gather_params=0: all-gather every rank's updated slice into the parameters. */
 CELO2_API celo2_status_t celo2_gather_params(celo2_t* opt);

@@ -54,6 +54,9 @@ struct ClientOptions {
   std::string backend = "cpu";        // cpu | cuda | reference (engine.h EngineOptions::backend)
   std::string plan = "flat";          // flat | whole (engine.h Plan; cuda and reference: whole)
   int64_t bucket_elements = int64_t{1} << 24;
+  // Reduce-scatter gradient buckets during backward, as grad_ready() marks tensors final
+  // (engine.h EngineOptions::overlap_grad_reduce).
+  bool overlap_grad_reduce = false;
   // auto | local | mpi | nccl (unused when one is passed in). auto: MPI when an MPI launcher
   // started more than one rank, else local; with backend "cuda": NCCL when more than one rank.
   std::string communicator = "auto";
@@ -126,6 +129,11 @@ class Client {
   // `has_grad` (optional): Engine::step's, one byte per tensor (0: no gradient this step).
   StepReport step(std::optional<double> loss = std::nullopt, std::optional<double> lr = std::nullopt,
                   const std::vector<uint8_t>* has_grad = nullptr);
+
+  // Overlap (ClientOptions::overlap_grad_reduce): the tensor registered `i`-th (or named
+  // `name`) has its final gradient for this step (Engine::grad_ready).
+  void grad_ready(size_t i);
+  void grad_ready(const std::string& name);
 
   // Checkpoints: the Engine's world-size-independent file (state_file.h). state_bytes()
   // returns the same bytes save() writes, on every rank; load_state_bytes() uses rank 0's.
