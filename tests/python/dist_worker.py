@@ -5,6 +5,7 @@ batches and averages their gradients, which is what the sharded engine must repr
     mpirun -np 2 python3 dist_worker.py --grads local --out params.npz
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -32,12 +33,13 @@ def loss_of(params, rank, step):
     return ((out - target) ** 2).mean()
 
 
-def make_optimizer(params, grads, gather, communicator):
+def make_optimizer(params, grads, gather, communicator, overlap=False):
+    extra = dict(overlap_grad_reduce=True, bucket_elements=40) if overlap else {}
     return Celo2(params, schedule="cosine:lr=3e-2,warmup=2,total=12,final=0.1", weight_decay=0.01,
-                 grads=grads, gather_params=gather, communicator=communicator)
+                 grads=grads, gather_params=gather, communicator=communicator, **extra)
 
 
-def train(opt, params, rank, world, first, last, grads, emulate=1):
+def train(opt, params, rank, world, first, last, grads, emulate=1, accum=1):
     """Steps [first, last). emulate > 1: one process plays `emulate` ranks (the reference)."""
     comm = opt.communicator
     for t in range(first, last):
@@ -56,6 +58,12 @@ def train(opt, params, rank, world, first, last, grads, emulate=1):
             for _, p in params:
                 p.grad = avg[at:at + p.numel()].view(p.shape).clone()
                 at += p.numel()
+        elif accum > 1:
+            # Gradient accumulation: the same batch in `accum` equal parts (exact in float),
+            # all but the last backward inside no_sync (overlap_grad_reduce).
+            for k in range(accum):
+                with opt.no_sync() if k < accum - 1 else contextlib.nullcontext():
+                    (loss_of(params, rank, t) * (1.0 / accum)).backward()
         else:
             loss_of(params, rank, t).backward()
             if grads == "reduced":
@@ -87,6 +95,8 @@ def main():
     ap.add_argument("--rank0-save", action="store_true",
                     help="consolidate_state_dict(to=0), then state_dict() on rank 0 only")
     ap.add_argument("--emulate", type=int, default=1, help="one process plays this many ranks")
+    ap.add_argument("--overlap", action="store_true", help="overlap_grad_reduce (hooks)")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per step (no_sync)")
     ap.add_argument("--init-dist", action="store_true",
                     help="the trainer initializes torch.distributed (gloo) before Celo2")
     a = ap.parse_args()
@@ -94,8 +104,10 @@ def main():
     if a.init_dist:
         torch.distributed.init_process_group("gloo")
     params = make_params()
-    opt = make_optimizer(params, a.grads, bool(a.gather), a.comm)
+    opt = make_optimizer(params, a.grads, bool(a.gather), a.comm, overlap=a.overlap)
     rank, world = opt.rank, opt.world_size
+    if a.overlap:
+        assert opt.overlapping == (world > 1 and opt.status()["backend"] == "mpi"), opt.status()["backend"]
     first = 0
     if a.resume:
         ck = torch.load(a.resume)
@@ -121,11 +133,23 @@ def main():
             torch.save({"model": {n: p.detach().clone() for n, p in params}, "optimizer": sd,
                         "step": a.save_at}, a.save)
         first = a.save_at
-    train(opt, params, rank, world, first, a.steps, a.grads, emulate=a.emulate)
+    train(opt, params, rank, world, first, a.steps, a.grads, emulate=a.emulate, accum=a.accum)
     if rank == 0:
         np.savez(a.out, **{n: p.detach().numpy() for n, p in params},
                  __meta=np.array([world, opt.status()["step"]]),
                  __backend=np.array(opt.status()["backend"]))
+    if opt.overlapping:
+        # The last step's buckets ran on the engine's thread during backward.
+        assert "grads_background" in opt._engine.phase_seconds(), opt._engine.phase_seconds()
+        # Accumulating without no_sync marks a tensor twice: refused by name, and the step
+        # still completes on every rank.
+        try:
+            for _ in range(2):
+                loss_of(params, rank, 99).backward()
+            raise AssertionError("a second backward without no_sync was not refused")
+        except RuntimeError as e:
+            assert "already marked ready" in str(e) and "no_sync" in str(e), e
+        opt.step()
     print(f"rank {rank}/{world} backend {opt.status()['backend']} done", file=sys.stderr)
     if a.init_dist:  # the trainer's group: the trainer closes it (else celo2's atexit does)
         torch.distributed.barrier()

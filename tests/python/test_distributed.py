@@ -145,6 +145,16 @@ def test_torchrun_split_newton_schulz_matches_one(tmp_path, ref):
     compare(out, ref, backend="python:torch.distributed", tol=SPLIT_TOL)
 
 
+# overlap_grad_reduce: buckets of 40 floats reduce-scattered on the engine's thread as the
+# hooks mark parameters during backward, with and without gradient accumulation (no_sync):
+# the same parameters as one rank, to the same bound as without overlap.
+@pytest.mark.parametrize("accum", [1, 2])
+def test_mpirun_overlapped_grad_reduce_matches_one(tmp_path, ref, accum):
+    out = tmp_path / "p.npz"
+    mpirun(["--steps", str(STEPS), "--overlap", "--accum", str(accum), "--out", str(out)])
+    compare(out, ref, backend="mpi")
+
+
 def test_state_dict_saved_on_two_ranks_resumes_on_one(tmp_path, ref):
     ck = tmp_path / "ck.pt"
     mpirun(["--steps", str(STEPS), "--save-at", "3", "--save", str(ck), "--out", str(tmp_path / "a.npz")])

@@ -52,6 +52,7 @@ a state_dict saved on 4 ranks loads on 2, and an engine checkpoint file loads th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -101,6 +102,12 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             ``torch.nn.utils.clip_grad_norm_`` (0: off); ``opt.grad_norm`` is the norm before.
         nan_policy: ``"skip"`` | ``"error"`` | ``"zero"``.
         grads: ``"local"`` | ``"reduced"`` | ``"sharded"``; gather_params: see module doc.
+        overlap_grad_reduce: with ``grads="local"`` over MPI, reduce-scatter each gradient
+            bucket (``bucket_elements`` floats) during backward, as soon as its parameters'
+            gradients are accumulated (hooks; Megatron's ``overlap_grad_reduce``). Gradient
+            accumulation: wrap all but the last micro-batch's backward in ``opt.no_sync()``.
+            Gradients are read when their bucket starts, so in-place changes after backward
+            (``clip_grad_norm_``, ``GradScaler.unscale_``) are not seen: use ``max_grad_norm``.
         communicator: ``"auto"`` | ``"local"`` | ``"mpi"`` | ``"torch"`` | a communicator.
         control: ``"host:port"`` to serve the control plane from rank 0 (``":0"`` or
             ``"127.0.0.1:0"`` picks a free port); control_token / control_token_file (or
@@ -126,7 +133,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                  control: str | None = None, control_token: str | None = None,
                  control_token_file: str | None = None, control_weights_root: str | None = None,
                  control_checkpoint_dir: str | None = None, backend: str = "auto",
-                 bucket_elements: int | None = None, max_grad_norm: float = 0.0):
+                 bucket_elements: int | None = None, max_grad_norm: float = 0.0,
+                 overlap_grad_reduce: bool = False):
         if backend not in ("auto", "cpu", "cuda"):
             raise ValueError(f"backend must be 'auto', 'cpu' or 'cuda', got {backend!r}")
         if not _is_number(lr) or lr < 0:
@@ -233,6 +241,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         options["max_grad_norm"] = float(max_grad_norm)
         if bucket_elements is not None:
             options["bucket_elements"] = int(bucket_elements)
+        options["overlap_grad_reduce"] = bool(overlap_grad_reduce)
         self._grads_mode = grads
         self._gather = bool(gather_params)
         if backend == "cuda":
@@ -276,6 +285,11 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                     offset += n
         self._wd_written = [pg["weight_decay"] for pg in self.param_groups]
         self._push_groups()
+        self._sync_off = False
+        self._marked: set[int] = set()
+        self._hooks: list = []
+        if self._engine.overlapping():
+            self._register_grad_hooks()
         status = self._engine.status()
         self._external_lr = False
         self._write_lrs(status["lr"])
@@ -287,6 +301,54 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         if not getattr(self, "_registering", False):
             raise RuntimeError(f"add_param_group: {_NO_SETTER}; pass every parameter to Celo2(...)")
         super().add_param_group(param_group)
+
+    def _register_grad_hooks(self):
+        """overlap_grad_reduce: a hook per parameter, run when backward has accumulated its
+        gradient, tells the engine (``grad_ready``); the engine reduces each bucket whose
+        tensors are all final on its communication thread while backward goes on."""
+        for i, e in enumerate(self._entries):
+            p = e.param
+            if hasattr(p, "register_post_accumulate_grad_hook"):  # torch >= 2.1
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._grad_final(i)))
+            else:  # torch 1.13 - 2.0: a hook on the parameter's AccumulateGrad node (kept alive)
+                with torch.enable_grad():
+                    acc = p.expand_as(p).grad_fn.next_functions[0][0]
+                self._hooks.append((acc, acc.register_hook(lambda *_a, i=i: self._grad_final(i))))
+
+    def _grad_final(self, i):
+        if self._sync_off:
+            return
+        e = self._entries[i]
+        g = e.param.grad
+        if g is None:
+            return
+        if g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
+            e.grad_view.copy_(g)
+        self._marked.add(i)
+        self._engine.grad_ready(i)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation with ``overlap_grad_reduce``: backward passes inside this
+        block do not start the reduce-scatter (as DDP's ``no_sync``); the last micro-batch's
+        backward, outside it, does.
+
+            for k, mb in enumerate(micro_batches):
+                with (opt.no_sync() if k < len(micro_batches) - 1 else contextlib.nullcontext()):
+                    model(mb).loss.backward()
+            opt.step()
+        """
+        prev, self._sync_off = self._sync_off, True
+        try:
+            yield
+        finally:
+            self._sync_off = prev
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether backward overlaps the gradient reduce-scatter (``overlap_grad_reduce=True``
+        over MPI with more than one rank, CPU engine)."""
+        return self._engine.overlapping()
 
     def _sync_grads(self):
         """Copies gradients that are not views of the engine's buffer in; returns one byte
@@ -301,8 +363,9 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                 e.grad_view.zero_()
             else:
                 has[i] = 1
-                if g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
-                    e.grad_view.copy_(g)
+                if i not in self._marked and (g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape):
+                    e.grad_view.copy_(g)  # (a marked tensor's was copied by its hook, and may be in flight)
+        self._marked.clear()
         return bytes(has)
 
     def _check_params(self):
