@@ -335,6 +335,11 @@ int main(int argc, char** argv) {
   app.add_option("--engine-d", eb.d, "GPT width of --engine")->capture_default_str();
   app.add_option("--engine-steps", eb.steps, "timed steps of --engine")->capture_default_str();
   app.add_flag("--engine-base", eb.base, "Celo2-base in --engine");
+  app.add_option("--engine-overlap", eb.backward_ms,
+                 "with --engine: time overlap_grad_reduce off and on behind a backward pass emulated as this "
+                 "many ms of host sleep per step (a device computing)");
+  app.add_option("--engine-bucket", eb.bucket_elements, "gradient bucket (floats) of --engine-overlap")
+      ->capture_default_str();
   celo2::bench::NsGramOptions ng;
   bool ns_gram_mode = false;
   app.add_flag("--ns-gram", ns_gram_mode,
@@ -362,7 +367,7 @@ int main(int argc, char** argv) {
   }
   if (engine_mode) {
     eb.ffn = 4 * eb.d;
-    return celo2::bench::run_engine_bench(eb);
+    return eb.backward_ms > 0 ? celo2::bench::run_overlap_bench(eb) : celo2::bench::run_engine_bench(eb);
   }
   // Line-buffered even into a file, so a run cut short by a timeout keeps what it printed.
   std::setvbuf(stdout, nullptr, _IOLBF, 0);

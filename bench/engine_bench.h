@@ -8,6 +8,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "celo2/comm_model.h"
@@ -20,6 +21,11 @@ struct EngineBenchOptions {
   int64_t d = 512, ffn = 2048, vocab = 50257, context = 1024;  // ~51M parameters
   int warmup = 1, steps = 3;
   bool base = false;
+  // --engine-overlap: a backward pass of this many ms per step (0: none), emulated as a
+  // device would run it (the host sleeps, tensor by tensor, last first, in proportion to
+  // their sizes), then the step; overlap_grad_reduce off and on, one after the other.
+  double backward_ms = 0;
+  int64_t bucket_elements = int64_t{1} << 22;
 };
 
 inline int run_engine_bench(const EngineBenchOptions& o) {
@@ -81,6 +87,88 @@ inline int run_engine_bench(const EngineBenchOptions& o) {
     for (size_t i = 0; i < plan.group.size(); ++i) split += std::min(plan.group[i], W - plan.owner[i]) > 1;
     std::printf("  Newton–Schulz plan: %zu matrices, %d split over groups of ranks; modelled load max/mean %.2f "
                 "(one owner each %.2f)\n", plan.group.size(), split, plan.imbalance, plan.imbalance_unsplit);
+  }
+  return 0;
+}
+
+// Overlap of the gradient reduce-scatter with backward (EngineOptions::overlap_grad_reduce):
+// per step, the emulated backward (grad_ready(i) as each tensor's gradient is final, when the
+// option is on) then step(); medians over steps of backward + step, of the step alone (what
+// the trainer waits for after backward), and of the engine's "grads" phase (its exposed
+// reduce) and "grads_background" (the worker's time, hidden behind backward).
+inline int run_overlap_bench(const EngineBenchOptions& o) {
+  auto comm = std::shared_ptr<Communicator>(make_communicator("auto"));
+  const int W = comm->size(), me = comm->rank();
+  const auto spec = gpt_tensors(o.layers, o.d, o.ffn, o.vocab, o.context);
+  std::vector<std::vector<float>> p(spec.size()), g(spec.size());
+  std::mt19937 rng(me);
+  std::normal_distribution<float> nd;
+  int64_t n = 0;
+  for (size_t i = 0; i < spec.size(); ++i) {
+    int64_t k = 1;
+    for (auto s : spec[i].shape) k *= s;
+    n += k;
+    g[i].resize(k);
+    for (auto& x : g[i]) x = nd(rng) * 1e-3f;
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  auto max_over_ranks = [&](double x) {
+    std::vector<double> all(W, 0.0);
+    all[me] = x;
+    comm->all_reduce_sum(all.data(), W);
+    return *std::max_element(all.begin(), all.end());
+  };
+  if (me == 0)
+    std::printf("overlap: %s, %.1f M parameters, W = %d, buckets of %lld floats, backward emulated as %.0f ms of "
+                "host sleep per step (a device computing)\n  %-9s %12s %12s %12s %16s %10s\n",
+                o.base ? "celo2-base" : "celo2", n / 1e6, W, static_cast<long long>(o.bucket_elements),
+                o.backward_ms, "overlap", "bwd+step s", "step s", "grads s", "background s", "overlapped");
+  std::vector<float> start;
+  for (const bool on : {false, true}) {
+    for (size_t i = 0; i < spec.size(); ++i) p[i].assign(g[i].size(), 0.02f);
+    EngineOptions eo;
+    eo.opt.rule = o.base ? RuleConfig::celo2_base() : RuleConfig{};
+    eo.opt.theta = Theta::random(eo.opt.rule, 1);
+    eo.opt.rules = LabelRules::seed_default();
+    eo.bucket_elements = o.bucket_elements;
+    eo.overlap_grad_reduce = on;
+    Engine eng(eo, comm);
+    for (size_t i = 0; i < spec.size(); ++i) eng.add_tensor(spec[i].name, spec[i].shape, p[i].data(), g[i].data());
+    std::vector<double> total, step, grads, background;
+    for (int s = 0; s < o.warmup + o.steps; ++s) {
+      comm->barrier();
+      const auto t0 = std::chrono::steady_clock::now();
+      for (size_t i = spec.size(); i-- > 0;) {
+        std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(
+            o.backward_ms * static_cast<double>(g[i].size()) / static_cast<double>(n)));
+        eng.grad_ready(i);  // does nothing with the option off
+      }
+      const auto t1 = std::chrono::steady_clock::now();
+      eng.step();
+      const auto t2 = std::chrono::steady_clock::now();
+      if (s < o.warmup) continue;
+      total.push_back(std::chrono::duration<double>(t2 - t0).count());
+      step.push_back(std::chrono::duration<double>(t2 - t1).count());
+      const auto& sec = eng.last_phase_stats().seconds;
+      grads.push_back(sec.count("grads") ? sec.at("grads") : 0.0);
+      background.push_back(sec.count("grads_background") ? sec.at("grads_background") : 0.0);
+    }
+    const double a = max_over_ranks(median(total)), b = max_over_ranks(median(step)),
+                 c = max_over_ranks(median(grads)), d = max_over_ranks(median(background));
+    if (me == 0)
+      std::printf("  %-9s %12.4f %12.4f %12.4f %16.4f %10s\n", on ? "on" : "off", a, b, c, d,
+                  eng.overlapping() ? "yes" : "no");
+    // Both runs must end with the same parameters (overlap changes when, not what).
+    std::vector<float> flat;
+    for (const auto& v : p) flat.insert(flat.end(), v.begin(), v.end());
+    if (!on) start = std::move(flat);
+    else if (flat != start) {
+      std::fprintf(stderr, "overlap bench: parameters differ with overlap on (rank %d)\n", me);
+      return 1;
+    }
   }
   return 0;
 }

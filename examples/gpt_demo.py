@@ -62,6 +62,10 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--corpus", default=DEFAULT_CORPUS, help="a directory or file of plain text")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overlap-grad-reduce", action="store_true",
+                    help="Celo2: reduce-scatter gradient buckets during backward (hooks; MPI ranks)")
+    ap.add_argument("--bucket-elements", type=int, default=None,
+                    help="Celo2: floats per gradient bucket (default: the engine's, 16M)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--no-baseline", action="store_true", help="skip the AdamW run")
@@ -154,6 +158,7 @@ def train_run(name, a, comm, batches, device, rank, world, out_dir, control_toke
     if name == "celo2":
         opt = Celo2(param_groups(model, a.weight_decay), schedule=schedule, rules=a.rules, theta=a.theta,
                     variant=a.variant, mult_1d=a.mult_1d, max_grad_norm=a.clip,
+                    overlap_grad_reduce=a.overlap_grad_reduce, bucket_elements=a.bucket_elements,
                     communicator=comm, control=a.control or None,
                     control_token_file=control_token_file if a.control else None,
                     control_checkpoint_dir=out_dir if a.control else None,
