@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string>
 
 #include "celo2/comm_model.h"
 #include "celo2/newton_schulz.h"
@@ -18,6 +19,7 @@ int main(int argc, char** argv) {
   std::vector<int> worlds = {8, 64, 512};
   bool base = false;
   bool split = false;
+  std::string ns_model = "cpu";
   double gemm_tflops = 400, nvlink_gbs = 360, ib_gbs = 50, latency_us = 15, node = 8;
   double batch_tokens = 1 << 20, mfu = 0.4, peak_tflops = 989;
   app.add_option("--layers", layers)->capture_default_str();
@@ -27,6 +29,11 @@ int main(int argc, char** argv) {
   app.add_option("--context", ctx)->capture_default_str();
   app.add_option("--world", worlds, "world sizes")->capture_default_str();
   app.add_flag("--base", base, "Celo2-base (no Newton–Schulz)");
+  app.add_option("--ns-model", ns_model,
+                 "Newton-Schulz cost model of the owner plan in the first table: cpu (what the CPU engine plans "
+                 "with) or h200 (the GPU one, as --split)")
+      ->check(CLI::IsMember({"cpu", "h200"}))
+      ->capture_default_str();
   app.add_flag("--split", split, "also model Newton–Schulz split over groups of ranks (celo2/split_ns.h)");
   app.add_option("--gemm-tflops", gemm_tflops, "--split: float32/TF32 GEMM rate per GPU")->capture_default_str();
   app.add_option("--nvlink-gbs", nvlink_gbs, "--split: all-reduce bus bandwidth in a node, GB/s")->capture_default_str();
@@ -50,19 +57,20 @@ int main(int argc, char** argv) {
   std::printf("model: %d layers, d=%lld, ffn=%lld, vocab=%lld: %.3f B parameters, %.3f B in "
               "Celo2 matrices\n\n", layers, static_cast<long long>(d), static_cast<long long>(ffn),
               static_cast<long long>(vocab), n / 1e9, ns / 1e9);
+  const celo2::NsCostModel owner_model = ns_model == "cpu" ? celo2::NsCostModel::cpu() : celo2::NsCostModel::h200();
   std::printf("%-6s %-14s", "ranks", "phase");
   std::printf("%14s\n", "MB/rank/step");
   for (int W : worlds) {
-    const celo2::CommModel m = celo2::model_step(tensors, cfg, W);
+    const celo2::CommModel m = celo2::model_step(tensors, cfg, W, true, 0, owner_model);
     for (const auto& [phase, b] : m.bytes) std::printf("%-6d %-14s %14.3f\n", W, phase.c_str(), b / 1e6);
     std::printf("%-6d %-14s %14.3f\n", W, "celo2 total", m.celo2 / 1e6);
     std::printf("%-6d %-14s %14.3f   (celo2 / zero1 = %.3f)\n", W, "zero1 adamw", m.zero1_adamw / 1e6,
                 m.celo2 / m.zero1_adamw);
     std::printf("%-6d %-14s %14.3f   (all-to-all if owners ignored locality: %.3f MB)\n", W,
                 "layer-wise", m.layerwise / 1e6, m.a2a_no_locality / 1e6);
-    std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean, CPU cost model) %.2f; layer-wise optimizer-"
-                "state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices), m.ns_imbalance,
-                m.layerwise_state_imbalance);
+    std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean, the planner's plan, %s cost model) %.2f; "
+                "layer-wise optimizer-state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices),
+                ns_model.c_str(), m.ns_imbalance, m.layerwise_state_imbalance);
   }
   // The whole-tensor plan (celo2/plan.h; what the engine's cuda backend runs): cuts at Celo2
   // tensor boundaries by modelled cost and memory. Per rank: engine bytes (state and slice

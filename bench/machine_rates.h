@@ -6,16 +6,12 @@
 
 #include <cstdint>
 
+#include "celo2/isa.h"
+
 namespace celo2::bench {
 
 constexpr int kFmaChains = 12;
-#if defined(__AVX512F__)
-constexpr int kNativeVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kNativeVecBytes = 32;
-#else
-constexpr int kNativeVecBytes = 16;
-#endif
+constexpr int kNativeVecBytes = CELO2_VEC_BYTES;  // what this file is compiled for
 
 template <int Bytes> struct FmaVec;
 template <> struct FmaVec<16> { typedef float type __attribute__((vector_size(16))); };

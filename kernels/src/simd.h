@@ -8,16 +8,12 @@
 
 #include <cstring>
 
+#include "celo2/isa.h"
+
 namespace celo2::simd {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kV = 16;
-#elif defined(__AVX__)
-constexpr int kV = 8;
-#else
-constexpr int kV = 4;
-#endif
+constexpr int kV = CELO2_VEC_BYTES / static_cast<int>(sizeof(float));
 
 typedef float VF __attribute__((vector_size(kV * sizeof(float))));
 

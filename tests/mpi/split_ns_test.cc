@@ -133,15 +133,18 @@ TEST(SplitNewtonSchulz, TwoGroupsAtOnceAndTheCostModel) {
 
 // ---- the engine's step with split Newton–Schulz ----
 
-// max|a − b| / RMS(b − start) of the parameter change, over every tensor and rank.
-double update_error(const testing::Model& a, const testing::Model& b, const testing::Model& start, size_t t) {
+// max|a − b| / RMS(b − start): the error of one tensor's parameter change.
+double update_error(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& start) {
   double m = 0, s = 0;
-  for (size_t i = 0; i < b.p[t].size(); ++i) {
-    m = std::max(m, std::fabs(static_cast<double>(a.p[t][i]) - b.p[t][i]));
-    const double d = static_cast<double>(b.p[t][i]) - start.p[t][i];
+  for (size_t i = 0; i < b.size(); ++i) {
+    m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+    const double d = static_cast<double>(b[i]) - start[i];
     s += d * d;
   }
-  return m / std::max(std::sqrt(s / std::max<size_t>(1, b.p[t].size())), 1e-30);
+  return m / std::max(std::sqrt(s / std::max<size_t>(1, b.size())), 1e-30);
+}
+double update_error(const testing::Model& a, const testing::Model& b, const testing::Model& start, size_t t) {
+  return update_error(a.p[t], b.p[t], start.p[t]);
 }
 
 struct SplitCase {
@@ -278,14 +281,7 @@ TEST(SplitEngine, ThePlannerSplitsWhereTheLargestMatrixBoundsTheStep) {
     for (auto& v : g)
       for (auto& x : v) x = nd(gr);
     for (int k = 0; k < 2; ++k) eng[k]->step();
-    for (size_t t = 0; t < shapes.size(); ++t) {
-      double m = 0, s = 0;
-      for (size_t i = 0; i < start[t].size(); ++i) {
-        m = std::max(m, std::fabs(static_cast<double>(p[0][t][i]) - p[1][t][i]));
-        s += (static_cast<double>(p[1][t][i]) - start[t][i]) * (static_cast<double>(p[1][t][i]) - start[t][i]);
-      }
-      worst = std::max(worst, m / std::sqrt(s / static_cast<double>(start[t].size())));
-    }
+    for (size_t t = 0; t < shapes.size(); ++t) worst = std::max(worst, update_error(p[0][t], p[1][t], start[t]));
   }
   worst = worst_over_ranks(worst);
   const double bound = split_bound(RuleConfig{}, 256, 1024, matrix(256, 1024, 9));

@@ -8,6 +8,17 @@
 #include <string>
 #include <vector>
 
+// The vector width, in bytes, that the including translation unit is compiled for (its
+// -march / -mavx* flags): 64 with AVX-512, 32 with AVX/AVX2, else 16 (SSE, NEON). A macro,
+// so that files compiled once per instruction set (rule_fast.cc) each see their own.
+#if defined(__AVX512F__)
+#define CELO2_VEC_BYTES 64
+#elif defined(__AVX__)
+#define CELO2_VEC_BYTES 32
+#else
+#define CELO2_VEC_BYTES 16
+#endif
+
 namespace celo2 {
 
 enum class CpuIsa { kAuto, kBase, kAvx2, kAvx512 };

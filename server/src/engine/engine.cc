@@ -746,6 +746,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   // 2. Local accumulators and partial row/col statistics.
   phase_begin("accumulate");
   std::vector<Entry*> celo;
+  std::vector<int> celo_of(entries_.size(), -1);  // entry index -> index in celo
   std::vector<SliceState*> hs;  // their state, on the host (a host backend's)
   float* const G = grad_local_->data();
   float* const U = u_local_->data();
@@ -753,6 +754,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   for (auto& ep : entries_) {
     Entry& e = *ep;
     if (e.label != Label::kCelo2 || e.geo.numel == 0 || skip_[&ep - entries_.data()]) continue;
+    celo_of[&ep - entries_.data()] = static_cast<int>(celo.size());
     celo.push_back(&e);
     hs.push_back(backend_->host_state(static_cast<size_t>(&ep - entries_.data())));
     e.iteration += 1;
@@ -974,7 +976,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
       for (size_t t = 0; t < mine_idx.size(); ++t) {
         const Matrix& m = matrices_[mine_idx[t]];
         const Entry& e = *entries_[m.entry];
-        const size_t k = std::find(celo.begin(), celo.end(), &e) - celo.begin();
+        const auto k = static_cast<size_t>(celo_of[m.entry]);
         Slice s;
         s.lo = 0;
         s.hi = m.block(m.member).numel();
