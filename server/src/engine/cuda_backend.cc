@@ -76,6 +76,10 @@ class CudaBackend final : public Backend {
   void copy(float* dst, const float* src, int64_t n) override {
     if (n <= 0 || dst == src) return;
     CELO2_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice));
+    // A device-to-device cudaMemcpy may return before the copy is done, and NCCL's stream
+    // (non-blocking) does not wait for the legacy stream: the bucket a reduce-scatter reads
+    // must be in place first.
+    sync();
   }
   void to_host(float* host, const float* src, int64_t n) override {
     if (n > 0) CELO2_CUDA_CHECK(cudaMemcpy(host, src, n * sizeof(float), cudaMemcpyDeviceToHost));
