@@ -85,6 +85,42 @@ TEST(CudaBackend, DataParallelEqualsCpuBackend) {
   }
 }
 
+TEST(CudaBackend, OverlappedGradientBucketsOnTheWorkerThread) {
+  // overlap_grad_reduce on the cuda backend: the worker binds the device (bind_thread) and
+  // runs the buckets' copies, reduce-scatters and scales while "backward" marks tensors
+  // (last first, one tensor left to the step on odd steps): the same bits as the CPU
+  // backend reducing at step time.
+  const int W = g_comm->size(), me = g_comm->rank();
+  Model a(3), b(3);
+  EngineOptions eo = on_cuda(options(), GradMode::kLocal);
+  eo.overlap_grad_reduce = true;
+  PhaseStats last;
+  {
+    Engine dev(eo, g_comm);
+    EXPECT_EQ(dev.overlapping(), W > 1);
+    a.register_with(dev);
+    dev.owner_plan();
+    for (int s = 0; s < 3; ++s) {
+      a.fill_grads(s, me);
+      for (size_t t = a.p.size(); t-- > 0;)
+        if (!(s % 2 && t == 1)) dev.grad_ready(t);
+      dev.step();
+    }
+    last = dev.last_phase_stats();
+  }
+  eo.backend = "cpu";
+  eo.plan = Plan::kWholeTensors;
+  eo.overlap_grad_reduce = false;
+  Engine cpu(eo, g_comm);
+  b.register_with(cpu);
+  for (int s = 0; s < 3; ++s) {
+    b.fill_grads(s, me);
+    cpu.step();
+  }
+  EXPECT_EQ(a.p, b.p);
+  EXPECT_EQ(last.seconds.count("grads_background"), W > 1 ? 1u : 0u);
+}
+
 TEST(CudaBackend, HalfMastersEqualCpuBackend) {
   // bf16 and fp16 parameters: the cuda backend's masters (store_lowp / reseed_master device
   // calls) give the same bits as the CPU backend's, including a trainer's write between

@@ -324,6 +324,12 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
             return
         if g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
             e.grad_view.copy_(g)
+        if self._backend == "cuda":
+            # The engine's bucket copies follow the legacy default stream (torch's default);
+            # gradients made on another stream are waited for here.
+            s = torch.cuda.current_stream(self._device)
+            if s != torch.cuda.default_stream(self._device):
+                s.synchronize()
         self._marked.add(i)
         self._engine.grad_ready(i)
 
@@ -347,7 +353,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
     @property
     def overlapping(self) -> bool:
         """Whether backward overlaps the gradient reduce-scatter (``overlap_grad_reduce=True``
-        over MPI with more than one rank, CPU engine)."""
+        with more than one rank over MPI or NCCL; not over the torch/gloo bridge)."""
         return self._engine.overlapping()
 
     def _sync_grads(self):

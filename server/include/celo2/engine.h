@@ -71,8 +71,10 @@ struct EngineOptions {
   // W > 1; Megatron's overlap_grad_reduce): the trainer calls grad_ready(i) as each tensor's
   // gradient becomes final, and every bucket whose tensors are all final is reduce-scattered
   // on the engine's communication thread while backward goes on. Needs a transport that
-  // allows it (Communicator::background_ok: MPI) and a host backend; otherwise grad_ready()
-  // does nothing and step() reduces every bucket, as without this option. The gradients are
+  // allows it (Communicator::background_ok: MPI, NCCL); otherwise grad_ready() does nothing
+  // and step() reduces every bucket, as without this option. On the cuda backend the
+  // worker's copies run on the legacy default stream (torch's default stream: the gradient
+  // a hook reports was queued there before it) and wait for it. The gradients are
   // read when their bucket starts: in-place changes after backward (torch's
   // clip_grad_norm_, GradScaler.unscale_) are not seen; use max_grad_norm instead.
   bool overlap_grad_reduce = false;

@@ -125,6 +125,9 @@ class Nccl final : public NcclCommunicator {
   int rank() const override { return info_.rank; }
   int size() const override { return info_.size; }
   std::string backend() const override { return "nccl"; }
+  // One thread at a time (the engine's worker binds the device first: Backend::bind_thread);
+  // every call waits for its stream, so program order is data order on any thread.
+  bool background_ok() const override { return true; }
   int device() const override { return device_; }
   CUstream_st* stream() const override { return stream_; }
 

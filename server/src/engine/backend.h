@@ -43,9 +43,11 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
-  // Whether its buffers are host memory (any thread may copy them; the engine's gradient
-  // buckets may then be reduced on its worker thread).
+  // Whether its buffers are host memory.
   virtual bool host() const { return true; }
+  // Called first on the engine's worker thread (the gradient buckets of overlap_grad_reduce:
+  // copy, scale), so that thread works on the backend's device.
+  virtual void bind_thread() {}
 
   // ---- memory ----
   virtual float* alloc(int64_t n) = 0;  // n floats, zero-filled (n may be 0)

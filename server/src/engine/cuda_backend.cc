@@ -43,6 +43,7 @@ class CudaBackend final : public Backend {
     CELO2_CUDA_CHECK(cudaMalloc(&out_, sizeof(double)));
     CELO2_CUDA_CHECK(cudaMalloc(&counter_, sizeof(unsigned long long)));
     ns_ = std::make_shared<cuda::NewtonSchulzCuda>(cuda::NsPrecision::kFloat32);
+    CELO2_CUDA_CHECK(cudaGetDevice(&device_));
   }
   ~CudaBackend() override {
     groups_.clear();
@@ -54,6 +55,7 @@ class CudaBackend final : public Backend {
   }
   const char* name() const override { return "cuda"; }
   bool host() const override { return false; }
+  void bind_thread() override { CELO2_CUDA_CHECK(cudaSetDevice(device_)); }
 
   // ---- memory ----
   float* alloc(int64_t n) override {
@@ -232,6 +234,7 @@ class CudaBackend final : public Backend {
   };
 
   void sync() { CELO2_CUDA_CHECK(cudaStreamSynchronize(nullptr)); }
+  int device_ = 0;  // the device current at construction (the worker thread binds it)
   double read_out() {
     double v = 0;
     CELO2_CUDA_CHECK(cudaMemcpy(&v, out_, sizeof v, cudaMemcpyDeviceToHost));

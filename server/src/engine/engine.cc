@@ -139,7 +139,7 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   bucket_send_ = std::make_unique<BackendBuffer>(backend_.get());
   bucket_recv_ = std::make_unique<BackendBuffer>(backend_.get());
   overlap_ = opts_.overlap_grad_reduce && opts_.grad_mode == GradMode::kLocal && comm_->size() > 1 &&
-             backend_->host() && comm_->background_ok();
+             comm_->background_ok();
 }
 
 
@@ -486,7 +486,10 @@ void Engine::launch_bucket() {
     reduce_bucket(b);
     return;
   }
-  if (!worker_) worker_ = std::make_unique<detail::SerialWorker>();
+  if (!worker_) {
+    worker_ = std::make_unique<detail::SerialWorker>();
+    worker_->post([this] { backend_->bind_thread(); });
+  }
   worker_->post([this, &b] { reduce_bucket(b); });
 }
 
