@@ -209,6 +209,7 @@ void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, flo
 
 void Engine::add_tensor(const std::string& name, std::vector<int64_t> shape, void* params, DType dtype,
                         const float* grads) {
+  require_no_buckets("add_tensor");
   auto e = std::make_unique<Entry>();
   e->geo = check_registration(step_ > 0 || skipped_ > 0, name, shape, static_cast<const float*>(params), grads,
                               [&](const std::string& n) { return name_taken(entries_, n); });
@@ -593,15 +594,19 @@ StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad)
   rep.lr = lr;
 
   // 1. Gradients: reduce-scatter and average, or take this rank's part of reduced ones.
+  // Buckets started by grad_ready (or all of them now) end first: the worker is then idle, so
+  // reading the communicator's counters (phase_begin) cannot race with it. They count as
+  // this phase's, with the seconds the step waited for them ("grads_background": the
+  // worker's time on them, hidden behind backward).
+  const bool reduce = opts_.grad_mode == GradMode::kLocal && W > 1;
+  const bool early = grads_done_;
+  const double t_grads = now_s();
+  if (reduce) finish_grads();
   phase_begin("grads");
-  if (opts_.grad_mode == GradMode::kLocal && W > 1) {
-    // Buckets started by grad_ready (or all of them now); counted as this phase's, with the
-    // seconds the step waited for them (and "grads_background": the worker's time on them).
-    const bool early = grads_done_;
-    finish_grads();
+  if (reduce) {
     reset_buckets();  // consumed: the next step starts afresh
     phase_bytes0_ = bytes_sent() - grad_bytes_;
-    if (early) phase_t0_ -= grad_wait_s_;
+    phase_t0_ = early ? phase_t0_ - grad_wait_s_ : t_grads;
     if (grad_background_s_ > 0) stats_.seconds["grads_background"] = grad_background_s_;
   } else {
     for (auto& e : entries_)
