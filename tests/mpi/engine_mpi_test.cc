@@ -372,12 +372,21 @@ TEST(Engine, OverlapMisuseIsRefusedAndTheStepStillCompletes) {
     a.fill_grads(1, me);
     eng.grad_ready(last);  // a new step: marking again is fine
     eng.step();
+    // Gradients reduced ahead (finish_grads, as the Client does before its control plane)
+    // for a step that is then refused are not reused: the next step reads the trainer's
+    // buffers again (here holding the next gradients).
+    a.fill_grads(5, me);
+    eng.grad_ready(last);
+    eng.finish_grads();
+    EXPECT_THROW(eng.step_with_lr(std::nan("")), std::invalid_argument);
+    a.fill_grads(2, me);
+    eng.step();
   }
   {
     eo.overlap_grad_reduce = false;
     Engine eng(eo, g_comm);
     b.register_with(eng);
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < 3; ++s) {
       b.fill_grads(s, me);
       eng.step();
     }

@@ -200,7 +200,7 @@ class Engine : public EngineControl {
   };
   void build_buckets();
   void reduce_bucket(const GradBucket& b);
-  void launch_bucket();                 // the next bucket, on the worker (or inline)
+  void launch_bucket();                 // the next bucket, on the worker
   void reset_buckets();                 // for the next step: nothing marked, nothing started
   void require_no_buckets(const char* op) const;  // throws while buckets are in flight
   // Returns false when the step was skipped (non-finite updates under NanPolicy::kSkipStep).

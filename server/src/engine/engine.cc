@@ -483,10 +483,6 @@ void Engine::launch_bucket() {
   // communicator's counters).
   if (next_bucket_ == 0) grad_bytes0_ = bytes_sent();
   const GradBucket& b = buckets_[next_bucket_++];
-  if (!overlapping()) {
-    reduce_bucket(b);
-    return;
-  }
   if (!worker_) {
     worker_ = std::make_unique<detail::SerialWorker>();
     worker_->post([this] { backend_->bind_thread(); });
@@ -581,10 +577,17 @@ void Engine::gather_params_now() {
 }
 
 StepReport Engine::step_with_lr(double lr, const std::vector<uint8_t>* has_grad) {
-  check_step_lr(lr);
-  if (has_grad && has_grad->size() != entries_.size())
-    throw std::invalid_argument("step: has_grad has " + std::to_string(has_grad->size()) +
-                                " entries for " + std::to_string(entries_.size()) + " tensors");
+  try {
+    check_step_lr(lr);
+    if (has_grad && has_grad->size() != entries_.size())
+      throw std::invalid_argument("step: has_grad has " + std::to_string(has_grad->size()) +
+                                  " entries for " + std::to_string(entries_.size()) + " tensors");
+  } catch (...) {
+    // Gradients reduced ahead of a refused step (finish_grads from the Client) are not kept
+    // for a later one: the next step reduces the trainer's buffers again.
+    if (grads_done_) reset_buckets();
+    throw;
+  }
   if (!plan_ready_) build_plan();
   stats_ = PhaseStats{};
   const OptimizerOptions& o = opts_.opt;
