@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   EXPECT(celo2_options_set(o, "warp_speed", "9") == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(strstr(celo2_last_error(), "unknown option 'warp_speed'") != NULL);
   EXPECT(celo2_options_set(o, "weight_decay", "lots") == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(celo2_options_set(o, "overlap_grad_reduce", "maybe") == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT(strcmp(celo2_status_name(CELO2_ERR_FORMAT), "CELO2_ERR_FORMAT") == 0);
   celo2_t* bad = NULL;
   EXPECT_OK(celo2_options_set(o, "schedule", "cosine:lr=1e-3,warmup=-1"));
@@ -168,6 +169,12 @@ int main(int argc, char** argv) {
   EXPECT(celo2_set(opt, "variant", "celo2") == CELO2_ERR_INVALID_ARGUMENT);
   EXPECT_OK(celo2_set(opt, "mult_1d", "10"));
   EXPECT(celo2_step(NULL, 0, NULL) == CELO2_ERR_INVALID_ARGUMENT);
+  /* overlap_grad_reduce's call: names are checked (with grads=reduced it reduces nothing). */
+  EXPECT_OK(celo2_grad_ready(opt, "layer.w"));
+  EXPECT(celo2_grad_ready(opt, "nope") == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(strstr(celo2_last_error(), "nope") != NULL);
+  EXPECT(celo2_grad_ready(NULL, "layer.w") == CELO2_ERR_INVALID_ARGUMENT);
+  EXPECT(celo2_grad_ready(opt, NULL) == CELO2_ERR_INVALID_ARGUMENT);
   /* A negative or non-finite learning rate is refused and changes nothing (it would move the
      parameters uphill). */
   EXPECT(celo2_step_with_lr(opt, -1.0, NAN, NULL) == CELO2_ERR_INVALID_ARGUMENT);
