@@ -28,28 +28,39 @@ struct EngineBenchOptions {
   int64_t bucket_elements = int64_t{1} << 22;
 };
 
+// The bench's GPT-shaped tensors with this rank's gradients (N(0, 1e-3²), seeded by rank) and
+// parameters of 0.02.
+struct BenchTensors {
+  std::vector<ModelTensor> spec;
+  std::vector<std::vector<float>> p, g;
+  int64_t n = 0;  // elements
+  BenchTensors(const EngineBenchOptions& o, int rank)
+      : spec(gpt_tensors(o.layers, o.d, o.ffn, o.vocab, o.context)), p(spec.size()), g(spec.size()) {
+    std::mt19937 rng(rank);
+    std::normal_distribution<float> nd;
+    for (size_t i = 0; i < spec.size(); ++i) {
+      int64_t k = 1;
+      for (auto s : spec[i].shape) k *= s;
+      n += k;
+      p[i].assign(k, 0.02f);
+      g[i].resize(k);
+      for (auto& x : g[i]) x = nd(rng) * 1e-3f;
+    }
+  }
+};
+
 inline int run_engine_bench(const EngineBenchOptions& o) {
   auto comm = std::shared_ptr<Communicator>(make_communicator("auto"));
   const int W = comm->size(), me = comm->rank();
-  const auto spec = gpt_tensors(o.layers, o.d, o.ffn, o.vocab, o.context);
+  BenchTensors bt(o, me);
+  const auto& spec = bt.spec;
+  const int64_t n = bt.n;
   EngineOptions eo;
   eo.opt.rule = o.base ? RuleConfig::celo2_base() : RuleConfig{};
   eo.opt.theta = Theta::random(eo.opt.rule, 1);
   eo.opt.rules = LabelRules::seed_default();
   Engine eng(eo, comm);
-  std::vector<std::vector<float>> p(spec.size()), g(spec.size());
-  std::mt19937 rng(me);
-  std::normal_distribution<float> nd;
-  int64_t n = 0;
-  for (size_t i = 0; i < spec.size(); ++i) {
-    int64_t k = 1;
-    for (auto s : spec[i].shape) k *= s;
-    n += k;
-    p[i].assign(k, 0.02f);
-    g[i].resize(k);
-    for (auto& x : g[i]) x = nd(rng) * 1e-3f;
-    eng.add_tensor(spec[i].name, spec[i].shape, p[i].data(), g[i].data());
-  }
+  for (size_t i = 0; i < spec.size(); ++i) eng.add_tensor(spec[i].name, spec[i].shape, bt.p[i].data(), bt.g[i].data());
   for (int s = 0; s < o.warmup; ++s) eng.step();
   std::map<std::string, double> sec, bytes;
   std::vector<double> step_times;
@@ -99,18 +110,11 @@ inline int run_engine_bench(const EngineBenchOptions& o) {
 inline int run_overlap_bench(const EngineBenchOptions& o) {
   auto comm = std::shared_ptr<Communicator>(make_communicator("auto"));
   const int W = comm->size(), me = comm->rank();
-  const auto spec = gpt_tensors(o.layers, o.d, o.ffn, o.vocab, o.context);
-  std::vector<std::vector<float>> p(spec.size()), g(spec.size());
-  std::mt19937 rng(me);
-  std::normal_distribution<float> nd;
-  int64_t n = 0;
-  for (size_t i = 0; i < spec.size(); ++i) {
-    int64_t k = 1;
-    for (auto s : spec[i].shape) k *= s;
-    n += k;
-    g[i].resize(k);
-    for (auto& x : g[i]) x = nd(rng) * 1e-3f;
-  }
+  BenchTensors bt(o, me);
+  const auto& spec = bt.spec;
+  auto& p = bt.p;
+  const auto& g = bt.g;
+  const int64_t n = bt.n;
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
