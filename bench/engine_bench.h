@@ -28,6 +28,14 @@ struct EngineBenchOptions {
   int64_t bucket_elements = int64_t{1} << 22;
 };
 
+// Collective: the largest of every rank's x.
+inline double max_over_ranks(Communicator& comm, double x) {
+  std::vector<double> all(comm.size(), 0.0);
+  all[comm.rank()] = x;
+  comm.all_reduce_sum(all.data(), comm.size());
+  return *std::max_element(all.begin(), all.end());
+}
+
 // The bench's GPT-shaped tensors with this rank's gradients (N(0, 1e-3²), seeded by rank) and
 // parameters of 0.02.
 struct BenchTensors {
@@ -83,14 +91,10 @@ inline int run_engine_bench(const EngineBenchOptions& o) {
     std::printf("  %-14s %10s %14s\n", "phase", "seconds", "MB sent/rank");
   }
   for (auto& [ph, t] : sec) {
-    std::vector<double> all(W, 0.0);
-    all[me] = t;
-    comm->all_reduce_sum(all.data(), W);
+    const double slowest = max_over_ranks(*comm, t);
     double b = bytes[ph];
     comm->all_reduce_sum(&b, 1);
-    if (me == 0)
-      std::printf("  %-14s %10.4f %14.3f\n", ph.c_str(), *std::max_element(all.begin(), all.end()),
-                  b / W / 1e6);
+    if (me == 0) std::printf("  %-14s %10.4f %14.3f\n", ph.c_str(), slowest, b / W / 1e6);
   }
   if (me == 0) {
     const OwnerPlan& plan = eng.owner_plan();
@@ -119,12 +123,7 @@ inline int run_overlap_bench(const EngineBenchOptions& o) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  auto max_over_ranks = [&](double x) {
-    std::vector<double> all(W, 0.0);
-    all[me] = x;
-    comm->all_reduce_sum(all.data(), W);
-    return *std::max_element(all.begin(), all.end());
-  };
+  auto max_over_ranks = [&](double x) { return bench::max_over_ranks(*comm, x); };
   if (me == 0)
     std::printf("overlap: %s, %.1f M parameters, W = %d, buckets of %lld floats, backward emulated as %.0f ms of "
                 "host sleep per step (a device computing)\n  %-9s %12s %12s %12s %16s %10s\n",

@@ -73,27 +73,34 @@ struct Model {
   }
 };
 
-TEST(NcclEngine, OneRankEqualsLocalEngine) {
-  CELO2_NEED_GPU();
-  std::shared_ptr<celo2::Communicator> nccl(celo2::make_communicator("nccl"));
-  ASSERT_EQ(nccl->backend(), "nccl");
-  ASSERT_EQ(nccl->size(), 1);
-  Model a(1), b(1);
+// An engine over `comm` (options ea) and one over the local communicator (options eb), on
+// the same Model(seed) and the same random gradients for `steps` steps: the same bits.
+void expect_same_bits(const celo2::EngineOptions& ea_opts, std::shared_ptr<celo2::Communicator> comm,
+                      const celo2::EngineOptions& eb_opts, int seed, int steps, uint64_t grad_seed) {
+  Model a(seed), b(seed);
   std::vector<std::vector<float>> grads(a.shapes.size());
-  celo2::EngineOptions eo;
-  celo2::Engine ea(eo, nccl), eb(eo, celo2::make_local_communicator());
+  celo2::Engine ea(ea_opts, std::move(comm)), eb(eb_opts, celo2::make_local_communicator());
   for (size_t i = 0; i < a.shapes.size(); ++i) {
     grads[i].resize(a.params[i].size());
     ea.add_tensor(a.names[i], a.shapes[i], a.params[i].data(), grads[i].data());
     eb.add_tensor(b.names[i], b.shapes[i], b.params[i].data(), grads[i].data());
   }
-  for (int step = 0; step < 3; ++step) {
-    for (size_t i = 0; i < grads.size(); ++i) grads[i] = randn(grads[i].size(), 50 + step * 10 + i, 0.1f);
+  for (int step = 0; step < steps; ++step) {
+    for (size_t i = 0; i < grads.size(); ++i) grads[i] = randn(grads[i].size(), grad_seed + step * 10 + i, 0.1f);
     ea.step_with_lr(0.01);
     eb.step_with_lr(0.01);
   }
   for (size_t i = 0; i < a.shapes.size(); ++i)
     EXPECT_EQ(0, std::memcmp(a.params[i].data(), b.params[i].data(), a.params[i].size() * 4)) << a.names[i];
+}
+
+TEST(NcclEngine, OneRankEqualsLocalEngine) {
+  CELO2_NEED_GPU();
+  std::shared_ptr<celo2::Communicator> nccl(celo2::make_communicator("nccl"));
+  ASSERT_EQ(nccl->backend(), "nccl");
+  ASSERT_EQ(nccl->size(), 1);
+  celo2::EngineOptions eo;
+  expect_same_bits(eo, nccl, eo, 1, 3, 50);
   EXPECT_GT(nccl->counters().at("all_reduce").calls, 0);
 }
 
@@ -110,24 +117,10 @@ TEST(NcclEngine, SplitCommunicatorAndSplitNewtonSchulz) {
   sub->all_reduce_sum(x, 2);
   EXPECT_EQ(x[0], 1.5);
   EXPECT_EQ(x[1], -2.0);
-  Model a(3), b(3);
-  std::vector<std::vector<float>> grads(a.shapes.size());
   celo2::EngineOptions ea_opts, eb_opts;
   ea_opts.ns_split = 2;  // one rank: groups of min(2, W) = 1, so this is the owner path over NCCL
   eb_opts.ns_split = 1;
-  celo2::Engine ea(ea_opts, nccl), eb(eb_opts, celo2::make_local_communicator());
-  for (size_t i = 0; i < a.shapes.size(); ++i) {
-    grads[i].resize(a.params[i].size());
-    ea.add_tensor(a.names[i], a.shapes[i], a.params[i].data(), grads[i].data());
-    eb.add_tensor(b.names[i], b.shapes[i], b.params[i].data(), grads[i].data());
-  }
-  for (int step = 0; step < 2; ++step) {
-    for (size_t i = 0; i < grads.size(); ++i) grads[i] = randn(grads[i].size(), 70 + step * 10 + i, 0.1f);
-    ea.step_with_lr(0.01);
-    eb.step_with_lr(0.01);
-  }
-  for (size_t i = 0; i < a.shapes.size(); ++i)
-    EXPECT_EQ(0, std::memcmp(a.params[i].data(), b.params[i].data(), a.params[i].size() * 4)) << a.names[i];
+  expect_same_bits(ea_opts, nccl, eb_opts, 3, 2, 70);
 }
 
 TEST(NcclGpuStep, DeviceStepEqualsCpuOptimizer) {

@@ -82,6 +82,11 @@ class _Entry:
     def direct(self):
         return self.stage is None
 
+    def copy_grad_in(self, g):
+        """A ``.grad`` that is not the view of the engine's buffer is copied into it."""
+        if g.data_ptr() != self.grad_view.data_ptr() or g.shape != self.grad_view.shape:
+            self.grad_view.copy_(g)
+
 
 class Celo2(_EngineFront, torch.optim.Optimizer):
     """The Celo2 learned optimizer (sharded C++ engine) for PyTorch; see the module docstring.
@@ -322,8 +327,7 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         g = e.param.grad
         if g is None:
             return
-        if g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape:
-            e.grad_view.copy_(g)
+        e.copy_grad_in(g)
         if self._backend == "cuda":
             # The engine's bucket copies follow the legacy default stream (torch's default);
             # gradients made on another stream are waited for here.
@@ -369,8 +373,8 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
                 e.grad_view.zero_()
             else:
                 has[i] = 1
-                if i not in self._marked and (g.data_ptr() != e.grad_view.data_ptr() or g.shape != e.grad_view.shape):
-                    e.grad_view.copy_(g)  # (a marked tensor's was copied by its hook, and may be in flight)
+                if i not in self._marked:  # (a marked tensor's was copied by its hook, and may be in flight)
+                    e.copy_grad_in(g)
         self._marked.clear()
         return bytes(has)
 
