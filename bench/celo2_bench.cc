@@ -395,11 +395,13 @@ int main(int argc, char** argv) {
   if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
                    {"threads_all", all}, {"vector_bytes", celo2::bench::kNativeVecBytes},
-                   {"openblas_core", corename}, {"statistic", "median"},
+                   {"openblas_core", corename}, {"blas_threading", celo2::blas_threading()},
+                   {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())}};
-  std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s, "
-              "%d-byte vectors, rule copy %s\n",
-              o.quick ? "quick" : "full", all, o.reps, corename, celo2::bench::kNativeVecBytes,
+  std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s "
+              "(%s threads), %d-byte vectors, rule copy %s\n",
+              o.quick ? "quick" : "full", all, o.reps, corename, celo2::blas_threading(),
+              celo2::bench::kNativeVecBytes,
               celo2::cpu_isa_name(celo2::cpu_isa()));
 
   // ----- 1. Machine rates -----------------------------------------------------------------

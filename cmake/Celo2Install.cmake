@@ -51,6 +51,11 @@ set(CELO2_PC_BLAS_LIBS "")
 foreach(lib ${BLAS_LIBRARIES})
   if(lib MATCHES "^-")
     string(APPEND CELO2_PC_BLAS_LIBS " ${lib}")
+  elseif(lib MATCHES "\\.so\\.[0-9]+$")
+    # A versioned library linked by path (OpenBLAS's OpenMP build): -lNAME would find the
+    # system's default build instead, so the path and its directory go on the line.
+    get_filename_component(dir ${lib} DIRECTORY)
+    string(APPEND CELO2_PC_BLAS_LIBS " ${lib} -Wl,-rpath,${dir}")
   elseif(lib MATCHES "/lib([^/]+)\\.(so|a)")
     string(APPEND CELO2_PC_BLAS_LIBS " -l${CMAKE_MATCH_1}")
   endif()

@@ -8,7 +8,7 @@ BUILD_TYPE="${BUILD_TYPE:-Release}"
 
 packages=(
   build-essential cmake pkg-config git
-  libopenblas-dev libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
+  libopenblas-dev libopenblas0-openmp libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libmicrohttpd-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler

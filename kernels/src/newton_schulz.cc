@@ -13,11 +13,21 @@
 #include "celo2/newton_schulz.h"
 
 extern "C" void openblas_set_num_threads(int);
+extern "C" int openblas_get_parallel(void);
 
 namespace celo2 {
 
 void set_blas_threads(int n) {
   if (n > 0) openblas_set_num_threads(n);
+}
+
+const char* blas_threading() {
+  switch (openblas_get_parallel()) {
+    case 0: return "sequential";
+    case 1: return "pthread";
+    case 2: return "openmp";
+  }
+  return "unknown";
 }
 
 const char* ns_method_name(NsMethod m) {

@@ -22,6 +22,39 @@ std::vector<float> randn(int64_t n, uint64_t seed) {
   return v;
 }
 
+TEST(NewtonSchulz, TheLoadedBlasHasTheBuildsThreadPool) {
+  // The build links OpenBLAS's OpenMP build by path (CMakeLists.txt, CELO2_BLAS); the loader
+  // must find that one through the RPATH, not the system default (the pthread build).
+  const std::string got = blas_threading();
+  if (std::string(CELO2_BLAS_THREADING) == "openmp") {
+    EXPECT_EQ(got, "openmp");
+  } else {
+    EXPECT_TRUE(got == "pthread" || got == "openmp" || got == "sequential") << got;
+  }
+}
+
+TEST(NewtonSchulz, InsideAParallelRegionEqualsOutside) {
+  // The engine runs whole matrices' Newton–Schulz on OpenMP threads (one matrix each); BLAS
+  // called from inside the region must give the same result as from outside. Tolerance:
+  // 1e-5 max|err|/RMS (GEMM blocking may differ with the thread count).
+  const RuleConfig cfg;
+  const int64_t rows = 96, cols = 200;
+  std::vector<std::vector<float>> x(4), ref(4);
+  std::vector<float> scratch;
+  for (size_t k = 0; k < x.size(); ++k) {
+    x[k] = randn(rows * cols, 40 + k);
+    ref[k] = x[k];
+    newton_schulz(cfg, rows, cols, ref[k].data(), scratch);
+  }
+#pragma omp parallel num_threads(2)
+  {
+    std::vector<float> s;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t k = 0; k < x.size(); ++k) newton_schulz(cfg, rows, cols, x[k].data(), s);
+  }
+  for (size_t k = 0; k < x.size(); ++k) EXPECT_LE(rel_err(x[k], ref[k]), 1e-5) << k;
+}
+
 TEST(NewtonSchulz, GramEqualsTheReference) {
   // Exact in real arithmetic: only float32 rounding separates it from the double reference.
   // Tolerance: the golden files' 1e-4 (max|err| / RMS); measured 1e-5..6e-5 here.

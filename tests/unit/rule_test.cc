@@ -173,28 +173,43 @@ TEST(Rule, InstructionSetChoice) {
 }
 
 TEST(Rule, ResultDoesNotDependOnThreadCount) {
-  const RuleConfig cfg;
-  const Theta theta = Theta::random(cfg, 3);
-  for (const auto& shape : {std::vector<int64_t>{513, 1025}, std::vector<int64_t>{300000},
-                            std::vector<int64_t>{32, 16, 3, 3}}) {
-    const Geometry geo = Geometry::of(shape);
-    std::vector<float> p = randn(geo.numel, 5), g = randn(geo.numel, 6);
-    std::vector<std::vector<float>> outs;
-    std::vector<RuleState> states;
-    for (int threads : {1, 2, 3}) {
-      omp_set_num_threads(threads);
-      RuleState st = RuleState::zeros(geo);
-      Workspace ws;
-      std::vector<float> u(geo.numel);
-      for (int k = 0; k < 2; ++k) celo2_update(cfg, theta, geo, st, g.data(), p.data(), u.data(), ws);
-      outs.push_back(u);
-      states.push_back(st);
-    }
-    omp_set_num_threads(2);
-    for (size_t k = 1; k < outs.size(); ++k) {
-      EXPECT_EQ(outs[k], outs[0]) << geo.shape_str() << " differs with " << k + 1 << " threads";
-      EXPECT_EQ(states[k].v_row, states[0].v_row);
-      EXPECT_EQ(states[k].m, states[0].m);
+  // The rule's own loops give the same bits on any number of OpenMP threads (Celo2-base, and
+  // the state of every variant). Newton–Schulz runs on BLAS, which shares the OpenMP pool when
+  // the build links OpenBLAS's OpenMP build, so its GEMMs are blocked by the thread count:
+  // Celo2's update is held to the golden files' 1e-4 max|err|/RMS there (measured 1.7e-5 at
+  // 513×1025; float32 Newton–Schulz is 2.0e-5 from float64 at 256×1024, DISTRIBUTED.md),
+  // bitwise otherwise.
+  for (bool orthogonalize : {false, true}) {
+    RuleConfig cfg;
+    cfg.orthogonalize = orthogonalize;
+    const Theta theta = Theta::random(cfg, 3);
+    const bool bitwise = !orthogonalize || std::string(CELO2_BLAS_THREADING) != "openmp";
+    for (const auto& shape : {std::vector<int64_t>{513, 1025}, std::vector<int64_t>{300000},
+                              std::vector<int64_t>{32, 16, 3, 3}}) {
+      const Geometry geo = Geometry::of(shape);
+      std::vector<float> p = randn(geo.numel, 5), g = randn(geo.numel, 6);
+      std::vector<std::vector<float>> outs;
+      std::vector<RuleState> states;
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        RuleState st = RuleState::zeros(geo);
+        Workspace ws;
+        std::vector<float> u(geo.numel);
+        for (int k = 0; k < 2; ++k) celo2_update(cfg, theta, geo, st, g.data(), p.data(), u.data(), ws);
+        outs.push_back(u);
+        states.push_back(st);
+      }
+      omp_set_num_threads(2);
+      for (size_t k = 1; k < outs.size(); ++k) {
+        const std::string what = geo.shape_str() + (orthogonalize ? " Celo2" : " Celo2-base") +
+                                 " differs with " + std::to_string(k + 1) + " threads";
+        if (bitwise)
+          EXPECT_EQ(outs[k], outs[0]) << what;
+        else
+          EXPECT_LE(test_util::rel_err(outs[k], outs[0]), 1e-4) << what;
+        EXPECT_EQ(states[k].v_row, states[0].v_row) << what;
+        EXPECT_EQ(states[k].m, states[0].m) << what;
+      }
     }
   }
 }

@@ -61,4 +61,8 @@ double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols, Ns
 // Limit BLAS to `n` threads (0 = leave as is). OpenBLAS threads otherwise fight OpenMP's.
 void set_blas_threads(int n);
 
+// The thread pool of the BLAS loaded at run time (OpenBLAS's openblas_get_parallel):
+// "openmp" (shares the rule's OpenMP pool), "pthread" (its own), or "sequential".
+const char* blas_threading();
+
 }  // namespace celo2
