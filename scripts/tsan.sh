@@ -11,7 +11,7 @@ TSAN_DIR="${TSAN_DIR:-$here/build-tsan}"
 targets=(serial_worker_test engine_mpi_test engine_cuda_host_test)
 cmake -S "$here" -B "$TSAN_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCELO2_TSAN=ON -DCELO2_CUDA=OFF >/dev/null
 cmake --build "$TSAN_DIR" -j "${JOBS:-$(nproc)}" --target "${targets[@]}"
-export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 ${TSAN_OPTIONS:-}"
+export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$here/tests/tsan/suppressions.txt ${TSAN_OPTIONS:-}"
 export OMP_NUM_THREADS=1
 fail=0
 echo "== serial_worker_test (TSan)"
