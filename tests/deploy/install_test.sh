@@ -30,6 +30,16 @@ done
 if grep -rnwE "agree_on_error|read_state_collective|TensorIdentity|check_registration|prepare_options|name_taken" "$inc"; then
   echo "installed headers declare engine internals"; exit 1
 fi
+# A build that linked OpenBLAS's OpenMP build by path (CELO2_BLAS) must load it from the
+# installed tools and libcelo2.so too (their RPATH), not the system's default BLAS.
+if grep -q '^CELO2_OPENBLAS_OPENMP:FILEPATH=/' "$build/CMakeCache.txt" 2>/dev/null; then
+  for b in "$prefix/bin/celo2-train" "$(find "$prefix" -name 'libcelo2.so' | head -1)"; do
+    [ -e "$b" ] || continue
+    ldd "$b" | grep -q 'openblas-openmp/libopenblas' ||
+      { echo "FAIL: installed $b does not load OpenBLAS's OpenMP build:"; ldd "$b" | grep -i blas; exit 1; }
+  done
+  echo "installed binaries load OpenBLAS's OpenMP build"
+fi
 pc="$(find "$prefix" -name celo2.pc | head -1)"
 [ -n "$pc" ] || { echo "missing celo2.pc"; exit 1; }
 # The installed headers must not reach into the source or build tree.
