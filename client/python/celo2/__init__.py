@@ -19,6 +19,7 @@ from ._celo2 import (  # noqa: F401
     Optimizer as Engine,
     UnsupportedError,
     __version__,
+    blas_threading,
     control_supported,
     read_state_file,
     theta_sha256,
@@ -29,6 +30,6 @@ STATE_FORMAT = "celo2-optimizer-state/1"
 
 __all__ = [
     "CommError", "Communicator", "Engine", "FileError", "FormatError", "NonFiniteGradientError", "RankInfo",
-    "STATE_FORMAT", "UnsupportedError", "control_supported", "discover_rank", "read_state_file",
+    "STATE_FORMAT", "UnsupportedError", "blas_threading", "control_supported", "discover_rank", "read_state_file",
     "theta_sha256",
 ]

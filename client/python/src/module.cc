@@ -19,6 +19,7 @@
 
 #include "celo2/client.h"
 #include "celo2/flax_msgpack.h"
+#include "celo2/newton_schulz.h"
 #if defined(CELO2_HAVE_CONTROL) && CELO2_HAVE_CONTROL
 #include "celo2/control.h"
 #endif
@@ -463,6 +464,13 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
   m.def("wrap_communicator",
         [](py::object impl) { return PyComm{std::make_shared<python::PyCommunicator>(std::move(impl))}; },
         py::arg("impl"), "A Communicator over a Python object with the collectives (TorchCommunicator).");
+
+  // The loaded OpenBLAS's thread pool. One object per soname per process: a process that
+  // loaded the system's default OpenBLAS first (Debian's python3-torch links it) shares that
+  // one with this module (docs/OPERATIONS.md, "BLAS").
+  m.def("blas_threading", [] { return std::string(blas_threading()); },
+        "The thread pool of the BLAS this process loaded: openmp (shared with the rule's "
+        "OpenMP loops), pthread (its own) or sequential.");
 
   // Whether this build has the engine's "cuda" backend (celo2.torch.Celo2 on CUDA tensors).
   m.def("gpu_engine_supported", &cuda_backend_supported,
