@@ -8,7 +8,7 @@ BUILD_TYPE="${BUILD_TYPE:-Release}"
 
 packages=(
   build-essential cmake pkg-config git
-  libopenblas-dev libopenblas0-openmp libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
+  libopenblas-dev libmsgpack-dev libre2-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenmpi-dev openmpi-bin
   libmicrohttpd-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
@@ -30,6 +30,20 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Optional: OpenBLAS's OpenMP build, so that BLAS and the rule share one thread pool
+# (CMakeLists.txt, CELO2_BLAS). Without it the build takes the default OpenBLAS.
+optional=(libopenblas0-openmp)
+for p in "${optional[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    get() { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1; }
+    if ! get && ! { $SUDO apt-get update -qq >/dev/null 2>&1 && get; }; then
+      echo "setup: optional $p not installed; BLAS keeps its own thread pool" >&2
+    fi
+  fi
+done
 
 jobs="${JOBS:-$(nproc)}"
 cmake -S "$here" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" ${CMAKE_ARGS:-} >/dev/null
