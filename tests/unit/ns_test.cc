@@ -36,7 +36,8 @@ TEST(NewtonSchulz, TheLoadedBlasHasTheBuildsThreadPool) {
 TEST(NewtonSchulz, InsideAParallelRegionEqualsOutside) {
   // The engine runs whole matrices' Newton–Schulz on OpenMP threads (one matrix each); BLAS
   // called from inside the region must give the same result as from outside. Tolerance:
-  // 1e-5 max|err|/RMS (GEMM blocking may differ with the thread count).
+  // 1e-5 max|err|/RMS (GEMM blocking may differ with the thread count; measured 0 here, with
+  // OpenBLAS's OpenMP and pthread builds alike).
   const RuleConfig cfg;
   const int64_t rows = 96, cols = 200;
   std::vector<std::vector<float>> x(4), ref(4);
