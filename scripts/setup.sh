@@ -22,26 +22,23 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+apt_install() { $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 fi
 
 # Optional: OpenBLAS's OpenMP build, so that BLAS and the rule share one thread pool
 # (CMakeLists.txt, CELO2_BLAS). Without it the build takes the default OpenBLAS.
 optional=(libopenblas0-openmp)
 for p in "${optional[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    get() { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$p" >/dev/null 2>&1; }
-    if ! get && ! { $SUDO apt-get update -qq >/dev/null 2>&1 && get; }; then
-      echo "setup: optional $p not installed; BLAS keeps its own thread pool" >&2
-    fi
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && continue
+  if ! apt_install "$p" 2>/dev/null && ! { $SUDO apt-get update -qq >/dev/null 2>&1 && apt_install "$p" 2>/dev/null; }; then
+    echo "setup: optional $p not installed; BLAS keeps its own thread pool" >&2
   fi
 done
 
