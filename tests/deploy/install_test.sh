@@ -35,7 +35,8 @@ fi
 if grep -q '^CELO2_OPENBLAS_OPENMP:FILEPATH=/' "$build/CMakeCache.txt" 2>/dev/null; then
   for b in "$prefix/bin/celo2-train" "$(find "$prefix" -name 'libcelo2.so' | head -1)"; do
     [ -e "$b" ] || continue
-    ldd "$b" | grep -q 'openblas-openmp/libopenblas' ||
+    # grep without -q: under pipefail, -q's early exit can make ldd die of SIGPIPE.
+    ldd "$b" | grep 'openblas-openmp/libopenblas' >/dev/null ||
       { echo "FAIL: installed $b does not load OpenBLAS's OpenMP build:"; ldd "$b" | grep -i blas; exit 1; }
   done
   echo "installed binaries load OpenBLAS's OpenMP build"
