@@ -120,40 +120,48 @@ inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, in
                               fs[0], fs[1], fs[2], fsh[0], fsh[1], fsh[2], vs[jj], vs[vn + jj],
                               vs[2 * vn + jj], vsh[jj], vsh[vn + jj], vsh[2 * vn + jj], f + jj);
   }
-  pad<S>(f, kElem2d, cnt);
 }
 
 // Whole blocks get a constant trip count (no masks, fully unrolled).
 template <bool kColVaries, int S>
 inline void fill_2d(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                     float* __restrict f) {
-  if (cnt == kBlk)
+  if (cnt == kBlk) {
     fill_2d_n<kColVaries, S, kBlk>(e, mx, a, j, cnt, f);
-  else
+  } else {
     fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f);
+    pad<S>(f, kElem2d, cnt);
+  }
 }
 
-// The same for a block that may cross rows (matrices narrower than a block): lane jj is
-// slice-local element li0 + jj, at row ra[jj] and column ca[jj].
-template <bool kColVaries>
-inline void fill_2d_lanes(const Elems& e, const Matrix& mx, int64_t li0, const int64_t* ra,
-                          const int64_t* ca, int cnt, float* __restrict f) {
-  const int64_t fn = mx.fix_n, vn = mx.vary_n, P = e.plane;
-  const float* __restrict gp = e.g + li0;
-  const float* __restrict pp = e.p + li0;
-  const float* __restrict m0 = e.m + li0;
-  const float* __restrict rr = e.rms + li0;
-#pragma omp simd
-  for (int jj = 0; jj < cnt; ++jj) {
-    const int64_t a = ra[jj], j = ca[jj];
-    const float* fx = mx.fix_soa + a;
-    const float* vx = mx.vary_soa + j;
-    element_2d<kColVaries, kBlk>(e, gp[jj], pp[jj], m0[jj], m0[P + jj], m0[2 * P + jj], rr[jj],
-                                 fx[6 * fn], fx[7 * fn], fx[8 * fn], fx[9 * fn], fx[10 * fn],
-                                 fx[11 * fn], vx[6 * vn], vx[7 * vn], vx[8 * vn], vx[9 * vn],
-                                 vx[10 * vn], vx[11 * vn], f + jj);
+// Elements [li, li + n) of a matrix slice (slice-local; the run may cross rows: matrices
+// narrower than a block) as row segments: fn(a, j, cnt, k) for row a, columns [j, j + cnt),
+// run positions [k, k + cnt).
+template <class F>
+inline void for_run_segments(const Elems& e, int64_t cols, int64_t li, int n, F fn) {
+  int64_t i = e.lo + li;
+  int64_t a = i / cols, j = i - a * cols;
+  for (int k = 0; k < n;) {
+    const int cnt = static_cast<int>(cols - j < n - k ? cols - j : n - k);
+    fn(a, j, cnt, k);
+    k += cnt;
+    j = 0;
+    ++a;
   }
-  pad<kBlk>(f, kElem2d, cnt);
+}
+
+// The run's features into f[c * S + k], k < n, and zeros up to the next whole block; returns
+// that length. Each row segment is one vectorized fill, so lanes of a block come from several
+// rows without per-lane gathers of the tables.
+template <bool kColVaries, int S>
+inline int fill_2d_run(const Elems& e, const Matrix& mx, int64_t li, int n, float* __restrict f) {
+  for_run_segments(e, mx.cols, li, n, [&](int64_t a, int64_t j, int cnt, int k) {
+    fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f + k);
+  });
+  const int len = (n + kBlk - 1) / kBlk * kBlk;
+  for (int c = 0; c < kElem2d; ++c)
+    for (int k = n; k < len; ++k) f[c * S + k] = 0.0f;
+  return len;
 }
 
 // The 15 channels of a 1-D block [i0, i0 + cnt) (slice-local i0), as ew::features_diag.
@@ -285,9 +293,10 @@ inline void widen(const Mlp& m, Wide& w) {
   w.ob[1] = splat(m.ob[1]);
 }
 
-// The MLP on one block; bias[o * kBlk + j]: the first-layer bias of each lane (the
-// layer's own bias plus the folded table channels of its row and column). Both halves of
-// the block go through each layer together.
+// The MLP on one block; f[c * S + j] its features, bias[o * S + j] the first-layer bias of
+// each lane (the layer's own bias plus the folded table channels of its row and column).
+// Both halves of the block go through each layer together.
+template <int S = kBlk>
 inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
                      const float* __restrict bias, int cnt, float* __restrict u,
                      double* mag_sum) {
@@ -295,11 +304,11 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
   VF a0[8], a1[8];
 #pragma GCC unroll 8
   for (int o = 0; o < 8; ++o) {
-    a0[o] = vload(bias + o * kBlk);
-    a1[o] = vload(bias + o * kBlk + kV);
+    a0[o] = vload(bias + o * S);
+    a1[o] = vload(bias + o * S + kV);
   }
   for (int c = 0; c < w.channels; ++c) {
-    const VF x0 = vload(f + c * kBlk), x1 = vload(f + c * kBlk + kV);
+    const VF x0 = vload(f + c * S), x1 = vload(f + c * S + kV);
     const VF* wc = w.w0 + c * 8;
 #pragma GCC unroll 8
     for (int o = 0; o < 8; ++o) {
@@ -372,26 +381,6 @@ inline void for_row_blocks(const Elems& e, int64_t cols, F fn) {
   }
 }
 
-// Walk the slice in blocks of kBlk consecutive elements that may cross rows, with each
-// lane's row and column (matrices narrower than a block).
-template <class F>
-inline void for_lane_blocks(const Elems& e, int64_t cols, F fn) {
-  int64_t ra[kBlk], ca[kBlk];
-  int64_t a = e.lo / cols, j = e.lo - a * cols;
-  for (int64_t i = e.lo; i < e.hi; i += kBlk) {
-    const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
-    for (int l = 0; l < cnt; ++l) {
-      ra[l] = a;
-      ca[l] = j;
-      if (++j == cols) {
-        j = 0;
-        ++a;
-      }
-    }
-    fn(i - e.lo, ra, ca, cnt);
-  }
-}
-
 template <bool kColVaries>
 void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
   alignas(64) float f[kElem2d * kChunkStride];
@@ -410,13 +399,11 @@ void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
       filled();
     });
   } else {
-    alignas(64) float fb[kElem2d * kBlk];
-    for_lane_blocks(e, mx.cols, [&](int64_t li0, const int64_t* ra, const int64_t* ca, int cnt) {
-      fill_2d_lanes<kColVaries>(e, mx, li0, ra, ca, cnt, fb);
-      for (int c = 0; c < kElem2d; ++c)
-        std::memcpy(f + c * kChunkStride + len, fb + c * kBlk, sizeof(float) * kBlk);
-      filled();
-    });
+    // Narrower than a block: whole chunks of consecutive elements across rows.
+    for (int64_t li = 0; li < e.hi - e.lo; li += kChunk) {
+      const int n = static_cast<int>(e.hi - e.lo - li < kChunk ? e.hi - e.lo - li : kChunk);
+      sq.add(f, fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, f));
+    }
   }
   if (len) sq.add(f, len);
   sq.flush(sumsq);
@@ -449,15 +436,29 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
       mlp_core(m, w, f, bias, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum);
     });
   } else {
-    for_lane_blocks(e, mx.cols, [&](int64_t li0, const int64_t* ra, const int64_t* ca, int cnt) {
-      fill_2d_lanes<kColVaries>(e, mx, li0, ra, ca, cnt, f);
+    // Narrower than a block: a chunk of consecutive elements across rows at a time, features
+    // and biases built one row segment at a time, then the MLP on its blocks.
+    alignas(64) float fc[kElem2d * kChunkStride];
+    alignas(64) float bc[8 * kChunkStride];
+    for (int64_t li = 0; li < e.hi - e.lo; li += kChunk) {
+      const int n = static_cast<int>(e.hi - e.lo - li < kChunk ? e.hi - e.lo - li : kChunk);
+      const int len = fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, fc);
+      for_run_segments(e, mx.cols, li, n, [&](int64_t a, int64_t j, int cnt, int k) {
+        const float* rb = m.row_bias + (a - m.row0) * m.row_bias_stride;
+        for (int o = 0; o < 8; ++o) {
+          const float r = rb[o];
+          const float* __restrict cb = m.col_bias + o * m.col_stride + j;
+          float* __restrict b = bc + o * kChunkStride + k;
+#pragma omp simd
+          for (int jj = 0; jj < cnt; ++jj) b[jj] = r + cb[jj];
+        }
+      });
       for (int o = 0; o < 8; ++o)
-        for (int l = 0; l < kBlk; ++l)
-          bias[o * kBlk + l] = l < cnt ? m.row_bias[(ra[l] - m.row0) * m.row_bias_stride + o] +
-                                             m.col_bias[o * m.col_stride + ca[l]]
-                                       : 0.0f;
-      mlp_core(m, w, f, bias, cnt, e.u + li0, mag_sum);
-    });
+        for (int k = n; k < len; ++k) bc[o * kChunkStride + k] = 0.0f;
+      for (int k = 0; k < len; k += kBlk)
+        mlp_core<kChunkStride>(m, w, fc + k, bc + k, n - k < kBlk ? n - k : kBlk,
+                               e.u + li + k, mag_sum);
+    }
   }
 }
 

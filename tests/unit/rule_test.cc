@@ -113,7 +113,9 @@ std::vector<Variant> variants() {
 
 std::vector<std::vector<int64_t>> shapes() {
   return {{}, {1}, {7}, {100003}, {6, 10}, {12, 5}, {8, 8}, {3, 4, 5}, {5, 4, 3},
-          {2, 3, 4, 5}, {64, 3, 3}, {150, 331}, {331, 150}, {2, 20000}};
+          {2, 3, 4, 5}, {64, 3, 3}, {150, 331}, {331, 150}, {2, 20000},
+          // narrower than a block (16 or 32 lanes), over several chunks of blocks
+          {300, 7}, {40, 31}};
 }
 
 // Every copy of the hot loops this build carries and this CPU runs (celo2/isa.h) is held to
