@@ -568,7 +568,7 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
     const float* dir = h;
     const float* mag = h + kBlock;
     if (use_exp) {
-      for (int j = 0; j < cnt; ++j) u[j] = dir[j] * std::exp(mag[j] * cfg.exp_mult);
+      for (int j = 0; j < cnt; ++j) u[j] = dir[j] * ew::magnitude(mag[j], cfg.exp_mult);
     } else {
       for (int j = 0; j < cnt; ++j) u[j] = dir[j];
     }

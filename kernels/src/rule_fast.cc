@@ -355,7 +355,10 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
     if (m.use_exp) {
       vstore(mag, g0);
       vstore(mag + kV, g1);
-      for (int j = 0; j < cnt; ++j) u[j] = dir[j] * expf(mag[j] * m.exp_mult);
+      const float em = m.exp_mult;
+#pragma omp simd
+      for (int j = 0; j < kBlk; ++j) dir[j] *= ew::magnitude(mag[j], em);
+      for (int j = 0; j < cnt; ++j) u[j] = dir[j];
     } else {
       for (int j = 0; j < cnt; ++j) u[j] = dir[j];
     }

@@ -3,7 +3,7 @@
 // inner-step throughput (bench) and the result (eval).
 //
 //   celo2-metatrain train --out DIR [--outer-steps N] [--time-limit S] [--resume]
-//   celo2-metatrain bench [--seconds S] [--base] [--tasks N] [--unbatched]
+//   celo2-metatrain bench [--seconds S] [--base] [--tasks N] [--unbatched] [--keep-denormals]
 //   celo2-metatrain eval --theta A.state [--theta B.state ...] --json out.json
 //
 // A run directory holds ckpt.json (theta, outer AdamW state, step, wall time, config),
@@ -62,6 +62,7 @@ struct TrainArgs {
   int ckpt_every = 50;
   std::string comm = "auto";
   bool progress = true;
+  bool keep_denormals = false;
 };
 
 // Atomic text writes through the project's one atomic writer (temporary file, fsync, rename).
@@ -157,6 +158,7 @@ int run_train(const TrainArgs& a) {
   pc.inner.unroll_min = a.unroll_min;
   pc.inner.unroll_max = a.unroll_max;
   pc.inner.reparam_prob = a.reparam_prob;
+  pc.flush_denormals = !a.keep_denormals;
   theta_shape.set_values(theta.data(), theta.size());
   meta::PesEstimator pes(pc, family, theta_shape, rank, world);
 
@@ -196,7 +198,8 @@ int run_train(const TrainArgs& a) {
                    {"unroll_min", a.unroll_min}, {"unroll_max", a.unroll_max},
                    {"outer_lr", outer.lr},   {"outer_wd", outer.weight_decay},
                    {"family", a.family},     {"init", a.init},        {"seed", a.seed},
-                   {"reparam_prob", a.reparam_prob}, {"ranks", world}};
+                   {"reparam_prob", a.reparam_prob}, {"ranks", world},
+                   {"flush_denormals", !a.keep_denormals}};
     write_atomic(ckpt_path, j.dump());
     Theta t = theta_shape;
     t.set_values(theta.data(), theta.size());
@@ -315,7 +318,7 @@ StepFlop inner_step_flop(const meta::InnerConfig& ic) {
   return f;
 }
 
-int run_bench(double seconds, bool base, int tasks, bool unbatched) {
+int run_bench(double seconds, bool base, int tasks, bool unbatched, bool keep_denormals) {
   omp_set_num_threads(1);
   set_blas_threads(1);
   const RuleConfig rule = rule_of(base);
@@ -331,6 +334,7 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched) {
   meta::PesConfig pc;
   pc.tasks = tasks;
   pc.batched = !unbatched;
+  pc.flush_denormals = !keep_denormals;
   pc.inner.rule = rule;
   pc.inner.reparam_prob = 0;
   meta::PesEstimator pes(pc, family, theta, 0, 1);
@@ -390,6 +394,7 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched) {
   const char* path = unbatched ? "unbatched (one Optimizer per particle)" : "batched (one OptimizerBatch)";
   nlohmann::json j = {{"rule", base ? "celo2-base" : "celo2"},
                       {"path", unbatched ? "unbatched" : "batched"},
+                      {"flush_denormals", !keep_denormals},
                       {"tasks", tasks},
                       {"inner_steps_per_s_per_core", total_rate},
                       {"flop_per_inner_step", fl.total()},
@@ -410,7 +415,8 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched) {
               base ? "Celo2-base" : "Celo2", tasks, members, path);
   std::printf("  machine FMA rate      %8.1f GFLOP/s (%d-bit vectors; %.1f at 256-bit)\n", fma_w,
               kWidestVector * 8, fma_256);
-  std::printf("  PES estimator         %8.0f inner steps/s (particle updates, data included)\n", total_rate);
+  std::printf("  PES estimator         %8.0f inner steps/s (particle updates, data included; subnormals %s)\n",
+              total_rate, keep_denormals ? "kept" : "flushed to zero");
   std::printf("  FLOP per inner step   %8.3f M (MLP %.3f, rule %.3f, Newton-Schulz %.3f, other %.3f)\n",
               fl.total() / 1e6, fl.mlp / 1e6, fl.rule / 1e6, fl.ns / 1e6, fl.other / 1e6);
   std::printf("  arithmetic rate       %8.2f GFLOP/s = %.1f %% of the FMA rate\n", gflops,
@@ -482,9 +488,11 @@ int main(int argc, char** argv) {
   train->add_option("--ckpt-every", a.ckpt_every, "outer steps between checkpoints")->capture_default_str();
   train->add_option("--comm", a.comm, "auto | local | mpi")->capture_default_str();
   train->add_flag("!--no-progress", a.progress, "no progress bar");
+  train->add_flag("--keep-denormals", a.keep_denormals,
+                  "inner steps with IEEE subnormals (default: flushed to zero, FTZ/DAZ, which is faster)");
 
   double bench_seconds = 6;
-  bool bench_base = false, bench_unbatched = false;
+  bool bench_base = false, bench_unbatched = false, bench_keep_denormals = false;
   int bench_tasks = 8;
   auto* bench = app.add_subcommand("bench", "inner steps per second per core");
   bench->add_option("--seconds", bench_seconds)->capture_default_str();
@@ -492,6 +500,7 @@ int main(int argc, char** argv) {
   bench->add_option("--tasks", bench_tasks, "antithetic pairs on the one core (train's default: 8 per rank at 1 rank)")
       ->capture_default_str();
   bench->add_flag("--unbatched", bench_unbatched, "one Optimizer per particle (the path before batching)");
+  bench->add_flag("--keep-denormals", bench_keep_denormals, "the estimator with IEEE subnormals (as before 2026-12-01's seventh session)");
 
   meta::EvalArgs ev;
   auto* eval = app.add_subcommand("eval", "evaluation table: thetas vs tuned AdamW on held-out tasks");
@@ -516,7 +525,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     if (*train) return run_train(a);
-    if (*bench) return run_bench(bench_seconds, bench_base, bench_tasks, bench_unbatched);
+    if (*bench) return run_bench(bench_seconds, bench_base, bench_tasks, bench_unbatched, bench_keep_denormals);
     if (*eval) return meta::run_eval(ev);
     if (*exp) {
       if (export_out.empty())

@@ -4,6 +4,10 @@
 #include <stdexcept>
 #include <tuple>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include "celo2/labels.h"
 #include "celo2/schedule.h"
 
@@ -184,7 +188,40 @@ PesEstimator::PesEstimator(const PesConfig& cfg, const TaskFamily& family,
   }
 }
 
+namespace {
+
+// Subnormal floats flushed to zero (FTZ: results; DAZ: operands) on this thread while in
+// scope; the previous mode is restored. A no-op where the control word is not SSE's.
+class FlushDenormals {
+ public:
+  explicit FlushDenormals(bool on) {
+#if defined(__SSE__)
+    if (!on) return;
+    saved_ = _mm_getcsr();
+    active_ = true;
+    _mm_setcsr(saved_ | kFtz | kDaz);
+#else
+    (void)on;
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__SSE__)
+    if (active_) _mm_setcsr(saved_);
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  static constexpr unsigned kFtz = 0x8000, kDaz = 0x0040;
+  unsigned saved_ = 0;
+  bool active_ = false;
+};
+
+}  // namespace
+
 PesStats PesEstimator::estimate(const std::vector<float>& theta, std::vector<double>& grad) {
+  const FlushDenormals ftz(cfg_.flush_denormals);
   const size_t n = theta.size();
   if (grad.size() != n || static_cast<int64_t>(n) != shape_.size()) {
     throw std::invalid_argument("PES: theta/gradient sizes do not match the rule");

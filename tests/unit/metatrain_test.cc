@@ -232,6 +232,43 @@ void batched_equals_unbatched(const RuleConfig& rule) {
 TEST(Metatrain, BatchedEqualsUnbatched) { batched_equals_unbatched(RuleConfig{}); }
 TEST(Metatrain, BatchedEqualsUnbatchedCelo2Base) { batched_equals_unbatched(RuleConfig::celo2_base()); }
 
+// The estimator flushes subnormals to zero only inside estimate(): the caller's floating-point
+// control word is the same afterwards, and flushing changes the estimate only where state
+// values fell below FLT_MIN (here: not measurably).
+TEST(Metatrain, FlushingSubnormalsIsScopedToTheEstimate) {
+  const TaskFamily fam = TaskFamily::parse("synthetic");
+  PesConfig pc;
+  pc.tasks = 2;
+  pc.seed = 9;
+  pc.inner.rule = RuleConfig::celo2_base();
+  pc.inner.truncation = 25;
+  pc.inner.unroll_min = pc.inner.unroll_max = 100;
+  pc.inner.reparam_prob = 0.5;  // scales down to 1e-3: small gradients and momenta
+  const Theta th = Theta::adam_like(pc.inner.rule);
+  const std::vector<float> flat = th.values();
+  PesConfig keep = pc;
+  keep.flush_denormals = false;
+  PesEstimator flushed(pc, fam, th, 0, 1), kept(keep, fam, th, 0, 1);
+  // A subnormal result survives outside the estimate, before and after it.
+  volatile float tiny = 1e-30f;
+  const float sub_before = tiny * 1e-10f;
+  for (int step = 0; step < 4; ++step) {
+    std::vector<double> gf(flat.size(), 0.0), gk(flat.size(), 0.0);
+    const PesStats sf = flushed.estimate(flat, gf), sk = kept.estimate(flat, gk);
+    EXPECT_NEAR(sf.loss_sum, sk.loss_sum, 1e-6 * sk.loss_sum);
+    double norm = 0, diff = 0;
+    for (size_t k = 0; k < flat.size(); ++k) {
+      norm += gk[k] * gk[k];
+      diff += (gf[k] - gk[k]) * (gf[k] - gk[k]);
+    }
+    ASSERT_GT(norm, 0.0);
+    EXPECT_LE(std::sqrt(diff / norm), 1e-3) << "outer step " << step;
+  }
+  const float sub_after = tiny * 1e-10f;
+  EXPECT_GT(sub_before, 0.0f);
+  EXPECT_EQ(sub_after, sub_before) << "estimate() left subnormals flushed on the caller's thread";
+}
+
 TEST(Metatrain, PesDirectionAgreesWithFiniteDifferences) {
   // On one truncation from fresh inner runs PES is plain antithetic ES: E[ĝ] is the gradient
   // of the Gaussian-smoothed truncation loss. Check the estimate's projection on a fixed

@@ -237,7 +237,7 @@ void host_mlp_chunk(const TensorDesc& t, const Chunk& ch, const StepConstants& s
       dir = std::fma(wout[c * 2 + 0], a, dir);
       mag = std::fma(wout[c * 2 + 1], a, mag);
     }
-    b.u[t.x_off + i] = use_exp ? dir * std::exp(mag * exp_mult) : dir;
+    b.u[t.x_off + i] = use_exp ? dir * ew::magnitude(mag, exp_mult) : dir;
     if (aggregate_mag) mag_acc += mag;
   }
   if (aggregate_mag) *mag_out = mag_acc;

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) k_mlp(const Chunk* chunks, const Ten
       dir = fmaf(wout[c * 2 + 0], a, dir);
       mag = fmaf(wout[c * 2 + 1], a, mag);
     }
-    b.u[t.x_off + i] = mp.use_exp ? dir * expf(mag * mp.exp_mult) : dir;
+    b.u[t.x_off + i] = mp.use_exp ? dir * ew::magnitude(mag, mp.exp_mult) : dir;
     if (mp.aggregate_mag) mag_acc += mag;
   }
   if (mp.aggregate_mag) {

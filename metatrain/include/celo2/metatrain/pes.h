@@ -134,6 +134,11 @@ struct PesConfig {
   // per matrix: the unbatched estimate bit for bit).
   bool batched = true;
   NsBatch ns_batch = NsBatch::kBatched;
+  // Run estimate() with subnormal floats flushed to zero (x86 MXCSR FTZ + DAZ, restored on
+  // return; TensorFlow's executors and torch.set_flush_denormal do the same). The inner tasks'
+  // optimizer state decays into subnormals (momenta of weights whose gradient stays zero), and
+  // each subnormal operand costs a microcode assist: measured 85 -> 69 us per particle step.
+  bool flush_denormals = true;
   InnerConfig inner;
 };
 
