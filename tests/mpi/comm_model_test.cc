@@ -14,7 +14,7 @@ namespace {
 
 std::shared_ptr<Communicator> g_comm;
 
-void check(const RuleConfig& rule, bool gather, int ns_split = 0) {
+void check(const RuleConfig& rule, bool gather, int ns_split = 0, int ns_split_poly = 0) {
   const std::vector<ModelTensor> spec = gpt_tensors(3, 48, 192, 301, 40);
   std::vector<std::vector<float>> p, g;
   EngineOptions eo;
@@ -23,6 +23,7 @@ void check(const RuleConfig& rule, bool gather, int ns_split = 0) {
   eo.opt.rules = LabelRules::seed_default();
   eo.gather_params = gather;
   eo.ns_split = ns_split;
+  eo.ns_split_poly = ns_split_poly;
   Engine eng(eo, g_comm);
   std::mt19937 rng(g_comm->rank());
   std::normal_distribution<float> nd;
@@ -38,7 +39,11 @@ void check(const RuleConfig& rule, bool gather, int ns_split = 0) {
   }
   for (size_t i = 0; i < spec.size(); ++i) ASSERT_EQ(eng.label_of(i), spec[i].label) << spec[i].name;
   eng.step();
-  const CommModel model = model_step(spec, rule, g_comm->size(), gather, ns_split);
+  const CommModel model =
+      model_step(spec, rule, g_comm->size(), gather, ns_split, NsCostModel::cpu(), ns_split_poly);
+  if (ns_split_poly == 1 && std::min(ns_split, g_comm->size()) > 1) {
+    EXPECT_EQ(model.ns_split_poly, model.ns_split);
+  }
   const PhaseStats& st = eng.last_phase_stats();
   double total = 0;
   for (const auto& [phase, want] : model.bytes) {
@@ -49,8 +54,8 @@ void check(const RuleConfig& rule, bool gather, int ns_split = 0) {
     // Integer division in the ring accounting: within a few bytes per rank.
     EXPECT_NEAR(got, want, 8.0 + 1e-9 * want) << phase;
     if (g_comm->rank() == 0)
-      std::printf("W=%d split=%d %-14s measured %12.0f B  model %12.0f B\n", g_comm->size(), ns_split, phase.c_str(),
-                  got, want);
+      std::printf("W=%d split=%d poly=%d %-14s measured %12.0f B  model %12.0f B\n", g_comm->size(), ns_split,
+                  ns_split_poly, phase.c_str(), got, want);
   }
   if (g_comm->rank() == 0)
     std::printf("W=%d total %.0f B/rank = %.3fx ZeRO-1 AdamW (%.0f B); no-locality all-to-all would be %.0f B\n",
@@ -74,6 +79,9 @@ TEST(CommModel, MatchesTheEngineSplitReturnTrip) {
   r.precondition_output = true;
   check(r, true, 2);
 }
+// The groups' polynomial split by rows: one all-gather of B per iteration on top.
+TEST(CommModel, MatchesTheEngineSplitPolynomialInPairs) { check(RuleConfig{}, true, 2, 1); }
+TEST(CommModel, MatchesTheEngineSplitPolynomialInThrees) { check(RuleConfig{}, true, 3, 1); }
 
 }  // namespace
 }  // namespace celo2

@@ -34,13 +34,13 @@ std::vector<float> matrix(int64_t rows, int64_t cols, uint64_t seed) {
 // [c·i/g, c·(i+1)/g)) and returns this rank's max|err| against `want` (the whole result),
 // divided by RMS(want).
 double split_error(const RuleConfig& cfg, int64_t r, int64_t c, const std::vector<float>& wide,
-                   const std::vector<float>& want, Communicator& group) {
+                   const std::vector<float>& want, Communicator& group, bool split_poly = false) {
   const int g = group.size(), i = group.rank();
   const int64_t c0 = c * i / g, c1 = c * (i + 1) / g, cl = c1 - c0;
   std::vector<float> block(static_cast<size_t>(r * cl)), scratch;
   for (int64_t row = 0; row < r; ++row)
     for (int64_t k = 0; k < cl; ++k) block[row * cl + k] = wide[row * c + c0 + k];
-  newton_schulz_split(cfg, r, cl, block.data(), group, scratch);
+  newton_schulz_split(cfg, r, cl, block.data(), group, scratch, /*rows_block=*/false, split_poly);
   double rms = 0, err = 0;
   for (float v : want) rms += static_cast<double>(v) * v;
   rms = std::sqrt(rms / static_cast<double>(want.size()));
@@ -99,11 +99,16 @@ TEST(SplitNewtonSchulz, EqualsTheUnsplitIteration) {
     const int64_t r = tall ? cols : rows, c = tall ? rows : cols;
     const std::vector<float> wide = tall ? transpose(x, rows, cols) : x;
     const std::vector<float> want_wide = tall ? transpose(want, rows, cols) : want;
-    const double worst = worst_over_ranks(split_error(cfg, r, c, wide, want_wide, *g_comm));
-    if (g_comm->rank() == 0)
-      std::printf("[W=%d] %lldx%lld split over %d ranks: max|err|/RMS %.2e\n", g_comm->size(),
-                  static_cast<long long>(rows), static_cast<long long>(cols), g_comm->size(), worst);
-    EXPECT_LE(worst, rows * cols > 20000 ? split_bound(cfg, rows, cols, x) : 1e-5);
+    // The polynomial formed by every member, and split by rows (some members get no rows
+    // where the group is larger than r).
+    for (bool poly : {false, true}) {
+      const double worst = worst_over_ranks(split_error(cfg, r, c, wide, want_wide, *g_comm, poly));
+      if (g_comm->rank() == 0)
+        std::printf("[W=%d] %lldx%lld split over %d ranks%s: max|err|/RMS %.2e\n", g_comm->size(),
+                    static_cast<long long>(rows), static_cast<long long>(cols), g_comm->size(),
+                    poly ? ", polynomial split by rows" : "", worst);
+      EXPECT_LE(worst, rows * cols > 20000 ? split_bound(cfg, rows, cols, x) : 1e-5) << "split_poly " << poly;
+    }
   }
 }
 
@@ -118,17 +123,23 @@ TEST(SplitNewtonSchulz, TwoGroupsAtOnceAndTheCostModel) {
   const std::vector<float> x = matrix(r, c, 7 + color);
   std::vector<float> want = x, scratch;
   newton_schulz(cfg, r, c, want.data(), scratch, NsMethod::kStandard);
-  group->reset_counters();
-  double err = split_error(cfg, r, c, x, want, *group);
-  const SplitNsCost model = split_ns_cost(cfg, r, group->size());
-  int64_t bytes = 0, calls = 0;
-  for (const auto& [op, k] : group->counters()) {
-    bytes += k.bytes;
-    calls += k.calls;
+  for (bool poly : {false, true}) {
+    SCOPED_TRACE(poly ? "polynomial split by rows" : "polynomial on every member");
+    group->reset_counters();
+    double err = split_error(cfg, r, c, x, want, *group, poly);
+    const SplitNsCost model = split_ns_cost(cfg, r, group->size(), poly);
+    int64_t bytes = 0, calls = 0, gathers = 0;
+    for (const auto& [op, k] : group->counters()) {
+      bytes += k.bytes;
+      calls += k.calls;
+      if (op == "all_gather") gathers += k.calls;
+    }
+    EXPECT_EQ(bytes, static_cast<int64_t>(model.bytes_per_rank));
+    EXPECT_EQ(calls, model.calls());
+    EXPECT_EQ(gathers, model.all_gathers);
+    EXPECT_EQ(gathers, poly ? cfg.ns_iters : 0);
+    EXPECT_LE(worst_over_ranks(err), 1e-5);
   }
-  EXPECT_EQ(bytes, static_cast<int64_t>(model.bytes_per_rank));
-  EXPECT_EQ(calls, model.all_reduces);
-  EXPECT_LE(worst_over_ranks(err), 1e-5);
 }
 
 // ---- the engine's step with split Newton–Schulz ----
@@ -152,6 +163,7 @@ struct SplitCase {
   int variant;               // testing::rule_variant
   bool gather = true;        // gather_params
   bool bf16 = false;
+  int poly = 0;              // EngineOptions::ns_split_poly of the split run (1: by rows)
 };
 
 // The engine with `c.split` against the same engine with one owner per matrix, 4 steps of
@@ -175,6 +187,7 @@ double split_vs_unsplit(const SplitCase& c, int* split_matrices) {
     eo.opt = o;
     eo.gather_params = c.gather;
     eo.ns_split = k == 0 ? c.split : 1;
+    eo.ns_split_poly = c.poly;
     engines.push_back(std::make_unique<Engine>(eo, g_comm));
     if (c.bf16) {
       halves.push_back(std::make_unique<testing::HalfModel>(runs[k], DType::kBFloat16));
@@ -210,8 +223,12 @@ double split_vs_unsplit(const SplitCase& c, int* split_matrices) {
   }
   const OwnerPlan& plan = engines[0]->owner_plan();
   *split_matrices = 0;
-  for (size_t i = 0; i < plan.group.size(); ++i)
-    *split_matrices += std::min(plan.group[i], g_comm->size() - plan.owner[i]) > 1;
+  for (size_t i = 0; i < plan.group.size(); ++i) {
+    const bool split = std::min(plan.group[i], g_comm->size() - plan.owner[i]) > 1;
+    *split_matrices += split;
+    // The forced way of forming the polynomial reaches every split matrix.
+    EXPECT_EQ(plan.split_poly[i] != 0, split && c.poly == 1) << "matrix " << i;
+  }
   return worst_over_ranks(worst);
 }
 
@@ -227,18 +244,26 @@ TEST(SplitEngine, EqualsTheUnsplitEngine) {
       {W, 3},                 // preconditioned output: the reverse all-to-all
       {2, 0, /*gather=*/false},  // a trainer that gathers parameters itself
       {2, 0, true, /*bf16=*/true},  // bf16 parameters: float32 masters, the reverse path
+      // The polynomial split by rows over the group and all-gathered (split_poly):
+      {2, 0, true, false, 1},
+      {3, 0, true, false, 1},
+      {W + 3, 0, true, false, 1},  // members of the 2×1 matrix's group with no rows of B
+      {W, 3, true, false, 1},
+      {2, 0, false, false, 1},
+      {2, 0, true, true, 1},
   };
   for (const SplitCase& c : cases) {
     int split = 0;
     const double err = split_vs_unsplit(c, &split);
     if (g_comm->rank() == 0)
-      std::printf("[W=%d] ns_split=%d variant %d gather=%d bf16=%d: %d matrices split, max|err|/RMS of the update %.2e\n",
-                  W, c.split, c.variant, c.gather, c.bf16, split, err);
+      std::printf("[W=%d] ns_split=%d variant %d gather=%d bf16=%d poly=%d: %d matrices split, max|err|/RMS of the update %.2e\n",
+                  W, c.split, c.variant, c.gather, c.bf16, c.poly, split, err);
     // The split iteration sums partial Gram matrices in another order: float32 rounding,
     // ≤ 1e-5 of the update. Variant 3 divides the orthogonalized direction by sqrt(v̂) per
     // element (preconditioned output), which magnifies that difference where v̂ is small
     // (measured up to 4.2e-5 on 2–5 ranks): bounded there by the golden files' 1e-4.
-    EXPECT_LE(err, c.variant == 3 ? 1e-4 : 1e-5) << "ns_split " << c.split << " variant " << c.variant;
+    EXPECT_LE(err, c.variant == 3 ? 1e-4 : 1e-5) << "ns_split " << c.split << " variant " << c.variant
+                                                 << " poly " << c.poly;
     if (c.variant != 1) { EXPECT_EQ(split > 0, std::min(c.split, W) > 1) << "ns_split " << c.split; }
   }
 }

@@ -39,15 +39,17 @@ struct CommModel {
   double ns_max_seconds = 0;            // the busiest rank's modelled Newton–Schulz time
   double ns_group_bytes_max = 0;        // the groups' all-reduce bytes of the busiest rank
   double ns_group_bytes_mean = 0;       // ... averaged over ranks (in bytes["newton_schulz"])
-  int ns_group_calls_max = 0;           // ... and its all-reduce calls
+  int ns_group_calls_max = 0;           // ... and its collective calls (all-reduce, all-gather)
+  int64_t ns_split_poly = 0;            // split matrices whose group splits the polynomial
 };
 
 // `gather_params`: the engine all-gathers parameters (merged return path unless
-// precondition_output). `ns_split` and `ns_model`: the Newton–Schulz planner's inputs
-// (celo2/plan.h plan_ns; the engine's are EngineOptions::ns_split and NsCostModel::cpu()).
+// precondition_output). `ns_split`, `ns_model` and `ns_split_poly`: the Newton–Schulz
+// planner's inputs (celo2/plan.h plan_ns; the engine's are EngineOptions::ns_split,
+// NsCostModel::cpu() and EngineOptions::ns_split_poly).
 CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int world,
                      bool gather_params = true, int ns_split = 0,
-                     const NsCostModel& ns_model = NsCostModel::cpu());
+                     const NsCostModel& ns_model = NsCostModel::cpu(), int ns_split_poly = -1);
 
 // A GPT-style tensor set (names as a Megatron-like trainer has them): token and position
 // embeddings (adamw), per layer LayerNorms and biases (adamw), qkv/proj/fc1/fc2 (celo2).

@@ -67,6 +67,10 @@ struct EngineOptions {
   // tunable (unset: 0); 0, chosen by cost; 1, one owner per matrix; g >= 2, every matrix
   // split over groups of g ranks.
   int ns_split = -1;
+  // How a group forms the polynomial B = bA + cA² (celo2/split_ns.h split_poly): -1, the
+  // CELO2_NS_SPLIT_POLY tunable (auto: where the cost model says it pays); 0, every member
+  // all of it; 1, split by rows and all-gathered.
+  int ns_split_poly = -1;
   // Overlap the gradient reduce-scatter with the trainer's backward pass (GradMode::kLocal,
   // W > 1; Megatron's overlap_grad_reduce): the trainer calls grad_ready(i) as each tensor's
   // gradient becomes final, and every bucket whose tensors are all final is reduce-scattered

@@ -73,6 +73,9 @@ enum class Kind {
     "Newton-Schulz groups of the flat plan: unset or 0, chosen by cost (a matrix is split over "  \
     "a group of ranks only where the largest matrices bound the step); 1, one owner per "        \
     "matrix; g >= 2, every matrix split over groups of g ranks (tests)")                         \
+  X(ns_split_poly, "CELO2_NS_SPLIT_POLY", kChoice, "auto", "auto|on|off",                      \
+    "Newton-Schulz groups: the polynomial B = bA + cA^2 formed redundantly by every member "      \
+    "(off) or split by rows and all-gathered (on); auto, where the cost model says it pays")      \
   X(cpu_isa, "CELO2_CPU_ISA", kChoice, "auto", "auto|avx512|avx2|base",                         \
     "Which copy of the CPU rule's vector loops runs: auto (the best this CPU supports), or one "  \
     "forced (to compare them; a set this CPU lacks is an error at engine start)")                \

@@ -55,6 +55,9 @@ struct OwnerPlan {
   std::vector<int> owner;    // per matrix (global order): its owner, or its group's first rank
   // per matrix: its group's nominal size g (1: one owner): ranks [owner, min(W, owner + g))
   std::vector<int> group;
+  // per matrix with a group: its members split the polynomial B = bA + cA² by rows and
+  // all-gather it (newton_schulz_split's split_poly) instead of each forming all of it
+  std::vector<char> split_poly;
   std::vector<double> load;  // modelled Newton–Schulz seconds per rank (plan_owners: FLOPs)
   double imbalance = 1.0;    // max / mean load (1 = perfect; mean = unsplit work / W)
   double imbalance_unsplit = 1.0;  // the same with one owner per matrix
@@ -87,8 +90,14 @@ struct NsMatrix {
 };
 
 // Modelled seconds on each rank of a group of g ranks for one matrix (g = 1: newton_schulz;
-// g > 1: the split iteration plus its all-reduces).
-double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g);
+// g > 1: the split iteration plus its collectives, with the polynomial formed redundantly or,
+// split_poly, split by rows and all-gathered).
+double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
+               bool split_poly = false);
+// How a group of g splits one matrix's polynomial: force_poly 0 never, 1 always (g > 1),
+// -1 where that lowers ns_time.
+bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
+                   int force_poly = -1);
 
 // The flat plan's Newton–Schulz owners and groups. force: 0 = choose by cost (groups only
 // where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,
@@ -96,8 +105,9 @@ double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, in
 // matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT). By cost,
 // splits are kept only if they cut the busiest rank's modelled time by 10 % or more.
 // Matrices of one owner are placed as plan_owners places them.
+// force_poly: how groups form the polynomial (ns_split_poly; -1 by cost).
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
-                  const NsCostModel& model, int force = 0);
+                  const NsCostModel& model, int force = 0, int force_poly = -1);
 
 // Member j's block of a matrix split over `size` ranks, and its runs in the flat index space.
 struct NsBlock {

@@ -6,13 +6,16 @@
 // row-major; c_i may be 0, e.g. a group larger than the column count). Per iteration:
 //   A = Σ_i X_i X_iᵀ     (each rank's ssyrk, one all-reduce of its r(r+1)/2 upper triangle,
 //                        summed in double)
-//   B = bA + cA²         (redundantly on every rank: r³, small next to r²c / g)
+//   B = bA + cA²         (redundantly on every rank: 2r³ FLOPs; or, with split_poly, member
+//                        j forms its block of rows [r·j/g, r·(j+1)/g) and one all-gather of
+//                        the r² floats gives every member B: 2r³/g FLOPs instead of 2r³)
 //   X_i ← aX_i + B X_i    (local sgemm)
 // and the Frobenius normalization before is a group sum too. In real arithmetic this is
 // newton_schulz of the whole matrix; in float32 the partial Gram sums round differently
 // (tests/mpi/split_ns_test.cc bounds the difference: max|err|/RMS <= 1e-5).
 // Cost per rank: 2 r² c_i · 2 + 2 r³ FLOPs and about 8 r² bytes sent per iteration (ring
-// all-reduce of r(r+1)/2 doubles: 2 · 8 · r(r+1)/2 · (g−1)/g).
+// all-reduce of r(r+1)/2 doubles: 2 · 8 · r(r+1)/2 · (g−1)/g); with split_poly, 2 r³ / g
+// FLOPs and 4 r² (g−1)/g more bytes (the all-gather of B) per iteration.
 #pragma once
 
 #include <cstdint>
@@ -27,13 +30,16 @@ namespace celo2 {
 // row-major): the rows of a tall matrix, as the engine's blocks of tall matrices are laid
 // out (celo2/plan.h NsBlock); A = X_iᵀX_i and X_i ← aX_i + X_iB then.
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
-                         std::vector<float>& scratch, bool rows_block = false);
+                         std::vector<float>& scratch, bool rows_block = false, bool split_poly = false);
 
-// Bytes each rank sends and all-reduce calls of one newton_schulz_split on g ranks.
+// Bytes each rank sends and collective calls (all-reduces, and with split_poly the
+// all-gathers) of one newton_schulz_split on g ranks, as the communicators count them.
 struct SplitNsCost {
   double bytes_per_rank = 0;
   int all_reduces = 0;
+  int all_gathers = 0;
+  int calls() const { return all_reduces + all_gathers; }
 };
-SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g);
+SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g, bool split_poly = false);
 
 }  // namespace celo2

@@ -11,7 +11,7 @@
 namespace celo2 {
 
 CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& cfg, int W,
-                     bool gather_params, int ns_split, const NsCostModel& ns_model) {
+                     bool gather_params, int ns_split, const NsCostModel& ns_model, int ns_split_poly) {
   CommModel m;
   m.world = W;
   const double f = W > 1 ? static_cast<double>(W - 1) / W : 0.0;
@@ -45,7 +45,7 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
   if (!mats.empty()) {
     std::vector<int64_t> cuts(W + 1);
     for (int k = 0; k <= W; ++k) cuts[k] = N * k / W;
-    const OwnerPlan plan = plan_ns(mats, cuts, cfg, ns_model, ns_split);
+    const OwnerPlan plan = plan_ns(mats, cuts, cfg, ns_model, ns_split, ns_split_poly);
     m.ns_imbalance = plan.imbalance;
     m.ns_imbalance_unsplit = plan.imbalance_unsplit;
     m.ns_max_seconds = *std::max_element(plan.load.begin(), plan.load.end());
@@ -59,13 +59,14 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
       }
       ns_elems += static_cast<double>(mats[i].rows * mats[i].cols);
       if (s > 1) {
-        const SplitNsCost sc = split_ns_cost(cfg, std::min(mats[i].rows, mats[i].cols), s);
+        const SplitNsCost sc = split_ns_cost(cfg, std::min(mats[i].rows, mats[i].cols), s, plan.split_poly[i] != 0);
+        m.ns_split_poly += plan.split_poly[i] != 0;
         ++m.ns_split;
         m.ns_group_max = std::max(m.ns_group_max, s);
         group_bytes += s * sc.bytes_per_rank;
         for (int j = 0; j < s; ++j) {
           rank_bytes[o + j] += sc.bytes_per_rank;
-          rank_calls[o + j] += sc.all_reduces;
+          rank_calls[o + j] += sc.calls();
         }
       }
     }

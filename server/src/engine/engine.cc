@@ -82,6 +82,7 @@ struct Engine::Matrix {
   int ranks = 1;           // ranks in its group (1: one owner)
   int nominal = 1;         // the group's nominal size (its communicator: colour rank / nominal)
   int member = -1;         // this rank's index in the group, or -1
+  bool split_poly = false; // the group splits the polynomial by rows (newton_schulz_split)
   int64_t owned_off = -1;  // offset of this rank's block in mat_buf_ if it is a member
   NsBlock block(int j) const { return NsBlock{flat_lo, rows, cols, ranks, j}; }
 };
@@ -328,13 +329,19 @@ void Engine::build_plan() {
     std::vector<NsMatrix> ns;
     for (const auto& m : matrices_) ns.push_back({m.flat_lo, m.rows, m.cols});
     const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
-    owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force);
+    int force_poly = opts_.ns_split_poly;
+    if (force_poly < 0) {
+      const std::string p = param::ns_split_poly();
+      force_poly = p == "on" ? 1 : p == "off" ? 0 : -1;
+    }
+    owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force, force_poly);
     for (size_t i = 0; i < matrices_.size(); ++i) {
       Matrix& m = matrices_[i];
       m.owner = owners_.owner[i];
       m.nominal = owners_.group[i];
       m.ranks = std::min(m.nominal, W - m.owner);
       m.member = r >= m.owner && r < m.owner + m.ranks ? r - m.owner : -1;
+      m.split_poly = owners_.split_poly[i] != 0;
     }
   }
   // All-to-all layout: send grouped by destination, then matrix order (each member of a
@@ -961,7 +968,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
         const Matrix& m = matrices_[i];
         const NsBlock b = m.block(m.member);
         newton_schulz_split(cfg, b.wide_rows(), b.local_cols(), mat_buf_.data() + m.owned_off,
-                            *ns_groups_.at(m.nominal), scratch, b.tall());
+                            *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly);
         if (cfg.normalize_output) block_sumsq(i);
       }
     }

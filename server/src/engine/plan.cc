@@ -133,17 +133,25 @@ NsCostModel NsCostModel::h200() {
   return m;
 }
 
-double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g) {
+double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
+               bool split_poly) {
   if (g <= 1) return newton_schulz_flops(cfg, rows, cols) / model.gemm_flops;
   const double r = static_cast<double>(std::min(rows, cols)), c = static_cast<double>(std::max(rows, cols));
-  const double flops = cfg.ns_iters * (4.0 * r * r * c / g + 2.0 * r * r * r);
-  const SplitNsCost sc = split_ns_cost(cfg, std::min(rows, cols), g);
+  const double flops = cfg.ns_iters * (4.0 * r * r * c / g + 2.0 * r * r * r / (split_poly ? g : 1));
+  const SplitNsCost sc = split_ns_cost(cfg, std::min(rows, cols), g, split_poly);
   const double bw = g <= model.ranks_per_node ? model.bus_bytes : model.bus_bytes_inter;
-  return flops / model.gemm_flops + sc.bytes_per_rank / bw + sc.all_reduces * model.latency;
+  return flops / model.gemm_flops + sc.bytes_per_rank / bw + sc.calls() * model.latency;
+}
+
+bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
+                   int force_poly) {
+  if (g <= 1 || force_poly == 0) return false;
+  if (force_poly >= 1) return true;
+  return ns_time(cfg, model, rows, cols, g, true) < ns_time(cfg, model, rows, cols, g, false);
 }
 
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
-                  const NsCostModel& model, int force) {
+                  const NsCostModel& model, int force, int force_poly) {
   const int W = static_cast<int>(cuts.size()) - 1;
   if (W < 1) throw std::invalid_argument("plan_ns: no ranks");
   if (force < 0) throw std::invalid_argument("plan_ns: negative group size " + std::to_string(force));
@@ -152,7 +160,10 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   double total1 = 0;
   for (size_t i = 0; i < n; ++i) total1 += t1[i] = ns_time(cfg, model, mats[i].rows, mats[i].cols, 1);
   const double mean = total1 / W;
-  auto time_in = [&](size_t i, int s) { return s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s); };
+  auto poly_in = [&](size_t i, int s) { return ns_split_poly(cfg, model, mats[i].rows, mats[i].cols, s, force_poly); };
+  auto time_in = [&](size_t i, int s) {
+    return s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s, poly_in(i, s));
+  };
   // Places every matrix for nominal group sizes g: largest per-rank time first; one owner
   // where it holds most of the matrix unless past 1.1x the balanced load, else the
   // least-loaded rank; a group on the aligned block whose busiest member is least busy.
@@ -161,6 +172,7 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
     p.load.assign(W, 0.0);
     p.owner.assign(n, 0);
     p.group.assign(n, 1);
+    p.split_poly.assign(n, 0);
     std::vector<double> t(n);
     double work = 0, tmax = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -209,6 +221,7 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       const int a = best_q * g[i], b = std::min(W, a + g[i]);
       p.owner[i] = a;
       p.group[i] = b - a > 1 ? g[i] : 1;  // nominal size (a last block of one rank: an owner)
+      p.split_poly[i] = b - a > 1 && poly_in(i, b - a);
       for (int k = a; k < b; ++k) p.load[k] += time_in(i, b - a);
     }
     p.imbalance = mean > 0 ? *std::max_element(p.load.begin(), p.load.end()) / mean : 1.0;

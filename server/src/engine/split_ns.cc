@@ -12,14 +12,21 @@
 namespace celo2 {
 
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
-                         std::vector<float>& scratch, bool rows_block) {
+                         std::vector<float>& scratch, bool rows_block, bool split_poly) {
   if (r <= 0) return;
   if (c_local < 0) throw std::invalid_argument("newton_schulz_split: negative column count");
   const size_t rc = static_cast<size_t>(r * c_local), rr = static_cast<size_t>(r * r);
-  scratch.resize(rc + 2 * rr);
+  // split_poly: member j forms rows [r·j/g, r·(j+1)/g) of B (counts: every member's share).
+  const int g = group.size(), me = group.rank();
+  const int64_t row0 = r * me / g, row1 = r * (me + 1) / g;
+  std::vector<int64_t> counts;
+  if (split_poly)
+    for (int k = 0; k < g; ++k) counts.push_back((r * (k + 1) / g - r * k / g) * r);
+  scratch.resize(rc + 2 * rr + (split_poly ? static_cast<size_t>((row1 - row0) * r) : 0));
   float* Y = scratch.data();
   float* A = Y + rc;
   float* B = A + rr;
+  float* Bpart = B + rr;
   const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
   std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
@@ -48,7 +55,19 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     for (int i = 0; i < R; ++i)
       for (int j = i; j < R; ++j, ++k)
         A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] = static_cast<float>(sum[k]);
-    ns_polynomial(cfg, r, A, B);
+    if (split_poly) {
+      // This member's rows of B = bA + cA·A, then every member's rows to everyone.
+      const int64_t nr = row1 - row0;
+      const float b = static_cast<float>(cfg.ns_coeffs[1]), c = static_cast<float>(cfg.ns_coeffs[2]);
+      const float* Arows = A + row0 * r;
+      for (int64_t i = 0; i < nr * r; ++i) Bpart[i] = b * Arows[i];
+      if (nr > 0)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nr), R, R, c, Arows, R, A, R,
+                    1.0f, Bpart, R);
+      group.all_gather(Bpart, B, counts);
+    } else {
+      ns_polynomial(cfg, r, A, B);
+    }
     if (C == 0) continue;
     if (rows_block) {
       // Y = a·X + X·B (B symmetric): the transpose of a·Xᵀ + B·Xᵀ.
@@ -62,13 +81,17 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   }
 }
 
-SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g) {
+SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g, bool split_poly) {
   SplitNsCost c;
   c.all_reduces = 1 + cfg.ns_iters;
+  c.all_gathers = split_poly ? cfg.ns_iters : 0;
   if (g <= 1) return c;
-  // As the communicators count a ring all-reduce of n doubles: 2 · (8n (g−1) / g), integer.
+  // As the communicators count them: a ring all-reduce of n doubles 2 · (8n (g−1) / g), an
+  // all-gather of n floats in all 4n (g−1) / g, integer.
   auto all_reduce = [&](int64_t n) { return 2 * (8 * n * (g - 1) / g); };
-  c.bytes_per_rank = static_cast<double>(all_reduce(1) + cfg.ns_iters * all_reduce(r * (r + 1) / 2));
+  auto all_gather = [&](int64_t n) { return 4 * n * (g - 1) / g; };
+  c.bytes_per_rank = static_cast<double>(all_reduce(1) + cfg.ns_iters * all_reduce(r * (r + 1) / 2) +
+                                         c.all_gathers * all_gather(r * r));
   return c;
 }
 
