@@ -19,7 +19,8 @@ int main(int argc, char** argv) {
   std::vector<int> worlds = {8, 64, 512};
   bool base = false;
   bool split = false;
-  std::string ns_model = "cpu";
+  std::string ns_model = "cpu", split_poly = "auto";
+  double bytes_share = -1;
   double gemm_tflops = 400, nvlink_gbs = 360, ib_gbs = 50, latency_us = 15, node = 8;
   double batch_tokens = 1 << 20, mfu = 0.4, peak_tflops = 989;
   app.add_option("--layers", layers)->capture_default_str();
@@ -35,6 +36,13 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "h200"}))
       ->capture_default_str();
   app.add_flag("--split", split, "also model Newton–Schulz split over groups of ranks (celo2/split_ns.h)");
+  app.add_option("--ns-split-poly", split_poly,
+                 "how a group forms the polynomial: auto (by cost, as the engine), on (split by rows), off (every member)")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
+  app.add_option("--group-bytes-share", bytes_share,
+                 "the first table's limit on the bytes splits add per rank, as a share of ZeRO-1's (0: none; "
+                 "default: the cost model's own, cpu 0, h200 0.05)");
   app.add_option("--gemm-tflops", gemm_tflops, "--split: float32/TF32 GEMM rate per GPU")->capture_default_str();
   app.add_option("--nvlink-gbs", nvlink_gbs, "--split: all-reduce bus bandwidth in a node, GB/s")->capture_default_str();
   app.add_option("--ib-gbs", ib_gbs, "--split: all-reduce bus bandwidth across nodes, GB/s")->capture_default_str();
@@ -57,20 +65,24 @@ int main(int argc, char** argv) {
   std::printf("model: %d layers, d=%lld, ffn=%lld, vocab=%lld: %.3f B parameters, %.3f B in "
               "Celo2 matrices\n\n", layers, static_cast<long long>(d), static_cast<long long>(ffn),
               static_cast<long long>(vocab), n / 1e9, ns / 1e9);
-  const celo2::NsCostModel owner_model = ns_model == "cpu" ? celo2::NsCostModel::cpu() : celo2::NsCostModel::h200();
+  celo2::NsCostModel owner_model = ns_model == "cpu" ? celo2::NsCostModel::cpu() : celo2::NsCostModel::h200();
+  if (bytes_share >= 0) owner_model.group_bytes_share = bytes_share;
+  const int force_poly = split_poly == "on" ? 1 : split_poly == "off" ? 0 : -1;
   std::printf("%-6s %-14s", "ranks", "phase");
   std::printf("%14s\n", "MB/rank/step");
   for (int W : worlds) {
-    const celo2::CommModel m = celo2::model_step(tensors, cfg, W, true, 0, owner_model);
+    const celo2::CommModel m = celo2::model_step(tensors, cfg, W, true, 0, owner_model, force_poly);
     for (const auto& [phase, b] : m.bytes) std::printf("%-6d %-14s %14.3f\n", W, phase.c_str(), b / 1e6);
     std::printf("%-6d %-14s %14.3f\n", W, "celo2 total", m.celo2 / 1e6);
     std::printf("%-6d %-14s %14.3f   (celo2 / zero1 = %.3f)\n", W, "zero1 adamw", m.zero1_adamw / 1e6,
                 m.celo2 / m.zero1_adamw);
     std::printf("%-6d %-14s %14.3f   (all-to-all if owners ignored locality: %.3f MB)\n", W,
                 "layer-wise", m.layerwise / 1e6, m.a2a_no_locality / 1e6);
-    std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean, the planner's plan, %s cost model) %.2f; "
+    std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean, the planner's plan, %s cost model) %.2f "
+                "(one owner each: %.2f; %lld split, %lld of them with the polynomial split); "
                 "layer-wise optimizer-state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices),
-                ns_model.c_str(), m.ns_imbalance, m.layerwise_state_imbalance);
+                ns_model.c_str(), m.ns_imbalance, m.ns_imbalance_unsplit, static_cast<long long>(m.ns_split),
+                static_cast<long long>(m.ns_split_poly), m.layerwise_state_imbalance);
   }
   // The whole-tensor plan (celo2/plan.h; what the engine's cuda backend runs): cuts at Celo2
   // tensor boundaries by modelled cost and memory. Per rank: engine bytes (state and slice
@@ -115,8 +127,8 @@ int main(int argc, char** argv) {
   if (!split || !cfg.orthogonalize) return 0;
   // Newton–Schulz split over groups of ranks: the engine's planner (celo2/plan.h plan_ns)
   // with the GPU's cost model. Per rank of a group: iters·(4r²c/g + 2r³) FLOPs at the GEMM
-  // rate, plus split_ns_cost's all-reduces (bytes at NVLink's bandwidth while the group fits
-  // in a node, else InfiniBand's; one latency each).
+  // rate (2r³/g with the polynomial split), plus split_ns_cost's collectives (bytes at
+  // NVLink's bandwidth while the group fits in a node, else InfiniBand's; one latency each).
   celo2::NsCostModel gpu = celo2::NsCostModel::h200();
   gpu.gemm_flops = gemm_tflops * 1e12;
   gpu.bus_bytes = nvlink_gbs * 1e9;
@@ -133,16 +145,18 @@ int main(int argc, char** argv) {
   no_ns.orthogonalize = false;
   double ew_total = 0;
   for (const auto& t : tensors) ew_total += celo2::tensor_step_cost(t.shape, t.label, no_ns);
-  std::printf("%-6s %8s %6s %6s %10s %10s %9s %11s %12s %12s %10s %12s %10s\n", "ranks", "matrices", "split", "max g",
-              "load 1", "load split", "calls", "MB/rank", "vs ZeRO-1", "NS ms", "of step", "opt step ms", "of step");
+  std::printf("%-6s %8s %6s %5s %6s %10s %10s %9s %11s %12s %12s %10s %12s %10s\n", "ranks", "matrices", "split", "poly",
+              "max g", "load 1", "load split", "calls", "MB/rank", "vs ZeRO-1", "NS ms", "of step", "opt step ms",
+              "of step");
   for (int W : worlds) {
-    const celo2::CommModel cm = celo2::model_step(tensors, cfg, W, true, 0, gpu);
+    const celo2::CommModel cm = celo2::model_step(tensors, cfg, W, true, 0, gpu, force_poly);
     // bytes of the busiest rank of the groups' all-reduces in place of their mean
     const double worst = cm.celo2 - cm.ns_group_bytes_mean + cm.ns_group_bytes_max;
     const double step_s = 6.0 * static_cast<double>(n) * batch_tokens / W / (mfu * peak_tflops * 1e12);
     const double opt_s = ew_total / W + cm.ns_max_seconds;
-    std::printf("%-6d %8lld %6lld %6d %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%% %12.2f %9.1f%%\n", W,
-                static_cast<long long>(cm.ns_matrices), static_cast<long long>(cm.ns_split), cm.ns_group_max,
+    std::printf("%-6d %8lld %6lld %5lld %6d %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%% %12.2f %9.1f%%\n", W,
+                static_cast<long long>(cm.ns_matrices), static_cast<long long>(cm.ns_split),
+                static_cast<long long>(cm.ns_split_poly), cm.ns_group_max,
                 cm.ns_imbalance_unsplit, cm.ns_imbalance, cm.ns_group_calls_max, cm.ns_group_bytes_max / 1e6,
                 worst / cm.zero1_adamw, cm.ns_max_seconds * 1e3, 100 * cm.ns_max_seconds / step_s, opt_s * 1e3,
                 100 * opt_s / step_s);

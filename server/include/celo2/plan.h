@@ -61,6 +61,7 @@ struct OwnerPlan {
   std::vector<double> load;  // modelled Newton–Schulz seconds per rank (plan_owners: FLOPs)
   double imbalance = 1.0;    // max / mean load (1 = perfect; mean = unsplit work / W)
   double imbalance_unsplit = 1.0;  // the same with one owner per matrix
+  double group_bytes_max = 0;      // the groups' collective bytes of the busiest rank
 };
 
 // ---- Newton–Schulz split over groups of ranks (celo2/split_ns.h) ----
@@ -79,6 +80,11 @@ struct NsCostModel {
   double bus_bytes_inter = 5e9;   // ... across nodes
   int ranks_per_node = 1 << 30;   // groups up to this size stay in a node
   double latency = 20e-6;         // seconds per all-reduce call
+  // The most the groups' collectives may add to any rank's bytes per step, as a share of
+  // ZeRO-1's (gradient reduce-scatter + parameter all-gather); 0: no limit, the modelled
+  // time alone decides. The GPU model holds splits to 5 %: there they share the links with
+  // ZeRO-1's own traffic, which the time model does not see.
+  double group_bytes_share = 0;
   static NsCostModel cpu();   // the defaults: one CPU rank of a shared-memory MPI job
   static NsCostModel h200();  // H200-class GPUs, 8 per node (celo2-plan's model, DISTRIBUTED.md)
 };
@@ -103,7 +109,8 @@ bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows
 // where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,
 // and only where a larger group lowers the matrix's own modelled time); 1 = one owner per
 // matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT). By cost,
-// splits are kept only if they cut the busiest rank's modelled time by 10 % or more.
+// splits are kept only if they cut the busiest rank's modelled time by 10 % or more, and
+// only while the groups' collectives stay within the model's group_bytes_share.
 // Matrices of one owner are placed as plan_owners places them.
 // force_poly: how groups form the polynomial (ns_split_poly; -1 by cost).
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
