@@ -266,8 +266,22 @@ void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepCons
     while (i < s.hi) {
       const int64_t a = i / C, j0 = i - a * C, j1 = std::min(C, j0 + (s.hi - i));
       const float* ga = gp + (i - s.lo) - j0;
-      double seg = 0.0;
-      for (int64_t j = j0; j < j1; ++j) {
+      // The row's sum in 8 fixed lanes (vectorized; double sums of these float squares round
+      // far below float resolution, so the lane order changes no float result), then the tail.
+      constexpr int kLanes = 8;
+      double lane[kLanes] = {};
+      int64_t j = j0;
+      for (; j + kLanes <= j1; j += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          const float g = ew::clip_grad(ga[j + l]);
+          const double q = static_cast<double>(g * g + ew::kQEps);
+          lane[l] += q;
+          B[j + l] += q;
+        }
+      }
+      double seg = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+      for (; j < j1; ++j) {
         const float g = ew::clip_grad(ga[j]);
         const double q = static_cast<double>(g * g + ew::kQEps);
         seg += q;

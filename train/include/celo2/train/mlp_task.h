@@ -127,15 +127,21 @@ class MlpTaskT {
   }
 
  private:
-  // acts_[0] = input, acts_[l] = ReLU output of layer l (l < L), acts_[L] = logits.
+  // act(0) = input (float: the caller's x itself, read until backward returns; double: a
+  // converted copy in acts_[0]), acts_[l] = ReLU output of layer l (l < L), acts_[L] = logits.
+  const T* act(int l) const { return l == 0 && in_ ? in_ : acts_[l].data(); }
   void forward_logits(const float* x, int batch) {
     if (batch <= 0) throw std::invalid_argument("MlpTask: batch must be positive");
     const int L = num_layers();
     acts_.resize(L + 1);
-    acts_[0].assign(x, x + static_cast<size_t>(batch) * layers_[0]);
+    if constexpr (std::is_same_v<T, float>) {
+      in_ = x;
+    } else {
+      acts_[0].assign(x, x + static_cast<size_t>(batch) * layers_[0]);
+    }
     for (int l = 0; l < L; ++l) {
       const int in = layers_[l], out = layers_[l + 1];
-      const std::vector<T>& a = acts_[l];
+      const T* a = act(l);
       const T* w = params_[2 * l].data();
       const T* bias = params_[2 * l + 1].data();
       std::vector<T>& z = acts_[l + 1];
@@ -143,7 +149,7 @@ class MlpTaskT {
       if constexpr (std::is_same_v<T, float>) {
         if (use_blas_) {
           for (int b = 0; b < batch; ++b) std::copy(bias, bias + out, z.data() + static_cast<size_t>(b) * out);
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, batch, out, in, 1.0f, a.data(), in,
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, batch, out, in, 1.0f, a, in,
                       w, out, 1.0f, z.data(), out);
           if (l + 1 < L) {
             for (float& v : z) v = std::max(v, 0.0f);
@@ -154,7 +160,7 @@ class MlpTaskT {
       for (int b = 0; b < batch; ++b) {
         T* zr = z.data() + static_cast<size_t>(b) * out;
         std::copy(bias, bias + out, zr);
-        const T* ar = a.data() + static_cast<size_t>(b) * in;
+        const T* ar = a + static_cast<size_t>(b) * in;
         for (int i = 0; i < in; ++i) {
           const T ai = ar[i];
           if (ai == T(0)) continue;  // ReLU zeros and blank pixels: common, exact to skip
@@ -212,7 +218,7 @@ class MlpTaskT {
     dz.assign(dlogits_.begin(), dlogits_.end());
     for (int l = L - 1; l >= 0; --l) {
       const int in = layers_[l], out = layers_[l + 1];
-      const std::vector<T>& a = acts_[l];
+      const T* a = act(l);
       T* gw = grads_[2 * l].data();
       T* gb = grads_[2 * l + 1].data();
       std::fill(grads_[2 * l].begin(), grads_[2 * l].end(), T(0));
@@ -224,7 +230,7 @@ class MlpTaskT {
             for (int o = 0; o < out; ++o) gb[o] += dzr[o];
           }
           // gW (in x out) = A^T (in x batch) dZ (batch x out)
-          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, out, batch, 1.0f, a.data(), in,
+          cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, in, out, batch, 1.0f, a, in,
                       dz.data(), out, 0.0f, gw, out);
           if (l == 0) break;
           // dA (batch x in) = dZ (batch x out) W^T, then through the ReLU.
@@ -240,7 +246,7 @@ class MlpTaskT {
       }
       for (int b = 0; b < batch; ++b) {
         const T* dzr = dz.data() + static_cast<size_t>(b) * out;
-        const T* ar = a.data() + static_cast<size_t>(b) * in;
+        const T* ar = a + static_cast<size_t>(b) * in;
         for (int o = 0; o < out; ++o) gb[o] += dzr[o];
         for (int i = 0; i < in; ++i) {
           const T ai = ar[i];
@@ -255,7 +261,7 @@ class MlpTaskT {
       da.assign(static_cast<size_t>(batch) * in, T(0));
       for (int b = 0; b < batch; ++b) {
         const T* dzr = dz.data() + static_cast<size_t>(b) * out;
-        const T* ar = a.data() + static_cast<size_t>(b) * in;
+        const T* ar = a + static_cast<size_t>(b) * in;
         T* dar = da.data() + static_cast<size_t>(b) * in;
         for (int i = 0; i < in; ++i) {
           if (ar[i] <= T(0)) continue;
@@ -275,6 +281,7 @@ class MlpTaskT {
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<std::vector<T>> params_, grads_;
   std::vector<std::vector<T>> acts_;
+  const T* in_ = nullptr;  // float: the current batch's input (act(0))
   std::vector<T> dlogits_;
   std::vector<T> ex_;  // one row of exp(z - max)
   std::vector<T> dz_, da_;
