@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
               static_cast<long long>(vocab), n / 1e9, ns / 1e9);
   celo2::NsCostModel owner_model = ns_model == "cpu" ? celo2::NsCostModel::cpu() : celo2::NsCostModel::h200();
   if (bytes_share >= 0) owner_model.group_bytes_share = bytes_share;
-  const int force_poly = split_poly == "on" ? 1 : split_poly == "off" ? 0 : -1;
+  const int force_poly = celo2::parse_split_poly(split_poly);
   std::printf("%-6s %-14s", "ranks", "phase");
   std::printf("%14s\n", "MB/rank/step");
   for (int W : worlds) {

@@ -54,12 +54,16 @@ inline VF relu(VF x) {
   return x > z ? x : z;
 }
 
-// Zero the unused lanes of a partial block so the MLP and the squares can run full width.
+// Zero lanes [from, to) of every channel: the unused lanes of a partial block or chunk, so the
+// MLP and the squares can run full width.
+template <int S>
+inline void zero_lanes(float* f, int channels, int from, int to) {
+  for (int c = 0; c < channels; ++c)
+    for (int j = from; j < to; ++j) f[c * S + j] = 0.0f;
+}
 template <int S>
 inline void pad(float* f, int channels, int cnt) {
-  if (cnt == kBlk) return;
-  for (int c = 0; c < channels; ++c)
-    for (int j = cnt; j < kBlk; ++j) f[c * S + j] = 0.0f;
+  zero_lanes<S>(f, channels, cnt, kBlk);
 }
 
 // One matrix element's 18 channels into f[c * S] (compact order: spec channels 0-14, then
@@ -152,15 +156,17 @@ inline void for_run_segments(const Elems& e, int64_t cols, int64_t li, int n, F 
 
 // The run's features into f[c * S + k], k < n, and zeros up to the next whole block; returns
 // that length. Each row segment is one vectorized fill, so lanes of a block come from several
-// rows without per-lane gathers of the tables.
-template <bool kColVaries, int S>
-inline int fill_2d_run(const Elems& e, const Matrix& mx, int64_t li, int n, float* __restrict f) {
+// rows without per-lane gathers of the tables; per_segment(a, j, cnt, k) runs on each segment
+// too (the MLP pass builds its biases there).
+template <bool kColVaries, int S, class F>
+inline int fill_2d_run(const Elems& e, const Matrix& mx, int64_t li, int n, float* __restrict f,
+                       F per_segment) {
   for_run_segments(e, mx.cols, li, n, [&](int64_t a, int64_t j, int cnt, int k) {
     fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f + k);
+    per_segment(a, j, cnt, k);
   });
   const int len = (n + kBlk - 1) / kBlk * kBlk;
-  for (int c = 0; c < kElem2d; ++c)
-    for (int k = n; k < len; ++k) f[c * S + k] = 0.0f;
+  zero_lanes<S>(f, kElem2d, n, len);
   return len;
 }
 
@@ -405,7 +411,7 @@ void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
     // Narrower than a block: whole chunks of consecutive elements across rows.
     for (int64_t li = 0; li < e.hi - e.lo; li += kChunk) {
       const int n = static_cast<int>(e.hi - e.lo - li < kChunk ? e.hi - e.lo - li : kChunk);
-      sq.add(f, fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, f));
+      sq.add(f, fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, f, [](int64_t, int64_t, int, int) {}));
     }
   }
   if (len) sq.add(f, len);
@@ -445,8 +451,7 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
     alignas(64) float bc[8 * kChunkStride];
     for (int64_t li = 0; li < e.hi - e.lo; li += kChunk) {
       const int n = static_cast<int>(e.hi - e.lo - li < kChunk ? e.hi - e.lo - li : kChunk);
-      const int len = fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, fc);
-      for_run_segments(e, mx.cols, li, n, [&](int64_t a, int64_t j, int cnt, int k) {
+      const int len = fill_2d_run<kColVaries, kChunkStride>(e, mx, li, n, fc, [&](int64_t a, int64_t j, int cnt, int k) {
         const float* rb = m.row_bias + (a - m.row0) * m.row_bias_stride;
         for (int o = 0; o < 8; ++o) {
           const float r = rb[o];
@@ -456,8 +461,7 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
           for (int jj = 0; jj < cnt; ++jj) b[jj] = r + cb[jj];
         }
       });
-      for (int o = 0; o < 8; ++o)
-        for (int k = n; k < len; ++k) bc[o * kChunkStride + k] = 0.0f;
+      zero_lanes<kChunkStride>(bc, 8, n, len);
       for (int k = 0; k < len; k += kBlk)
         mlp_core<kChunkStride>(m, w, fc + k, bc + k, n - k < kBlk ? n - k : kBlk,
                                e.u + li + k, mag_sum);

@@ -104,6 +104,8 @@ double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, in
 // -1 where that lowers ns_time.
 bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
                    int force_poly = -1);
+// CELO2_NS_SPLIT_POLY's words as force_poly: auto -1, on 1, off 0.
+int parse_split_poly(const std::string& s);
 
 // The flat plan's Newton–Schulz owners and groups. force: 0 = choose by cost (groups only
 // where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,

@@ -49,7 +49,6 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
     m.ns_imbalance = plan.imbalance;
     m.ns_imbalance_unsplit = plan.imbalance_unsplit;
     m.ns_max_seconds = *std::max_element(plan.load.begin(), plan.load.end());
-    std::vector<double> rank_bytes(W, 0.0);
     std::vector<int> rank_calls(W, 0);
     for (size_t i = 0; i < mats.size(); ++i) {
       const int o = plan.owner[i], s = std::min(plan.group[i], W - o);
@@ -64,13 +63,10 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
         ++m.ns_split;
         m.ns_group_max = std::max(m.ns_group_max, s);
         group_bytes += s * sc.bytes_per_rank;
-        for (int j = 0; j < s; ++j) {
-          rank_bytes[o + j] += sc.bytes_per_rank;
-          rank_calls[o + j] += sc.calls();
-        }
+        for (int j = 0; j < s; ++j) rank_calls[o + j] += sc.calls();
       }
     }
-    m.ns_group_bytes_max = *std::max_element(rank_bytes.begin(), rank_bytes.end());
+    m.ns_group_bytes_max = plan.group_bytes_max;
     m.ns_group_bytes_mean = group_bytes / W;
     m.ns_group_calls_max = *std::max_element(rank_calls.begin(), rank_calls.end());
   }

@@ -329,11 +329,7 @@ void Engine::build_plan() {
     std::vector<NsMatrix> ns;
     for (const auto& m : matrices_) ns.push_back({m.flat_lo, m.rows, m.cols});
     const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
-    int force_poly = opts_.ns_split_poly;
-    if (force_poly < 0) {
-      const std::string p = param::ns_split_poly();
-      force_poly = p == "on" ? 1 : p == "off" ? 0 : -1;
-    }
+    const int force_poly = opts_.ns_split_poly >= 0 ? opts_.ns_split_poly : parse_split_poly(param::ns_split_poly());
     owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force, force_poly);
     for (size_t i = 0; i < matrices_.size(); ++i) {
       Matrix& m = matrices_[i];

@@ -3,10 +3,11 @@
 #include "celo2/plan.h"
 
 #include <algorithm>
-#include <limits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
+#include <unordered_map>
 
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
@@ -155,6 +156,13 @@ bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows
   return ns_time(cfg, model, rows, cols, g, true) * kMinPolyGain < ns_time(cfg, model, rows, cols, g, false);
 }
 
+int parse_split_poly(const std::string& s) {
+  if (s == "auto") return -1;
+  if (s == "on") return 1;
+  if (s == "off") return 0;
+  throw std::invalid_argument("split polynomial: expected auto, on or off, got '" + s + "'");
+}
+
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
                   const NsCostModel& model, int force, int force_poly) {
   const int W = static_cast<int>(cuts.size()) - 1;
@@ -165,10 +173,22 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   double total1 = 0;
   for (size_t i = 0; i < n; ++i) total1 += t1[i] = ns_time(cfg, model, mats[i].rows, mats[i].cols, 1);
   const double mean = total1 / W;
-  auto poly_in = [&](size_t i, int s) { return ns_split_poly(cfg, model, mats[i].rows, mats[i].cols, s, force_poly); };
-  auto time_in = [&](size_t i, int s) {
-    return s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s, poly_in(i, s));
+  // A matrix's way of forming the polynomial and per-rank time in a group of s, computed once
+  // per (matrix, s): the packing loop below asks for them many times.
+  struct InGroup {
+    double t;
+    bool poly;
   };
+  std::unordered_map<int64_t, InGroup> in_group;
+  auto eval = [&](size_t i, int s) -> const InGroup& {
+    const int64_t key = static_cast<int64_t>(i) * (W + 1) + s;
+    if (auto it = in_group.find(key); it != in_group.end()) return it->second;
+    const bool poly = ns_split_poly(cfg, model, mats[i].rows, mats[i].cols, s, force_poly);
+    const double t = s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s, poly);
+    return in_group.emplace(key, InGroup{t, poly}).first->second;
+  };
+  auto poly_in = [&](size_t i, int s) { return eval(i, s).poly; };
+  auto time_in = [&](size_t i, int s) { return eval(i, s).t; };
   // Places every matrix for nominal group sizes g: largest per-rank time first; one owner
   // where it holds most of the matrix unless past 1.1x the balanced load, else the
   // least-loaded rank; a group on the aligned block whose busiest member is least busy.
