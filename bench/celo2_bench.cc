@@ -347,6 +347,10 @@ int main(int argc, char** argv) {
   app.add_option("--ns-gram-reps", ng.reps, "timed repetitions of --ns-gram")->capture_default_str();
   std::vector<std::string> ng_shapes;
   app.add_option("--ns-gram-shapes", ng_shapes, "shapes of --ns-gram, RxC (default: the GPT-3 XL ones)");
+  std::vector<std::string> phase_shapes;
+  app.add_option("--phase-shapes", phase_shapes,
+                 "shapes of --phases, N or RxC (default: the largest 1-D size and matrix; a small "
+                 "one such as 128x512 times the phases with the data in cache)");
   CLI11_PARSE(app, argc, argv);
   try {
     celo2::set_cpu_isa(celo2::parse_cpu_isa(isa_name));
@@ -595,8 +599,17 @@ int main(int argc, char** argv) {
     const celo2::RuleConfig cfg = celo2::RuleConfig::celo2_base();
     const celo2::Theta theta = celo2::Theta::random(cfg, 42);
     std::vector<std::vector<int64_t>> shapes;
-    shapes.push_back({sizes_1d.back()});
-    shapes.push_back(shapes_2d.back());
+    for (const std::string& t : phase_shapes) {
+      const size_t x = t.find('x');
+      if (x == std::string::npos)
+        shapes.push_back({std::stoll(t)});
+      else
+        shapes.push_back({std::stoll(t.substr(0, x)), std::stoll(t.substr(x + 1))});
+    }
+    if (shapes.empty()) {
+      shapes.push_back({sizes_1d.back()});
+      shapes.push_back(shapes_2d.back());
+    }
     const char* names[] = {"accumulate", "update_factored", "feature_sumsq", "mlp",
                            "output_sumsq", "finish"};
     constexpr int kPhases = 6;
@@ -623,18 +636,23 @@ int main(int argc, char** argv) {
         const celo2::StepConstants sc = celo2::StepConstants::of(cfg, rb.state.iteration);
         double p2 = 0.0, mag = 0.0;
         double t[kPhases];
+        // As celo2_update and the engine run them: phase 1 squares the element-local
+        // channels where it can (rule.h local_sumsq_fits), phase 3 the rest.
+        const bool local = celo2::local_sumsq_fits(cfg, geo);
         t[0] = seconds_of([&] {
           row_sum.assign(geo.row_count, 0.0);
           col_sum.assign(geo.col_count, 0.0);
-          celo2::phase_accumulate(cfg, geo, sc, s, row_sum.data(), col_sum.data(), &p2);
+          sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
+          celo2::phase_accumulate(cfg, geo, sc, s, row_sum.data(), col_sum.data(), &p2,
+                                  local ? sumsq.data() : nullptr);
         });
         t[1] = seconds_of([&] {
           celo2::phase_update_factored(cfg, geo, sc, row_sum.data(), col_sum.data(),
                                        rb.state.v_row.data(), rb.state.v_col.data(), tables);
         });
         t[2] = seconds_of([&] {
-          sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
-          celo2::phase_feature_sumsq(cfg, geo, sc, s, tables, sumsq.data());
+          if (!local) sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
+          celo2::phase_feature_sumsq(cfg, geo, sc, s, tables, sumsq.data(), 0, local);
         });
         t[3] = seconds_of([&] {
           celo2::phase_mlp(cfg, theta, geo, sc, s, tables, sumsq.data(), &mag);

@@ -50,15 +50,17 @@ void celo2_update_batch(const RuleConfig& cfg, std::span<const RuleBatchItem> it
 
     const int64_t stat_w = geo.factored ? geo.row_count + geo.col_count : 0;
     ws.stats.assign(static_cast<size_t>(stat_w + 1), 0.0);
+    // As celo2_update: phase 1 squares the element-local channels where it can.
+    const bool local = local_sumsq_fits(cfg, geo);
+    ws.sumsq.assign(static_cast<size_t>(geo.norm_groups * C), 0.0);
     phase_accumulate(cfg, geo, sc, s, ws.stats.data() + 1, ws.stats.data() + 1 + geo.row_count,
-                     ws.stats.data());
+                     ws.stats.data(), local ? ws.sumsq.data() : nullptr);
     const double p2_sum = ws.stats[0];
     if (geo.factored)
       phase_update_factored(cfg, geo, sc, ws.stats.data() + 1, ws.stats.data() + 1 + geo.row_count,
                             st.v_row.data(), st.v_col.data(), ws.tables);
 
-    ws.sumsq.assign(static_cast<size_t>(geo.norm_groups * C), 0.0);
-    if (cfg.normalize_input) phase_feature_sumsq(cfg, geo, sc, s, ws.tables, ws.sumsq.data(), 0);
+    if (cfg.normalize_input) phase_feature_sumsq(cfg, geo, sc, s, ws.tables, ws.sumsq.data(), 0, local);
 
     double mag_sum = 0.0;
     phase_mlp(cfg, *it.theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag_sum);

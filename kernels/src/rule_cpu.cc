@@ -230,9 +230,75 @@ MlpScratch& mlp_scratch() {
 
 }  // namespace
 
+namespace {
+
+// Spec channels of a matrix's element-local channels (fast::accumulate_row's order) and of
+// its six table-dependent per-element ones (fast sumsq_2d with table_only).
+constexpr int kLocal2dSpec[fast::kLocal2d] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 14};
+constexpr int kTable2dSpec[6] = {11, 12, 13, 27, 28, 29};
+
+fast::Accum accum_of(const StepConstants& sc, const Slice& s) {
+  fast::Accum a;
+  a.g = s.g;
+  a.p = s.p;
+  a.m = s.m;
+  a.rms = s.rms;
+  a.v_diag = s.v_diag;
+  a.plane = s.plane;
+  for (int k = 0; k < kMom; ++k) {
+    a.beta_mom[k] = sc.mom[k];
+    a.bc_mom[k] = sc.bc_mom[k];
+  }
+  for (int k = 0; k < kFac; ++k) a.beta_fac[k] = sc.fac[k];
+  a.beta_rms = sc.rms[0];
+  a.bc_rms = sc.bc_rms[0];
+  return a;
+}
+
+// Elements from offset `off` of the slice, as an Accum of their own.
+fast::Accum accum_at(fast::Accum a, int64_t off) {
+  a.g += off;
+  a.p += off;
+  a.m += off;
+  a.rms += off;
+  if (a.v_diag) a.v_diag += off;
+  return a;
+}
+
+void p2_of(const RuleConfig& cfg, const Slice& s, double* p2_sum) {
+  if (!cfg.param_scale_mult || !p2_sum) return;
+  double acc = 0.0;
+  for (int64_t i = 0; i < s.hi - s.lo; ++i) acc += static_cast<double>(s.p[i]) * s.p[i];
+  *p2_sum += acc;
+}
+
+}  // namespace
+
 void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
-                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum) {
+                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum,
+                      double* local_sumsq) {
   const int64_t n = s.hi - s.lo;
+  if (local_sumsq && local_sumsq_fits(cfg, geo)) {
+    const fast::Accum acc = accum_of(sc, s);
+    if (geo.ndim == 1) {
+      fast::kernels().accumulate_1d(acc, n, local_sumsq);
+    } else {
+      // Row segments; A indexed by the row a, B by the column j (as below).
+      const int64_t C = geo.shape[1];
+      double* A = geo.d0 == 1 ? row_sum : col_sum;
+      double* B = geo.d0 == 1 ? col_sum : row_sum;
+      double part[fast::kLocal2d] = {};
+      int64_t i = s.lo;
+      while (i < s.hi) {
+        const int64_t a = i / C, j0 = i - a * C, j1 = std::min(C, j0 + (s.hi - i));
+        A[a] += fast::kernels().accumulate_row(accum_at(acc, i - s.lo), j1 - j0, B + j0, part);
+        i += j1 - j0;
+      }
+      for (int e = 0; e < fast::kLocal2d; ++e) local_sumsq[kLocal2dSpec[e]] += part[e];
+    }
+    p2_of(cfg, s, p2_sum);
+    return;
+  }
   const float bm0 = sc.mom[0], bm1 = sc.mom[1], bm2 = sc.mom[2], br = sc.rms[0];
   const int64_t P = s.plane;
   float* __restrict m = s.m;
@@ -299,11 +365,7 @@ void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepCons
       col_sum[w.col] += q;
     }
   }
-  if (cfg.param_scale_mult && p2_sum) {
-    double acc = 0.0;
-    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(s.p[i]) * s.p[i];
-    *p2_sum += acc;
-  }
+  p2_of(cfg, s, p2_sum);
 }
 
 void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
@@ -367,8 +429,10 @@ void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const Ste
 
 void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                          const Slice& s, const FacTables& tables, double* sumsq,
-                         int64_t group_base) {
+                         int64_t group_base, bool local_done) {
   if (!cfg.normalize_input || s.hi <= s.lo) return;
+  if (local_done && !local_sumsq_fits(cfg, geo))
+    throw std::logic_error("phase_feature_sumsq: local_done for a tensor phase 1 does not square");
   const int C = geo.channels();
   // Squares of floats are exact in double and double sums of them round far below float
   // resolution, so the per-group sums (rounded to float where used) do not depend on how
@@ -376,13 +440,17 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
   if (geo.ndim == 2) {  // one normalization group
     const MatrixTables m = matrix_of(geo, tables);
     double part[fast::kElem2d] = {};
-    fast::kernels().sumsq_2d(elems_of(sc, s), m.mx, part);
+    fast::kernels().sumsq_2d(elems_of(sc, s), m.mx, local_done, part);
     double* out = sumsq + (0 - group_base) * C;
-    for (int e = 0; e < fast::kElem2d; ++e) out[kCompact2d[e]] += part[e];
+    if (local_done)
+      for (int e = 0; e < 6; ++e) out[kTable2dSpec[e]] += part[e];
+    else
+      for (int e = 0; e < fast::kElem2d; ++e) out[kCompact2d[e]] += part[e];
     table_sumsq_2d(geo, s, m, out);
     return;
   }
   if (!geo.factored) {  // one normalization group, 15 channels
+    if (local_done) return;  // phase 1 added them all
     double part[fast::kElem1d] = {};
     fast::kernels().sumsq_1d(elems_of(sc, s), part);
     double* out = sumsq + (0 - group_base) * C;
@@ -727,17 +795,21 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   auto lane_lo = [&](int l) { return n * l / lanes; };
   const int C = geo.channels();
 
-  // Phase 1: accumulators and row/col statistics.
+  // Phase 1: accumulators and row/col statistics; for a 1-D tensor or a wide matrix also the
+  // element-local channels' sums of squares (after the statistics in each lane's buffer).
   const int64_t stat_w = geo.factored ? geo.row_count + geo.col_count : 0;
-  ws.lane_buf.assign(static_cast<size_t>(lanes) * (stat_w + 1), 0.0);
+  const bool local = local_sumsq_fits(cfg, geo);
+  const int64_t lane_w = stat_w + 1 + (local ? C : 0);
+  ws.lane_buf.assign(static_cast<size_t>(lanes) * lane_w, 0.0);
 #pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
-    double* base = ws.lane_buf.data() + l * (stat_w + 1);
+    double* base = ws.lane_buf.data() + l * lane_w;
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-    phase_accumulate(cfg, geo, sc, s, base + 1, base + 1 + geo.row_count, base);
+    phase_accumulate(cfg, geo, sc, s, base + 1, base + 1 + geo.row_count, base,
+                     local ? base + stat_w + 1 : nullptr);
   }
-  ws.row_sum.assign(stat_w + 1, 0.0);
-  combine_lanes(ws.lane_buf, lanes, stat_w + 1, ws.row_sum.data());
+  ws.row_sum.assign(lane_w, 0.0);
+  combine_lanes(ws.lane_buf, lanes, lane_w, ws.row_sum.data());
   const double p2_sum = ws.row_sum[0];
 
   // Phase 2: factored accumulators and feature tables.
@@ -749,10 +821,11 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   // Phase 3: per-channel sums of squares, per normalization group. Each lane keeps partials
   // only for the groups it touches (a conv weight has thousands of small groups).
   ws.sumsq.assign(geo.norm_groups * C, 0.0);
-  if (cfg.normalize_input) {
+  if (local) std::copy(ws.row_sum.begin() + stat_w + 1, ws.row_sum.end(), ws.sumsq.begin());
+  if (cfg.normalize_input && !(local && geo.ndim == 1)) {
     group_partials(geo, lanes, C, ws, [&](int l, double* part, int64_t gbase) {
       Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-      phase_feature_sumsq(cfg, geo, sc, s, ws.tables, part, gbase);
+      phase_feature_sumsq(cfg, geo, sc, s, ws.tables, part, gbase, local);
     }, ws.sumsq.data());
   }
 

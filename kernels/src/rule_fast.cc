@@ -49,10 +49,8 @@ constexpr const char* kName = "base";
 constexpr int kBlk = 2 * kV;
 static_assert(kBlk <= kBlockMax);
 
-inline VF relu(VF x) {
-  const VF z = {};
-  return x > z ? x : z;
-}
+// x > 0 ? x : 0 (NaN -> 0), one max.
+inline VF relu(VF x) { return simd::vmax(x, VF{}); }
 
 // Zero lanes [from, to) of every channel: the unused lanes of a partial block or chunk, so the
 // MLP and the squares can run full width.
@@ -99,7 +97,7 @@ CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1
 }
 
 
-// The 18 per-element channels of a matrix block inside row a, columns [j, j + cnt), into
+// The 18 per-element channels of a matrix row segment inside row a, columns [j, j + cnt), into
 // f[c * S + jj].
 template <bool kColVaries, int S, int N>
 inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
@@ -126,12 +124,68 @@ inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, in
   }
 }
 
-// Whole blocks get a constant trip count (no masks, fully unrolled).
+// Clip to [lo, hi] as ew::clampf (two selects: one max, one min; NaN passes through).
+inline VF clampv(VF x, VF lo, VF hi) { return simd::vmin(hi, simd::vmax(lo, x)); }
+
+// The 18 per-element channels of a whole matrix block inside row a, columns [j, j + kBlk),
+// into f[c * S + jj]: element_2d's operations in its order on explicit vectors, so every
+// channel is one store at a constant offset from f (the omp-simd form kept a pointer per
+// channel, spilled them, and compiled the clips to mask logic). Same bits as element_2d.
+template <bool kColVaries, int S>
+inline void fill_2d_block(const Elems& e, const Matrix& mx, int64_t a, int64_t j,
+                          float* __restrict f) {
+  const int64_t fn = mx.fix_n, vn = mx.vary_n;
+  VF fs[3], fsh[3];
+  for (int k = 0; k < 3; ++k) {
+    fs[k] = splat(mx.fix_soa[(2 * 3 + k) * fn + a]);
+    fsh[k] = splat(mx.fix_soa[(3 * 3 + k) * fn + a]);
+  }
+  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;   // scale_k at vs[k * vn]
+  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;  // scale_hat_k
+  const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
+  const float* __restrict gp = e.g + li0;
+  const float* __restrict pp = e.p + li0;
+  const float* __restrict m0 = e.m + li0;
+  const float* __restrict rr = e.rms + li0;
+  const VF b0 = splat(e.bc_mom[0]), b1 = splat(e.bc_mom[1]), b2 = splat(e.bc_mom[2]);
+  const VF br = splat(e.bc_rms), eps = splat(ew::kRhoEps), one = splat(1.0f);
+  const VF gc = splat(ew::kGradClip), sc = splat(ew::kSmallClip);
+#pragma GCC unroll 2
+  for (int h = 0; h < kBlk; h += kV) {
+    const VF g = clampv(vload(gp + h), -gc, gc);
+    const VF r_hat = vload(rr + h) * br;
+    const VF rho = one / simd::vsqrt(r_hat + eps);
+    const VF mh0 = vload(m0 + h) * b0, mh1 = vload(m0 + P + h) * b1, mh2 = vload(m0 + 2 * P + h) * b2;
+    const VF v0 = vload(vs + h), v1 = vload(vs + vn + h), v2 = vload(vs + 2 * vn + h);
+    const VF vh0 = vload(vsh + h), vh1 = vload(vsh + vn + h), vh2 = vload(vsh + 2 * vn + h);
+    float* o = f + h;
+    vstore(o + 0 * S, g);
+    vstore(o + 1 * S, clampv(g, -sc, sc));
+    vstore(o + 2 * S, vload(pp + h));
+    vstore(o + 3 * S, mh0);
+    vstore(o + 4 * S, mh1);
+    vstore(o + 5 * S, mh2);
+    vstore(o + 6 * S, r_hat);
+    vstore(o + 7 * S, mh0 * rho);
+    vstore(o + 8 * S, mh1 * rho);
+    vstore(o + 9 * S, mh2 * rho);
+    vstore(o + 10 * S, rho);
+    vstore(o + 11 * S, kColVaries ? g * fs[0] * v0 : g * v0 * fs[0]);
+    vstore(o + 12 * S, kColVaries ? g * fs[1] * v1 : g * v1 * fs[1]);
+    vstore(o + 13 * S, kColVaries ? g * fs[2] * v2 : g * v2 * fs[2]);
+    vstore(o + 14 * S, g * rho);
+    vstore(o + 15 * S, kColVaries ? mh0 * fsh[0] * vh0 : mh0 * vh0 * fsh[0]);
+    vstore(o + 16 * S, kColVaries ? mh1 * fsh[1] * vh1 : mh1 * vh1 * fsh[1]);
+    vstore(o + 17 * S, kColVaries ? mh2 * fsh[2] * vh2 : mh2 * vh2 * fsh[2]);
+  }
+}
+
+// Whole blocks: explicit vectors; a partial block: the per-element form (the same bits).
 template <bool kColVaries, int S>
 inline void fill_2d(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                     float* __restrict f) {
   if (cnt == kBlk) {
-    fill_2d_n<kColVaries, S, kBlk>(e, mx, a, j, cnt, f);
+    fill_2d_block<kColVaries, S>(e, mx, a, j, f);
   } else {
     fill_2d_n<kColVaries, S, 0>(e, mx, a, j, cnt, f);
     pad<S>(f, kElem2d, cnt);
@@ -390,6 +444,67 @@ inline void for_row_blocks(const Elems& e, int64_t cols, F fn) {
   }
 }
 
+// The six table-dependent channels of a matrix block (element_2d's 11-13 and 15-17, the same
+// products in the same order) into f[c * S + jj], zeros up to kBlk.
+template <bool kColVaries, int S, int N>
+inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
+                            float* __restrict f) {
+  if (N > 0) cnt = N;
+  const int64_t fn = mx.fix_n, vn = mx.vary_n;
+  float fs[3], fsh[3];
+  for (int k = 0; k < 3; ++k) {
+    fs[k] = mx.fix_soa[(2 * 3 + k) * fn + a];
+    fsh[k] = mx.fix_soa[(3 * 3 + k) * fn + a];
+  }
+  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;
+  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;
+  const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
+  const float* __restrict gp = e.g + li0;
+  const float* __restrict m0 = e.m + li0;
+  const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2];
+#pragma omp simd
+  for (int jj = 0; jj < cnt; ++jj) {
+    const float g = ew::clip_grad(gp[jj]);
+    const float mh0 = m0[jj] * b0, mh1 = m0[P + jj] * b1, mh2 = m0[2 * P + jj] * b2;
+    const float v0 = vs[jj], v1 = vs[vn + jj], v2 = vs[2 * vn + jj];
+    const float vh0 = vsh[jj], vh1 = vsh[vn + jj], vh2 = vsh[2 * vn + jj];
+    f[0 * S + jj] = kColVaries ? g * fs[0] * v0 : g * v0 * fs[0];
+    f[1 * S + jj] = kColVaries ? g * fs[1] * v1 : g * v1 * fs[1];
+    f[2 * S + jj] = kColVaries ? g * fs[2] * v2 : g * v2 * fs[2];
+    f[3 * S + jj] = kColVaries ? mh0 * fsh[0] * vh0 : mh0 * vh0 * fsh[0];
+    f[4 * S + jj] = kColVaries ? mh1 * fsh[1] * vh1 : mh1 * vh1 * fsh[1];
+    f[5 * S + jj] = kColVaries ? mh2 * fsh[2] * vh2 : mh2 * vh2 * fsh[2];
+  }
+  if (N == 0) zero_lanes<S>(f, 6, cnt, kBlk);
+}
+
+template <bool kColVaries, int S>
+inline void fill_2d_table(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
+                          float* __restrict f) {
+  if (cnt == kBlk)
+    fill_2d_table_n<kColVaries, S, kBlk>(e, mx, a, j, cnt, f);
+  else
+    fill_2d_table_n<kColVaries, S, 0>(e, mx, a, j, cnt, f);
+}
+
+// The six table-dependent channels' squares of a wide matrix slice (phase 1 added the rest).
+template <bool kColVaries>
+void sumsq_2d_table_t(const Elems& e, const Matrix& mx, double* sumsq) {
+  alignas(64) float f[6 * kChunkStride];
+  SquareSums<6> sq;
+  int len = 0;
+  for_row_blocks(e, mx.cols, [&](int64_t a, int64_t j, int cnt) {
+    fill_2d_table<kColVaries, kChunkStride>(e, mx, a, j, cnt, f + len);
+    len += kBlk;
+    if (len == kChunk) {
+      sq.add(f, len);
+      len = 0;
+    }
+  });
+  if (len) sq.add(f, len);
+  sq.flush(sumsq);
+}
+
 template <bool kColVaries>
 void sumsq_2d_t(const Elems& e, const Matrix& mx, double* sumsq) {
   alignas(64) float f[kElem2d * kChunkStride];
@@ -469,11 +584,17 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
   }
 }
 
-void sumsq_2d(const Elems& e, const Matrix& mx, double* sumsq) {
-  if (mx.col_varies)
+void sumsq_2d(const Elems& e, const Matrix& mx, bool table_only, double* sumsq) {
+  if (table_only) {
+    if (mx.col_varies)
+      sumsq_2d_table_t<true>(e, mx, sumsq);
+    else
+      sumsq_2d_table_t<false>(e, mx, sumsq);
+  } else if (mx.col_varies) {
     sumsq_2d_t<true>(e, mx, sumsq);
-  else
+  } else {
     sumsq_2d_t<false>(e, mx, sumsq);
+  }
 }
 
 void mlp_2d(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
@@ -528,9 +649,170 @@ void mlp_block(const Mlp& m, const float* f, int cnt, float* u, double* mag_sum)
   }
 }
 
+// ---- Phase 1 with the element-local channels' squares ----
+//
+// One pass updates the state in place and squares the input channels that need nothing but
+// the element's new state, from registers (the features phase 3 would otherwise rebuild from
+// memory). The channels are the fills' operations in their order on the same floats, so the
+// squares are those of the features the MLP pass sees. A tail of fewer than kV elements runs
+// the same vector code on zero-padded copies, its padded lanes' channels multiplied by 0.
+
+struct AccumV {
+  VF bm[3], om[3], br, orr, bf[3], of[3], bc[3], bcr;
+};
+
+inline AccumV accum_v(const Accum& a) {
+  AccumV v;
+  for (int k = 0; k < 3; ++k) {
+    v.bm[k] = splat(a.beta_mom[k]);
+    v.om[k] = splat(1.0f - a.beta_mom[k]);
+    v.bf[k] = splat(a.beta_fac[k]);
+    v.of[k] = splat(1.0f - a.beta_fac[k]);
+    v.bc[k] = splat(a.bc_mom[k]);
+  }
+  v.br = splat(a.beta_rms);
+  v.orr = splat(1.0f - a.beta_rms);
+  v.bcr = splat(a.bc_rms);
+  return v;
+}
+
+// acc += both halves of x squared, in double.
+inline void add_sq(VD& acc, VF x, float* t) {
+  vstore(t, x);
+  const VD d0 = vload_d(t), d1 = vload_d(t + kV / 2);
+  acc += d0 * d0;
+  acc += d1 * d1;
+}
+
+// One vector of elements: g, p, m0..m2, r (and vd0..vd2 for 1-D) at their pointers; the new
+// state stored back; the channels' squares into acc (15 for 1-D, kLocal2d for a matrix),
+// multiplied by keep first when kMasked. Returns q = g² + 1e-30.
+template <bool k1d, bool kMasked>
+inline VF accum_vec(const AccumV& c, const float* gp, const float* pp, float* m0, float* m1, float* m2,
+                    float* rr, float* vd0, float* vd1, float* vd2, VF keep, VD* acc, float* t) {
+  const VF gc = splat(ew::kGradClip), sc = splat(ew::kSmallClip), eps = splat(ew::kRhoEps),
+           one = splat(1.0f), qe = splat(ew::kQEps);
+  const VF g = clampv(vload(gp), -gc, gc);
+  const VF n0 = c.bm[0] * vload(m0) + c.om[0] * g;
+  const VF n1 = c.bm[1] * vload(m1) + c.om[1] * g;
+  const VF n2 = c.bm[2] * vload(m2) + c.om[2] * g;
+  const VF nr = c.br * vload(rr) + c.orr * (g * g);
+  vstore(m0, n0);
+  vstore(m1, n1);
+  vstore(m2, n2);
+  vstore(rr, nr);
+  const VF q = g * g + qe;
+  const VF r_hat = nr * c.bcr;
+  const VF rho = one / simd::vsqrt(r_hat + eps);
+  const VF mh0 = n0 * c.bc[0], mh1 = n1 * c.bc[1], mh2 = n2 * c.bc[2];
+  VF f[15];
+  int k = 0;
+  f[k++] = g;
+  f[k++] = clampv(g, -sc, sc);
+  f[k++] = vload(pp);
+  f[k++] = mh0;
+  f[k++] = mh1;
+  f[k++] = mh2;
+  f[k++] = r_hat;
+  f[k++] = mh0 * rho;
+  f[k++] = mh1 * rho;
+  f[k++] = mh2 * rho;
+  f[k++] = rho;
+  if constexpr (k1d) {
+    const VF fl = splat(ew::kSafeFloor);
+    float* vd[3] = {vd0, vd1, vd2};
+    for (int j = 0; j < 3; ++j) {
+      const VF nv = c.bf[j] * vload(vd[j]) + c.of[j] * q;
+      vstore(vd[j], nv);
+      f[k++] = g * (one / simd::vsqrt(simd::vmax(nv + fl, fl)));
+    }
+  }
+  f[k++] = g * rho;
+  for (int x = 0; x < k; ++x) add_sq(acc[x], kMasked ? f[x] * keep : f[x], t);
+  return q;
+}
+
+inline void flush_sq(const VD* acc, int channels, double* sumsq) {
+  for (int c = 0; c < channels; ++c) {
+    double v = 0.0;
+    for (int k = 0; k < kV / 2; ++k) v += acc[c][k];
+    sumsq[c] += v;
+  }
+}
+
+// Elements [i, i + n), n < kV, through accum_vec on zero-padded copies; returns q's lanes in qt.
+template <bool k1d>
+inline void accum_tail(const AccumV& c, const Accum& a, int64_t i, int n, VD* acc, float* t, float* qt) {
+  alignas(64) float buf[10][kV] = {};
+  const int64_t P = a.plane;
+  const float* src[10] = {a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i, a.rms + i,
+                          k1d ? a.v_diag + i : nullptr, k1d ? a.v_diag + P + i : nullptr,
+                          k1d ? a.v_diag + 2 * P + i : nullptr, nullptr};
+  const int arrays = k1d ? 9 : 6;
+  for (int x = 0; x < arrays; ++x) std::memcpy(buf[x], src[x], n * sizeof(float));
+  alignas(64) float keep[kV];
+  for (int j = 0; j < kV; ++j) keep[j] = j < n ? 1.0f : 0.0f;
+  const VF q = accum_vec<k1d, true>(c, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8],
+                                    vload(keep), acc, t);
+  vstore(qt, q);
+  float* dst[9] = {nullptr, nullptr, a.m + i, a.m + P + i, a.m + 2 * P + i, a.rms + i,
+                   k1d ? a.v_diag + i : nullptr, k1d ? a.v_diag + P + i : nullptr,
+                   k1d ? a.v_diag + 2 * P + i : nullptr};
+  for (int x = 2; x < arrays; ++x) std::memcpy(dst[x], buf[x], n * sizeof(float));
+}
+
+void accumulate_1d(const Accum& a, int64_t n, double* sumsq) {
+  const AccumV c = accum_v(a);
+  VD acc[15] = {};
+  alignas(64) float t[kV], qt[kV];
+  const int64_t P = a.plane;
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV)
+    accum_vec<true, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i, a.rms + i, a.v_diag + i,
+                           a.v_diag + P + i, a.v_diag + 2 * P + i, VF{}, acc, t);
+  if (i < n) accum_tail<true>(c, a, i, static_cast<int>(n - i), acc, t, qt);
+  flush_sq(acc, 15, sumsq);
+}
+
+double accumulate_row(const Accum& a, int64_t n, double* col_q, double* sumsq) {
+  const AccumV c = accum_v(a);
+  VD acc[kLocal2d] = {};
+  VD row = {};
+  alignas(64) float t[kV], qt[kV];
+  const int64_t P = a.plane;
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) {
+    const VF q = accum_vec<false, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i,
+                                         a.rms + i, nullptr, nullptr, nullptr, VF{}, acc, t);
+    vstore(qt, q);
+    for (int hh = 0; hh < kV; hh += kV / 2) {
+      const VD d = vload_d(qt + hh);
+      VD cq;
+      std::memcpy(&cq, col_q + i + hh, sizeof cq);
+      cq += d;
+      std::memcpy(col_q + i + hh, &cq, sizeof cq);
+      row += d;
+    }
+  }
+  double tail = 0.0;
+  if (i < n) {
+    const int left = static_cast<int>(n - i);
+    accum_tail<false>(c, a, i, left, acc, t, qt);
+    for (int j = 0; j < left; ++j) {
+      const double d = qt[j];
+      col_q[i + j] += d;
+      tail += d;
+    }
+  }
+  flush_sq(acc, kLocal2d, sumsq);
+  double s = 0.0;
+  for (int k = 0; k < kV / 2; ++k) s += row[k];
+  return s + tail;
+}
+
 }  // namespace
 
 extern const Kernels table;
-const Kernels table = {kName, sumsq_2d, sumsq_1d, mlp_2d, mlp_1d, mlp_block};
+const Kernels table = {kName, accumulate_1d, accumulate_row, sumsq_2d, sumsq_1d, mlp_2d, mlp_1d, mlp_block};
 
 }  // namespace celo2::fast::CELO2_ISA_NS

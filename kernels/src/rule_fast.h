@@ -71,11 +71,33 @@ struct Mlp {
   bool want_mag = false;                  // add sum(mag) into *mag_sum
 };
 
+// Phase 1 of a 1-D slice or of one matrix row segment (rule.h phase_accumulate with
+// local_sumsq): the new accumulators in place, and the squares of the element-local input
+// channels from the new state while it is in registers. Pointers at the first element.
+struct Accum {
+  const float* g = nullptr;
+  const float* p = nullptr;
+  float* m = nullptr;       // plane-major, plane stride `plane`
+  float* rms = nullptr;
+  float* v_diag = nullptr;  // 1-D only
+  int64_t plane = 0;
+  float beta_mom[3] = {}, beta_rms = 0, beta_fac[3] = {};
+  float bc_mom[3] = {1, 1, 1};
+  float bc_rms = 1;
+};
+inline constexpr int kLocal2d = 12;  // a matrix's element-local channels: spec 0-10 and 14
+
 struct Kernels {
   const char* name;
+  // Phase 1 of n elements of a 1-D tensor: sumsq[c] += Σ f_c² for its 15 channels.
+  void (*accumulate_1d)(const Accum&, int64_t n, double* sumsq);
+  // Phase 1 of a matrix row segment of n elements: col_q[j] += q_j (q = g² + 1e-30, double),
+  // sumsq[e] += Σ f² of the kLocal2d element-local channels; returns Σ q.
+  double (*accumulate_row)(const Accum&, int64_t n, double* col_q, double* sumsq);
   // Sum of squares (double) of the per-element channels of a matrix slice / 1-D slice,
   // added into sumsq[e] (compact order: channels 0-14 then 27-29 for a matrix).
-  void (*sumsq_2d)(const Elems&, const Matrix&, double* sumsq);
+  // With table_only, only the six table-dependent channels (11-13, 27-29) of a matrix.
+  void (*sumsq_2d)(const Elems&, const Matrix&, bool table_only, double* sumsq);
   void (*sumsq_1d)(const Elems&, double* sumsq);
   // Features, MLP and u for a matrix slice / a 1-D slice.
   void (*mlp_2d)(const Elems&, const Matrix&, const Mlp&, double* mag_sum);

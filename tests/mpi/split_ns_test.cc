@@ -34,13 +34,14 @@ std::vector<float> matrix(int64_t rows, int64_t cols, uint64_t seed) {
 // [c·i/g, c·(i+1)/g)) and returns this rank's max|err| against `want` (the whole result),
 // divided by RMS(want).
 double split_error(const RuleConfig& cfg, int64_t r, int64_t c, const std::vector<float>& wide,
-                   const std::vector<float>& want, Communicator& group, bool split_poly = false) {
+                   const std::vector<float>& want, Communicator& group, bool split_poly = false,
+                   int product = -1) {
   const int g = group.size(), i = group.rank();
   const int64_t c0 = c * i / g, c1 = c * (i + 1) / g, cl = c1 - c0;
   std::vector<float> block(static_cast<size_t>(r * cl)), scratch;
   for (int64_t row = 0; row < r; ++row)
     for (int64_t k = 0; k < cl; ++k) block[row * cl + k] = wide[row * c + c0 + k];
-  newton_schulz_split(cfg, r, cl, block.data(), group, scratch, /*rows_block=*/false, split_poly);
+  newton_schulz_split(cfg, r, cl, block.data(), group, scratch, /*rows_block=*/false, split_poly, product);
   double rms = 0, err = 0;
   for (float v : want) rms += static_cast<double>(v) * v;
   rms = std::sqrt(rms / static_cast<double>(want.size()));
@@ -99,17 +100,50 @@ TEST(SplitNewtonSchulz, EqualsTheUnsplitIteration) {
     const int64_t r = tall ? cols : rows, c = tall ? rows : cols;
     const std::vector<float> wide = tall ? transpose(x, rows, cols) : x;
     const std::vector<float> want_wide = tall ? transpose(want, rows, cols) : want;
-    // The polynomial formed by every member, and split by rows (some members get no rows
-    // where the group is larger than r).
-    for (bool poly : {false, true}) {
-      const double worst = worst_over_ranks(split_error(cfg, r, c, wide, want_wide, *g_comm, poly));
+    // The polynomial formed by every member, applied as two products with A (no B), and split
+    // by rows (some members get no rows where the group is larger than r).
+    // The products are another float32 evaluation of the same polynomial, as accurate but not
+    // rounded like B·X: they are held to float64 Newton–Schulz instead, within twice the
+    // float32 standard path's own error there (or 1e-5).
+    const char* names[] = {"polynomial on every member", "two products with A", "polynomial split by rows"};
+    std::vector<double> exact(x.begin(), x.end());
+    newton_schulz_f64(cfg, rows, cols, exact.data());
+    std::vector<float> exact_wide(static_cast<size_t>(r * c));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        exact_wide[tall ? j * rows + i : i * cols + j] = static_cast<float>(exact[i * cols + j]);
+    const double e32 = float32_error(cfg, rows, cols, x);
+    for (int mode : {0, 1, 2}) {
+      const bool poly = mode == 2;
+      const int product = mode == 1 ? 1 : 0;
+      const double worst = worst_over_ranks(split_error(cfg, r, c, wide, want_wide, *g_comm, poly, product));
+      const double to64 = worst_over_ranks(split_error(cfg, r, c, wide, exact_wide, *g_comm, poly, product));
       if (g_comm->rank() == 0)
-        std::printf("[W=%d] %lldx%lld split over %d ranks%s: max|err|/RMS %.2e\n", g_comm->size(),
-                    static_cast<long long>(rows), static_cast<long long>(cols), g_comm->size(),
-                    poly ? ", polynomial split by rows" : "", worst);
-      EXPECT_LE(worst, rows * cols > 20000 ? split_bound(cfg, rows, cols, x) : 1e-5) << "split_poly " << poly;
+        std::printf("[W=%d] %lldx%lld split over %d ranks, %s: max|err|/RMS %.2e against the unsplit, "
+                    "%.2e against float64 (unsplit float32 %.2e)\n", g_comm->size(),
+                    static_cast<long long>(rows), static_cast<long long>(cols), g_comm->size(), names[mode],
+                    worst, to64, e32);
+      if (mode == 1)
+        EXPECT_LE(to64, std::max(1e-5, 2.0 * e32)) << names[mode];
+      else
+        EXPECT_LE(worst, rows * cols > 20000 ? split_bound(cfg, rows, cols, x) : 1e-5) << names[mode];
     }
   }
+}
+
+TEST(SplitNewtonSchulz, ProductsWithAWhereTheBlockIsNarrowerThanTheMatrixIsTall) {
+  // auto (product -1) takes whichever of the two applications is fewer FLOPs: the products
+  // exactly where c_local < r; the split polynomial is never replaced.
+  const RuleConfig cfg;
+  for (double r : {64.0, 2048.0})
+    for (double cl : {1.0, r / 8, r - 1, r, r + 1, 4 * r}) {
+      const double prod = split_ns_flops(cfg, r, cl, 4, false, 1), poly = split_ns_flops(cfg, r, cl, 4, false, 0);
+      EXPECT_EQ(ns_split_product(r, cl), cl < r);
+      EXPECT_EQ(split_ns_flops(cfg, r, cl, 4, false), std::min(prod, poly)) << r << " " << cl;
+      EXPECT_EQ(prod < poly, cl < r) << r << " " << cl;
+      EXPECT_EQ(split_ns_flops(cfg, r, cl, 4, true, 1), split_ns_flops(cfg, r, cl, 4, true, 0));
+    }
+  EXPECT_FALSE(ns_split_product(64, 0));  // an empty block does neither
 }
 
 TEST(SplitNewtonSchulz, TwoGroupsAtOnceAndTheCostModel) {
@@ -123,10 +157,11 @@ TEST(SplitNewtonSchulz, TwoGroupsAtOnceAndTheCostModel) {
   const std::vector<float> x = matrix(r, c, 7 + color);
   std::vector<float> want = x, scratch;
   newton_schulz(cfg, r, c, want.data(), scratch, NsMethod::kStandard);
-  for (bool poly : {false, true}) {
-    SCOPED_TRACE(poly ? "polynomial split by rows" : "polynomial on every member");
+  for (int mode : {0, 1, 2}) {
+    const bool poly = mode == 2;
+    SCOPED_TRACE(poly ? "polynomial split by rows" : mode == 1 ? "two products with A" : "polynomial on every member");
     group->reset_counters();
-    double err = split_error(cfg, r, c, x, want, *group, poly);
+    double err = split_error(cfg, r, c, x, want, *group, poly, mode == 1 ? 1 : 0);
     const SplitNsCost model = split_ns_cost(cfg, r, group->size(), poly);
     int64_t bytes = 0, calls = 0, gathers = 0;
     for (const auto& [op, k] : group->counters()) {

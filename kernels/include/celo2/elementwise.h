@@ -25,7 +25,12 @@ inline constexpr float kRhoEps = 1e-8f;    // rho = 1/sqrt(r + 1e-8); groups 11,
 inline constexpr float kNormEps = 1e-9f;   // input/output normalization
 inline constexpr float kPrecondEps = 1e-6f;
 
-CELO2_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// Two independent selects (NaN passes through both), so vector code compiles them to one max
+// and one min instead of nested compares and mask blends.
+CELO2_HD float clampf(float x, float lo, float hi) {
+  const float t = x < lo ? lo : x;
+  return t > hi ? hi : t;
+}
 CELO2_HD float clip_grad(float g) { return clampf(g, -kGradClip, kGradClip); }
 CELO2_HD float safe_rsqrt(float x) { return 1.0f / sqrtf(x > kSafeFloor ? x : kSafeFloor); }
 CELO2_HD float ema(float beta, float acc, float x) { return beta * acc + (1.0f - beta) * x; }

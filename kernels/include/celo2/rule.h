@@ -103,8 +103,22 @@ struct FacTables {
 
 // Phase 1: clip g, update m, rms (and v_diag), and add q = g^2 + 1e-30 into row_sum/col_sum
 // (factored; row_count and col_count doubles). Also adds sum(p^2) into *p2_sum.
+// With local_sumsq (where local_sumsq_fits), the same pass also adds the sums of squares of
+// the input channels that need only the element's new state into local_sumsq[c] (spec
+// channel c of the tensor's one normalization group: all 15 of a 1-D tensor; 0-10 and 14 of a
+// matrix), from registers; phase 3 is then called with local_done and adds only the rest.
 void phase_accumulate(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
-                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum);
+                      const Slice& s, double* row_sum, double* col_sum, double* p2_sum,
+                      double* local_sumsq = nullptr);
+
+// Whether phase 1 takes the element-local sums of squares for this tensor: the input is
+// normalized and the tensor is 1-D or a matrix of at least kLocalSumsqMinCols columns (its
+// rows are whole vectors; narrower matrices keep phase 3's cross-row blocks). Every caller
+// of the phases (celo2_update, the engine, celo2_update_batch) asks this, so they agree.
+inline constexpr int64_t kLocalSumsqMinCols = 32;
+inline bool local_sumsq_fits(const RuleConfig& cfg, const Geometry& geo) {
+  return cfg.normalize_input && (geo.ndim == 1 || (geo.ndim == 2 && geo.shape[1] >= kLocalSumsqMinCols));
+}
 
 // Phase 2 (small, replicated): fold the summed statistics into v_row / v_col and build the
 // feature tables.
@@ -113,10 +127,11 @@ void phase_update_factored(const RuleConfig& cfg, const Geometry& geo, const Ste
                            float* v_col, FacTables& tables);
 
 // Phase 3: add each channel's sum of squares into sumsq[(group - group_base) * channels + c]
-// for the normalization groups the slice touches.
+// for the normalization groups the slice touches; with local_done (phase 1 took local_sumsq),
+// only the channels phase 1 did not add (none of a 1-D tensor; a matrix's table channels).
 void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepConstants& sc,
                          const Slice& s, const FacTables& tables, double* sumsq,
-                         int64_t group_base = 0);
+                         int64_t group_base = 0, bool local_done = false);
 
 // Phase 4: normalize features with the summed sumsq, run the MLP, write direction*mag into
 // s.u (or the bare direction if aggregate_mag; mag is then added into *mag_sum).

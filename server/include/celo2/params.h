@@ -76,6 +76,10 @@ enum class Kind {
   X(ns_split_poly, "CELO2_NS_SPLIT_POLY", kChoice, "auto", "auto|on|off",                      \
     "Newton-Schulz groups: the polynomial B = bA + cA^2 formed redundantly by every member "      \
     "(off) or split by rows and all-gathered (on); auto, where the cost model says it pays")      \
+  X(ns_split_apply, "CELO2_NS_SPLIT_APPLY", kChoice, "auto", "auto|product|polynomial",          \
+    "Newton-Schulz groups without a split polynomial: each member applies it as two products "   \
+    "with A (product) or through B = bA + cA^2 (polynomial); auto, products where the member's " \
+    "block has fewer columns than the matrix has rows (fewer FLOPs)")                             \
   X(cpu_isa, "CELO2_CPU_ISA", kChoice, "auto", "auto|avx512|avx2|base",                         \
     "Which copy of the CPU rule's vector loops runs: auto (the best this CPU supports), or one "  \
     "forced (to compare them; a set this CPU lacks is an error at engine start)")                \

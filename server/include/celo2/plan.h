@@ -96,8 +96,9 @@ struct NsMatrix {
 };
 
 // Modelled seconds on each rank of a group of g ranks for one matrix (g = 1: newton_schulz;
-// g > 1: the split iteration plus its collectives, with the polynomial formed redundantly or,
-// split_poly, split by rows and all-gathered).
+// g > 1: the split iteration of the busiest member, ceil(c / g) columns, plus its collectives,
+// with the polynomial formed redundantly or applied as two products with A, whichever is fewer
+// FLOPs (split_ns_flops), or, split_poly, split by rows and all-gathered).
 double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, int64_t cols, int g,
                bool split_poly = false);
 // How a group of g splits one matrix's polynomial: force_poly 0 never, 1 always (g > 1),
@@ -106,6 +107,9 @@ bool ns_split_poly(const RuleConfig& cfg, const NsCostModel& model, int64_t rows
                    int force_poly = -1);
 // CELO2_NS_SPLIT_POLY's words as force_poly: auto -1, on 1, off 0.
 int parse_split_poly(const std::string& s);
+// CELO2_NS_SPLIT_APPLY's words as newton_schulz_split's product: auto -1, product 1,
+// polynomial 0.
+int parse_split_apply(const std::string& s);
 
 // The flat plan's Newton–Schulz owners and groups. force: 0 = choose by cost (groups only
 // where the largest matrices bound the step: more ranks than matrices or max/mean above 1.1,

@@ -83,6 +83,7 @@ struct Engine::Matrix {
   int nominal = 1;         // the group's nominal size (its communicator: colour rank / nominal)
   int member = -1;         // this rank's index in the group, or -1
   bool split_poly = false; // the group splits the polynomial by rows (newton_schulz_split)
+  int split_apply = -1;     // newton_schulz_split's product (CELO2_NS_SPLIT_APPLY)
   int64_t owned_off = -1;  // offset of this rank's block in mat_buf_ if it is a member
   NsBlock block(int j) const { return NsBlock{flat_lo, rows, cols, ranks, j}; }
 };
@@ -331,6 +332,7 @@ void Engine::build_plan() {
     const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
     const int force_poly = opts_.ns_split_poly >= 0 ? opts_.ns_split_poly : parse_split_poly(param::ns_split_poly());
     owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force, force_poly);
+    const int split_apply = parse_split_apply(param::ns_split_apply());
     for (size_t i = 0; i < matrices_.size(); ++i) {
       Matrix& m = matrices_[i];
       m.owner = owners_.owner[i];
@@ -338,6 +340,7 @@ void Engine::build_plan() {
       m.ranks = std::min(m.nominal, W - m.owner);
       m.member = r >= m.owner && r < m.owner + m.ranks ? r - m.owner : -1;
       m.split_poly = owners_.split_poly[i] != 0;
+      m.split_apply = split_apply;
     }
   }
   // All-to-all layout: send grouped by destination, then matrix order (each member of a
@@ -789,23 +792,32 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
   auto stat_width = [](const Entry& e) {
     return (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0) + 1;
   };
+  // Tensors phase 1 can square (rule.h local_sumsq_fits: one normalization group) get their
+  // element-local channels' sums of squares from it, into sq before phase 3 adds the rest.
+  auto local_sq = [&](const Entry& e) { return local_sumsq_fits(cfg, e.geo); };
   {
     std::vector<std::vector<double>> part(items.size());
 #pragma omp parallel for schedule(dynamic, 1) if (items.size() > 1)
     for (size_t it = 0; it < items.size(); ++it) {
       const WorkItem& w = items[it];
       Entry& e = *celo[w.k];
-      part[it].assign(stat_width(e), 0.0);
+      const int64_t sw = stat_width(e);
+      part[it].assign(sw + (local_sq(e) ? e.geo.channels() : 0), 0.0);
       double* base = part[it].data();
       phase_accumulate(cfg, e.geo, sc[w.k],
                        sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
                        e.geo.factored ? base : nullptr,
                        e.geo.factored ? base + e.geo.row_count : nullptr,
-                       base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0));
+                       base + (e.geo.factored ? e.geo.row_count + e.geo.col_count : 0),
+                       local_sq(e) ? base + sw : nullptr);
     }
     for (size_t it = 0; it < items.size(); ++it) {
-      double* dst = stat.data() + celo[items[it].k]->stat_off;
-      for (size_t x = 0; x < part[it].size(); ++x) dst[x] += part[it][x];
+      const Entry& e = *celo[items[it].k];
+      const int64_t sw = stat_width(e);
+      double* dst = stat.data() + e.stat_off;
+      for (int64_t x = 0; x < sw; ++x) dst[x] += part[it][x];
+      double* dsq = sq.data() + e.sq_off;  // its one normalization group
+      for (size_t x = sw; x < part[it].size(); ++x) dsq[x - sw] += part[it][x];
     }
   }
   phase_end();
@@ -840,7 +852,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
       part[it].assign((g1 - g0) * e.geo.channels(), 0.0);
       phase_feature_sumsq(cfg, e.geo, sc[w.k],
                           sub_slice(e.slice(G, U, *hs[w.k]), w.lo, w.hi),
-                          e.tables, part[it].data(), g0);
+                          e.tables, part[it].data(), g0, local_sq(e));
     }
     for (size_t it = 0; it < items.size(); ++it) {
       const Entry& e = *celo[items[it].k];
@@ -964,7 +976,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
         const Matrix& m = matrices_[i];
         const NsBlock b = m.block(m.member);
         newton_schulz_split(cfg, b.wide_rows(), b.local_cols(), mat_buf_.data() + m.owned_off,
-                            *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly);
+                            *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly, m.split_apply);
         if (cfg.normalize_output) block_sumsq(i);
       }
     }

@@ -140,7 +140,8 @@ double ns_time(const RuleConfig& cfg, const NsCostModel& model, int64_t rows, in
                bool split_poly) {
   if (g <= 1) return newton_schulz_flops(cfg, rows, cols) / model.gemm_flops;
   const double r = static_cast<double>(std::min(rows, cols)), c = static_cast<double>(std::max(rows, cols));
-  const double flops = cfg.ns_iters * (4.0 * r * r * c / g + 2.0 * r * r * r / (split_poly ? g : 1));
+  // The busiest member's block: ceil(c / g) columns (NsBlock's cuts).
+  const double flops = split_ns_flops(cfg, r, std::ceil(c / g), g, split_poly);
   const SplitNsCost sc = split_ns_cost(cfg, std::min(rows, cols), g, split_poly);
   const double bw = g <= model.ranks_per_node ? model.bus_bytes : model.bus_bytes_inter;
   return flops / model.gemm_flops + sc.bytes_per_rank / bw + sc.calls() * model.latency;
@@ -161,6 +162,13 @@ int parse_split_poly(const std::string& s) {
   if (s == "on") return 1;
   if (s == "off") return 0;
   throw std::invalid_argument("split polynomial: expected auto, on or off, got '" + s + "'");
+}
+
+int parse_split_apply(const std::string& s) {
+  if (s == "auto") return -1;
+  if (s == "product") return 1;
+  if (s == "polynomial") return 0;
+  throw std::invalid_argument("split apply: expected auto, product or polynomial, got '" + s + "'");
 }
 
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,

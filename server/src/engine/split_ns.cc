@@ -12,7 +12,7 @@
 namespace celo2 {
 
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
-                         std::vector<float>& scratch, bool rows_block, bool split_poly) {
+                         std::vector<float>& scratch, bool rows_block, bool split_poly, int product) {
   if (r <= 0) return;
   if (c_local < 0) throw std::invalid_argument("newton_schulz_split: negative column count");
   const size_t rc = static_cast<size_t>(r * c_local), rr = static_cast<size_t>(r * r);
@@ -22,11 +22,16 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   std::vector<int64_t> counts;
   if (split_poly)
     for (int k = 0; k < g; ++k) counts.push_back((r * (k + 1) / g - r * k / g) * r);
-  scratch.resize(rc + 2 * rr + (split_poly ? static_cast<size_t>((row1 - row0) * r) : 0));
+  // Apply the polynomial as two products with A (no B) where that is fewer FLOPs.
+  const bool by_product = !split_poly && c_local > 0 &&
+                          (product < 0 ? ns_split_product(static_cast<double>(r), static_cast<double>(c_local))
+                                       : product > 0);
+  scratch.resize(rc + 2 * rr + (split_poly ? static_cast<size_t>((row1 - row0) * r) : 0) + (by_product ? rc : 0));
   float* Y = scratch.data();
   float* A = Y + rc;
   float* B = A + rr;
   float* Bpart = B + rr;
+  float* T = Bpart + (split_poly ? (row1 - row0) * r : 0);  // A·X (by_product)
   const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
   std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
@@ -55,6 +60,22 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     for (int i = 0; i < R; ++i)
       for (int j = i; j < R; ++j, ++k)
         A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] = static_cast<float>(sum[k]);
+    if (by_product) {
+      // Y = a·X + b·(AX) + c·A(AX); for a block of rows (Xᵀ) the transpose: T = X·A, Y += c·T·A.
+      const float a = static_cast<float>(cfg.ns_coeffs[0]), b = static_cast<float>(cfg.ns_coeffs[1]),
+                  c = static_cast<float>(cfg.ns_coeffs[2]);
+      if (rows_block)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, A, R, 0.0f, T, R);
+      else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, 1.0f, A, R, X, C, 0.0f, T, C);
+      for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i] + b * T[i];
+      if (rows_block)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, c, T, R, A, R, 1.0f, Y, R);
+      else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, c, A, R, T, C, 1.0f, Y, C);
+      std::memcpy(X, Y, rc * sizeof(float));
+      continue;
+    }
     if (split_poly) {
       // This member's rows of B = bA + cA·A, then every member's rows to everyone.
       const int64_t nr = row1 - row0;
@@ -79,6 +100,18 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     }
     std::memcpy(X, Y, rc * sizeof(float));
   }
+}
+
+double split_ns_flops(const RuleConfig& cfg, double r, double c_local, int g, bool split_poly, int product) {
+  const double gram = 2.0 * r * r * c_local;  // counted as a full product, as newton_schulz_flops
+  double poly;
+  if (split_poly)
+    poly = 2.0 * r * r * r / g + 2.0 * r * r * c_local;
+  else if (c_local > 0 && (product < 0 ? ns_split_product(r, c_local) : product > 0))
+    poly = 4.0 * r * r * c_local;
+  else
+    poly = 2.0 * r * r * r + 2.0 * r * r * c_local;
+  return cfg.ns_iters * (gram + poly);
 }
 
 SplitNsCost split_ns_cost(const RuleConfig& cfg, int64_t r, int g, bool split_poly) {
