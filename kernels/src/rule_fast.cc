@@ -356,16 +356,26 @@ inline void widen(const Mlp& m, Wide& w) {
 // The MLP on one block; f[c * S + j] its features, bias[o * S + j] the first-layer bias of
 // each lane (the layer's own bias plus the folded table channels of its row and column).
 // Both halves of the block go through each layer together.
+// bias_stride: bias[o * bias_stride + j] (default S); row: when set, row[o] + bias (a wide
+// matrix's per-row bias plus its per-column one, added here instead of stored per block).
 template <int S = kBlk>
 inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
                      const float* __restrict bias, int cnt, float* __restrict u,
-                     double* mag_sum) {
+                     double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr) {
   alignas(64) float dir[kBlk], mag[kBlk];
   VF a0[8], a1[8];
+  if (row) {
 #pragma GCC unroll 8
-  for (int o = 0; o < 8; ++o) {
-    a0[o] = vload(bias + o * S);
-    a1[o] = vload(bias + o * S + kV);
+    for (int o = 0; o < 8; ++o) {
+      a0[o] = row[o] + vload(bias + o * bias_stride);
+      a1[o] = row[o] + vload(bias + o * bias_stride + kV);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int o = 0; o < 8; ++o) {
+      a0[o] = vload(bias + o * bias_stride);
+      a1[o] = vload(bias + o * bias_stride + kV);
+    }
   }
   for (int c = 0; c < w.channels; ++c) {
     const VF x0 = vload(f + c * S), x1 = vload(f + c * S + kV);
@@ -397,14 +407,24 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
       a1[o] = b1[o];
     }
   }
+  // The magnitude output only where it is used (exp or its sum).
+  const bool mag_out = m.use_exp || m.want_mag;
   VF d0 = w.ob[0], g0 = w.ob[1], d1 = w.ob[0], g1 = w.ob[1];
+  if (mag_out) {
 #pragma GCC unroll 8
-  for (int c = 0; c < 8; ++c) {
-    const VF h0 = relu(a0[c]), h1 = relu(a1[c]);
-    d0 += w.ow[c] * h0;
-    g0 += w.ow[8 + c] * h0;
-    d1 += w.ow[c] * h1;
-    g1 += w.ow[8 + c] * h1;
+    for (int c = 0; c < 8; ++c) {
+      const VF h0 = relu(a0[c]), h1 = relu(a1[c]);
+      d0 += w.ow[c] * h0;
+      g0 += w.ow[8 + c] * h0;
+      d1 += w.ow[c] * h1;
+      g1 += w.ow[8 + c] * h1;
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      d0 += w.ow[c] * relu(a0[c]);
+      d1 += w.ow[c] * relu(a1[c]);
+    }
   }
   if (cnt == kBlk && !m.use_exp) {
     vstore(u, d0);
@@ -544,20 +564,19 @@ inline void splat_bias(const float* b, float* bias) {
 template <bool kColVaries>
 void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
   alignas(64) float f[kElem2d * kBlk];
-  alignas(64) float bias[8 * kBlk];
   Wide w;
   widen(m, w);
   if (mx.cols >= kBlk) {
+    VF row[8];
+    int64_t row_of = -1;
     for_row_blocks(e, mx.cols, [&](int64_t a, int64_t j, int cnt) {
       fill_2d<kColVaries, kBlk>(e, mx, a, j, cnt, f);
-      const float* rb = m.row_bias + (a - m.row0) * m.row_bias_stride;
-      const float* cb = m.col_bias + j;
-      for (int o = 0; o < 8; ++o) {
-        const VF r = splat(rb[o]);
-        vstore(bias + o * kBlk, r + vload(cb + o * m.col_stride));
-        vstore(bias + o * kBlk + kV, r + vload(cb + o * m.col_stride + kV));
+      if (a != row_of) {  // the row's first-layer biases, splat once per row segment
+        const float* rb = m.row_bias + (a - m.row0) * m.row_bias_stride;
+        for (int o = 0; o < 8; ++o) row[o] = splat(rb[o]);
+        row_of = a;
       }
-      mlp_core(m, w, f, bias, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum);
+      mlp_core(m, w, f, m.col_bias + j, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum, m.col_stride, row);
     });
   } else {
     // Narrower than a block: a chunk of consecutive elements across rows at a time, features
