@@ -347,6 +347,11 @@ int main(int argc, char** argv) {
   app.add_option("--ns-gram-reps", ng.reps, "timed repetitions of --ns-gram")->capture_default_str();
   std::vector<std::string> ng_shapes;
   app.add_option("--ns-gram-shapes", ng_shapes, "shapes of --ns-gram, RxC (default: the GPT-3 XL ones)");
+  std::vector<std::string> split_ns_shapes;
+  app.add_option("--split-ns", split_ns_shapes,
+                 "time one RxC matrix's Newton-Schulz split over every rank, per way of applying the "
+                 "polynomial (B on every member, two products with A, B split by rows); run under mpirun")
+      ->expected(1, 16);
   std::vector<std::string> phase_shapes;
   app.add_option("--phase-shapes", phase_shapes,
                  "shapes of --phases, N or RxC (default: the largest 1-D size and matrix; a small "
@@ -368,6 +373,18 @@ int main(int argc, char** argv) {
     }
     if (g_failed) return 1;
     return celo2::bench::run_ns_gram_bench(ng);
+  }
+  if (!split_ns_shapes.empty()) {
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    for (const std::string& t : split_ns_shapes) {
+      const size_t x = t.find('x');
+      if (x == std::string::npos) {
+        std::fprintf(stderr, "celo2-bench: --split-ns: expected RxC, got %s\n", t.c_str());
+        return 2;
+      }
+      shapes.emplace_back(std::stoll(t.substr(0, x)), std::stoll(t.substr(x + 1)));
+    }
+    return celo2::bench::run_split_ns_bench(shapes, std::max(1, std::min(o.reps, 5)));
   }
   if (engine_mode) {
     eb.ffn = 4 * eb.d;

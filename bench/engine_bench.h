@@ -13,6 +13,7 @@
 
 #include "celo2/comm_model.h"
 #include "celo2/engine.h"
+#include "celo2/split_ns.h"
 
 namespace celo2::bench {
 
@@ -102,6 +103,50 @@ inline int run_engine_bench(const EngineBenchOptions& o) {
     for (size_t i = 0; i < plan.group.size(); ++i) split += std::min(plan.group[i], W - plan.owner[i]) > 1;
     std::printf("  Newton–Schulz plan: %zu matrices, %d split over groups of ranks; modelled load max/mean %.2f "
                 "(one owner each %.2f)\n", plan.group.size(), split, plan.imbalance, plan.imbalance_unsplit);
+  }
+  return 0;
+}
+
+// One matrix's Newton–Schulz split over every rank (celo2/split_ns.h), per way of applying
+// the polynomial: formed by every member (B), two products with A (no B), split by rows and
+// all-gathered. Per shape and way: the slowest rank's median seconds over `reps` calls, the
+// busiest member's FLOPs as the planner charges them (split_ns_flops) and their rate. The
+// `split-ns` mode of celo2-bench; run under mpirun -np W.
+inline int run_split_ns_bench(const std::vector<std::pair<int64_t, int64_t>>& shapes, int reps) {
+  auto comm = std::shared_ptr<Communicator>(make_communicator("auto"));
+  const int W = comm->size(), me = comm->rank();
+  const RuleConfig cfg;
+  if (me == 0)
+    std::printf("split Newton-Schulz over W = %d ranks, %d iterations, median of %d calls (slowest rank)\n", W,
+                cfg.ns_iters, reps);
+  for (auto [r, c] : shapes) {
+    if (r > c) std::swap(r, c);  // the wide orientation, as the engine gives it
+    const int64_t c0 = c * me / W, c1 = c * (me + 1) / W, cl = c1 - c0, cmax = (c + W - 1) / W;
+    std::mt19937 rng(7 + me);
+    std::normal_distribution<float> nd;
+    std::vector<float> x0(static_cast<size_t>(r * cl)), x, scratch;
+    for (float& v : x0) v = nd(rng);
+    const char* names[] = {"B = bA + cA^2 on every member", "two products with A", "B split by rows + all-gather"};
+    for (int mode : {0, 1, 2}) {
+      const bool poly = mode == 2;
+      const int product = mode == 1 ? 1 : 0;
+      std::vector<double> t;
+      for (int k = 0; k <= reps; ++k) {  // k = 0: warm-up
+        x = x0;
+        comm->barrier();
+        const auto t0 = std::chrono::steady_clock::now();
+        newton_schulz_split(cfg, r, cl, x.data(), *comm, scratch, false, poly, product);
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (k > 0) t.push_back(dt);
+      }
+      std::sort(t.begin(), t.end());
+      const double sec = max_over_ranks(*comm, t[t.size() / 2]);
+      const double flops = split_ns_flops(cfg, static_cast<double>(r), static_cast<double>(cmax), W, poly, product);
+      if (me == 0)
+        std::printf("  %5lldx%-5lld %-32s %8.3f s  %8.2f GFLOP (busiest member)  %7.1f GFLOP/s\n",
+                    static_cast<long long>(r), static_cast<long long>(c), names[mode], sec, flops / 1e9,
+                    flops / 1e9 / sec);
+    }
   }
   return 0;
 }
