@@ -358,7 +358,8 @@ inline void widen(const Mlp& m, Wide& w) {
 // Both halves of the block go through each layer together.
 // bias_stride: bias[o * bias_stride + j] (default S); row: when set, row[o] + bias (a wide
 // matrix's per-row bias plus its per-column one, added here instead of stored per block).
-template <int S = kBlk>
+// kCh: the channel count when known at compile time (the first layer fully unrolled), else 0.
+template <int S = kBlk, int kCh = 0>
 inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
                      const float* __restrict bias, int cnt, float* __restrict u,
                      double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr) {
@@ -377,7 +378,9 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
       a1[o] = vload(bias + o * bias_stride + kV);
     }
   }
-  for (int c = 0; c < w.channels; ++c) {
+  const int channels = kCh > 0 ? kCh : w.channels;
+#pragma GCC unroll 18
+  for (int c = 0; c < channels; ++c) {
     const VF x0 = vload(f + c * S), x1 = vload(f + c * S + kV);
     const VF* wc = w.w0 + c * 8;
 #pragma GCC unroll 8
@@ -576,7 +579,8 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
         for (int o = 0; o < 8; ++o) row[o] = splat(rb[o]);
         row_of = a;
       }
-      mlp_core(m, w, f, m.col_bias + j, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum, m.col_stride, row);
+      mlp_core<kBlk, kElem2d>(m, w, f, m.col_bias + j, cnt, e.u + (a * mx.cols + j - e.lo), mag_sum,
+                              m.col_stride, row);
     });
   } else {
     // Narrower than a block: a chunk of consecutive elements across rows at a time, features
@@ -597,7 +601,7 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
       });
       zero_lanes<kChunkStride>(bc, 8, n, len);
       for (int k = 0; k < len; k += kBlk)
-        mlp_core<kChunkStride>(m, w, fc + k, bc + k, n - k < kBlk ? n - k : kBlk,
+        mlp_core<kChunkStride, kElem2d>(m, w, fc + k, bc + k, n - k < kBlk ? n - k : kBlk,
                                e.u + li + k, mag_sum);
     }
   }
@@ -649,7 +653,7 @@ void mlp_1d(const Elems& e, const Mlp& m, double* mag_sum) {
   for (int64_t i = e.lo; i < e.hi; i += kBlk) {
     const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
     fill_1d<kBlk>(e, i - e.lo, cnt, f);
-    mlp_core(m, w, f, bias, cnt, e.u + (i - e.lo), mag_sum);
+    mlp_core<kBlk, kElem1d>(m, w, f, bias, cnt, e.u + (i - e.lo), mag_sum);
   }
 }
 
