@@ -97,20 +97,39 @@ CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1
 }
 
 
+// Row a's entries of the fixed factored table (scale_k, scale_hat_k) and pointers to the varying
+// table's from column j (scale_k at vs[k * vn], scale_hat_k at vsh[k * vn]): what every fill of
+// a matrix row segment reads.
+struct RowTables {
+  float fs[3], fsh[3];
+  const float* vs;
+  const float* vsh;
+  int64_t vn;
+};
+inline RowTables row_tables(const Matrix& mx, int64_t a, int64_t j) {
+  RowTables t;
+  const int64_t fn = mx.fix_n;
+  for (int k = 0; k < 3; ++k) {
+    t.fs[k] = mx.fix_soa[(2 * 3 + k) * fn + a];
+    t.fsh[k] = mx.fix_soa[(3 * 3 + k) * fn + a];
+  }
+  t.vn = mx.vary_n;
+  t.vs = mx.vary_soa + 2 * 3 * t.vn + j;
+  t.vsh = mx.vary_soa + 3 * 3 * t.vn + j;
+  return t;
+}
+
 // The 18 per-element channels of a matrix row segment inside row a, columns [j, j + cnt), into
 // f[c * S + jj].
 template <bool kColVaries, int S, int N>
 inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                       float* __restrict f) {
   if (N > 0) cnt = N;
-  const int64_t fn = mx.fix_n, vn = mx.vary_n;
-  float fs[3], fsh[3];
-  for (int k = 0; k < 3; ++k) {
-    fs[k] = mx.fix_soa[(2 * 3 + k) * fn + a];
-    fsh[k] = mx.fix_soa[(3 * 3 + k) * fn + a];
-  }
-  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;   // scale_k at vs[k * vn]
-  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;  // scale_hat_k
+  const RowTables t = row_tables(mx, a, j);
+  const float *fs = t.fs, *fsh = t.fsh;
+  const int64_t vn = t.vn;
+  const float* __restrict vs = t.vs;
+  const float* __restrict vsh = t.vsh;
   const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
   const float* __restrict gp = e.g + li0;
   const float* __restrict pp = e.p + li0;
@@ -134,14 +153,15 @@ inline VF clampv(VF x, VF lo, VF hi) { return simd::vmin(hi, simd::vmax(lo, x));
 template <bool kColVaries, int S>
 inline void fill_2d_block(const Elems& e, const Matrix& mx, int64_t a, int64_t j,
                           float* __restrict f) {
-  const int64_t fn = mx.fix_n, vn = mx.vary_n;
+  const RowTables t = row_tables(mx, a, j);
   VF fs[3], fsh[3];
   for (int k = 0; k < 3; ++k) {
-    fs[k] = splat(mx.fix_soa[(2 * 3 + k) * fn + a]);
-    fsh[k] = splat(mx.fix_soa[(3 * 3 + k) * fn + a]);
+    fs[k] = splat(t.fs[k]);
+    fsh[k] = splat(t.fsh[k]);
   }
-  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;   // scale_k at vs[k * vn]
-  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;  // scale_hat_k
+  const int64_t vn = t.vn;
+  const float* __restrict vs = t.vs;
+  const float* __restrict vsh = t.vsh;
   const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
   const float* __restrict gp = e.g + li0;
   const float* __restrict pp = e.p + li0;
@@ -473,14 +493,11 @@ template <bool kColVaries, int S, int N>
 inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                             float* __restrict f) {
   if (N > 0) cnt = N;
-  const int64_t fn = mx.fix_n, vn = mx.vary_n;
-  float fs[3], fsh[3];
-  for (int k = 0; k < 3; ++k) {
-    fs[k] = mx.fix_soa[(2 * 3 + k) * fn + a];
-    fsh[k] = mx.fix_soa[(3 * 3 + k) * fn + a];
-  }
-  const float* __restrict vs = mx.vary_soa + 2 * 3 * vn + j;
-  const float* __restrict vsh = mx.vary_soa + 3 * 3 * vn + j;
+  const RowTables t = row_tables(mx, a, j);
+  const float *fs = t.fs, *fsh = t.fsh;
+  const int64_t vn = t.vn;
+  const float* __restrict vs = t.vs;
+  const float* __restrict vsh = t.vsh;
   const int64_t li0 = a * mx.cols + j - e.lo, P = e.plane;
   const float* __restrict gp = e.g + li0;
   const float* __restrict m0 = e.m + li0;
