@@ -3,8 +3,9 @@
 //
 // Per element the 30 feature channels are never stored. Matrices and 1-D tensors (nearly
 // every tensor of a model) go through the per-instruction-set loops of rule_fast.cc:
-// phase 3 builds each block's features to sum their squares, phase 4 builds them again
-// and runs the MLP, with the input normalization folded into the first layer's weights and,
+// phase 1 squares the channels that need only the element's new state as it updates that
+// state (local_sumsq_fits: 1-D tensors and matrices of 32+ columns), phase 3 the rest (a
+// matrix's table-dependent channels), phase 4 builds the features again and runs the MLP, with the input normalization folded into the first layer's weights and,
 // for a matrix, the twelve table channels (constant along a row or a column) folded into
 // per-row and per-column first-layer biases prepared here. Tensors with n > 2 and MLP shapes
 // other than Celo2's (hidden 8, relu) use block_features below, blocks of kBlock elements

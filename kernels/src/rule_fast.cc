@@ -1,8 +1,9 @@
 // The rule's hot loops (rule_fast.h), compiled once per instruction set: CELO2_ISA_NS names
 // the copy (isa_base, isa_avx2, isa_avx512) and the compiler flags of its object library
-// choose the vectors. Features of a block of kBlk elements are built in one vectorized loop
-// into a small channel-major array (L1), then either squared into double accumulators
-// (input normalization) or fed to the MLP, whose accumulators stay in registers: one vector
+// choose the vectors. Phase 1 (accumulate_1d, accumulate_row) updates the state and squares
+// the element-local channels in registers. Features of a block of kBlk elements are built in
+// one vectorized loop into a small channel-major array (L1), then either squared into double
+// accumulators (input normalization: the channels phase 1 could not) or fed to the MLP, whose accumulators stay in registers: one vector
 // of kV elements per hidden unit, weights broadcast from memory.
 //
 // A matrix's twelve table channels (v̂_row, v̂_col and their 1/sqrt) are constant along a row
