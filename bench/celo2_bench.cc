@@ -668,7 +668,6 @@ int main(int argc, char** argv) {
                                        rb.state.v_row.data(), rb.state.v_col.data(), tables);
         });
         t[2] = seconds_of([&] {
-          if (!local) sumsq.assign(geo.norm_groups * geo.channels(), 0.0);
           celo2::phase_feature_sumsq(cfg, geo, sc, s, tables, sumsq.data(), 0, local);
         });
         t[3] = seconds_of([&] {

@@ -5,11 +5,12 @@
 // every tensor of a model) go through the per-instruction-set loops of rule_fast.cc:
 // phase 1 squares the channels that need only the element's new state as it updates that
 // state (local_sumsq_fits: 1-D tensors and matrices of 32+ columns), phase 3 the rest (a
-// matrix's table-dependent channels), phase 4 builds the features again and runs the MLP, with the input normalization folded into the first layer's weights and,
-// for a matrix, the twelve table channels (constant along a row or a column) folded into
-// per-row and per-column first-layer biases prepared here. Tensors with n > 2 and MLP shapes
-// other than Celo2's (hidden 8, relu) use block_features below, blocks of kBlock elements
-// laid out channel-major, and plain loops for the MLP.
+// matrix's table-dependent channels), phase 4 builds the features again and runs the MLP,
+// with the input normalization folded into the first layer's weights and, for a matrix, the
+// twelve table channels (constant along a row or a column) folded into per-row and per-column
+// first-layer biases prepared here. Tensors with n > 2 and MLP shapes other than Celo2's
+// (hidden 8, relu) use block_features below, blocks of kBlock elements laid out
+// channel-major, and plain loops for the MLP.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -823,7 +824,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
   // only for the groups it touches (a conv weight has thousands of small groups).
   ws.sumsq.assign(geo.norm_groups * C, 0.0);
   if (local) std::copy(ws.row_sum.begin() + stat_w + 1, ws.row_sum.end(), ws.sumsq.begin());
-  if (cfg.normalize_input && !(local && geo.ndim == 1)) {
+  if (cfg.normalize_input) {
     group_partials(geo, lanes, C, ws, [&](int l, double* part, int64_t gbase) {
       Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
       phase_feature_sumsq(cfg, geo, sc, s, ws.tables, part, gbase, local);

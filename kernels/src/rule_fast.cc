@@ -3,8 +3,9 @@
 // choose the vectors. Phase 1 (accumulate_1d, accumulate_row) updates the state and squares
 // the element-local channels in registers. Features of a block of kBlk elements are built in
 // one vectorized loop into a small channel-major array (L1), then either squared into double
-// accumulators (input normalization: the channels phase 1 could not) or fed to the MLP, whose accumulators stay in registers: one vector
-// of kV elements per hidden unit, weights broadcast from memory.
+// accumulators (input normalization: the channels phase 1 could not) or fed to the MLP, whose
+// accumulators stay in registers: one vector of kV elements per hidden unit, weights
+// broadcast from memory.
 //
 // A matrix's twelve table channels (v̂_row, v̂_col and their 1/sqrt) are constant along a row
 // or a column; the caller folds their first-layer contribution into a per-row bias and a
@@ -147,6 +148,29 @@ inline void fill_2d_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, in
 // Clip to [lo, hi] as ew::clampf (two selects: one max, one min; NaN passes through).
 inline VF clampv(VF x, VF lo, VF hi) { return simd::vmin(hi, simd::vmax(lo, x)); }
 
+// Channels 0-10 of a vector of elements (element_2d's and fill_1d_n's operations in their
+// order) from the clipped g, p and the momenta and rms; bc, bcr their bias corrections.
+// Returns rho (channel 14 is g·rho). The one vector form of these channels: the matrix fill
+// and phase 1's squares both call it.
+inline VF local_channels(VF g, VF p, VF m0, VF m1, VF m2, VF r, const VF* bc, VF bcr, VF* f) {
+  const VF sc = splat(ew::kSmallClip), eps = splat(ew::kRhoEps), one = splat(1.0f);
+  const VF r_hat = r * bcr;
+  const VF rho = one / simd::vsqrt(r_hat + eps);
+  const VF mh0 = m0 * bc[0], mh1 = m1 * bc[1], mh2 = m2 * bc[2];
+  f[0] = g;
+  f[1] = clampv(g, -sc, sc);
+  f[2] = p;
+  f[3] = mh0;
+  f[4] = mh1;
+  f[5] = mh2;
+  f[6] = r_hat;
+  f[7] = mh0 * rho;
+  f[8] = mh1 * rho;
+  f[9] = mh2 * rho;
+  f[10] = rho;
+  return rho;
+}
+
 // The 18 per-element channels of a whole matrix block inside row a, columns [j, j + kBlk),
 // into f[c * S + jj]: element_2d's operations in its order on explicit vectors, so every
 // channel is one store at a constant offset from f (the omp-simd form kept a pointer per
@@ -168,29 +192,19 @@ inline void fill_2d_block(const Elems& e, const Matrix& mx, int64_t a, int64_t j
   const float* __restrict pp = e.p + li0;
   const float* __restrict m0 = e.m + li0;
   const float* __restrict rr = e.rms + li0;
-  const VF b0 = splat(e.bc_mom[0]), b1 = splat(e.bc_mom[1]), b2 = splat(e.bc_mom[2]);
-  const VF br = splat(e.bc_rms), eps = splat(ew::kRhoEps), one = splat(1.0f);
-  const VF gc = splat(ew::kGradClip), sc = splat(ew::kSmallClip);
+  const VF bc[3] = {splat(e.bc_mom[0]), splat(e.bc_mom[1]), splat(e.bc_mom[2])};
+  const VF br = splat(e.bc_rms), gc = splat(ew::kGradClip);
 #pragma GCC unroll 2
   for (int h = 0; h < kBlk; h += kV) {
     const VF g = clampv(vload(gp + h), -gc, gc);
-    const VF r_hat = vload(rr + h) * br;
-    const VF rho = one / simd::vsqrt(r_hat + eps);
-    const VF mh0 = vload(m0 + h) * b0, mh1 = vload(m0 + P + h) * b1, mh2 = vload(m0 + 2 * P + h) * b2;
+    VF lc[11];
+    const VF rho = local_channels(g, vload(pp + h), vload(m0 + h), vload(m0 + P + h), vload(m0 + 2 * P + h),
+                                  vload(rr + h), bc, br, lc);
+    const VF mh0 = lc[3], mh1 = lc[4], mh2 = lc[5];
     const VF v0 = vload(vs + h), v1 = vload(vs + vn + h), v2 = vload(vs + 2 * vn + h);
     const VF vh0 = vload(vsh + h), vh1 = vload(vsh + vn + h), vh2 = vload(vsh + 2 * vn + h);
     float* o = f + h;
-    vstore(o + 0 * S, g);
-    vstore(o + 1 * S, clampv(g, -sc, sc));
-    vstore(o + 2 * S, vload(pp + h));
-    vstore(o + 3 * S, mh0);
-    vstore(o + 4 * S, mh1);
-    vstore(o + 5 * S, mh2);
-    vstore(o + 6 * S, r_hat);
-    vstore(o + 7 * S, mh0 * rho);
-    vstore(o + 8 * S, mh1 * rho);
-    vstore(o + 9 * S, mh2 * rho);
-    vstore(o + 10 * S, rho);
+    for (int c = 0; c < 11; ++c) vstore(o + c * S, lc[c]);
     vstore(o + 11 * S, kColVaries ? g * fs[0] * v0 : g * v0 * fs[0]);
     vstore(o + 12 * S, kColVaries ? g * fs[1] * v1 : g * v1 * fs[1]);
     vstore(o + 13 * S, kColVaries ? g * fs[2] * v2 : g * v2 * fs[2]);
@@ -731,8 +745,7 @@ inline void add_sq(VD& acc, VF x, float* t) {
 template <bool k1d, bool kMasked>
 inline VF accum_vec(const AccumV& c, const float* gp, const float* pp, float* m0, float* m1, float* m2,
                     float* rr, float* vd0, float* vd1, float* vd2, VF keep, VD* acc, float* t) {
-  const VF gc = splat(ew::kGradClip), sc = splat(ew::kSmallClip), eps = splat(ew::kRhoEps),
-           one = splat(1.0f), qe = splat(ew::kQEps);
+  const VF gc = splat(ew::kGradClip), one = splat(1.0f), qe = splat(ew::kQEps);
   const VF g = clampv(vload(gp), -gc, gc);
   const VF n0 = c.bm[0] * vload(m0) + c.om[0] * g;
   const VF n1 = c.bm[1] * vload(m1) + c.om[1] * g;
@@ -743,22 +756,9 @@ inline VF accum_vec(const AccumV& c, const float* gp, const float* pp, float* m0
   vstore(m2, n2);
   vstore(rr, nr);
   const VF q = g * g + qe;
-  const VF r_hat = nr * c.bcr;
-  const VF rho = one / simd::vsqrt(r_hat + eps);
-  const VF mh0 = n0 * c.bc[0], mh1 = n1 * c.bc[1], mh2 = n2 * c.bc[2];
   VF f[15];
-  int k = 0;
-  f[k++] = g;
-  f[k++] = clampv(g, -sc, sc);
-  f[k++] = vload(pp);
-  f[k++] = mh0;
-  f[k++] = mh1;
-  f[k++] = mh2;
-  f[k++] = r_hat;
-  f[k++] = mh0 * rho;
-  f[k++] = mh1 * rho;
-  f[k++] = mh2 * rho;
-  f[k++] = rho;
+  const VF rho = local_channels(g, vload(pp), n0, n1, n2, nr, c.bc, c.bcr, f);
+  int k = 11;
   if constexpr (k1d) {
     const VF fl = splat(ew::kSafeFloor);
     float* vd[3] = {vd0, vd1, vd2};

@@ -233,6 +233,7 @@ class Engine : public EngineControl {
   std::vector<uint8_t> skip_;  // this step: tensors with no gradient on any rank
   std::vector<Matrix> matrices_;
   OwnerPlan owners_;
+  int ns_split_apply_ = -1;  // newton_schulz_split's product (CELO2_NS_SPLIT_APPLY), every group
   // all-to-all layout
   std::vector<int64_t> a2a_send_counts_, a2a_recv_counts_;
   int64_t owned_floats_ = 0;

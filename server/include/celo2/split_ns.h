@@ -31,8 +31,13 @@ namespace celo2 {
 
 // Whether a member whose block is c_local columns of an r-row matrix applies the polynomial as
 // two products with A (X ← aX + b·AX + c·A(AX): 4 r² c_local FLOPs) rather than forming B
-// (2 r³ + 2 r² c_local): where c_local < r. With split_poly, B is formed (split) instead.
-inline bool ns_split_product(double r, double c_local) { return c_local > 0 && c_local < r; }
+// (2 r³ + 2 r² c_local): product -1 (auto) where c_local < r, 1 always, 0 never; never for
+// an empty block. With split_poly, B is formed (split) instead. The kernel and the cost
+// model (split_ns_flops) both decide here.
+inline bool ns_split_product(double r, double c_local, int product = -1) {
+  if (c_local <= 0) return false;
+  return product < 0 ? c_local < r : product > 0;
+}
 
 // FLOPs of one member's newton_schulz_split with a block of c_local columns (GEMMs counted as
 // 2mnk, the Gram as a full product): what the planner's cost model (celo2/plan.h ns_time)

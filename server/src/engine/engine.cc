@@ -83,7 +83,6 @@ struct Engine::Matrix {
   int nominal = 1;         // the group's nominal size (its communicator: colour rank / nominal)
   int member = -1;         // this rank's index in the group, or -1
   bool split_poly = false; // the group splits the polynomial by rows (newton_schulz_split)
-  int split_apply = -1;     // newton_schulz_split's product (CELO2_NS_SPLIT_APPLY)
   int64_t owned_off = -1;  // offset of this rank's block in mat_buf_ if it is a member
   NsBlock block(int j) const { return NsBlock{flat_lo, rows, cols, ranks, j}; }
 };
@@ -332,7 +331,7 @@ void Engine::build_plan() {
     const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
     const int force_poly = opts_.ns_split_poly >= 0 ? opts_.ns_split_poly : parse_split_poly(param::ns_split_poly());
     owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force, force_poly);
-    const int split_apply = parse_split_apply(param::ns_split_apply());
+    ns_split_apply_ = parse_split_apply(param::ns_split_apply());
     for (size_t i = 0; i < matrices_.size(); ++i) {
       Matrix& m = matrices_[i];
       m.owner = owners_.owner[i];
@@ -340,7 +339,6 @@ void Engine::build_plan() {
       m.ranks = std::min(m.nominal, W - m.owner);
       m.member = r >= m.owner && r < m.owner + m.ranks ? r - m.owner : -1;
       m.split_poly = owners_.split_poly[i] != 0;
-      m.split_apply = split_apply;
     }
   }
   // All-to-all layout: send grouped by destination, then matrix order (each member of a
@@ -976,7 +974,7 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
         const Matrix& m = matrices_[i];
         const NsBlock b = m.block(m.member);
         newton_schulz_split(cfg, b.wide_rows(), b.local_cols(), mat_buf_.data() + m.owned_off,
-                            *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly, m.split_apply);
+                            *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly, ns_split_apply_);
         if (cfg.normalize_output) block_sumsq(i);
       }
     }

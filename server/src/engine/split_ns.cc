@@ -23,15 +23,17 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   if (split_poly)
     for (int k = 0; k < g; ++k) counts.push_back((r * (k + 1) / g - r * k / g) * r);
   // Apply the polynomial as two products with A (no B) where that is fewer FLOPs.
-  const bool by_product = !split_poly && c_local > 0 &&
-                          (product < 0 ? ns_split_product(static_cast<double>(r), static_cast<double>(c_local))
-                                       : product > 0);
-  scratch.resize(rc + 2 * rr + (split_poly ? static_cast<size_t>((row1 - row0) * r) : 0) + (by_product ? rc : 0));
+  const bool by_product =
+      !split_poly && ns_split_product(static_cast<double>(r), static_cast<double>(c_local), product);
+  // B's space also holds T = A·X when by_product (B is not formed then); r·c_local < r² in
+  // auto mode, but a forced product may need more.
+  const size_t b_size = by_product ? std::max(rr, rc) : rr;
+  scratch.resize(rc + rr + b_size + (split_poly ? static_cast<size_t>((row1 - row0) * r) : 0));
   float* Y = scratch.data();
   float* A = Y + rc;
   float* B = A + rr;
-  float* Bpart = B + rr;
-  float* T = Bpart + (split_poly ? (row1 - row0) * r : 0);  // A·X (by_product)
+  float* Bpart = B + b_size;
+  float* T = B;
   const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
   std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
@@ -107,7 +109,7 @@ double split_ns_flops(const RuleConfig& cfg, double r, double c_local, int g, bo
   double poly;
   if (split_poly)
     poly = 2.0 * r * r * r / g + 2.0 * r * r * c_local;
-  else if (c_local > 0 && (product < 0 ? ns_split_product(r, c_local) : product > 0))
+  else if (ns_split_product(r, c_local, product))
     poly = 4.0 * r * r * c_local;
   else
     poly = 2.0 * r * r * r + 2.0 * r * r * c_local;
