@@ -54,14 +54,15 @@ static_assert(kBlk <= kBlockMax);
 // x > 0 ? x : 0 (NaN -> 0), one max.
 inline VF relu(VF x) { return simd::vmax(x, VF{}); }
 
-// A weight vector used by both halves of a block, held in a register: GCC otherwise folds
-// each use into its FMA as a memory operand, so every FMA also loads 64 bytes, and a core
-// that loads one 512-bit vector per cycle (AMD Zen 4) then waits on loads, not FMAs
-// (measured: the matrix MLP pass 14 % faster there). With 16 registers (AVX2) there is no
-// room, so it stays a plain value.
+// A value held in a register for its next uses: GCC otherwise folds each use of a weight
+// into its FMA as a memory operand, so every FMA also loads a vector, and a core that loads
+// one 512-bit (or two 256-bit) vectors per cycle, as AMD Zen 4, then waits on loads, not
+// FMAs (docs/PERF.md, 2026-12-02: the AVX-512 matrix MLP pass 14 % faster there).
 inline VF reuse(VF v) {
 #if defined(__AVX512F__)
   asm("" : "+v"(v));
+#elif defined(__SSE2__)
+  asm("" : "+x"(v));
 #endif
   return v;
 }
@@ -400,17 +401,15 @@ inline void widen(const Mlp& m, Wide& w) {
   w.ob[1] = splat(m.ob[1]);
 }
 
-// The MLP on one block; f[c * S + j] its features, bias[o * S + j] the first-layer bias of
-// each lane (the layer's own bias plus the folded table channels of its row and column).
-// Both halves of the block go through each layer together.
-// bias_stride: bias[o * bias_stride + j] (default S); row: when set, row[o] + bias (a wide
-// matrix's per-row bias plus its per-column one, added here instead of stored per block).
-// kCh: the channel count when known at compile time (the first layer fully unrolled), else 0.
-template <int S = kBlk, int kCh = 0>
-inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
-                     const float* __restrict bias, int cnt, float* __restrict u,
-                     double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr) {
-  alignas(64) float dir[kBlk], mag[kBlk];
+// The network on one block of two vectors, all in registers: 16 accumulator chains (one
+// per hidden unit and half-block) hide the FMA latency. Needs 32 vector registers
+// (AVX-512); with 16 the hidden layer's inputs and outputs do not fit and GCC spills about
+// one load or store per two FMAs, so narrower vectors take net_staged below. Each lane's
+// operations are the same in both forms, in the same order: the same bits.
+template <int S, int kCh>
+inline void net_registers(const Wide& w, bool mag_out, const float* __restrict f,
+                          const float* __restrict bias, int64_t bias_stride, const VF* row,
+                          VF* d, VF* g) {
   VF a0[8], a1[8];
   if (row) {
 #pragma GCC unroll 8
@@ -463,7 +462,6 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
     }
   }
   // The magnitude output only where it is used (exp or its sum).
-  const bool mag_out = m.use_exp || m.want_mag;
   VF d0 = w.ob[0], g0 = w.ob[1], d1 = w.ob[0], g1 = w.ob[1];
   if (mag_out) {
 #pragma GCC unroll 8
@@ -482,6 +480,114 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
       d1 += wv * relu(a1[c]);
     }
   }
+  d[0] = d0;
+  d[1] = d1;
+  g[0] = g0;
+  g[1] = g1;
+}
+
+// The network on one block with 16 vector registers (AVX2, SSE): each layer computes four
+// outputs at a time for both vectors (8 accumulator chains, the two inputs and one weight:
+// 11 registers) and stores its activations, after relu, to a small buffer in L1 that the next
+// layer reads; four outputs at a time read each input twice, against the spills of
+// net_registers. Relu is applied once, where each layer's output is stored.
+template <int S, int kCh>
+inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
+                       const float* __restrict bias, int64_t bias_stride, const VF* row, VF* d,
+                       VF* g) {
+  alignas(64) float hbuf[2][8 * kBlk];
+  float* cur = hbuf[0];
+  const int channels = kCh > 0 ? kCh : w.channels;
+#pragma GCC unroll 2
+  for (int q = 0; q < 8; q += 4) {
+    VF a0[4], a1[4];
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; ++o) {
+      const VF b0 = vload(bias + (q + o) * bias_stride), b1 = vload(bias + (q + o) * bias_stride + kV);
+      a0[o] = row ? row[q + o] + b0 : b0;
+      a1[o] = row ? row[q + o] + b1 : b1;
+    }
+#pragma GCC unroll 18
+    for (int c = 0; c < channels; ++c) {
+      const VF x0 = vload(f + c * S), x1 = vload(f + c * S + kV);
+      const VF* wc = w.w0 + c * 8 + q;
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        const VF wv = reuse(wc[o]);
+        a0[o] += wv * x0;
+        a1[o] += wv * x1;
+      }
+    }
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; ++o) {
+      vstore(cur + (q + o) * kBlk, relu(a0[o]));
+      vstore(cur + (q + o) * kBlk + kV, relu(a1[o]));
+    }
+    // The second four outputs load the inputs again: without this GCC keeps the first
+    // four's loads and spills each to the stack, a store per input vector.
+    asm volatile("" ::: "memory");
+  }
+  for (int l = 0; l < w.hidden_layers; ++l) {
+    float* nxt = cur == hbuf[0] ? hbuf[1] : hbuf[0];
+#pragma GCC unroll 2
+    for (int q = 0; q < 8; q += 4) {
+      VF b0[4], b1[4];
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) b0[o] = b1[o] = w.hb[l][q + o];
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const VF x0 = vload(cur + c * kBlk), x1 = vload(cur + c * kBlk + kV);
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; ++o) {
+          const VF wv = reuse(w.hw[l][c * 8 + q + o]);
+          b0[o] += wv * x0;
+          b1[o] += wv * x1;
+        }
+      }
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        vstore(nxt + (q + o) * kBlk, relu(b0[o]));
+        vstore(nxt + (q + o) * kBlk + kV, relu(b1[o]));
+      }
+      asm volatile("" ::: "memory");  // as above
+    }
+    cur = nxt;
+  }
+  VF d0 = w.ob[0], g0 = w.ob[1], d1 = w.ob[0], g1 = w.ob[1];
+#pragma GCC unroll 8
+  for (int c = 0; c < 8; ++c) {
+    const VF h0 = vload(cur + c * kBlk), h1 = vload(cur + c * kBlk + kV);
+    d0 += w.ow[c] * h0;
+    d1 += w.ow[c] * h1;
+    if (mag_out) {
+      g0 += w.ow[8 + c] * h0;
+      g1 += w.ow[8 + c] * h1;
+    }
+  }
+  d[0] = d0;
+  d[1] = d1;
+  g[0] = g0;
+  g[1] = g1;
+}
+
+// The MLP on one block; f[c * S + j] its features, bias[o * S + j] the first-layer bias of
+// each lane (the layer's own bias plus the folded table channels of its row and column).
+// bias_stride: bias[o * bias_stride + j] (default S); row: when set, row[o] + bias (a wide
+// matrix's per-row bias plus its per-column one, added here instead of stored per block).
+// kCh: the channel count when known at compile time (the first layer fully unrolled), else 0.
+template <int S = kBlk, int kCh = 0>
+inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
+                     const float* __restrict bias, int cnt, float* __restrict u,
+                     double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr) {
+  static_assert(kBlk == 2 * kV, "the networks below take a block as two vectors");
+  alignas(64) float dir[kBlk], mag[kBlk];
+  const bool mag_out = m.use_exp || m.want_mag;
+  VF d[2], g[2];
+  if constexpr (kV >= 16)
+    net_registers<S, kCh>(w, mag_out, f, bias, bias_stride, row, d, g);
+  else
+    net_staged<S, kCh>(w, mag_out, f, bias, bias_stride, row, d, g);
+  const VF d0 = d[0], d1 = d[1], g0 = g[0], g1 = g[1];
   if (cnt == kBlk && !m.use_exp) {
     vstore(u, d0);
     vstore(u + kV, d1);
