@@ -110,7 +110,7 @@ def main():
         assert opt.overlapping == (world > 1 and opt.status()["backend"] == "mpi"), opt.status()["backend"]
     first = 0
     if a.resume:
-        ck = torch.load(a.resume)
+        ck = torch.load(a.resume, weights_only=True)  # torch >= 2.6 loads this way by default
         with torch.no_grad():
             for n, p in params:
                 p.copy_(ck["model"][n])
@@ -137,7 +137,8 @@ def main():
     if rank == 0:
         np.savez(a.out, **{n: p.detach().numpy() for n, p in params},
                  __meta=np.array([world, opt.status()["step"]]),
-                 __backend=np.array(opt.status()["backend"]))
+                 __backend=np.array(opt.status()["backend"]),
+                 __hooks=np.array(getattr(opt, "grad_hook_kind", "none")))
     if opt.overlapping:
         # The last step's buckets ran on the engine's thread during backward.
         assert "grads_background" in opt._engine.phase_seconds(), opt._engine.phase_seconds()

@@ -153,6 +153,11 @@ def test_mpirun_overlapped_grad_reduce_matches_one(tmp_path, ref, accum):
     out = tmp_path / "p.npz"
     mpirun(["--steps", str(STEPS), "--overlap", "--accum", str(accum), "--out", str(out)])
     compare(out, ref, backend="mpi")
+    # The hook path of this torch: register_post_accumulate_grad_hook from 2.1 (what
+    # scripts/test_torch2.sh runs), a hook on the AccumulateGrad node before (Debian's 1.13).
+    want = ("post_accumulate_grad" if hasattr(torch.Tensor, "register_post_accumulate_grad_hook")
+            else "accumulate_grad_node")
+    assert str(np.load(out)["__hooks"]) == want
 
 
 def test_state_dict_saved_on_two_ranks_resumes_on_one(tmp_path, ref):

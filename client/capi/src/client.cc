@@ -88,7 +88,14 @@ EngineOptions engine_options_from(const ClientOptions& o) {
   if (!o.theta_path.empty() && !o.theta_bytes.empty())
     throw std::invalid_argument("theta: give a path or bytes, not both");
   if (!o.theta_path.empty()) opt.theta = load_theta(o.theta_path, opt.rule);
-  if (!o.theta_bytes.empty()) opt.theta = theta_from_bytes(o.theta_bytes, opt.rule);
+  if (!o.theta_bytes.empty()) {
+    try {
+      opt.theta = theta_from_bytes(o.theta_bytes, opt.rule);
+    } catch (const flax::FormatError& e) {  // name the argument, as a path's errors name the file
+      throw flax::FormatError(std::string("theta (") + std::to_string(o.theta_bytes.size()) +
+                              " bytes): " + e.what());
+    }
+  }
   try {
     opt.schedule = Schedule::parse(o.schedule);
   } catch (const std::exception& e) {
