@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -229,3 +230,26 @@ def test_rank0_checkpoint_after_consolidation_resumes_on_one(tmp_path, ref):
     got = np.load(out)
     worst = max(float(np.abs(got[n] - ref[n]).max()) for n in ref)
     assert worst <= TOL
+
+
+# A rank that dies of an uncaught exception under mpirun ends the job at once: its exit hook
+# calls MPI_Abort instead of finalizing (which would wait for the peer waiting for it, until
+# CELO2_COMM_TIMEOUT_S, here set far above the test's own limit).
+def test_mpirun_uncaught_exception_on_one_rank_ends_the_job(tmp_path):
+    cmd = mpirun_command(2)
+    if cmd is None:
+        pytest.skip("mpirun not installed")
+    env = {"CELO2_COMM_TIMEOUT_S": "600"}
+    for k, v in env.items():
+        cmd = cmd + ["-x", f"{k}={v}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd + [sys.executable, os.path.join(HERE, "abort_worker.py")], env=_env(env),
+                       capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    print(f"job ended in {seconds:.1f} s with status {r.returncode}")
+    assert r.returncode != 0, out
+    assert "rank 0 dies here (abort_worker)" in out, out
+    assert "celo2: rank 0 of 2: uncaught RuntimeError; ending the MPI job (MPI_Abort)" in out, out
+    assert "it should not have" not in out, out
+    assert seconds < 90, out

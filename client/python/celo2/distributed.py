@@ -303,6 +303,22 @@ def _init_torch_from_env(info: RankInfo):
 _comm_failed = False  # a collective of this process failed: its peers cannot be waited for
 
 
+def _abort_mpi_after_uncaught_exception():
+    """At exit, after an uncaught exception (Python sets sys.last_value before atexit runs),
+    in a job of two or more MPI ranks: MPI_Abort, so that mpirun ends every rank now. Left to
+    MPI_Finalize, this rank would wait for the others, which may be waiting for it in a
+    collective (an optimizer step, a barrier): the job would sit until CELO2_COMM_TIMEOUT_S.
+    Registered at import; does nothing where MPI is not running."""
+    if not hasattr(sys, "last_value"):
+        return
+    from . import _celo2  # noqa: PLC0415
+
+    _celo2.abort_mpi_world(1, f"uncaught {type(sys.last_value).__name__}")
+
+
+atexit.register(_abort_mpi_after_uncaught_exception)
+
+
 def _close_process_group():
     dist = _torch_dist()
     if dist is not None and dist.is_initialized():

@@ -472,6 +472,10 @@ NumPy arrays in place; pass it to several optimizers to share one.)")
         "The thread pool of the BLAS this process loaded: openmp (shared with the rule's "
         "OpenMP loops), pthread (its own) or sequential.");
 
+  m.def("abort_mpi_world", &abort_mpi_world, py::arg("code"), py::arg("reason"),
+        "In a job of 2+ MPI ranks: print the reason and MPI_Abort the world (does not return); "
+        "else False.");
+
   // Whether this build has the engine's "cuda" backend (celo2.torch.Celo2 on CUDA tensors).
   m.def("gpu_engine_supported", &cuda_backend_supported,
         "Whether this build has the engine's cuda backend (CUDA kernels, NCCL).");

@@ -83,6 +83,13 @@ std::unique_ptr<Communicator> make_local_communicator();
 // MPI_COMM_WORLD (initializes MPI if needed, finalizes at exit). Throws CommError if MPI
 // support was not built.
 std::unique_ptr<Communicator> make_mpi_communicator();
+// For a process going down after an uncaught error in a job of two or more MPI ranks:
+// MPI_Abort(MPI_COMM_WORLD, code), so that mpirun ends every rank now. Finalizing instead
+// waits for the other ranks, which may be waiting in a collective for this one: both sides
+// then sit until CELO2_COMM_TIMEOUT_S. Prints "celo2: rank R of N: <reason>; ending the MPI
+// job (MPI_Abort) ..." first. Returns false, doing nothing, when MPI is not running (not
+// initialized, finalized, or one rank); does not return otherwise.
+bool abort_mpi_world(int code, const std::string& reason);
 // NCCL over the launcher's ranks, one GPU per rank (celo2/nccl_communicator.h). Throws
 // CommError if the project was built without CUDA and NCCL.
 std::unique_ptr<Communicator> make_nccl_communicator();

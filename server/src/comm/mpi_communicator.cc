@@ -231,4 +231,20 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_communicator() { return std::make_unique<MpiCommunicator>(); }
 
+bool abort_mpi_world(int code, const std::string& reason) {
+  int init = 0, fin = 0, size = 1, rank = 0;
+  if (MPI_Initialized(&init) != MPI_SUCCESS || !init) return false;
+  if (MPI_Finalized(&fin) != MPI_SUCCESS || fin) return false;
+  if (MPI_Comm_size(MPI_COMM_WORLD, &size) != MPI_SUCCESS || size < 2) return false;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "celo2: rank %d of %d: %s; ending the MPI job (MPI_Abort) so that the other ranks "
+               "stop now instead of waiting for this one in a collective.\n",
+               rank, size, reason.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);  // MPI_Abort does not return; if an implementation did, still go down
+}
+
 }  // namespace celo2
