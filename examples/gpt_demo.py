@@ -264,9 +264,13 @@ def smooth(xs, k=10):
     return out
 
 
-def write_report(a, results, out_dir, world, wall):
-    import matplotlib  # noqa: PLC0415
-
+def plot_curves(a, results, out_dir, world):
+    """The loss curves as a PNG; None (the report says so) where matplotlib is not installed,
+    as in a bare venv: the losses and the metrics file do not need it."""
+    try:
+        import matplotlib  # noqa: PLC0415
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -288,6 +292,11 @@ def write_report(a, results, out_dir, world, wall):
     png = os.path.join(out_dir, "loss_curves.png")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+    return png
+
+
+def write_report(a, results, out_dir, world, wall):
+    png = plot_curves(a, results, out_dir, world)
 
     def final(r):
         return r["evals"][-1][1] if r["evals"] else float("nan")
@@ -306,7 +315,7 @@ def write_report(a, results, out_dir, world, wall):
     if ph:
         lines.append("celo2 engine phases of the last step (rank 0, ms): " +
                      ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(ph.items())))
-    lines.append(f"loss curves: {png}")
+    lines.append(f"loss curves: {png}" if png else "loss curves: not drawn (matplotlib is not installed)")
     if c:
         lines.append(f"checkpoint:  {c['checkpoint']} (optimizer, any world size) + {c['model']} (model)")
     lines += [f"metrics:     {os.path.join(out_dir, 'metrics.json')}",
