@@ -14,6 +14,11 @@ import torch
 
 from celo2.torch import Celo2
 
+# How the tests torch.load a checkpoint: weights_only=True, torch >= 2.6's default, where
+# torch has it in full. Torch 1.13's weights-only unpickler lacks pickle's BINFLOAT (opcode
+# 71), and every optimizer state_dict holds Python floats (lr, betas), so 1.13 loads as before.
+TORCH_LOAD_KW = {"weights_only": True} if int(torch.__version__.split(".")[0]) >= 2 else {}
+
 SHAPES = {"embed.weight": (11, 6), "fc1.weight": (6, 13), "fc1.bias": (13,), "fc2.weight": (13, 5),
           "scale": ()}
 
@@ -110,7 +115,7 @@ def main():
         assert opt.overlapping == (world > 1 and opt.status()["backend"] == "mpi"), opt.status()["backend"]
     first = 0
     if a.resume:
-        ck = torch.load(a.resume, weights_only=True)  # torch >= 2.6 loads this way by default
+        ck = torch.load(a.resume, **TORCH_LOAD_KW)
         with torch.no_grad():
             for n, p in params:
                 p.copy_(ck["model"][n])

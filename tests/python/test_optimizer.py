@@ -10,6 +10,7 @@ import torch
 
 import celo2
 from celo2.torch import Celo2
+from dist_worker import TORCH_LOAD_KW
 from tinylm import TinyLM
 
 
@@ -114,7 +115,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path):
     with torch.no_grad():
         for n, p in model2.named_parameters():
             p.copy_(saved[n])
-    opt2.load_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["opt"])
+    opt2.load_state_dict(torch.load(tmp_path / "ck.pt", **TORCH_LOAD_KW)["opt"])
     assert opt2.status()["step"] == 7
     train(model2, opt2, 7, 15)
     for n, p in params(model2).items():
@@ -494,7 +495,7 @@ def test_bf16_resume_keeps_the_loaded_weights(tmp_path):
     _bf16_train(h, oh, 5, 8)
     want = params(h)
     for order in ("model_first", "opt_first"):
-        ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+        ck = torch.load(tmp_path / "ck.pt", **TORCH_LOAD_KW)
         r = _bf16_model(seed=99)  # other weights: everything must come from the checkpoint
         orr = Celo2(r.named_parameters(), schedule="cosine:lr=1e-2,warmup=2,total=20,final=0.1",
                     communicator="local")
