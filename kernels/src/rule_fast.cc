@@ -486,31 +486,26 @@ inline void net_registers(const Wide& w, bool mag_out, const float* __restrict f
   g[1] = g1;
 }
 
-// The network on one block with 16 vector registers (AVX2, SSE): each layer computes four
-// outputs at a time for both vectors (8 accumulator chains, the two inputs and one weight:
-// 11 registers) and stores its activations, after relu, to a small buffer in L1 that the next
-// layer reads; four outputs at a time read each input twice, against the spills of
-// net_registers. Relu is applied once, where each layer's output is stored.
-template <int S, int kCh>
-inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
-                       const float* __restrict bias, int64_t bias_stride, const VF* row, VF* d,
-                       VF* g) {
-  alignas(64) float hbuf[2][8 * kBlk];
-  float* cur = hbuf[0];
-  const int channels = kCh > 0 ? kCh : w.channels;
+// One layer of net_staged: out[o·kBlk + lane] = relu(init(o, v) + Σ_c w[c·8 + o]·x[c·X + lane]),
+// four outputs at a time for both vectors of the block (8 accumulator chains, the two inputs
+// and one weight: 11 registers), c in increasing order. kIn: the input count when known at
+// compile time (unrolled), else 0 and `inputs`.
+template <int kIn, int X, class Init>
+inline void staged_layer(const VF* __restrict w, int inputs, const float* __restrict x, Init init,
+                         float* __restrict out) {
+  const int n = kIn > 0 ? kIn : inputs;
 #pragma GCC unroll 2
   for (int q = 0; q < 8; q += 4) {
     VF a0[4], a1[4];
 #pragma GCC unroll 4
     for (int o = 0; o < 4; ++o) {
-      const VF b0 = vload(bias + (q + o) * bias_stride), b1 = vload(bias + (q + o) * bias_stride + kV);
-      a0[o] = row ? row[q + o] + b0 : b0;
-      a1[o] = row ? row[q + o] + b1 : b1;
+      a0[o] = init(q + o, 0);
+      a1[o] = init(q + o, 1);
     }
 #pragma GCC unroll 18
-    for (int c = 0; c < channels; ++c) {
-      const VF x0 = vload(f + c * S), x1 = vload(f + c * S + kV);
-      const VF* wc = w.w0 + c * 8 + q;
+    for (int c = 0; c < n; ++c) {
+      const VF x0 = vload(x + c * X), x1 = vload(x + c * X + kV);
+      const VF* wc = w + c * 8 + q;
 #pragma GCC unroll 4
       for (int o = 0; o < 4; ++o) {
         const VF wv = reuse(wc[o]);
@@ -520,37 +515,31 @@ inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
     }
 #pragma GCC unroll 4
     for (int o = 0; o < 4; ++o) {
-      vstore(cur + (q + o) * kBlk, relu(a0[o]));
-      vstore(cur + (q + o) * kBlk + kV, relu(a1[o]));
+      vstore(out + (q + o) * kBlk, relu(a0[o]));
+      vstore(out + (q + o) * kBlk + kV, relu(a1[o]));
     }
     // The second four outputs load the inputs again: without this GCC keeps the first
     // four's loads and spills each to the stack, a store per input vector.
     asm volatile("" ::: "memory");
   }
+}
+
+// The network on one block with 16 vector registers (AVX2, SSE): each layer is a
+// staged_layer, whose activations, after relu, go to a small buffer in L1 that the next layer
+// reads; four outputs at a time read each input twice, against the spills of net_registers.
+template <int S, int kCh>
+inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
+                       const float* __restrict bias, int64_t bias_stride, const VF* row, VF* d,
+                       VF* g) {
+  alignas(64) float hbuf[2][8 * kBlk];
+  float* cur = hbuf[0];
+  staged_layer<kCh, S>(w.w0, w.channels, f, [&](int o, int v) {
+    const VF b = vload(bias + o * bias_stride + v * kV);
+    return row ? row[o] + b : b;
+  }, cur);
   for (int l = 0; l < w.hidden_layers; ++l) {
     float* nxt = cur == hbuf[0] ? hbuf[1] : hbuf[0];
-#pragma GCC unroll 2
-    for (int q = 0; q < 8; q += 4) {
-      VF b0[4], b1[4];
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) b0[o] = b1[o] = w.hb[l][q + o];
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const VF x0 = vload(cur + c * kBlk), x1 = vload(cur + c * kBlk + kV);
-#pragma GCC unroll 4
-        for (int o = 0; o < 4; ++o) {
-          const VF wv = reuse(w.hw[l][c * 8 + q + o]);
-          b0[o] += wv * x0;
-          b1[o] += wv * x1;
-        }
-      }
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) {
-        vstore(nxt + (q + o) * kBlk, relu(b0[o]));
-        vstore(nxt + (q + o) * kBlk + kV, relu(b1[o]));
-      }
-      asm volatile("" ::: "memory");  // as above
-    }
+    staged_layer<8, kBlk>(w.hw[l], 8, cur, [&](int o, int) { return w.hb[l][o]; }, nxt);
     cur = nxt;
   }
   VF d0 = w.ob[0], g0 = w.ob[1], d1 = w.ob[0], g1 = w.ob[1];

@@ -311,12 +311,12 @@ class Celo2(_EngineFront, torch.optim.Optimizer):
         """overlap_grad_reduce: a hook per parameter, run when backward has accumulated its
         gradient, tells the engine (``grad_ready``); the engine reduces each bucket whose
         tensors are all final on its communication thread while backward goes on."""
-        # Which of torch's two hook paths this process took (tests hold it to the version).
-        self.grad_hook_kind = ("post_accumulate_grad" if hasattr(torch.Tensor, "register_post_accumulate_grad_hook")
-                               else "accumulate_grad_node")
+        # Which of torch's two hook paths this process takes (tests hold it to the version).
+        post = hasattr(torch.Tensor, "register_post_accumulate_grad_hook")  # torch >= 2.1
+        self.grad_hook_kind = "post_accumulate_grad" if post else "accumulate_grad_node"
         for i, e in enumerate(self._entries):
             p = e.param
-            if hasattr(p, "register_post_accumulate_grad_hook"):  # torch >= 2.1
+            if post:
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._grad_final(i)))
             else:  # torch 1.13 - 2.0: a hook on the parameter's AccumulateGrad node (kept alive)
                 with torch.enable_grad():
