@@ -79,9 +79,10 @@ int main(int argc, char** argv) {
     std::printf("%-6d %-14s %14.3f   (all-to-all if owners ignored locality: %.3f MB)\n", W,
                 "layer-wise", m.layerwise / 1e6, m.a2a_no_locality / 1e6);
     std::printf("%-6d NS matrices %lld, NS load imbalance (max/mean, the planner's plan, %s cost model) %.2f "
-                "(one owner each: %.2f; %lld split, %lld of them with the polynomial split); "
-                "layer-wise optimizer-state imbalance %.1f\n\n", W, static_cast<long long>(m.ns_matrices),
-                ns_model.c_str(), m.ns_imbalance, m.ns_imbalance_unsplit, static_cast<long long>(m.ns_split),
+                "(one owner each: %.2f; no plan of this algorithm below %.2f; %lld split, %lld of them with the "
+                "polynomial split); layer-wise optimizer-state imbalance %.1f\n\n",
+                W, static_cast<long long>(m.ns_matrices), ns_model.c_str(), m.ns_imbalance,
+                m.ns_imbalance_unsplit, m.ns_imbalance_bound, static_cast<long long>(m.ns_split),
                 static_cast<long long>(m.ns_split_poly), m.layerwise_state_imbalance);
   }
   // The whole-tensor plan (celo2/plan.h; what the engine's cuda backend runs): cuts at Celo2
@@ -145,8 +146,8 @@ int main(int argc, char** argv) {
   no_ns.orthogonalize = false;
   double ew_total = 0;
   for (const auto& t : tensors) ew_total += celo2::tensor_step_cost(t.shape, t.label, no_ns);
-  std::printf("%-6s %8s %6s %5s %6s %10s %10s %9s %11s %12s %12s %10s %12s %10s\n", "ranks", "matrices", "split", "poly",
-              "max g", "load 1", "load split", "calls", "MB/rank", "vs ZeRO-1", "NS ms", "of step", "opt step ms",
+  std::printf("%-6s %8s %6s %5s %6s %10s %10s %10s %9s %11s %12s %12s %10s %12s %10s\n", "ranks", "matrices", "split",
+              "poly", "max g", "load 1", "load split", "bound", "calls", "MB/rank", "vs ZeRO-1", "NS ms", "of step", "opt step ms",
               "of step");
   for (int W : worlds) {
     const celo2::CommModel cm = celo2::model_step(tensors, cfg, W, true, 0, gpu, force_poly);
@@ -154,10 +155,10 @@ int main(int argc, char** argv) {
     const double worst = cm.celo2 - cm.ns_group_bytes_mean + cm.ns_group_bytes_max;
     const double step_s = 6.0 * static_cast<double>(n) * batch_tokens / W / (mfu * peak_tflops * 1e12);
     const double opt_s = ew_total / W + cm.ns_max_seconds;
-    std::printf("%-6d %8lld %6lld %5lld %6d %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%% %12.2f %9.1f%%\n", W,
+    std::printf("%-6d %8lld %6lld %5lld %6d %10.2f %10.2f %10.2f %9d %11.1f %12.3f %12.2f %9.1f%% %12.2f %9.1f%%\n", W,
                 static_cast<long long>(cm.ns_matrices), static_cast<long long>(cm.ns_split),
                 static_cast<long long>(cm.ns_split_poly), cm.ns_group_max,
-                cm.ns_imbalance_unsplit, cm.ns_imbalance, cm.ns_group_calls_max, cm.ns_group_bytes_max / 1e6,
+                cm.ns_imbalance_unsplit, cm.ns_imbalance, cm.ns_imbalance_bound, cm.ns_group_calls_max, cm.ns_group_bytes_max / 1e6,
                 worst / cm.zero1_adamw, cm.ns_max_seconds * 1e3, 100 * cm.ns_max_seconds / step_s, opt_s * 1e3,
                 100 * opt_s / step_s);
   }

@@ -33,6 +33,7 @@ struct CommModel {
   double layerwise_state_imbalance = 1; // max/mean optimizer-state elements per rank
   double ns_imbalance = 1;              // Newton–Schulz modelled time max/mean (the engine's plan)
   double ns_imbalance_unsplit = 1;      // ... with one owner per matrix
+  double ns_imbalance_bound = 1;        // no plan does better (celo2/plan.h ns_load_bound)
   int64_t ns_matrices = 0;
   int64_t ns_split = 0;                 // matrices split over groups of ranks
   int ns_group_max = 1;                 // the largest group

@@ -5,8 +5,9 @@
 //
 //   kFlat: even cuts (N·r/W); each Newton–Schulz matrix goes to one owner, largest first, to
 //     the rank that already holds most of it unless that rank is past 1.1x the balanced
-//     load, else to the least-loaded rank; or, where the largest matrices bound the step,
-//     to a group of ranks that split it (plan_ns).
+//     load, else to the rank that frees first; or, where the largest matrices bound the
+//     step, to a group of ranks that split it (plan_ns). Groups run first, in lockstep, and
+//     the modelled load is each rank's finish time in the order the engine runs them.
 //   kWholeTensors: cuts only at Celo2 tensor boundaries (AdamW and frozen tensors are cut
 //     anywhere: they are element-wise), placed to minimize the worse of the largest rank's
 //     modelled cost and engine memory, each over its mean (binary search on the budget,
@@ -58,8 +59,15 @@ struct OwnerPlan {
   // per matrix with a group: its members split the polynomial B = bA + cA² by rows and
   // all-gather it (newton_schulz_split's split_poly) instead of each forming all of it
   std::vector<char> split_poly;
-  std::vector<double> load;  // modelled Newton–Schulz seconds per rank (plan_owners: FLOPs)
-  double imbalance = 1.0;    // max / mean load (1 = perfect; mean = unsplit work / W)
+  // The groups in the order every rank runs them, before its own matrices: a rank runs
+  // the groups it is a member of in this order (the same on every rank, so no two ranks
+  // wait on each other in opposite orders).
+  std::vector<int> split_order;
+  // Modelled Newton–Schulz finish time per rank, seconds, in that order: a group starts
+  // when its last member is free and holds all its members until the busiest is done
+  // (each iteration's all-reduce waits for every member); then the rank's own matrices.
+  std::vector<double> load;
+  double imbalance = 1.0;    // max load / mean (1 = perfect; mean = unsplit work / W)
   double imbalance_unsplit = 1.0;  // the same with one owner per matrix
   double group_bytes_max = 0;      // the groups' collective bytes of the busiest rank
 };
@@ -117,10 +125,19 @@ int parse_split_apply(const std::string& s);
 // matrix; g >= 2 = every matrix on groups of nominal size g (tests, CELO2_NS_SPLIT). By cost,
 // splits are kept only if they cut the busiest rank's modelled time by 10 % or more, and
 // only while the groups' collectives stay within the model's group_bytes_share.
-// Matrices of one owner are placed as plan_owners places them.
 // force_poly: how groups form the polynomial (ns_split_poly; -1 by cost).
 OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
                   const NsCostModel& model, int force = 0, int force_poly = -1);
+
+// A lower bound on plan_ns's imbalance (max load / mean) for any plan of this algorithm, in
+// which a matrix is orthogonalized by one rank or by a group whose members exchange the Gram
+// matrix every iteration (newton_schulz_split) and wait for each other (lockstep): the least
+// makespan T such that every matrix has a group size g <= W with ns_time(g) <= T (either way
+// of forming the polynomial) and the rank-time the groups hold, Σ g·ns_time(g), fits in W·T.
+// ns_time is the busiest member of an even column split; any other split has a member at
+// least as wide, so the bound holds for uneven splits too. It ignores how groups pack onto
+// ranks, so it is not always reachable.
+double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig& cfg, const NsCostModel& model);
 
 // Member j's block of a matrix split over `size` ranks, and its runs in the flat index space.
 struct NsBlock {

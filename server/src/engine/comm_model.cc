@@ -48,6 +48,7 @@ CommModel model_step(const std::vector<ModelTensor>& tensors, const RuleConfig& 
     const OwnerPlan plan = plan_ns(mats, cuts, cfg, ns_model, ns_split, ns_split_poly);
     m.ns_imbalance = plan.imbalance;
     m.ns_imbalance_unsplit = plan.imbalance_unsplit;
+    m.ns_imbalance_bound = ns_load_bound(mats, W, cfg, ns_model);
     m.ns_max_seconds = *std::max_element(plan.load.begin(), plan.load.end());
     std::vector<int> rank_calls(W, 0);
     for (size_t i = 0; i < mats.size(); ++i) {

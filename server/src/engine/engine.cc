@@ -340,6 +340,10 @@ void Engine::build_plan() {
       m.member = r >= m.owner && r < m.owner + m.ranks ? r - m.owner : -1;
       m.split_poly = owners_.split_poly[i] != 0;
     }
+    const auto n_split = std::count_if(matrices_.begin(), matrices_.end(), [](const Matrix& m) { return m.ranks > 1; });
+    if (n_split != static_cast<std::ptrdiff_t>(owners_.split_order.size()))
+      throw std::logic_error("engine: the plan's split_order names " + std::to_string(owners_.split_order.size()) +
+                             " groups, its matrices " + std::to_string(n_split));
   }
   // All-to-all layout: send grouped by destination, then matrix order (each member of a
   // matrix's group gets its block, celo2/plan.h NsBlock); receive grouped by source, then
@@ -941,10 +945,16 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
     walk_owned([&](int64_t at, int64_t n, int64_t pos) {
       std::memcpy(mat_buf_.data() + at, recv_buf_.data() + pos, n * sizeof(float));
     });
-    // Whole matrices on their owners (threads over matrices); then the split ones, in matrix
-    // order on every member (their all-reduces are collectives of the group).
+    // The split matrices first, in the plan's split_order on every member (their
+    // all-reduces are collectives of the group; celo2/plan.h models this order); then the
+    // whole matrices on their owners (threads over matrices).
+    std::vector<char> mine(matrices_.size(), 0);
+    for (size_t i : mine_idx) mine[i] = 1;
     std::vector<size_t> whole_idx, split_idx;
-    for (size_t i : mine_idx) (matrices_[i].ranks == 1 ? whole_idx : split_idx).push_back(i);
+    for (size_t i : mine_idx)
+      if (matrices_[i].ranks == 1) whole_idx.push_back(i);
+    for (int i : owners_.split_order)
+      if (mine[i]) split_idx.push_back(static_cast<size_t>(i));
     auto block_sumsq = [&](size_t i) {
       const Matrix& m = matrices_[i];
       Slice s;
@@ -953,16 +963,6 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
       s.u = mat_buf_.data() + m.owned_off;
       phase_output_sumsq(entries_[m.entry]->geo, s, &mat_sq[i], 0);
     };
-#pragma omp parallel if (whole_idx.size() > 1)
-    {
-      std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 1)
-      for (size_t t = 0; t < whole_idx.size(); ++t) {
-        const Matrix& m = matrices_[whole_idx[t]];
-        newton_schulz(cfg, m.rows, m.cols, mat_buf_.data() + m.owned_off, scratch);
-        if (cfg.normalize_output) block_sumsq(whole_idx[t]);
-      }
-    }
     bool any_split = false;
     for (const Matrix& m : matrices_) any_split = any_split || m.ranks > 1;
     if (any_split) {
@@ -976,6 +976,16 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
         newton_schulz_split(cfg, b.wide_rows(), b.local_cols(), mat_buf_.data() + m.owned_off,
                             *ns_groups_.at(m.nominal), scratch, b.tall(), m.split_poly, ns_split_apply_);
         if (cfg.normalize_output) block_sumsq(i);
+      }
+    }
+#pragma omp parallel if (whole_idx.size() > 1)
+    {
+      std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+      for (size_t t = 0; t < whole_idx.size(); ++t) {
+        const Matrix& m = matrices_[whole_idx[t]];
+        newton_schulz(cfg, m.rows, m.cols, mat_buf_.data() + m.owned_off, scratch);
+        if (cfg.normalize_output) block_sumsq(whole_idx[t]);
       }
     }
     if (!merged_) {

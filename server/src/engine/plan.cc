@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 #include <unordered_map>
@@ -20,6 +21,42 @@ int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
   *lo = std::max(a0, b0);
   return std::max<int64_t>(0, std::min(a1, b1) - *lo);
 }
+
+// The lockstep area argument of ns_load_bound, shared with plan_ns: for each kind of matrix
+// (count[s] of them) its time on a group of g ranks, t[s][g], g = 1..W.
+struct GroupTimes {
+  std::vector<int> count;
+  std::vector<std::vector<double>> t;
+  double total = 0;  // Σ count · t(1)
+  // The group size per kind for a makespan T: the g with t(g) <= T that holds the least
+  // rank-time g·t(g); false if some kind has none or the rank-time passes W·T.
+  bool sizes(double T, int W, std::vector<int>* g_of = nullptr) const {
+    double area = 0;
+    if (g_of) g_of->assign(t.size(), 1);
+    for (size_t s = 0; s < t.size(); ++s) {
+      double best = std::numeric_limits<double>::infinity();
+      for (int g = 1; g <= W; ++g)
+        if (t[s][g] <= T && g * t[s][g] < best) {
+          best = g * t[s][g];
+          if (g_of) (*g_of)[s] = g;
+        }
+      if (!std::isfinite(best)) return false;
+      area += count[s] * best;
+    }
+    return area <= W * T;
+  }
+  // The least such T (binary search; everything on one rank, T = total, is always possible).
+  // lower: the largest T found impossible (a bound from below), else the least found possible.
+  double least_makespan(int W, bool lower) const {
+    double lo = total / W, hi = total;
+    if (sizes(lo, W)) return lo;
+    for (int it = 0; it < 200 && hi > lo * (1 + 1e-12); ++it) {
+      const double mid = 0.5 * (lo + hi);
+      (sizes(mid, W) ? hi : lo) = mid;
+    }
+    return lower ? lo : hi;
+  }
+};
 }  // namespace
 
 Plan parse_plan(const std::string& s) {
@@ -197,15 +234,21 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   };
   auto poly_in = [&](size_t i, int s) { return eval(i, s).poly; };
   auto time_in = [&](size_t i, int s) { return eval(i, s).t; };
-  // Places every matrix for nominal group sizes g: largest per-rank time first; one owner
-  // where it holds most of the matrix unless past 1.1x the balanced load, else the
-  // least-loaded rank; a group on the aligned block whose busiest member is least busy.
+  // Places every matrix for nominal group sizes g, in the order the engine runs them (its
+  // Newton–Schulz phase): first the groups, in split_order, each in lockstep (a group starts
+  // when its last member is free, since every iteration's all-reduce waits for all of them,
+  // and holds every member until its busiest member is done); then each rank's own matrices.
+  // load[k] is rank k's modelled finish time. Groups go largest per-rank time first onto the
+  // aligned block that frees first; single owners largest first, to the rank that already
+  // holds most of the matrix unless that would pass 1.1x the balanced load, else to the rank
+  // that frees first.
   auto pack = [&](const std::vector<int>& g) {
     OwnerPlan p;
     p.load.assign(W, 0.0);
     p.owner.assign(n, 0);
     p.group.assign(n, 1);
     p.split_poly.assign(n, 0);
+    std::vector<char> alone(n, 0);  // a group whose block is one rank (the last, short one)
     std::vector<double> t(n);
     double work = 0, tmax = 0;
     for (size_t i = 0; i < n; ++i) {
@@ -216,36 +259,15 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
     std::vector<size_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return t[a] > t[b]; });
-    constexpr double kOwnerSlack = 1.10;
-    const double capacity = std::max(kOwnerSlack * work / W, tmax);
     for (size_t i : order) {
-      const int64_t lo_i = mats[i].flat_lo, hi_i = lo_i + mats[i].rows * mats[i].cols;
-      if (g[i] <= 1) {
-        // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
-        const int first = static_cast<int>(std::min<int64_t>(
-            W - 1, std::upper_bound(cuts.begin(), cuts.end(), lo_i) - cuts.begin() - 1));
-        int best = -1;
-        int64_t best_overlap = 0;
-        for (int k = std::max(0, first - 1); k < W && cuts[k] < hi_i; ++k) {
-          int64_t lo = 0;
-          const int64_t ov = overlap(lo_i, hi_i, cuts[k], cuts[k + 1], &lo);
-          if (ov > best_overlap && p.load[k] + t[i] <= capacity) {
-            best = k;
-            best_overlap = ov;
-          }
-        }
-        if (best < 0) best = static_cast<int>(std::min_element(p.load.begin(), p.load.end()) - p.load.begin());
-        p.owner[i] = best;
-        p.load[best] += t[i];
-        continue;
-      }
+      if (g[i] <= 1) continue;
       int best_q = 0;
       double best_score = 0;
       for (int q = 0; q * g[i] < W; ++q) {
         const int a = q * g[i], b = std::min(W, a + g[i]);
         if (force >= 2 && q > 0 && b - a < g[i]) break;  // forced: full groups only
-        const double busiest = *std::max_element(p.load.begin() + a, p.load.begin() + b);
-        const double score = busiest + time_in(i, b - a);
+        const double start = *std::max_element(p.load.begin() + a, p.load.begin() + b);
+        const double score = start + time_in(i, b - a);
         if (q == 0 || score < best_score) {
           best_q = q;
           best_score = score;
@@ -253,9 +275,37 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       }
       const int a = best_q * g[i], b = std::min(W, a + g[i]);
       p.owner[i] = a;
-      p.group[i] = b - a > 1 ? g[i] : 1;  // nominal size (a last block of one rank: an owner)
-      p.split_poly[i] = b - a > 1 && poly_in(i, b - a);
-      for (int k = a; k < b; ++k) p.load[k] += time_in(i, b - a);
+      if (b - a <= 1) {  // a last block of one rank: an owner, placed with the others below
+        alone[i] = 1;
+        continue;
+      }
+      p.group[i] = g[i];
+      p.split_poly[i] = poly_in(i, b - a);
+      p.split_order.push_back(static_cast<int>(i));
+      for (int k = a; k < b; ++k) p.load[k] = best_score;
+    }
+    constexpr double kOwnerSlack = 1.10;
+    const double capacity = std::max(kOwnerSlack * work / W, tmax);
+    for (size_t i : order) {
+      if (g[i] > 1 && !alone[i]) continue;
+      const int64_t lo_i = mats[i].flat_lo, hi_i = lo_i + mats[i].rows * mats[i].cols;
+      const double ti = time_in(i, 1);
+      // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
+      const int first = static_cast<int>(
+          std::min<int64_t>(W - 1, std::upper_bound(cuts.begin(), cuts.end(), lo_i) - cuts.begin() - 1));
+      int best = -1;
+      int64_t best_overlap = 0;
+      for (int k = std::max(0, first - 1); k < W && cuts[k] < hi_i; ++k) {
+        int64_t lo = 0;
+        const int64_t ov = overlap(lo_i, hi_i, cuts[k], cuts[k + 1], &lo);
+        if (ov > best_overlap && p.load[k] + ti <= capacity) {
+          best = k;
+          best_overlap = ov;
+        }
+      }
+      if (best < 0) best = static_cast<int>(std::min_element(p.load.begin(), p.load.end()) - p.load.begin());
+      p.owner[i] = best;
+      p.load[best] += ti;
     }
     p.imbalance = mean > 0 ? *std::max_element(p.load.begin(), p.load.end()) / mean : 1.0;
     // The groups' collective bytes of the busiest rank (split_ns_cost, as counted).
@@ -302,6 +352,37 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
         best = std::move(p);
       }
     }
+    // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
+    // own way of forming each polynomial), at its least makespan and a little above it
+    // (packing loses some of it), any group size, not only doublings.
+    if (best.imbalance > 1.1) {
+      std::map<std::pair<int64_t, int64_t>, int> kind;
+      std::vector<size_t> first;  // a matrix of each kind
+      std::vector<int> kind_of(n);
+      GroupTimes gt;
+      for (size_t i = 0; i < n; ++i) {
+        auto [it, fresh] = kind.emplace(std::make_pair(mats[i].rows, mats[i].cols), static_cast<int>(first.size()));
+        if (fresh) {
+          first.push_back(i);
+          gt.count.push_back(0);
+          std::vector<double> tg(W + 1);
+          for (int s = 1; s <= W; ++s) tg[s] = time_in(i, s);
+          gt.t.push_back(std::move(tg));
+        }
+        kind_of[i] = it->second;
+        ++gt.count[it->second];
+        gt.total += t1[i];
+      }
+      const double T = gt.least_makespan(W, false);
+      std::vector<int> g_of;
+      for (double f : {1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0}) {
+        if (!gt.sizes(T * f, W, &g_of)) continue;
+        std::vector<int> gs(n);
+        for (size_t i = 0; i < n; ++i) gs[i] = g_of[kind_of[i]];
+        OwnerPlan p = pack(gs);
+        if (p.group_bytes_max <= byte_budget && p.imbalance < best.imbalance) best = std::move(p);
+      }
+    }
   }
   // Splits stay only where they cut the busiest rank's modelled time by 10 % or more: below
   // that the model's error is larger than the gain (measured on a 2-core CPU: a modelled 6 %
@@ -310,6 +391,23 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   if (force == 0 && best.imbalance * kMinGain > unsplit) best = pack(std::vector<int>(n, 1));
   best.imbalance_unsplit = unsplit;
   return best;
+}
+
+double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig& cfg, const NsCostModel& model) {
+  if (W < 1) throw std::invalid_argument("ns_load_bound: no ranks");
+  std::map<std::pair<int64_t, int64_t>, int> shapes;
+  for (const NsMatrix& m : mats) ++shapes[{m.rows, m.cols}];
+  GroupTimes gt;
+  for (const auto& [rc, k] : shapes) {
+    std::vector<double> tg(W + 1, 0.0);
+    tg[1] = ns_time(cfg, model, rc.first, rc.second, 1);
+    for (int g = 2; g <= W; ++g)
+      tg[g] = std::min(ns_time(cfg, model, rc.first, rc.second, g, false), ns_time(cfg, model, rc.first, rc.second, g, true));
+    gt.total += k * tg[1];
+    gt.t.push_back(std::move(tg));
+    gt.count.push_back(k);
+  }
+  return gt.total > 0 ? gt.least_makespan(W, true) / (gt.total / W) : 1.0;
 }
 
 }  // namespace celo2
