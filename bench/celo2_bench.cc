@@ -232,7 +232,8 @@ double measure_adamw_ns(const Options& o, int64_t n, int threads) {
 // 3. The Celo2 rule.
 // ---------------------------------------------------------------------------------------
 
-// One tensor with its state, gradient and parameters; celo2_update on it is one call.
+// One tensor with its state, gradient and parameters; celo2_update on it is one call. The
+// state planes are skewed apart as the engine's host backends keep them (state_plane).
 struct RuleBench {
   celo2::Geometry geo;
   celo2::RuleState state;
@@ -240,7 +241,7 @@ struct RuleBench {
   celo2::Workspace ws;
 
   explicit RuleBench(const std::vector<int64_t>& shape)
-      : geo(celo2::Geometry::of(shape)), state(celo2::RuleState::zeros(geo)) {
+      : geo(celo2::Geometry::of(shape)), state(celo2::RuleState::zeros(geo, false)) {
     g.resize(geo.numel);
     p.resize(geo.numel);
     u.resize(geo.numel);
@@ -642,7 +643,7 @@ int main(int argc, char** argv) {
       s.m = rb.state.m.data();
       s.rms = rb.state.rms.data();
       s.v_diag = geo.factored ? nullptr : rb.state.v_diag.data();
-      s.plane = n;
+      s.plane = rb.state.stride(n);
       s.u = rb.u.data();
       std::vector<double> row_sum, col_sum, sumsq, out_sumsq;
       celo2::FacTables tables;

@@ -86,15 +86,22 @@ int64_t Geometry::rest_index_of_row(int64_t r) const {
 
 std::string Geometry::shape_str() const { return format_shape(shape); }
 
-RuleState RuleState::zeros(const Geometry& geo) {
+int64_t state_plane(int64_t n) {
+  constexpr int64_t kMin = 4096, kSkew = 1024 + 16;
+  return n < kMin ? n : (n + 15) / 16 * 16 + kSkew;
+}
+
+RuleState RuleState::zeros(const Geometry& geo, bool packed) {
   RuleState s;
-  s.m.assign(static_cast<size_t>(kMom * geo.numel), 0.0f);
-  s.rms.assign(static_cast<size_t>(kRms * geo.numel), 0.0f);
+  s.plane = packed ? 0 : state_plane(geo.numel);
+  const int64_t P = s.stride(geo.numel);
+  s.m.assign(static_cast<size_t>(kMom * P), 0.0f);
+  s.rms.assign(static_cast<size_t>(kRms * P), 0.0f);
   if (geo.factored) {
     s.v_row.assign(static_cast<size_t>(kFac * geo.row_count), 0.0f);
     s.v_col.assign(static_cast<size_t>(kFac * geo.col_count), 0.0f);
   } else {
-    s.v_diag.assign(static_cast<size_t>(kFac * geo.numel), 0.0f);
+    s.v_diag.assign(static_cast<size_t>(kFac * P), 0.0f);
   }
   return s;
 }

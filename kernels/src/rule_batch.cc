@@ -18,7 +18,7 @@ Slice whole_slice(const Geometry& geo, RuleState& st, const float* g, const floa
   s.m = st.m.data();
   s.rms = st.rms.data();
   s.v_diag = geo.factored ? nullptr : st.v_diag.data();
-  s.plane = geo.numel;
+  s.plane = st.stride(geo.numel);
   s.u = u;
   return s;
 }

@@ -749,7 +749,7 @@ Slice make_slice(const Geometry& geo, RuleState& st, const float* g, const float
   s.m = st.m.data() + lo;
   s.rms = st.rms.data() + lo;
   s.v_diag = geo.factored ? nullptr : st.v_diag.data() + lo;
-  s.plane = geo.numel;
+  s.plane = st.stride(geo.numel);
   s.u = u + lo;
   return s;
 }

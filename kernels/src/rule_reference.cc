@@ -65,7 +65,7 @@ void newton_schulz_reference(const RuleConfig& cfg, int64_t rows, int64_t cols, 
 
 void celo2_reference(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                      RuleState& st, const float* g_in, const float* p, float* u) {
-  const int64_t n = geo.numel;
+  const int64_t n = geo.numel, P = st.stride(n);  // P: the state planes' stride
   st.iteration += 1;
   if (n == 0) return;
   const double t = static_cast<double>(st.iteration);
@@ -80,12 +80,12 @@ void celo2_reference(const RuleConfig& cfg, const Theta& theta, const Geometry& 
   for (int k = 0; k < kMom; ++k) {
     const double b = decay(cfg.mom_decays[k]);
     for (int64_t i = 0; i < n; ++i)
-      st.m[k * n + i] = static_cast<float>(b * st.m[k * n + i] + (1 - b) * g[i]);
+      st.m[k * P + i] = static_cast<float>(b * st.m[k * P + i] + (1 - b) * g[i]);
   }
   for (int k = 0; k < kRms; ++k) {
     const double b = decay(cfg.rms_decays[k]);
     for (int64_t i = 0; i < n; ++i)
-      st.rms[k * n + i] = static_cast<float>(b * st.rms[k * n + i] + (1 - b) * g[i] * g[i]);
+      st.rms[k * P + i] = static_cast<float>(b * st.rms[k * P + i] + (1 - b) * g[i] * g[i]);
   }
   dvec q(n);
   for (int64_t i = 0; i < n; ++i) q[i] = g[i] * g[i] + 1e-30;
@@ -135,8 +135,8 @@ void celo2_reference(const RuleConfig& cfg, const Theta& theta, const Geometry& 
     for (int k = 0; k < kFac; ++k) {
       const double b = decay(cfg.fac_decays[k]);
       for (int64_t i = 0; i < n; ++i) {
-        st.v_diag[k * n + i] = static_cast<float>(b * st.v_diag[k * n + i] + (1 - b) * q[i]);
-        fac_g[k][i] = g[i] * safe_rsqrt_d(static_cast<double>(st.v_diag[k * n + i]) + 1e-9);
+        st.v_diag[k * P + i] = static_cast<float>(b * st.v_diag[k * P + i] + (1 - b) * q[i]);
+        fac_g[k][i] = g[i] * safe_rsqrt_d(static_cast<double>(st.v_diag[k * P + i]) + 1e-9);
       }
     }
   }
@@ -146,7 +146,7 @@ void celo2_reference(const RuleConfig& cfg, const Theta& theta, const Geometry& 
   dvec rh(n);
   for (int k = 0; k < kMom; ++k) {
     const double cb = corr(decay(cfg.mom_decays[k]));
-    for (int64_t i = 0; i < n; ++i) mh[k][i] = st.m[k * n + i] / cb;
+    for (int64_t i = 0; i < n; ++i) mh[k][i] = st.m[k * P + i] / cb;
   }
   {
     const double cb = corr(decay(cfg.rms_decays[0]));

@@ -154,6 +154,52 @@ TEST(Rule, FastPathMatchesReference) {
   set_cpu_isa(before);
 }
 
+// State planes skewed apart (state_plane: what the engine's host backends keep) give the
+// same bits as packed planes, for the fast path and the reference, 1-D and 2-D, and the
+// padding between planes is never written.
+TEST(Rule, SkewedStatePlanesGiveTheSameBits) {
+  EXPECT_EQ(state_plane(100), 100);
+  EXPECT_GE(state_plane(1 << 24), (1 << 24) + 1024);
+  EXPECT_NE(state_plane(1 << 24) % 4096, 0);
+  for (const Variant& var : variants()) {
+    const Theta theta = Theta::random(var.cfg, 11);
+    for (const std::vector<int64_t>& shape : {std::vector<int64_t>{64, 96}, std::vector<int64_t>{5000},
+                                              std::vector<int64_t>{4, 40, 33}}) {
+      const Geometry geo = Geometry::of(shape);
+      for (bool reference : {false, true}) {
+        RuleState packed = RuleState::zeros(geo), skewed = RuleState::zeros(geo, false);
+        const int64_t P = skewed.stride(geo.numel);
+        ASSERT_GT(P, geo.numel) << geo.shape_str();
+        ASSERT_EQ(skewed.m.size(), static_cast<size_t>(kMom * P));
+        std::fill(skewed.m.begin(), skewed.m.end(), 7.0f);  // padding sentinels
+        for (int k = 0; k < kMom; ++k) std::fill(skewed.m.begin() + k * P, skewed.m.begin() + k * P + geo.numel, 0.0f);
+        Workspace ws;
+        std::vector<float> p = randn(geo.numel, 1, 0.5f);
+        for (int step = 0; step < 3; ++step) {
+          const std::vector<float> g = randn(geo.numel, 200 + step, 1.0f);
+          std::vector<float> ua(geo.numel), ub(geo.numel);
+          if (reference) {
+            celo2_reference(var.cfg, theta, geo, packed, g.data(), p.data(), ua.data());
+            celo2_reference(var.cfg, theta, geo, skewed, g.data(), p.data(), ub.data());
+          } else {
+            celo2_update(var.cfg, theta, geo, packed, g.data(), p.data(), ua.data(), ws);
+            celo2_update(var.cfg, theta, geo, skewed, g.data(), p.data(), ub.data(), ws);
+          }
+          ASSERT_EQ(ua, ub) << var.name << " " << geo.shape_str() << (reference ? " reference" : " fast") << " step " << step;
+          for (int k = 0; k < kMom; ++k) {
+            EXPECT_TRUE(std::equal(packed.m.begin() + k * geo.numel, packed.m.begin() + (k + 1) * geo.numel,
+                                   skewed.m.begin() + k * P)) << "m plane " << k;
+            EXPECT_TRUE(std::all_of(skewed.m.begin() + k * P + geo.numel, skewed.m.begin() + (k + 1) * P,
+                                    [](float v) { return v == 7.0f; })) << "padding of m plane " << k;
+          }
+          EXPECT_TRUE(std::equal(packed.rms.begin(), packed.rms.begin() + geo.numel, skewed.rms.begin()));
+          for (int64_t i = 0; i < geo.numel; ++i) p[i] -= 0.01f * ua[i];
+        }
+      }
+    }
+  }
+}
+
 TEST(Rule, InstructionSetChoice) {
   const std::vector<CpuIsa> have = cpu_isas_available();
   ASSERT_FALSE(have.empty());

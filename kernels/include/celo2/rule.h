@@ -53,14 +53,24 @@ struct Geometry {
 };
 
 // Optimizer state of one tensor; planar layout (decay-major): m[k * numel + i].
+// The stride of per-element state planes (m[k * plane + i]) for `n` elements: n below 4096,
+// else n rounded up to 16 floats plus 4 KiB + 64 B. Planes exactly a large power of two
+// apart (a 2048×8192 tensor: 64 MiB) contend for the same cache sets and DRAM banks while
+// phase 1 streams all of them at once: on a Zen 4, phase 1 of a 16M-element matrix took
+// 3.6–3.8 ns per element with planes n apart and 2.6–2.8 with this skew (docs/PERF.md).
+int64_t state_plane(int64_t n);
+
 struct RuleState {
-  std::vector<float> m;       // kMom * numel
-  std::vector<float> rms;     // kRms * numel
+  std::vector<float> m;       // kMom * stride
+  std::vector<float> rms;     // kRms * stride
   std::vector<float> v_row;   // kFac * row_count (factored)
   std::vector<float> v_col;   // kFac * col_count (factored)
-  std::vector<float> v_diag;  // kFac * numel (not factored)
+  std::vector<float> v_diag;  // kFac * stride (not factored)
   int64_t iteration = 0;
-  static RuleState zeros(const Geometry& geo);
+  int64_t plane = 0;          // the planes' stride, >= numel; 0: numel (packed)
+  int64_t stride(int64_t numel) const { return plane > 0 ? plane : numel; }
+  // packed: planes numel apart (the file and device layout); else state_plane(numel) apart.
+  static RuleState zeros(const Geometry& geo, bool packed = true);
 };
 
 // Decay-dependent constants of one update: clipped decays and bias corrections.

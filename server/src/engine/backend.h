@@ -31,12 +31,16 @@
 namespace celo2 {
 
 // One tensor's optimizer state on one rank, on the host: per-element planes of the rank's
-// slice (planar, as RuleState: m[k * len + i]) and the small replicated factored vectors.
+// slice (planar, as RuleState: m[k * stride + i], stride >= len) and the small replicated
+// factored vectors.
 struct SliceState {
   std::vector<float> m, rms, v_diag, v_row, v_col;  // celo2
   std::vector<float> mu, nu;                         // adamw
-  // Zeros for `label` on a slice of `len` elements of a tensor of geometry `geo`.
-  static SliceState zeros(Label label, const Geometry& geo, int64_t len);
+  int64_t plane = 0;  // the Celo2 planes' stride; 0: len (packed)
+  int64_t stride(int64_t len) const { return plane > 0 ? plane : len; }
+  // Zeros for `label` on a slice of `len` elements of a tensor of geometry `geo`, the Celo2
+  // planes `plane` apart (0: len).
+  static SliceState zeros(Label label, const Geometry& geo, int64_t len, int64_t plane = 0);
 };
 
 class Backend {
@@ -45,6 +49,9 @@ class Backend {
   virtual const char* name() const = 0;
   // Whether its buffers are host memory.
   virtual bool host() const { return true; }
+  // The stride of the per-element state planes it keeps for a slice of len elements
+  // (SliceState::plane): len, packed, unless the backend's kernels prefer a skew.
+  virtual int64_t state_plane(int64_t len) const { return len; }
   // Called first on the engine's worker thread (the gradient buckets of overlap_grad_reduce:
   // copy, scale), so that thread works on the backend's device.
   virtual void bind_thread() {}

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <stdexcept>
 #include <mutex>
 
 #include "backend.h"
@@ -11,16 +12,19 @@
 
 namespace celo2 {
 
-SliceState SliceState::zeros(Label label, const Geometry& geo, int64_t len) {
+SliceState SliceState::zeros(Label label, const Geometry& geo, int64_t len, int64_t plane) {
   SliceState s;
   if (label == Label::kCelo2) {
-    s.m.assign(kMom * len, 0.0f);
-    s.rms.assign(kRms * len, 0.0f);
+    if (plane < 0 || (plane > 0 && plane < len)) throw std::invalid_argument("SliceState: plane stride below the slice");
+    s.plane = plane;
+    const int64_t P = s.stride(len);
+    s.m.assign(kMom * P, 0.0f);
+    s.rms.assign(kRms * P, 0.0f);
     if (geo.factored) {
       s.v_row.assign(kFac * geo.row_count, 0.0f);
       s.v_col.assign(kFac * geo.col_count, 0.0f);
     } else {
-      s.v_diag.assign(kFac * len, 0.0f);
+      s.v_diag.assign(kFac * P, 0.0f);
     }
   } else if (label == Label::kAdamW) {
     s.mu.assign(len, 0.0f);
@@ -35,6 +39,8 @@ class HostBackend : public Backend {
  public:
   explicit HostBackend(bool reference) : reference_(reference) {}
   const char* name() const override { return reference_ ? "reference" : "cpu"; }
+  // Skewed planes (celo2/rule.h state_plane): both host backends' kernels take any stride.
+  int64_t state_plane(int64_t len) const override { return celo2::state_plane(len); }
 
   float* alloc(int64_t n) override { return new float[n > 0 ? n : 1](); }
   void release(float* p) noexcept override { delete[] p; }
@@ -99,6 +105,7 @@ class HostBackend : public Backend {
       st.v_row.swap(s.v_row);
       st.v_col.swap(s.v_col);
       st.v_diag.swap(s.v_diag);
+      st.plane = s.plane;
       st.iteration = w.iteration - 1;  // the rule counts this update itself
       if (reference_) celo2_reference(cfg, theta, *w.geo, st, w.g, w.p, w.u);
       else celo2_update(cfg, theta, *w.geo, st, w.g, w.p, w.u, ws_);

@@ -67,7 +67,7 @@ struct Engine::Entry {
     s.m = st.m.data();
     s.rms = st.rms.data();
     s.v_diag = st.v_diag.empty() ? nullptr : st.v_diag.data();
-    s.plane = len();
+    s.plane = st.stride(len());
     s.u = u_local + local_off;
     return s;
   }
@@ -199,7 +199,7 @@ void Engine::reset_state(size_t i) {
   Entry& e = *entries_[i];
   e.iteration = 0;
   e.count = 0;
-  backend_->set_state(i, SliceState::zeros(e.label, e.geo, e.len()));
+  backend_->set_state(i, SliceState::zeros(e.label, e.geo, e.len(), backend_->state_plane(e.len())));
   e.needs_reset = false;
 }
 
@@ -1232,9 +1232,9 @@ StateFile Engine::collect_state(bool all_ranks) {
   // time (host buffers: checkpoints are written from the host).
   std::vector<float> hsend, hrecv;
   using RecField = std::vector<float> TensorStateRecord::*;
-  // One plane of the state: src(i) is entry i's slice data on this rank, has(e) whether it
-  // has the plane.
-  auto gather_plane = [&](auto has, auto src, RecField dst, int planes) {
+  // One plane of the state: src(i) is entry i's slice data on this rank (its planes
+  // stride(i) apart), has(e) whether it has the plane.
+  auto gather_plane = [&](auto has, auto src, auto stride, RecField dst, int planes) {
     if (keep)
       for (size_t i = 0; i < entries_.size(); ++i)
         if (has(*entries_[i])) (f.tensors[i].*dst).assign(static_cast<size_t>(planes) * entries_[i]->geo.numel, 0.0f);
@@ -1256,7 +1256,7 @@ StateFile Engine::collect_state(bool all_ranks) {
           int64_t lo = 0;
           const int64_t n = overlap(e.offset + e.lo, e.offset + e.hi, mlo, mlo + n_mine, &lo);
           if (n)
-            std::memcpy(hsend.data() + (lo - mlo), src(i).data() + k * e.len() + (lo - e.offset - e.lo),
+            std::memcpy(hsend.data() + (lo - mlo), src(i).data() + k * stride(i) + (lo - e.offset - e.lo),
                         n * sizeof(float));
         }
         comm_->all_gather(hsend.data(), hrecv.data(), counts);
@@ -1275,10 +1275,12 @@ StateFile Engine::collect_state(bool all_ranks) {
   using Field = std::vector<float> SliceState::*;
   auto plane = [&](Label label, Field field, RecField dst, int planes, bool factored_too) {
     gather_plane([&](const Entry& e) { return e.label == label && !e.needs_reset && (factored_too || !e.geo.factored); },
-                 [&](size_t i) -> const std::vector<float>& { return mine[i].*field; }, dst, planes);
+                 [&](size_t i) -> const std::vector<float>& { return mine[i].*field; },
+                 [&](size_t i) { return mine[i].stride(entries_[i]->len()); }, dst, planes);
   };
   gather_plane([](const Entry& e) { return e.lowp() && e.master_lo == e.lo && e.master_hi == e.hi; },
-               [&](size_t i) -> const std::vector<float>& { return masters[i]; }, &TensorStateRecord::master, 1);
+               [&](size_t i) -> const std::vector<float>& { return masters[i]; },
+               [&](size_t i) { return entries_[i]->len(); }, &TensorStateRecord::master, 1);
   plane(Label::kCelo2, &SliceState::m, &TensorStateRecord::m, kMom, true);
   plane(Label::kCelo2, &SliceState::rms, &TensorStateRecord::rms, kRms, true);
   plane(Label::kCelo2, &SliceState::v_diag, &TensorStateRecord::v_diag, kFac, false);
@@ -1289,16 +1291,18 @@ StateFile Engine::collect_state(bool all_ranks) {
 
 void Engine::install_state(size_t i, const TensorStateRecord& r) {
   Entry& e = *entries_[i];
+  // The slice's planes, `stride` apart (the backend's layout), from the record's packed ones.
+  const int64_t stride = e.label == Label::kCelo2 ? backend_->state_plane(e.len()) : e.len();
   auto take = [&](const std::vector<float>& whole, int planes) {
     const int64_t N = e.geo.numel;
-    std::vector<float> out;
-    out.reserve(planes * e.len());
+    std::vector<float> out(static_cast<size_t>(planes * stride), 0.0f);
     for (int k = 0; k < planes; ++k)
-      out.insert(out.end(), whole.begin() + k * N + e.lo, whole.begin() + k * N + e.hi);
+      std::copy(whole.begin() + k * N + e.lo, whole.begin() + k * N + e.hi, out.begin() + k * stride);
     return out;
   };
   SliceState s;
   if (e.label == Label::kCelo2) {
+    s.plane = stride;
     s.m = take(r.m, kMom);
     s.rms = take(r.rms, kRms);
     s.v_row = r.v_row;
