@@ -231,6 +231,86 @@ TEST(Engine, CheckpointAcrossWorldSizes) {
 }
 
 
+// Host backends keep a slice's state planes skewed apart from 4,096 elements (celo2/rule.h
+// state_plane) and packed below; checkpoints are packed. Tensors of 15,360 and 8,192
+// elements: one rank (the Optimizer) and 2-3 ranks keep them skewed, 4-5 ranks keep some
+// slices packed. The engine follows the Optimizer, both save the same planes, and a resume
+// from the Optimizer's file onto this W's layout continues as the Optimizer does.
+TEST(Engine, SkewedStatePlanesSaveAndResumeAcrossLayouts) {
+  const int W = g_comm->size();
+  ASSERT_GT(state_plane(15360), 15360);  // the Optimizer's (one rank's) planes are skewed
+  ASSERT_EQ(state_plane(15360 / 4), 15360 / 4);  // four ranks' slices of it are packed
+  auto big = [](uint64_t seed) {
+    Model m(seed);
+    m.names = {"layer0/mlp/w", "layer0/mlp/b", "layer1/attn/w", "tiny/w"};
+    m.shapes = {{96, 160}, {160}, {128, 64}, {3, 5}};
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> nd(0, 1);
+    m.p.clear();
+    m.g.clear();
+    for (const auto& s : m.shapes) {
+      int64_t n = 1;
+      for (auto d : s) n *= d;
+      std::vector<float> v(n);
+      for (auto& x : v) x = nd(rng) * 0.5f;
+      m.p.push_back(v);
+      m.g.push_back(std::vector<float>(n, 0.0f));
+    }
+    return m;
+  };
+  Model ref = big(9), dist = big(9);
+  Optimizer opt(options());
+  ref.register_with(opt);
+  EngineOptions eo;
+  eo.opt = options();
+  eo.grad_mode = GradMode::kReduced;
+  Engine eng(eo, g_comm);
+  dist.register_with(eng);
+  for (int s = 0; s < 3; ++s) {
+    ref.fill_grads(s);
+    dist.fill_grads(s);
+    opt.step();
+    eng.step();
+  }
+  expect_same(dist, ref, 1e-6, "skewed planes, 3 steps");
+  const std::string a = "/tmp/celo2_skew_opt_np" + std::to_string(W) + ".state";
+  const std::string b = "/tmp/celo2_skew_eng_np" + std::to_string(W) + ".state";
+  if (g_comm->rank() == 0) opt.save_state(a);
+  eng.save_state(b);
+  g_comm->barrier();
+  if (g_comm->rank() == 0) {
+    const StateFile fa = read_state_file(a), fb = read_state_file(b);
+    ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
+    for (size_t t = 0; t < fa.tensors.size(); ++t) {
+      const TensorStateRecord &ra = fa.tensors[t], &rb = fb.tensors[t];
+      ASSERT_EQ(ra.m.size(), rb.m.size()) << ra.name;
+      int64_t numel = 1;
+      for (int64_t d : ra.shape) numel *= d;
+      EXPECT_EQ(ra.m.size(), ra.label == Label::kCelo2 ? static_cast<size_t>(kMom * numel) : 0u) << ra.name;  // packed
+      EXPECT_LE(rel_err(rb.m, ra.m), 1e-6) << ra.name;
+      EXPECT_LE(rel_err(rb.rms, ra.rms), 1e-6) << ra.name;
+    }
+  }
+  // Resume the Optimizer's checkpoint on this W's layout.
+  Model again = big(9);
+  again.p = ref.p;
+  Engine eng2(eo, g_comm);
+  again.register_with(eng2);
+  eng2.load_state(a);
+  for (int s = 3; s < 5; ++s) {
+    ref.fill_grads(s);
+    again.fill_grads(s);
+    opt.step();
+    eng2.step();
+  }
+  expect_same(again, ref, 1e-6, "resumed from one rank's skewed planes");
+  g_comm->barrier();
+  if (g_comm->rank() == 0) {
+    std::remove(a.c_str());
+    std::remove(b.c_str());
+  }
+}
+
 // ---- The one engine's plans and buckets (added with the whole-tensor plan) ----
 
 // The whole-tensor plan runs each Celo2 tensor's rule whole on one rank: the same kernel as
