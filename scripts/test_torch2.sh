@@ -12,7 +12,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${BUILD_DIR:-$here/build}"
 version="${1:-2.5.1}"
 venv="${CELO2_TORCH2_VENV:-$BUILD_DIR/venv-torch-$version}"
-python="$(sed -n 's/^CELO2_PYTHON_EXECUTABLE:INTERNAL=//p' "$BUILD_DIR/CMakeCache.txt" 2>/dev/null || true)"
+python="$(sed -n 's/^CELO2_PYTHON_EXECUTABLE=//p' "$BUILD_DIR/celo2-build.env" 2>/dev/null || true)"
 if [ -z "$python" ] || ! ls "$BUILD_DIR"/python/celo2/_celo2*.so >/dev/null 2>&1; then
   echo "test_torch2: no Python extension in $BUILD_DIR; run scripts/setup.sh first" >&2
   exit 1

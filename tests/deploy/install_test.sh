@@ -32,7 +32,7 @@ if grep -rnwE "agree_on_error|read_state_collective|TensorIdentity|check_registr
 fi
 # A build that linked OpenBLAS's OpenMP build by path (CELO2_BLAS) must load it from the
 # installed tools and libcelo2.so too (their RPATH), not the system's default BLAS.
-if grep -q '^CELO2_OPENBLAS_OPENMP:FILEPATH=/' "$build/CMakeCache.txt" 2>/dev/null; then
+if grep -q '^CELO2_OPENBLAS_OPENMP=/' "$build/celo2-build.env" 2>/dev/null; then
   for b in "$prefix/bin/celo2-train" "$(find "$prefix" -name 'libcelo2.so' | head -1)"; do
     [ -e "$b" ] || continue
     # grep without -q: under pipefail, -q's early exit can make ldd die of SIGPIPE.

@@ -35,11 +35,11 @@ def _probe(mode):
 
 def _build_linked_openmp():
     build = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(celo2.__file__))))
-    cache = os.path.join(build, "CMakeCache.txt")
-    if not os.path.exists(cache):
+    env = os.path.join(build, "celo2-build.env")  # the build's choices (CMakeLists.txt)
+    if not os.path.exists(env):
         return None  # an installed package: the build's choice is not known here
-    with open(cache) as f:
-        return any(l.startswith("CELO2_OPENBLAS_OPENMP:FILEPATH=/") for l in f)
+    with open(env) as f:
+        return any(l.startswith("CELO2_OPENBLAS_OPENMP=/") for l in f)
 
 
 def test_alone_it_loads_the_builds_blas():

@@ -303,17 +303,24 @@ def _init_torch_from_env(info: RankInfo):
 _comm_failed = False  # a collective of this process failed: its peers cannot be waited for
 
 
+def _dying_of_uncaught_exception():
+    """Whether this process is exiting because of an uncaught exception: the interpreter
+    sets sys.last_value before the atexit hooks run. The exception, or None."""
+    return getattr(sys, "last_value", None)
+
+
 def _abort_mpi_after_uncaught_exception():
     """At exit, after an uncaught exception (Python sets sys.last_value before atexit runs),
     in a job of two or more MPI ranks: MPI_Abort, so that mpirun ends every rank now. Left to
     MPI_Finalize, this rank would wait for the others, which may be waiting for it in a
     collective (an optimizer step, a barrier): the job would sit until CELO2_COMM_TIMEOUT_S.
     Registered at import; does nothing where MPI is not running."""
-    if not hasattr(sys, "last_value"):
+    exc = _dying_of_uncaught_exception()
+    if exc is None:
         return
     from . import _celo2  # noqa: PLC0415
 
-    _celo2.abort_mpi_world(1, f"uncaught {type(sys.last_value).__name__}")
+    _celo2.abort_mpi_world(1, f"uncaught {type(exc).__name__}")
 
 
 atexit.register(_abort_mpi_after_uncaught_exception)
@@ -323,11 +330,10 @@ def _close_process_group():
     dist = _torch_dist()
     if dist is not None and dist.is_initialized():
         # No barrier when a collective failed here or the process dies of an uncaught
-        # exception (Python sets sys.last_value before atexit runs): its peers may be gone or
-        # stuck, and waiting for them would keep this process alive, so that they would see a
-        # hung rank instead of a dead one.
+        # exception: its peers may be gone or stuck, and waiting for them would keep this
+        # process alive, so that they would see a hung rank instead of a dead one.
         try:
-            if not _comm_failed and not hasattr(sys, "last_value"):
+            if not _comm_failed and _dying_of_uncaught_exception() is None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
