@@ -330,6 +330,7 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   OwnerPlan best = pack(g);
   const double unsplit = force >= 2 ? pack(std::vector<int>(n, 1)).imbalance : best.imbalance;
   if (force == 0 && W > 1) {
+    std::vector<int> best_g = g;  // the group sizes of `best`
     // While the largest per-rank times bound the step, the matrix with the largest per-rank
     // time doubles its group if that lowers its own time; the best packing seen is kept.
     // A doubling that would pass the byte budget is undone and that matrix keeps its group.
@@ -350,11 +351,23 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       }
       if (p.imbalance < best.imbalance) {
         best = std::move(p);
+        best_g = g;
       }
     }
     // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
     // own way of forming each polynomial), at its least makespan and a little above it
     // (packing loses some of it), any group size, not only doublings.
+    std::vector<int> kind_of(n);  // matrices of one shape are one kind
+    std::vector<int> kind_count;
+    {
+      std::map<std::pair<int64_t, int64_t>, int> kind;
+      for (size_t i = 0; i < n; ++i) {
+        auto [it, fresh] = kind.emplace(std::make_pair(mats[i].rows, mats[i].cols), static_cast<int>(kind_count.size()));
+        if (fresh) kind_count.push_back(0);
+        kind_of[i] = it->second;
+        ++kind_count[it->second];
+      }
+    }
     if (best.imbalance > 1.1) {
       std::map<std::pair<int64_t, int64_t>, int> kind;
       std::vector<size_t> first;  // a matrix of each kind
@@ -380,8 +393,40 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
         std::vector<int> gs(n);
         for (size_t i = 0; i < n; ++i) gs[i] = g_of[kind_of[i]];
         OwnerPlan p = pack(gs);
-        if (p.group_bytes_max <= byte_budget && p.imbalance < best.imbalance) best = std::move(p);
+        if (p.group_bytes_max <= byte_budget && p.imbalance < best.imbalance) {
+          best = std::move(p);
+          best_g = gs;
+        }
       }
+    }
+    // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
+    // matrices of one kind (k = 1 .. all) take another group size; the best change is kept,
+    // and the search repeats while it improves (one size per kind cannot express, say, some
+    // matrices of a kind split in pairs beside whole ones).
+    for (int round = 0; round < 4 && best.imbalance > 1.1; ++round) {
+      OwnerPlan round_best;
+      std::vector<int> round_g;
+      double round_imb = best.imbalance;
+      for (size_t kd = 0; kd < kind_count.size(); ++kd)
+        for (int gn : {1, 2, 3, 4, 8}) {
+          if (gn > W) continue;
+          std::vector<int> gs = best_g;
+          for (size_t i = 0, k = 0; i < n && k < static_cast<size_t>(kind_count[kd]); ++i) {
+            if (kind_of[i] != static_cast<int>(kd)) continue;
+            ++k;
+            if (gs[i] == gn) continue;
+            gs[i] = gn;
+            OwnerPlan p = pack(gs);
+            if (p.group_bytes_max <= byte_budget && p.imbalance < round_imb * (1 - 1e-9)) {
+              round_imb = p.imbalance;
+              round_best = std::move(p);
+              round_g = gs;
+            }
+          }
+        }
+      if (round_g.empty()) break;
+      best = std::move(round_best);
+      best_g = std::move(round_g);
     }
   }
   // Splits stay only where they cut the busiest rank's modelled time by 10 % or more: below
