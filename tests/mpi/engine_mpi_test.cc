@@ -241,22 +241,7 @@ TEST(Engine, SkewedStatePlanesSaveAndResumeAcrossLayouts) {
   ASSERT_GT(state_plane(15360), 15360);  // the Optimizer's (one rank's) planes are skewed
   ASSERT_EQ(state_plane(15360 / 4), 15360 / 4);  // four ranks' slices of it are packed
   auto big = [](uint64_t seed) {
-    Model m(seed);
-    m.names = {"layer0/mlp/w", "layer0/mlp/b", "layer1/attn/w", "tiny/w"};
-    m.shapes = {{96, 160}, {160}, {128, 64}, {3, 5}};
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> nd(0, 1);
-    m.p.clear();
-    m.g.clear();
-    for (const auto& s : m.shapes) {
-      int64_t n = 1;
-      for (auto d : s) n *= d;
-      std::vector<float> v(n);
-      for (auto& x : v) x = nd(rng) * 0.5f;
-      m.p.push_back(v);
-      m.g.push_back(std::vector<float>(n, 0.0f));
-    }
-    return m;
+    return Model(seed, {"layer0/mlp/w", "layer0/mlp/b", "layer1/attn/w", "tiny/w"}, {{96, 160}, {160}, {128, 64}, {3, 5}});
   };
   Model ref = big(9), dist = big(9);
   Optimizer opt(options());

@@ -20,7 +20,13 @@ struct Model {
   std::vector<std::vector<int64_t>> shapes = {{23, 8}, {8, 24}, {24}, {}, {24, 37},
                                               {5, 3, 3, 4}, {8}, {2, 1}, {37, 23}, {3, 4, 5}};
   std::vector<std::vector<float>> p, g;
-  explicit Model(uint64_t seed) {
+  explicit Model(uint64_t seed) { init(seed); }
+  // Another set of tensors (names and shapes), filled the same way.
+  Model(uint64_t seed, std::vector<std::string> n, std::vector<std::vector<int64_t>> s)
+      : names(std::move(n)), shapes(std::move(s)) {
+    init(seed);
+  }
+  void init(uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> nd(0, 1);
     for (auto& s : shapes) {

@@ -22,9 +22,38 @@ int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
   return std::max<int64_t>(0, std::min(a1, b1) - *lo);
 }
 
+// Matrices of one shape are one kind: each matrix's kind (numbered in order of first
+// appearance), how many each kind has, and its first matrix.
+struct Kinds {
+  std::vector<int> of, count;
+  std::vector<size_t> first;
+  explicit Kinds(const std::vector<NsMatrix>& mats) : of(mats.size()) {
+    std::map<std::pair<int64_t, int64_t>, int> kind;
+    for (size_t i = 0; i < mats.size(); ++i) {
+      auto [it, fresh] = kind.emplace(std::make_pair(mats[i].rows, mats[i].cols), static_cast<int>(count.size()));
+      if (fresh) {
+        count.push_back(0);
+        first.push_back(i);
+      }
+      of[i] = it->second;
+      ++count[it->second];
+    }
+  }
+};
+
 // The lockstep area argument of ns_load_bound, shared with plan_ns: for each kind of matrix
 // (count[s] of them) its time on a group of g ranks, t[s][g], g = 1..W.
 struct GroupTimes {
+  // time(i, g): matrix i's time on a group of g ranks (g = 1: alone).
+  template <class Time>
+  GroupTimes(const Kinds& k, int W, Time&& time) : count(k.count) {
+    for (size_t s = 0; s < k.first.size(); ++s) {
+      std::vector<double> tg(W + 1, 0.0);
+      for (int g = 1; g <= W; ++g) tg[g] = time(k.first[s], g);
+      total += count[s] * tg[1];
+      t.push_back(std::move(tg));
+    }
+  }
   std::vector<int> count;
   std::vector<std::vector<double>> t;
   double total = 0;  // Σ count · t(1)
@@ -357,41 +386,15 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
     // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
     // own way of forming each polynomial), at its least makespan and a little above it
     // (packing loses some of it), any group size, not only doublings.
-    std::vector<int> kind_of(n);  // matrices of one shape are one kind
-    std::vector<int> kind_count;
-    {
-      std::map<std::pair<int64_t, int64_t>, int> kind;
-      for (size_t i = 0; i < n; ++i) {
-        auto [it, fresh] = kind.emplace(std::make_pair(mats[i].rows, mats[i].cols), static_cast<int>(kind_count.size()));
-        if (fresh) kind_count.push_back(0);
-        kind_of[i] = it->second;
-        ++kind_count[it->second];
-      }
-    }
+    const Kinds kinds(mats);
     if (best.imbalance > 1.1) {
-      std::map<std::pair<int64_t, int64_t>, int> kind;
-      std::vector<size_t> first;  // a matrix of each kind
-      std::vector<int> kind_of(n);
-      GroupTimes gt;
-      for (size_t i = 0; i < n; ++i) {
-        auto [it, fresh] = kind.emplace(std::make_pair(mats[i].rows, mats[i].cols), static_cast<int>(first.size()));
-        if (fresh) {
-          first.push_back(i);
-          gt.count.push_back(0);
-          std::vector<double> tg(W + 1);
-          for (int s = 1; s <= W; ++s) tg[s] = time_in(i, s);
-          gt.t.push_back(std::move(tg));
-        }
-        kind_of[i] = it->second;
-        ++gt.count[it->second];
-        gt.total += t1[i];
-      }
+      const GroupTimes gt(kinds, W, time_in);
       const double T = gt.least_makespan(W, false);
       std::vector<int> g_of;
       for (double f : {1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0}) {
         if (!gt.sizes(T * f, W, &g_of)) continue;
         std::vector<int> gs(n);
-        for (size_t i = 0; i < n; ++i) gs[i] = g_of[kind_of[i]];
+        for (size_t i = 0; i < n; ++i) gs[i] = g_of[kinds.of[i]];
         OwnerPlan p = pack(gs);
         if (p.group_bytes_max <= byte_budget && p.imbalance < best.imbalance) {
           best = std::move(p);
@@ -407,12 +410,12 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       OwnerPlan round_best;
       std::vector<int> round_g;
       double round_imb = best.imbalance;
-      for (size_t kd = 0; kd < kind_count.size(); ++kd)
+      for (size_t kd = 0; kd < kinds.count.size(); ++kd)
         for (int gn : {1, 2, 3, 4, 8}) {
           if (gn > W) continue;
           std::vector<int> gs = best_g;
-          for (size_t i = 0, k = 0; i < n && k < static_cast<size_t>(kind_count[kd]); ++i) {
-            if (kind_of[i] != static_cast<int>(kd)) continue;
+          for (size_t i = 0, k = 0; i < n && k < static_cast<size_t>(kinds.count[kd]); ++i) {
+            if (kinds.of[i] != static_cast<int>(kd)) continue;
             ++k;
             if (gs[i] == gn) continue;
             gs[i] = gn;
@@ -440,18 +443,11 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
 
 double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig& cfg, const NsCostModel& model) {
   if (W < 1) throw std::invalid_argument("ns_load_bound: no ranks");
-  std::map<std::pair<int64_t, int64_t>, int> shapes;
-  for (const NsMatrix& m : mats) ++shapes[{m.rows, m.cols}];
-  GroupTimes gt;
-  for (const auto& [rc, k] : shapes) {
-    std::vector<double> tg(W + 1, 0.0);
-    tg[1] = ns_time(cfg, model, rc.first, rc.second, 1);
-    for (int g = 2; g <= W; ++g)
-      tg[g] = std::min(ns_time(cfg, model, rc.first, rc.second, g, false), ns_time(cfg, model, rc.first, rc.second, g, true));
-    gt.total += k * tg[1];
-    gt.t.push_back(std::move(tg));
-    gt.count.push_back(k);
-  }
+  const GroupTimes gt(Kinds(mats), W, [&](size_t i, int g) {
+    const NsMatrix& m = mats[i];
+    return g <= 1 ? ns_time(cfg, model, m.rows, m.cols, 1)
+                  : std::min(ns_time(cfg, model, m.rows, m.cols, g, false), ns_time(cfg, model, m.rows, m.cols, g, true));
+  });
   return gt.total > 0 ? gt.least_makespan(W, true) / (gt.total / W) : 1.0;
 }
 
