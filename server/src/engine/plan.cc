@@ -405,8 +405,11 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
     // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
     // matrices of one kind (k = 1 .. all) take another group size; the best change is kept,
     // and the search repeats while it improves (one size per kind cannot express, say, some
-    // matrices of a kind split in pairs beside whole ones).
-    for (int round = 0; round < 4 && best.imbalance > 1.1; ++round) {
+    // matrices of a kind split in pairs beside whole ones). At most 48 values of k per kind
+    // and 4,000 packings in all, so that models with many shapes and ranks plan in seconds.
+    int packings = 0;
+    constexpr int kMaxPackings = 4000;
+    for (int round = 0; round < 4 && best.imbalance > 1.1 && packings < kMaxPackings; ++round) {
       OwnerPlan round_best;
       std::vector<int> round_g;
       double round_imb = best.imbalance;
@@ -414,11 +417,14 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
         for (int gn : {1, 2, 3, 4, 8}) {
           if (gn > W) continue;
           std::vector<int> gs = best_g;
+          const size_t step = std::max<size_t>(1, static_cast<size_t>(kinds.count[kd]) / 48);
           for (size_t i = 0, k = 0; i < n && k < static_cast<size_t>(kinds.count[kd]); ++i) {
             if (kinds.of[i] != static_cast<int>(kd)) continue;
             ++k;
             if (gs[i] == gn) continue;
             gs[i] = gn;
+            if ((k % step != 0 && k != static_cast<size_t>(kinds.count[kd])) || packings >= kMaxPackings) continue;
+            ++packings;
             OwnerPlan p = pack(gs);
             if (p.group_bytes_max <= byte_budget && p.imbalance < round_imb * (1 - 1e-9)) {
               round_imb = p.imbalance;
