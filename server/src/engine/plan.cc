@@ -403,10 +403,11 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       }
     }
     // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
-    // matrices of one kind (k = 1 .. all) take another group size; the best change is kept,
-    // and the search repeats while it improves (one size per kind cannot express, say, some
-    // matrices of a kind split in pairs beside whole ones). At most 48 values of k per kind
-    // and 4,000 packings in all, so that models with many shapes and ranks plan in seconds.
+    // matrices of one kind (k = 1 .. all) take another group size (1-6, 8, 10, 12 or 16); the
+    // best change is kept, and the search repeats while it improves (one size per kind cannot
+    // express, say, some matrices of a kind split in pairs beside whole ones). At most 48
+    // values of k per kind and 4,000 packings in all, so that models with many shapes and
+    // ranks plan in seconds.
     int packings = 0;
     constexpr int kMaxPackings = 4000;
     for (int round = 0; round < 4 && best.imbalance > 1.1 && packings < kMaxPackings; ++round) {
@@ -414,7 +415,7 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       std::vector<int> round_g;
       double round_imb = best.imbalance;
       for (size_t kd = 0; kd < kinds.count.size(); ++kd)
-        for (int gn : {1, 2, 3, 4, 8}) {
+        for (int gn : {1, 2, 3, 4, 5, 6, 8, 10, 12, 16}) {
           if (gn > W) continue;
           std::vector<int> gs = best_g;
           const size_t step = std::max<size_t>(1, static_cast<size_t>(kinds.count[kd]) / 48);
