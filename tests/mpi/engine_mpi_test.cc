@@ -55,6 +55,14 @@ OptimizerOptions with_rule(OptimizerOptions o, const RuleConfig& rule) {
   return o;
 }
 
+// One step of the single-process Optimizer and of the engine on the same gradients.
+void step_both(Model& ref, Optimizer& opt, Model& dist, Engine& eng, int s) {
+  ref.fill_grads(s);
+  dist.fill_grads(s);
+  opt.step();
+  eng.step();
+}
+
 class EngineVsOptimizer : public ::testing::TestWithParam<int> {};
 
 TEST_P(EngineVsOptimizer, SameParametersEveryStep) {
@@ -69,10 +77,7 @@ TEST_P(EngineVsOptimizer, SameParametersEveryStep) {
   Engine eng(eo, g_comm);
   dist.register_with(eng);
   for (int s = 0; s < 4; ++s) {
-    ref.fill_grads(s);
-    dist.fill_grads(s);
-    opt.step();
-    eng.step();
+    step_both(ref, opt, dist, eng, s);
     // The spec's bound for a sharded step: max|err|/RMS <= 1e-6 per tensor.
     expect_same(dist, ref, 1e-6, "variant " + std::to_string(GetParam()) + " step " + std::to_string(s));
   }
@@ -251,12 +256,7 @@ TEST(Engine, SkewedStatePlanesSaveAndResumeAcrossLayouts) {
   eo.grad_mode = GradMode::kReduced;
   Engine eng(eo, g_comm);
   dist.register_with(eng);
-  for (int s = 0; s < 3; ++s) {
-    ref.fill_grads(s);
-    dist.fill_grads(s);
-    opt.step();
-    eng.step();
-  }
+  for (int s = 0; s < 3; ++s) step_both(ref, opt, dist, eng, s);
   expect_same(dist, ref, 1e-6, "skewed planes, 3 steps");
   const std::string a = "/tmp/celo2_skew_opt_np" + std::to_string(W) + ".state";
   const std::string b = "/tmp/celo2_skew_eng_np" + std::to_string(W) + ".state";
@@ -269,8 +269,7 @@ TEST(Engine, SkewedStatePlanesSaveAndResumeAcrossLayouts) {
     for (size_t t = 0; t < fa.tensors.size(); ++t) {
       const TensorStateRecord &ra = fa.tensors[t], &rb = fb.tensors[t];
       ASSERT_EQ(ra.m.size(), rb.m.size()) << ra.name;
-      int64_t numel = 1;
-      for (int64_t d : ra.shape) numel *= d;
+      const int64_t numel = Geometry::of(ra.shape).numel;
       EXPECT_EQ(ra.m.size(), ra.label == Label::kCelo2 ? static_cast<size_t>(kMom * numel) : 0u) << ra.name;  // packed
       EXPECT_LE(rel_err(rb.m, ra.m), 1e-6) << ra.name;
       EXPECT_LE(rel_err(rb.rms, ra.rms), 1e-6) << ra.name;
@@ -282,12 +281,7 @@ TEST(Engine, SkewedStatePlanesSaveAndResumeAcrossLayouts) {
   Engine eng2(eo, g_comm);
   again.register_with(eng2);
   eng2.load_state(a);
-  for (int s = 3; s < 5; ++s) {
-    ref.fill_grads(s);
-    again.fill_grads(s);
-    opt.step();
-    eng2.step();
-  }
+  for (int s = 3; s < 5; ++s) step_both(ref, opt, again, eng2, s);
   expect_same(again, ref, 1e-6, "resumed from one rank's skewed planes");
   g_comm->barrier();
   if (g_comm->rank() == 0) {

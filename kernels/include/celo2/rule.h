@@ -52,7 +52,6 @@ struct Geometry {
   std::string shape_str() const;
 };
 
-// Optimizer state of one tensor; planar layout (decay-major): m[k * numel + i].
 // The stride of per-element state planes (m[k * plane + i]) for `n` elements: n below 4096,
 // else n rounded up to 16 floats plus 4 KiB + 64 B. Planes exactly a large power of two
 // apart (a 2048×8192 tensor: 64 MiB) contend for the same cache sets and DRAM banks while
@@ -60,6 +59,8 @@ struct Geometry {
 // 3.6–3.8 ns per element with planes n apart and 2.6–2.8 with this skew (docs/PERF.md).
 int64_t state_plane(int64_t n);
 
+// Optimizer state of one tensor; planar layout (decay-major): m[k * stride + i], stride =
+// numel (packed) or state_plane(numel).
 struct RuleState {
   std::vector<float> m;       // kMom * stride
   std::vector<float> rms;     // kRms * stride
