@@ -237,32 +237,74 @@ int parse_split_apply(const std::string& s) {
   throw std::invalid_argument("split apply: expected auto, product or polynomial, got '" + s + "'");
 }
 
-OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
-                  const NsCostModel& model, int force, int force_poly) {
-  const int W = static_cast<int>(cuts.size()) - 1;
-  if (W < 1) throw std::invalid_argument("plan_ns: no ranks");
-  if (force < 0) throw std::invalid_argument("plan_ns: negative group size " + std::to_string(force));
-  const size_t n = mats.size();
-  std::vector<double> t1(n);
-  double total1 = 0;
-  for (size_t i = 0; i < n; ++i) total1 += t1[i] = ns_time(cfg, model, mats[i].rows, mats[i].cols, 1);
-  const double mean = total1 / W;
-  // A matrix's way of forming the polynomial and per-rank time in a group of s, computed once
-  // per (matrix, s): the packing loop below asks for them many times.
+namespace {
+
+// plan_ns's search: one packing (pack) of nominal group sizes, and three ways to propose
+// sizes (doublings, the bound's sizes, mixed sizes within a kind), each keeping the best
+// packing seen in `best` / `best_g`.
+class NsPlanner {
+ public:
+  NsPlanner(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
+            const NsCostModel& model, int force, int force_poly)
+      : mats_(mats), cuts_(cuts), cfg_(cfg), model_(model), force_(force), force_poly_(force_poly),
+        W_(static_cast<int>(cuts.size()) - 1), n_(mats.size()), t1_(n_) {
+    if (W_ < 1) throw std::invalid_argument("plan_ns: no ranks");
+    if (force < 0) throw std::invalid_argument("plan_ns: negative group size " + std::to_string(force));
+    double total1 = 0;
+    for (size_t i = 0; i < n_; ++i) total1 += t1_[i] = ns_time(cfg, model, mats[i].rows, mats[i].cols, 1);
+    mean_ = total1 / W_;
+    // The bytes splits may add on any rank (NsCostModel::group_bytes_share of what ZeRO-1
+    // sends per step: a reduce-scatter of the gradients and an all-gather of the parameters,
+    // 2 · 4N (W−1)/W); none when the share is 0.
+    byte_budget_ = model.group_bytes_share > 0
+                       ? model.group_bytes_share * 2.0 * 4.0 * static_cast<double>(cuts[W_]) * (W_ - 1) / W_
+                       : std::numeric_limits<double>::infinity();
+  }
+
+  OwnerPlan run() {
+    best_g_.assign(n_, force_ >= 2 ? std::min(force_, W_) : 1);
+    best_ = pack(best_g_);
+    const double unsplit = force_ >= 2 ? pack(std::vector<int>(n_, 1)).imbalance : best_.imbalance;
+    if (force_ == 0 && W_ > 1) {
+      try_doublings();
+      const Kinds kinds(mats_);
+      try_bound_sizes(kinds);
+      try_mixed_sizes(kinds);
+    }
+    // Splits stay only where they cut the busiest rank's modelled time by 10 % or more:
+    // below that the model's error is larger than the gain (measured on a 2-core CPU: a
+    // modelled 6 % gain at W = 2 was not visible within ±20 % run-to-run noise; docs/PERF.md).
+    constexpr double kMinGain = 1.10;
+    if (force_ == 0 && best_.imbalance * kMinGain > unsplit) best_ = pack(std::vector<int>(n_, 1));
+    best_.imbalance_unsplit = unsplit;
+    return std::move(best_);
+  }
+
+ private:
+  // A matrix's way of forming the polynomial and per-rank time in a group of s, computed
+  // once per (matrix, s): the packings ask for them many times.
   struct InGroup {
     double t;
     bool poly;
   };
-  std::unordered_map<int64_t, InGroup> in_group;
-  auto eval = [&](size_t i, int s) -> const InGroup& {
-    const int64_t key = static_cast<int64_t>(i) * (W + 1) + s;
-    if (auto it = in_group.find(key); it != in_group.end()) return it->second;
-    const bool poly = ns_split_poly(cfg, model, mats[i].rows, mats[i].cols, s, force_poly);
-    const double t = s <= 1 ? t1[i] : ns_time(cfg, model, mats[i].rows, mats[i].cols, s, poly);
-    return in_group.emplace(key, InGroup{t, poly}).first->second;
-  };
-  auto poly_in = [&](size_t i, int s) { return eval(i, s).poly; };
-  auto time_in = [&](size_t i, int s) { return eval(i, s).t; };
+  const InGroup& eval(size_t i, int s) {
+    const int64_t key = static_cast<int64_t>(i) * (W_ + 1) + s;
+    if (auto it = in_group_.find(key); it != in_group_.end()) return it->second;
+    const bool poly = ns_split_poly(cfg_, model_, mats_[i].rows, mats_[i].cols, s, force_poly_);
+    const double t = s <= 1 ? t1_[i] : ns_time(cfg_, model_, mats_[i].rows, mats_[i].cols, s, poly);
+    return in_group_.emplace(key, InGroup{t, poly}).first->second;
+  }
+  bool poly_in(size_t i, int s) { return eval(i, s).poly; }
+  double time_in(size_t i, int s) { return eval(i, s).t; }
+
+  // Keeps p (with nominal sizes g) as the best if it fits the byte budget and beats the best.
+  bool offer(OwnerPlan&& p, const std::vector<int>& g) {
+    if (p.group_bytes_max > byte_budget_ || !(p.imbalance < best_.imbalance)) return false;
+    best_ = std::move(p);
+    best_g_ = g;
+    return true;
+  }
+
   // Places every matrix for nominal group sizes g, in the order the engine runs them (its
   // Newton–Schulz phase): first the groups, in split_order, each in lockstep (a group starts
   // when its last member is free, since every iteration's all-reduce waits for all of them,
@@ -271,7 +313,9 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
   // aligned block that frees first; single owners largest first, to the rank that already
   // holds most of the matrix unless that would pass 1.1x the balanced load, else to the rank
   // that frees first.
-  auto pack = [&](const std::vector<int>& g) {
+  OwnerPlan pack(const std::vector<int>& g) {
+    const int W = W_;
+    const size_t n = n_;
     OwnerPlan p;
     p.load.assign(W, 0.0);
     p.owner.assign(n, 0);
@@ -294,7 +338,7 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       double best_score = 0;
       for (int q = 0; q * g[i] < W; ++q) {
         const int a = q * g[i], b = std::min(W, a + g[i]);
-        if (force >= 2 && q > 0 && b - a < g[i]) break;  // forced: full groups only
+        if (force_ >= 2 && q > 0 && b - a < g[i]) break;  // forced: full groups only
         const double start = *std::max_element(p.load.begin() + a, p.load.begin() + b);
         const double score = start + time_in(i, b - a);
         if (q == 0 || score < best_score) {
@@ -317,16 +361,16 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
     const double capacity = std::max(kOwnerSlack * work / W, tmax);
     for (size_t i : order) {
       if (g[i] > 1 && !alone[i]) continue;
-      const int64_t lo_i = mats[i].flat_lo, hi_i = lo_i + mats[i].rows * mats[i].cols;
+      const int64_t lo_i = mats_[i].flat_lo, hi_i = lo_i + mats_[i].rows * mats_[i].cols;
       const double ti = time_in(i, 1);
       // The ranks a matrix overlaps are consecutive: find them by the slice arithmetic.
       const int first = static_cast<int>(
-          std::min<int64_t>(W - 1, std::upper_bound(cuts.begin(), cuts.end(), lo_i) - cuts.begin() - 1));
+          std::min<int64_t>(W - 1, std::upper_bound(cuts_.begin(), cuts_.end(), lo_i) - cuts_.begin() - 1));
       int best = -1;
       int64_t best_overlap = 0;
-      for (int k = std::max(0, first - 1); k < W && cuts[k] < hi_i; ++k) {
+      for (int k = std::max(0, first - 1); k < W && cuts_[k] < hi_i; ++k) {
         int64_t lo = 0;
-        const int64_t ov = overlap(lo_i, hi_i, cuts[k], cuts[k + 1], &lo);
+        const int64_t ov = overlap(lo_i, hi_i, cuts_[k], cuts_[k + 1], &lo);
         if (ov > best_overlap && p.load[k] + ti <= capacity) {
           best = k;
           best_overlap = ov;
@@ -336,98 +380,88 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
       p.owner[i] = best;
       p.load[best] += ti;
     }
-    p.imbalance = mean > 0 ? *std::max_element(p.load.begin(), p.load.end()) / mean : 1.0;
+    p.imbalance = mean_ > 0 ? *std::max_element(p.load.begin(), p.load.end()) / mean_ : 1.0;
     // The groups' collective bytes of the busiest rank (split_ns_cost, as counted).
     std::vector<double> bytes(W, 0.0);
     for (size_t i = 0; i < n; ++i) {
       const int s = std::min(p.group[i], W - p.owner[i]);
       if (s <= 1) continue;
       const double b =
-          split_ns_cost(cfg, std::min(mats[i].rows, mats[i].cols), s, p.split_poly[i] != 0).bytes_per_rank;
+          split_ns_cost(cfg_, std::min(mats_[i].rows, mats_[i].cols), s, p.split_poly[i] != 0).bytes_per_rank;
       for (int k = p.owner[i]; k < p.owner[i] + s; ++k) bytes[k] += b;
     }
     p.group_bytes_max = *std::max_element(bytes.begin(), bytes.end());
     return p;
-  };
-  // The bytes splits may add on any rank (NsCostModel::group_bytes_share of what ZeRO-1 sends
-  // per step: a reduce-scatter of the gradients and an all-gather of the parameters,
-  // 2 · 4N (W−1)/W); none when the share is 0.
-  const double byte_budget = model.group_bytes_share > 0
-                                 ? model.group_bytes_share * 2.0 * 4.0 * static_cast<double>(cuts[W]) * (W - 1) / W
-                                 : std::numeric_limits<double>::infinity();
-  std::vector<int> g(n, force >= 2 ? std::min(force, W) : 1);
-  OwnerPlan best = pack(g);
-  const double unsplit = force >= 2 ? pack(std::vector<int>(n, 1)).imbalance : best.imbalance;
-  if (force == 0 && W > 1) {
-    std::vector<int> best_g = g;  // the group sizes of `best`
-    // While the largest per-rank times bound the step, the matrix with the largest per-rank
-    // time doubles its group if that lowers its own time; the best packing seen is kept.
-    // A doubling that would pass the byte budget is undone and that matrix keeps its group.
-    std::vector<char> capped(n, 0);
-    for (int round = 0; round < 4096 && best.imbalance > 1.1; ++round) {
-      size_t pick = n;
-      for (size_t i = 0; i < n; ++i)
-        if (!capped[i] && g[i] * 2 <= W && time_in(i, g[i] * 2) < time_in(i, g[i]) &&
-            (pick == n || time_in(i, g[i]) > time_in(pick, g[pick])))
+  }
+
+  // First candidates: while the largest per-rank times bound the step, the matrix with the
+  // largest per-rank time doubles its group if that lowers its own time. A doubling that
+  // would pass the byte budget is undone and that matrix keeps its group.
+  void try_doublings() {
+    std::vector<int> g = best_g_;
+    std::vector<char> capped(n_, 0);
+    for (int round = 0; round < 4096 && best_.imbalance > 1.1; ++round) {
+      size_t pick = n_;
+      for (size_t i = 0; i < n_; ++i)
+        if (!capped[i] && g[i] * 2 <= W_ && time_in(i, g[i] * 2) < time_in(i, g[i]) &&
+            (pick == n_ || time_in(i, g[i]) > time_in(pick, g[pick])))
           pick = i;
-      if (pick == n) break;  // no matrix gains from a larger group
+      if (pick == n_) break;  // no matrix gains from a larger group
       g[pick] *= 2;
       OwnerPlan p = pack(g);
-      if (p.group_bytes_max > byte_budget) {
+      if (p.group_bytes_max > byte_budget_) {
         g[pick] /= 2;
         capped[pick] = 1;
         continue;
       }
-      if (p.imbalance < best.imbalance) {
-        best = std::move(p);
-        best_g = g;
-      }
+      offer(std::move(p), g);
     }
-    // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
-    // own way of forming each polynomial), at its least makespan and a little above it
-    // (packing loses some of it), any group size, not only doublings.
-    const Kinds kinds(mats);
-    if (best.imbalance > 1.1) {
-      const GroupTimes gt(kinds, W, time_in);
-      const double T = gt.least_makespan(W, false);
-      std::vector<int> g_of;
-      for (double f : {1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0}) {
-        if (!gt.sizes(T * f, W, &g_of)) continue;
-        std::vector<int> gs(n);
-        for (size_t i = 0; i < n; ++i) gs[i] = g_of[kinds.of[i]];
-        OwnerPlan p = pack(gs);
-        if (p.group_bytes_max <= byte_budget && p.imbalance < best.imbalance) {
-          best = std::move(p);
-          best_g = gs;
-        }
-      }
+  }
+
+  // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
+  // own way of forming each polynomial), at its least makespan and a little above it
+  // (packing loses some of it), any group size, not only doublings.
+  void try_bound_sizes(const Kinds& kinds) {
+    if (best_.imbalance <= 1.1) return;
+    const GroupTimes gt(kinds, W_, [this](size_t i, int s) { return time_in(i, s); });
+    const double T = gt.least_makespan(W_, false);
+    std::vector<int> g_of;
+    for (double f : {1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0}) {
+      if (!gt.sizes(T * f, W_, &g_of)) continue;
+      std::vector<int> gs(n_);
+      for (size_t i = 0; i < n_; ++i) gs[i] = g_of[kinds.of[i]];
+      offer(pack(gs), gs);
     }
-    // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
-    // matrices of one kind (k = 1 .. all) take another group size (1-6, 8, 10, 12 or 16); the
-    // best change is kept, and the search repeats while it improves (one size per kind cannot
-    // express, say, some matrices of a kind split in pairs beside whole ones). At most 48
-    // values of k per kind and 4,000 packings in all, so that models with many shapes and
-    // ranks plan in seconds.
+  }
+
+  // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
+  // matrices of one kind (k = 1 .. all) take another group size (1-6, 8, 10, 12 or 16); the
+  // best change is kept, and the search repeats while it improves (one size per kind cannot
+  // express, say, some matrices of a kind split in pairs beside whole ones). At most 48
+  // values of k per kind and 4,000 packings in all, so that models with many shapes and
+  // ranks plan in seconds.
+  void try_mixed_sizes(const Kinds& kinds) {
     int packings = 0;
     constexpr int kMaxPackings = 4000;
-    for (int round = 0; round < 4 && best.imbalance > 1.1 && packings < kMaxPackings; ++round) {
+    for (int round = 0; round < 4 && best_.imbalance > 1.1 && packings < kMaxPackings; ++round) {
       OwnerPlan round_best;
       std::vector<int> round_g;
-      double round_imb = best.imbalance;
+      double round_imb = best_.imbalance;
       for (size_t kd = 0; kd < kinds.count.size(); ++kd)
         for (int gn : {1, 2, 3, 4, 5, 6, 8, 10, 12, 16}) {
-          if (gn > W) continue;
-          std::vector<int> gs = best_g;
-          const size_t step = std::max<size_t>(1, static_cast<size_t>(kinds.count[kd]) / 48);
-          for (size_t i = 0, k = 0; i < n && k < static_cast<size_t>(kinds.count[kd]); ++i) {
+          if (gn > W_) continue;
+          std::vector<int> gs = best_g_;
+          const size_t count = static_cast<size_t>(kinds.count[kd]);
+          const size_t step = std::max<size_t>(1, count / 48);
+          for (size_t i = 0, k = 0; i < n_ && k < count; ++i) {
             if (kinds.of[i] != static_cast<int>(kd)) continue;
             ++k;
             if (gs[i] == gn) continue;
             gs[i] = gn;
-            if ((k % step != 0 && k != static_cast<size_t>(kinds.count[kd])) || packings >= kMaxPackings) continue;
+            if ((k % step != 0 && k != count) || packings >= kMaxPackings) continue;
             ++packings;
             OwnerPlan p = pack(gs);
-            if (p.group_bytes_max <= byte_budget && p.imbalance < round_imb * (1 - 1e-9)) {
+            if (p.group_bytes_max <= byte_budget_ && p.imbalance < round_imb * (1 - 1e-9)) {
               round_imb = p.imbalance;
               round_best = std::move(p);
               round_g = gs;
@@ -435,17 +469,29 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
           }
         }
       if (round_g.empty()) break;
-      best = std::move(round_best);
-      best_g = std::move(round_g);
+      best_ = std::move(round_best);
+      best_g_ = std::move(round_g);
     }
   }
-  // Splits stay only where they cut the busiest rank's modelled time by 10 % or more: below
-  // that the model's error is larger than the gain (measured on a 2-core CPU: a modelled 6 %
-  // gain at W = 2 was not visible within ±20 % run-to-run noise; docs/PERF.md).
-  constexpr double kMinGain = 1.10;
-  if (force == 0 && best.imbalance * kMinGain > unsplit) best = pack(std::vector<int>(n, 1));
-  best.imbalance_unsplit = unsplit;
-  return best;
+
+  const std::vector<NsMatrix>& mats_;
+  const std::vector<int64_t>& cuts_;
+  const RuleConfig& cfg_;
+  const NsCostModel& model_;
+  const int force_, force_poly_, W_;
+  const size_t n_;
+  std::vector<double> t1_;
+  double mean_ = 0, byte_budget_ = 0;
+  std::unordered_map<int64_t, InGroup> in_group_;
+  OwnerPlan best_;
+  std::vector<int> best_g_;  // the nominal group sizes of best_
+};
+
+}  // namespace
+
+OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>& cuts, const RuleConfig& cfg,
+                  const NsCostModel& model, int force, int force_poly) {
+  return NsPlanner(mats, cuts, cfg, model, force, force_poly).run();
 }
 
 double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig& cfg, const NsCostModel& model) {
