@@ -34,10 +34,11 @@ namespace celo2 {
 // slice (planar, as RuleState: m[k * stride + i], stride >= len) and the small replicated
 // factored vectors.
 struct SliceState {
-  std::vector<float> m, rms, v_diag, v_row, v_col;  // celo2
-  std::vector<float> mu, nu;                         // adamw
-  int64_t plane = 0;  // the Celo2 planes' stride; 0: len (packed)
-  int64_t stride(int64_t len) const { return plane > 0 ? plane : len; }
+  // celo2: m, rms, v_diag over the slice's len elements, `rule.plane` apart (0: len, packed),
+  // and the tensor's whole v_row / v_col. Its `iteration` is not kept here (the engine
+  // counts updates per tensor and hands the count to each call).
+  RuleState rule;
+  std::vector<float> mu, nu;  // adamw
   // Zeros for `label` on a slice of `len` elements of a tensor of geometry `geo`, the Celo2
   // planes `plane` apart (0: len).
   static SliceState zeros(Label label, const Geometry& geo, int64_t len, int64_t plane = 0);

@@ -16,15 +16,16 @@ SliceState SliceState::zeros(Label label, const Geometry& geo, int64_t len, int6
   SliceState s;
   if (label == Label::kCelo2) {
     if (plane < 0 || (plane > 0 && plane < len)) throw std::invalid_argument("SliceState: plane stride below the slice");
-    s.plane = plane;
-    const int64_t P = s.stride(len);
-    s.m.assign(kMom * P, 0.0f);
-    s.rms.assign(kRms * P, 0.0f);
+    RuleState& r = s.rule;
+    r.plane = plane;
+    const int64_t P = r.stride(len);
+    r.m.assign(kMom * P, 0.0f);
+    r.rms.assign(kRms * P, 0.0f);
     if (geo.factored) {
-      s.v_row.assign(kFac * geo.row_count, 0.0f);
-      s.v_col.assign(kFac * geo.col_count, 0.0f);
+      r.v_row.assign(kFac * geo.row_count, 0.0f);
+      r.v_col.assign(kFac * geo.col_count, 0.0f);
     } else {
-      s.v_diag.assign(kFac * P, 0.0f);
+      r.v_diag.assign(kFac * P, 0.0f);
     }
   } else if (label == Label::kAdamW) {
     s.mu.assign(len, 0.0f);
@@ -86,8 +87,9 @@ class HostBackend : public Backend {
   int64_t state_bytes() const override {
     int64_t f = 0;
     for (const SliceState& s : states_)
-      f += static_cast<int64_t>(s.m.capacity() + s.rms.capacity() + s.v_diag.capacity() + s.v_row.capacity() +
-                                s.v_col.capacity() + s.mu.capacity() + s.nu.capacity());
+      f += static_cast<int64_t>(s.rule.m.capacity() + s.rule.rms.capacity() + s.rule.v_diag.capacity() +
+                                s.rule.v_row.capacity() + s.rule.v_col.capacity() + s.mu.capacity() +
+                                s.nu.capacity());
     return f * static_cast<int64_t>(sizeof(float));
   }
   bool slice_phases() const override { return !reference_; }
@@ -98,22 +100,10 @@ class HostBackend : public Backend {
 
   void rule_whole(const RuleConfig& cfg, const Theta& theta, const std::vector<Whole>& tensors) override {
     for (const Whole& w : tensors) {
-      SliceState& s = states_.at(w.t);
-      RuleState st;  // a view by swap: no copy of the state
-      st.m.swap(s.m);
-      st.rms.swap(s.rms);
-      st.v_row.swap(s.v_row);
-      st.v_col.swap(s.v_col);
-      st.v_diag.swap(s.v_diag);
-      st.plane = s.plane;
+      RuleState& st = states_.at(w.t).rule;
       st.iteration = w.iteration - 1;  // the rule counts this update itself
       if (reference_) celo2_reference(cfg, theta, *w.geo, st, w.g, w.p, w.u);
       else celo2_update(cfg, theta, *w.geo, st, w.g, w.p, w.u, ws_);
-      st.m.swap(s.m);
-      st.rms.swap(s.rms);
-      st.v_row.swap(s.v_row);
-      st.v_col.swap(s.v_col);
-      st.v_diag.swap(s.v_diag);
     }
   }
   double adamw(size_t t, const AdamWParams& a, int64_t n, float* p, const float* g) override {

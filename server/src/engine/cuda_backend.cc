@@ -160,12 +160,7 @@ class CudaBackend final : public Backend {
   SliceState get_state(size_t t) override {
     SliceState s;
     if (auto it = where_.find(t); it != where_.end()) {
-      RuleState r = groups_.at(it->second.first)->set->download_state(it->second.second);
-      s.m = std::move(r.m);
-      s.rms = std::move(r.rms);
-      s.v_row = std::move(r.v_row);
-      s.v_col = std::move(r.v_col);
-      s.v_diag = std::move(r.v_diag);
+      s.rule = groups_.at(it->second.first)->set->download_state(it->second.second);
     } else if (auto h = host_.find(t); h != host_.end()) {
       s = h->second;
     }
@@ -264,13 +259,7 @@ class CudaBackend final : public Backend {
   }
   void download_all() {
     for (const auto& [t, at] : where_) {
-      RuleState r = groups_.at(at.first)->set->download_state(at.second);
-      SliceState& s = host_[t];
-      s.m = std::move(r.m);
-      s.rms = std::move(r.rms);
-      s.v_row = std::move(r.v_row);
-      s.v_col = std::move(r.v_col);
-      s.v_diag = std::move(r.v_diag);
+      host_[t].rule = groups_.at(at.first)->set->download_state(at.second);
     }
     where_.clear();
     groups_.clear();
@@ -311,13 +300,7 @@ class CudaBackend final : public Backend {
         g->members.push_back(t);
         g->index_in_call.push_back(pos[k]);
         if (auto h = host_.find(t); h != host_.end()) {
-          RuleState r;
-          r.m = std::move(h->second.m);
-          r.rms = std::move(h->second.rms);
-          r.v_row = std::move(h->second.v_row);
-          r.v_col = std::move(h->second.v_col);
-          r.v_diag = std::move(h->second.v_diag);
-          g->set->upload_state(k, r);
+          g->set->upload_state(k, h->second.rule);  // packed: this backend's state_plane
           host_.erase(h);
         }
         where_[t] = {groups_.size(), k};

@@ -64,10 +64,10 @@ struct Engine::Entry {
     s.hi = hi;
     s.g = g_local + local_off;
     s.p = p_at(lo);
-    s.m = st.m.data();
-    s.rms = st.rms.data();
-    s.v_diag = st.v_diag.empty() ? nullptr : st.v_diag.data();
-    s.plane = st.stride(len());
+    s.m = st.rule.m.data();
+    s.rms = st.rule.rms.data();
+    s.v_diag = st.rule.v_diag.empty() ? nullptr : st.rule.v_diag.data();
+    s.plane = st.rule.stride(len());
     s.u = u_local + local_off;
     return s;
   }
@@ -836,8 +836,8 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
     Entry& e = *celo[k];
     if (e.geo.factored) {
       const double* base = stat.data() + e.stat_off;
-      phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, hs[k]->v_row.data(),
-                            hs[k]->v_col.data(), e.tables);
+      phase_update_factored(cfg, e.geo, sc[k], base, base + e.geo.row_count, hs[k]->rule.v_row.data(),
+                            hs[k]->rule.v_col.data(), e.tables);
     }
   }
   // Per item: partial sums over the normalization groups the item touches.
@@ -1217,8 +1217,8 @@ StateFile Engine::collect_state(bool all_ranks) {
     r.count = e.count;
     if (e.label == Label::kCelo2 && e.geo.factored && !e.needs_reset) {
       // Replicated on every rank in the flat plan; on the tensor's rank in the whole plan.
-      r.v_row = mine[i].v_row;
-      r.v_col = mine[i].v_col;
+      r.v_row = mine[i].rule.v_row;
+      r.v_col = mine[i].rule.v_col;
       if (whole() && W > 1) {
         const int holder = std::min(
             W - 1, static_cast<int>(std::upper_bound(cuts_.begin(), cuts_.end(), e.offset) - cuts_.begin()) - 1);
@@ -1272,20 +1272,26 @@ StateFile Engine::collect_state(bool all_ranks) {
         }
       }
   };
-  using Field = std::vector<float> SliceState::*;
-  auto plane = [&](Label label, Field field, RecField dst, int planes, bool factored_too) {
+  // field(s): the plane's array in a slice's state; Celo2's planes are rule.plane apart,
+  // AdamW's packed.
+  auto plane = [&](Label label, auto field, RecField dst, int planes, bool factored_too) {
     gather_plane([&](const Entry& e) { return e.label == label && !e.needs_reset && (factored_too || !e.geo.factored); },
-                 [&](size_t i) -> const std::vector<float>& { return mine[i].*field; },
-                 [&](size_t i) { return mine[i].stride(entries_[i]->len()); }, dst, planes);
+                 [&](size_t i) -> const std::vector<float>& { return field(mine[i]); },
+                 [&](size_t i) {
+                   const int64_t len = entries_[i]->len();
+                   return label == Label::kCelo2 ? mine[i].rule.stride(len) : len;
+                 },
+                 dst, planes);
   };
   gather_plane([](const Entry& e) { return e.lowp() && e.master_lo == e.lo && e.master_hi == e.hi; },
                [&](size_t i) -> const std::vector<float>& { return masters[i]; },
                [&](size_t i) { return entries_[i]->len(); }, &TensorStateRecord::master, 1);
-  plane(Label::kCelo2, &SliceState::m, &TensorStateRecord::m, kMom, true);
-  plane(Label::kCelo2, &SliceState::rms, &TensorStateRecord::rms, kRms, true);
-  plane(Label::kCelo2, &SliceState::v_diag, &TensorStateRecord::v_diag, kFac, false);
-  plane(Label::kAdamW, &SliceState::mu, &TensorStateRecord::mu, 1, true);
-  plane(Label::kAdamW, &SliceState::nu, &TensorStateRecord::nu, 1, true);
+  using S = const SliceState&;
+  plane(Label::kCelo2, [](S s) -> const auto& { return s.rule.m; }, &TensorStateRecord::m, kMom, true);
+  plane(Label::kCelo2, [](S s) -> const auto& { return s.rule.rms; }, &TensorStateRecord::rms, kRms, true);
+  plane(Label::kCelo2, [](S s) -> const auto& { return s.rule.v_diag; }, &TensorStateRecord::v_diag, kFac, false);
+  plane(Label::kAdamW, [](S s) -> const auto& { return s.mu; }, &TensorStateRecord::mu, 1, true);
+  plane(Label::kAdamW, [](S s) -> const auto& { return s.nu; }, &TensorStateRecord::nu, 1, true);
   return f;
 }
 
@@ -1302,12 +1308,12 @@ void Engine::install_state(size_t i, const TensorStateRecord& r) {
   };
   SliceState s;
   if (e.label == Label::kCelo2) {
-    s.plane = stride;
-    s.m = take(r.m, kMom);
-    s.rms = take(r.rms, kRms);
-    s.v_row = r.v_row;
-    s.v_col = r.v_col;
-    if (!e.geo.factored) s.v_diag = take(r.v_diag, kFac);
+    s.rule.plane = stride;
+    s.rule.m = take(r.m, kMom);
+    s.rule.rms = take(r.rms, kRms);
+    s.rule.v_row = r.v_row;
+    s.rule.v_col = r.v_col;
+    if (!e.geo.factored) s.rule.v_diag = take(r.v_diag, kFac);
   } else if (e.label == Label::kAdamW) {
     s.mu = take(r.mu, 1);
     s.nu = take(r.nu, 1);
