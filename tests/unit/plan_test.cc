@@ -101,8 +101,8 @@ TEST(PlanNs, TheBoundHoldsAgainstEveryPlanOfSmallCases) {
   model.latency = 1e-7;
   std::mt19937 rng(7);
   std::uniform_int_distribution<int> dim(2, 6);
-  for (int trial = 0; trial < 12; ++trial) {
-    const int W = 2 + trial % 3, n = 2 + trial % 2;
+  for (int trial = 0; trial < 18; ++trial) {
+    const int W = 2 + trial % 3, n = 2 + trial % 3;
     Case c;
     for (int i = 0; i < n; ++i) {
       const int64_t r = 8 * dim(rng), cols = 16 * dim(rng);
@@ -148,6 +148,27 @@ TEST(PlanNs, TheBoundHoldsAgainstEveryPlanOfSmallCases) {
     EXPECT_LE(bound, best / mean * (1 + 1e-9)) << "trial " << trial << " W=" << W;
     EXPECT_GE(bound, 1.0);
   }
+}
+
+// The bound's packing term: three equal matrices on two ranks, where a group never pays (its
+// call latency is a second), must share a rank two to one; the area alone would allow 1.5
+// matrices per rank. The bound is then exactly the best plan, 2 / 1.5, and the planner finds it.
+TEST(PlanNs, TheBoundSeesMatricesThatCannotShareARank) {
+  const RuleConfig cfg;
+  NsCostModel model;
+  model.latency = 1.0;
+  Case c;
+  for (int i = 0; i < 3; ++i) {
+    c.mats.push_back({c.n, 64, 64});
+    c.n += 64 * 64;
+  }
+  EXPECT_NEAR(ns_load_bound(c.mats, 2, cfg, model), 4.0 / 3.0, 1e-9);
+  const OwnerPlan p = plan_ns(c.mats, {0, c.n / 2, c.n}, cfg, model);
+  EXPECT_NEAR(p.imbalance, 4.0 / 3.0, 1e-9);
+  // With a fourth matrix the area and the packing agree: two per rank.
+  c.mats.push_back({c.n, 64, 64});
+  c.n += 64 * 64;
+  EXPECT_NEAR(ns_load_bound(c.mats, 2, cfg, model), 1.0, 1e-9);
 }
 
 }  // namespace

@@ -135,8 +135,9 @@ OwnerPlan plan_ns(const std::vector<NsMatrix>& mats, const std::vector<int64_t>&
 // makespan T such that every matrix has a group size g <= W with ns_time(g) <= T (either way
 // of forming the polynomial) and the rank-time the groups hold, Σ g·ns_time(g), fits in W·T.
 // ns_time is the busiest member of an even column split; any other split has a member at
-// least as wide, so the bound holds for uneven splits too. It ignores how groups pack onto
-// ranks, so it is not always reachable.
+// least as wide, so the bound holds for uneven splits too. Packing enters in one way: a
+// matrix that, run alone, leaves its rank less time than any other matrix needs keeps that
+// rank to itself, or else pays its least split rank-time. It is not always reachable.
 double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig& cfg, const NsCostModel& model);
 
 // Member j's block of a matrix split over `size` ranks, and its runs in the flat index space.

@@ -74,16 +74,49 @@ struct GroupTimes {
     }
     return area <= W * T;
   }
-  // The least such T (binary search; everything on one rank, T = total, is always possible).
-  // lower: the largest T found impossible (a bound from below), else the least found possible.
-  double least_makespan(int W, bool lower) const {
+  // sizes() refined by the ranks that a long matrix keeps to itself: a matrix whose time alone
+  // t(1) leaves less than any other matrix's shortest time d = min_g t(g) under T shares its
+  // rank with nothing when it runs alone; split (g >= 2), it holds the rank-time g·t(g). So T
+  // needs Σ over such matrices of min(1 rank, least split rank-time / T) plus the others'
+  // least rank-time / T to fit in W ranks (the ranks of the lone ones hold nothing else; the
+  // rest hold every other piece). Without such matrices this is sizes()'s area test.
+  bool fits(double T, int W) const {
+    const size_t K = t.size();
+    std::vector<double> d(K, std::numeric_limits<double>::infinity());
+    for (size_t s = 0; s < K; ++s)
+      for (int g = 1; g <= W; ++g) d[s] = std::min(d[s], t[s][g]);
+    double ranks = 0;
+    for (size_t s = 0; s < K; ++s) {
+      double other = count[s] >= 2 ? d[s] : std::numeric_limits<double>::infinity();
+      for (size_t u = 0; u < K; ++u)
+        if (u != s) other = std::min(other, d[u]);
+      double area = std::numeric_limits<double>::infinity(), split = area;  // least g·t(g) with t(g) <= T
+      for (int g = 1; g <= W; ++g)
+        if (t[s][g] <= T) {
+          area = std::min(area, g * t[s][g]);
+          if (g >= 2) split = std::min(split, g * t[s][g]);
+        }
+      if (!std::isfinite(area)) return false;
+      const bool lone = t[s][1] <= T && t[s][1] + other > T;
+      ranks += count[s] * (lone ? std::min(1.0, split / T) : area / T);
+    }
+    return ranks <= W * (1 + 1e-12);
+  }
+  // The least T that passes `test` (sizes or fits; binary search; everything on one rank,
+  // T = total, always passes). lower: the largest T found to fail (a bound from below), else
+  // the least found to pass.
+  template <class Test>
+  double least_makespan(int W, bool lower, Test test) const {
     double lo = total / W, hi = total;
-    if (sizes(lo, W)) return lo;
+    if (test(lo)) return lo;
     for (int it = 0; it < 200 && hi > lo * (1 + 1e-12); ++it) {
       const double mid = 0.5 * (lo + hi);
-      (sizes(mid, W) ? hi : lo) = mid;
+      (test(mid) ? hi : lo) = mid;
     }
     return lower ? lo : hi;
+  }
+  double least_makespan(int W, bool lower) const {
+    return least_makespan(W, lower, [&](double T) { return sizes(T, W); });
   }
 };
 }  // namespace
@@ -501,7 +534,7 @@ double ns_load_bound(const std::vector<NsMatrix>& mats, int W, const RuleConfig&
     return g <= 1 ? ns_time(cfg, model, m.rows, m.cols, 1)
                   : std::min(ns_time(cfg, model, m.rows, m.cols, g, false), ns_time(cfg, model, m.rows, m.cols, g, true));
   });
-  return gt.total > 0 ? gt.least_makespan(W, true) / (gt.total / W) : 1.0;
+  return gt.total > 0 ? gt.least_makespan(W, true, [&](double T) { return gt.fits(T, W); }) / (gt.total / W) : 1.0;
 }
 
 }  // namespace celo2
