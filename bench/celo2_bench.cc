@@ -343,6 +343,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-ns", o.no_ns,
                "skip Newton-Schulz (section 4, the orthogonalized rule, the NS-shaped sgemm)");
   app.add_option("--json", o.json_path, "write every number to this JSON file");
+  bool no_prefetch = false;
+  app.add_flag("--no-prefetch", no_prefetch,
+               "the rule's passes without software prefetch (celo2/isa.h cpu_prefetch), to measure what it gives");
   std::string isa_name = "auto";
   app.add_option("--isa", isa_name,
                  "copy of the rule's hot loops: auto (the best this CPU runs), avx512, avx2, base")
@@ -382,6 +385,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     celo2::set_cpu_isa(celo2::parse_cpu_isa(isa_name));
+    celo2::set_cpu_prefetch(!no_prefetch);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "celo2-bench: --isa: %s\n", e.what());
     return 2;
@@ -441,12 +445,13 @@ int main(int argc, char** argv) {
                    {"threads_all", all}, {"vector_bytes", celo2::bench::kNativeVecBytes},
                    {"openblas_core", corename}, {"blas_threading", celo2::blas_threading()},
                    {"statistic", "median"},
-                   {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())}};
+                   {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())},
+                   {"rule_prefetch", celo2::cpu_prefetch()}};
   std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s "
-              "(%s threads), %d-byte vectors, rule copy %s\n",
+              "(%s threads), %d-byte vectors, rule copy %s%s\n",
               o.quick ? "quick" : "full", all, o.reps, corename, celo2::blas_threading(),
               celo2::bench::kNativeVecBytes,
-              celo2::cpu_isa_name(celo2::cpu_isa()));
+              celo2::cpu_isa_name(celo2::cpu_isa()), celo2::cpu_prefetch() ? "" : ", no prefetch");
 
   // ----- 1. Machine rates -----------------------------------------------------------------
   print_rule('=');

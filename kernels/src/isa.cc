@@ -124,4 +124,11 @@ namespace fast {
 const Kernels& kernels() { return *table_of(cpu_isa()); }
 }  // namespace fast
 
+namespace {
+std::atomic<bool> g_prefetch{true};
+}  // namespace
+
+bool cpu_prefetch() { return g_prefetch.load(std::memory_order_relaxed); }
+void set_cpu_prefetch(bool on) { g_prefetch.store(on, std::memory_order_relaxed); }
+
 }  // namespace celo2

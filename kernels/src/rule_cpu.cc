@@ -116,6 +116,7 @@ fast::Elems elems_of(const StepConstants& sc, const Slice& s) {
   e.u = s.u;
   for (int k = 0; k < kMom; ++k) e.bc_mom[k] = sc.bc_mom[k];
   e.bc_rms = sc.bc_rms[0];
+  e.prefetch = cpu_prefetch();
   return e;
 }
 
@@ -254,6 +255,7 @@ fast::Accum accum_of(const StepConstants& sc, const Slice& s) {
   for (int k = 0; k < kFac; ++k) a.beta_fac[k] = sc.fac[k];
   a.beta_rms = sc.rms[0];
   a.bc_rms = sc.bc_rms[0];
+  a.prefetch = cpu_prefetch();
   return a;
 }
 

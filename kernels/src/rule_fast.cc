@@ -51,12 +51,14 @@ constexpr const char* kName = "base";
 constexpr int kBlk = 2 * kV;
 static_assert(kBlk <= kBlockMax);
 
-// Software prefetch of the streams a pass walks, kAhead floats (4 KiB) ahead of the element
+// Software prefetch of the streams a pass walks, 768 floats (3 KiB) ahead of the element
 // in hand. The passes read six to nine arrays at once (g, p, m's three planes, rms, v_diag's
 // three) and write some of them back; the hardware prefetcher alone left phase 1 and the MLP
 // pass waiting on memory (docs/PERF.md, "Software prefetch": phase 1 1.3x, the MLP pass
-// 1.1x faster on 16M-element matrices). The address is formed as an integer: a prefetch
-// past the end of an array neither faults nor counts as pointer arithmetic on it.
+// 1.1x faster on 16M-element matrices; 4 KiB ahead was slower: a write-intent prefetch with
+// the low address bits of a pending store). The address is formed as an integer: a prefetch
+// past the end of an array neither faults nor counts as pointer arithmetic on it. Elems and
+// Accum carry the switch (celo2/isa.h cpu_prefetch).
 constexpr uintptr_t kAhead = 768 * sizeof(float);
 template <class... T>
 inline void prefetch_read(const T*... p) {
@@ -223,7 +225,8 @@ inline void fill_2d_block(const Elems& e, const Matrix& mx, int64_t a, int64_t j
   const float* __restrict rr = e.rms + li0;
   const VF bc[3] = {splat(e.bc_mom[0]), splat(e.bc_mom[1]), splat(e.bc_mom[2])};
   const VF br = splat(e.bc_rms), gc = splat(ew::kGradClip);
-  for (int h = 0; h < kBlk; h += 16) prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h);
+  if (e.prefetch)
+    for (int h = 0; h < kBlk; h += 16) prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h);
 #pragma GCC unroll 2
   for (int h = 0; h < kBlk; h += kV) {
     const VF g = clampv(vload(gp + h), -gc, gc);
@@ -300,7 +303,7 @@ inline void fill_1d_n(const Elems& e, int64_t li0, int cnt, float* __restrict f)
   const float* __restrict rr = e.rms + li0;
   const float* __restrict vd = e.v_diag + li0;
   const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
-  if (N > 0)
+  if (N > 0 && e.prefetch)
     for (int h = 0; h < N; h += 16)
       prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h, vd + h, vd + P + h,
                     vd + 2 * P + h);
@@ -651,7 +654,7 @@ inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t
   const float* __restrict gp = e.g + li0;
   const float* __restrict m0 = e.m + li0;
   const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2];
-  if (N > 0)
+  if (N > 0 && e.prefetch)
     for (int h = 0; h < N; h += 16) prefetch_read(gp + h, m0 + h, m0 + P + h, m0 + 2 * P + h);
 #pragma omp simd
   for (int jj = 0; jj < cnt; ++jj) {
@@ -748,7 +751,8 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
         row_of = a;
       }
       float* u = e.u + (a * mx.cols + j - e.lo);
-      for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
+      if (e.prefetch)
+        for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
       mlp_core<kBlk, kElem2d>(m, w, f, m.col_bias + j, cnt, u, mag_sum, m.col_stride, row);
     });
   } else {
@@ -823,7 +827,8 @@ void mlp_1d(const Elems& e, const Mlp& m, double* mag_sum) {
     const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
     fill_1d<kBlk>(e, i - e.lo, cnt, f);
     float* u = e.u + (i - e.lo);
-    for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
+    if (e.prefetch)
+      for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
     mlp_core<kBlk, kElem1d>(m, w, f, bias, cnt, u, mag_sum);
   }
 }
@@ -900,13 +905,13 @@ inline void add_sq(VD& acc, VF x) {
 // One vector of elements: g, p, m0..m2, r (and vd0..vd2 for 1-D) at their pointers; the new
 // state stored back; the channels' squares into acc (15 for 1-D, kLocal2d for a matrix),
 // multiplied by keep first when kMasked. Returns q = g² + 1e-30. prefetch: also prefetch the
-// streams ahead (vectors of 16 floats do every time; narrower ones every 16 elements).
+// streams ahead (the callers ask on every vector of 16 floats, every 16 elements otherwise).
 template <bool k1d, bool kMasked>
 inline VF accum_vec(const AccumV& c, const float* gp, const float* pp, float* m0, float* m1, float* m2,
                     float* rr, float* vd0, float* vd1, float* vd2, VF keep, VD* acc,
                     bool prefetch = false) {
   const VF gc = splat(ew::kGradClip), one = splat(1.0f), qe = splat(ew::kQEps);
-  if (!kMasked && (kV >= 16 || prefetch)) {  // once per 64-byte line
+  if (!kMasked && prefetch) {  // the callers ask once per 64-byte line
     prefetch_read(gp, pp);
     prefetch_write(m0, m1, m2, rr);
     if constexpr (k1d) prefetch_write(vd0, vd1, vd2);
@@ -975,7 +980,8 @@ void accumulate_1d(const Accum& a, int64_t n, double* sumsq) {
   int64_t i = 0;
   for (; i + kV <= n; i += kV)
     accum_vec<true, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i, a.rms + i, a.v_diag + i,
-                           a.v_diag + P + i, a.v_diag + 2 * P + i, VF{}, acc, (i & 15) == 0);
+                           a.v_diag + P + i, a.v_diag + 2 * P + i, VF{}, acc,
+                           a.prefetch && (kV >= 16 || (i & 15) == 0));
   if (i < n) accum_tail<true>(c, a, i, static_cast<int>(n - i), acc, qt);
   flush_sq(acc, 15, sumsq);
 }
@@ -989,7 +995,8 @@ double accumulate_row(const Accum& a, int64_t n, double* col_q, double* sumsq) {
   int64_t i = 0;
   for (; i + kV <= n; i += kV) {
     const VF q = accum_vec<false, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i,
-                                         a.rms + i, nullptr, nullptr, nullptr, VF{}, acc, (i & 15) == 0);
+                                         a.rms + i, nullptr, nullptr, nullptr, VF{}, acc,
+                                         a.prefetch && (kV >= 16 || (i & 15) == 0));
     VD half[2];
     widen_halves(q, half[0], half[1]);
     for (int hh = 0; hh < kV; hh += kV / 2) {

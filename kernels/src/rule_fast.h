@@ -33,6 +33,7 @@ struct Elems {
   float* u = nullptr;             // output (slice-local)
   float bc_mom[3] = {1, 1, 1};
   float bc_rms = 1;
+  bool prefetch = true;           // prefetch the streams ahead (celo2/isa.h cpu_prefetch)
 };
 
 // A matrix (ndim == 2) of `cols` columns: the factored table indexed by the column j
@@ -84,6 +85,7 @@ struct Accum {
   float beta_mom[3] = {}, beta_rms = 0, beta_fac[3] = {};
   float bc_mom[3] = {1, 1, 1};
   float bc_rms = 1;
+  bool prefetch = true;     // as Elems::prefetch
 };
 inline constexpr int kLocal2d = 12;  // a matrix's element-local channels: spec 0-10 and 14
 

@@ -154,6 +154,43 @@ TEST(Rule, FastPathMatchesReference) {
   set_cpu_isa(before);
 }
 
+// The software prefetch (celo2/isa.h cpu_prefetch) changes no bit: every copy of the hot loops,
+// 1-D and 2-D tensors large enough for several prefetch distances, skewed planes as the engine
+// keeps them, three steps with prefetch on and off side by side.
+TEST(Rule, PrefetchChangesNoBits) {
+  const CpuIsa isa_before = cpu_isa();
+  const bool before = cpu_prefetch();
+  const RuleConfig cfg = RuleConfig::celo2_base();
+  const Theta theta = Theta::random(cfg, 13);
+  for (CpuIsa isa : cpu_isas_available()) {
+    set_cpu_isa(isa);
+    for (const std::vector<int64_t>& shape : {std::vector<int64_t>{70000}, std::vector<int64_t>{96, 1000},
+                                              std::vector<int64_t>{300, 7}}) {
+      const Geometry geo = Geometry::of(shape);
+      RuleState on = RuleState::zeros(geo, false), off = RuleState::zeros(geo, false);
+      Workspace ws_on, ws_off;
+      std::vector<float> p = randn(geo.numel, 3, 0.5f);
+      for (int step = 0; step < 3; ++step) {
+        const std::vector<float> g = randn(geo.numel, 300 + step, 1.0f);
+        std::vector<float> ua(geo.numel), ub(geo.numel);
+        set_cpu_prefetch(true);
+        celo2_update(cfg, theta, geo, on, g.data(), p.data(), ua.data(), ws_on);
+        set_cpu_prefetch(false);
+        celo2_update(cfg, theta, geo, off, g.data(), p.data(), ub.data(), ws_off);
+        ASSERT_EQ(ua, ub) << cpu_isa_name(isa) << " " << geo.shape_str() << " step " << step;
+        ASSERT_EQ(on.m, off.m);
+        ASSERT_EQ(on.rms, off.rms);
+        ASSERT_EQ(on.v_row, off.v_row);
+        ASSERT_EQ(on.v_col, off.v_col);
+        ASSERT_EQ(on.v_diag, off.v_diag);
+        for (int64_t i = 0; i < geo.numel; ++i) p[i] -= 0.01f * ua[i];
+      }
+    }
+  }
+  set_cpu_prefetch(before);
+  set_cpu_isa(isa_before);
+}
+
 // State planes skewed apart (state_plane: what the engine's host backends keep) give the
 // same bits as packed planes, for the fast path and the reference, 1-D and 2-D, and the
 // padding between planes is never written.

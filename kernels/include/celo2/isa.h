@@ -35,4 +35,11 @@ CpuIsa parse_cpu_isa(const std::string& name);
 // The sets this build carries and this CPU runs, worst first.
 std::vector<CpuIsa> cpu_isas_available();
 
+// Whether the hot loops prefetch the arrays they stream, 3 KiB ahead, in software (default
+// on; docs/PERF.md "Software prefetch"). It changes no result. The engine applies the
+// CELO2_CPU_PREFETCH tunable; celo2-bench --no-prefetch turns it off, to measure what it
+// gives on a machine.
+bool cpu_prefetch();
+void set_cpu_prefetch(bool on);
+
 }  // namespace celo2

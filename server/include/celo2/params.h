@@ -83,6 +83,9 @@ enum class Kind {
   X(cpu_isa, "CELO2_CPU_ISA", kChoice, "auto", "auto|avx512|avx2|base",                         \
     "Which copy of the CPU rule's vector loops runs: auto (the best this CPU supports), or one "  \
     "forced (to compare them; a set this CPU lacks is an error at engine start)")                \
+  X(cpu_prefetch, "CELO2_CPU_PREFETCH", kBool, "1", "",                                          \
+    "Whether the CPU rule's passes prefetch their arrays in software, 3 KiB ahead (0 to compare; " \
+    "the results are the same either way)")                                                      \
   X(fashion_mnist_dir, "CELO2_FASHION_MNIST_DIR", kPath,                                         \
     "/usr/share/datasets/fashion-mnist", "",                                                     \
     "Directory of the Fashion-MNIST files (celo2-train, celo2-metatrain eval)")                  \

@@ -131,6 +131,7 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   if (const std::string m = param::ns_method(); m != "auto")
     set_ns_method_default(m == "gram" ? NsMethod::kGram : NsMethod::kStandard);
   if (const std::string isa = param::cpu_isa(); isa != "auto") set_cpu_isa(parse_cpu_isa(isa));
+  set_cpu_prefetch(param::cpu_prefetch());
   if (opts_.opt.use_reference) opts_.backend = "reference";
   backend_ = make_backend(opts_.backend);
   // Backends without slice kernels (the reference, CUDA) run whole tensors.
