@@ -60,6 +60,7 @@ static_assert(kBlk <= kBlockMax);
 // past the end of an array neither faults nor counts as pointer arithmetic on it. Elems and
 // Accum carry the switch (celo2/isa.h cpu_prefetch).
 constexpr uintptr_t kAhead = 768 * sizeof(float);
+constexpr int kLine = 64 / sizeof(float);  // floats per cache line: one prefetch each
 template <class... T>
 inline void prefetch_read(const T*... p) {
   (__builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + kAhead), 0), ...);
@@ -226,7 +227,7 @@ inline void fill_2d_block(const Elems& e, const Matrix& mx, int64_t a, int64_t j
   const VF bc[3] = {splat(e.bc_mom[0]), splat(e.bc_mom[1]), splat(e.bc_mom[2])};
   const VF br = splat(e.bc_rms), gc = splat(ew::kGradClip);
   if (e.prefetch)
-    for (int h = 0; h < kBlk; h += 16) prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h);
+    for (int h = 0; h < kBlk; h += kLine) prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h);
 #pragma GCC unroll 2
   for (int h = 0; h < kBlk; h += kV) {
     const VF g = clampv(vload(gp + h), -gc, gc);
@@ -304,7 +305,7 @@ inline void fill_1d_n(const Elems& e, int64_t li0, int cnt, float* __restrict f)
   const float* __restrict vd = e.v_diag + li0;
   const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2], br = e.bc_rms;
   if (N > 0 && e.prefetch)
-    for (int h = 0; h < N; h += 16)
+    for (int h = 0; h < N; h += kLine)
       prefetch_read(gp + h, pp + h, m0 + h, m0 + P + h, m0 + 2 * P + h, rr + h, vd + h, vd + P + h,
                     vd + 2 * P + h);
 #pragma omp simd
@@ -655,7 +656,7 @@ inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t
   const float* __restrict m0 = e.m + li0;
   const float b0 = e.bc_mom[0], b1 = e.bc_mom[1], b2 = e.bc_mom[2];
   if (N > 0 && e.prefetch)
-    for (int h = 0; h < N; h += 16) prefetch_read(gp + h, m0 + h, m0 + P + h, m0 + 2 * P + h);
+    for (int h = 0; h < N; h += kLine) prefetch_read(gp + h, m0 + h, m0 + P + h, m0 + 2 * P + h);
 #pragma omp simd
   for (int jj = 0; jj < cnt; ++jj) {
     const float g = ew::clip_grad(gp[jj]);
@@ -752,7 +753,7 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
       }
       float* u = e.u + (a * mx.cols + j - e.lo);
       if (e.prefetch)
-        for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
+        for (int h = 0; h < kBlk; h += kLine) prefetch_write(u + h);
       mlp_core<kBlk, kElem2d>(m, w, f, m.col_bias + j, cnt, u, mag_sum, m.col_stride, row);
     });
   } else {
@@ -828,7 +829,7 @@ void mlp_1d(const Elems& e, const Mlp& m, double* mag_sum) {
     fill_1d<kBlk>(e, i - e.lo, cnt, f);
     float* u = e.u + (i - e.lo);
     if (e.prefetch)
-      for (int h = 0; h < kBlk; h += 16) prefetch_write(u + h);
+      for (int h = 0; h < kBlk; h += kLine) prefetch_write(u + h);
     mlp_core<kBlk, kElem1d>(m, w, f, bias, cnt, u, mag_sum);
   }
 }
@@ -905,7 +906,8 @@ inline void add_sq(VD& acc, VF x) {
 // One vector of elements: g, p, m0..m2, r (and vd0..vd2 for 1-D) at their pointers; the new
 // state stored back; the channels' squares into acc (15 for 1-D, kLocal2d for a matrix),
 // multiplied by keep first when kMasked. Returns q = g² + 1e-30. prefetch: also prefetch the
-// streams ahead (the callers ask on every vector of 16 floats, every 16 elements otherwise).
+// streams ahead (the callers ask once per cache line: every vector of 16 floats, every 16
+// elements with narrower vectors).
 template <bool k1d, bool kMasked>
 inline VF accum_vec(const AccumV& c, const float* gp, const float* pp, float* m0, float* m1, float* m2,
                     float* rr, float* vd0, float* vd1, float* vd2, VF keep, VD* acc,
@@ -981,7 +983,7 @@ void accumulate_1d(const Accum& a, int64_t n, double* sumsq) {
   for (; i + kV <= n; i += kV)
     accum_vec<true, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i, a.rms + i, a.v_diag + i,
                            a.v_diag + P + i, a.v_diag + 2 * P + i, VF{}, acc,
-                           a.prefetch && (kV >= 16 || (i & 15) == 0));
+                           a.prefetch && (kV >= kLine || i % kLine == 0));
   if (i < n) accum_tail<true>(c, a, i, static_cast<int>(n - i), acc, qt);
   flush_sq(acc, 15, sumsq);
 }
@@ -996,7 +998,7 @@ double accumulate_row(const Accum& a, int64_t n, double* col_q, double* sumsq) {
   for (; i + kV <= n; i += kV) {
     const VF q = accum_vec<false, false>(c, a.g + i, a.p + i, a.m + i, a.m + P + i, a.m + 2 * P + i,
                                          a.rms + i, nullptr, nullptr, nullptr, VF{}, acc,
-                                         a.prefetch && (kV >= 16 || (i & 15) == 0));
+                                         a.prefetch && (kV >= kLine || i % kLine == 0));
     VD half[2];
     widen_halves(q, half[0], half[1]);
     for (int hh = 0; hh < kV; hh += kV / 2) {
