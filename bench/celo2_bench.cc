@@ -343,9 +343,12 @@ int main(int argc, char** argv) {
   app.add_flag("--no-ns", o.no_ns,
                "skip Newton-Schulz (section 4, the orthogonalized rule, the NS-shaped sgemm)");
   app.add_option("--json", o.json_path, "write every number to this JSON file");
-  bool no_prefetch = false;
+  bool no_prefetch = false, prefetch_ab = false;
   app.add_flag("--no-prefetch", no_prefetch,
                "the rule's passes without software prefetch (celo2/isa.h cpu_prefetch), to measure what it gives");
+  app.add_flag("--prefetch-ab", prefetch_ab,
+               "also time every Celo2-base case with the software prefetch off and on, call by call "
+               "alternated, and print the ratio (section 3)");
   std::string isa_name = "auto";
   app.add_option("--isa", isa_name,
                  "copy of the rule's hot loops: auto (the best this CPU runs), avx512, avx2, base")
@@ -551,6 +554,23 @@ int main(int argc, char** argv) {
                                   {"melem_per_s", 1e3 / row.ns}, {"ratio_to_adamw", row.ratio},
                                   {"reps", tm.reps}});
           rule_rows.push_back(row);
+          if (prefetch_ab && !ortho) {
+            // Off and on alternated call by call, so that both see the same machine.
+            std::vector<double> off_s, on_s;
+            for (int k = 0; k <= std::max(3, o.reps); ++k)  // k = 0 warms both up
+              for (bool pf : {false, true}) {
+                celo2::set_cpu_prefetch(pf);
+                const double s = seconds_of([&] { rb.step(cfg, theta); });
+                if (k > 0) (pf ? on_s : off_s).push_back(s);
+              }
+            celo2::set_cpu_prefetch(!no_prefetch);
+            const double off_ns = median_of(off_s) / rb.geo.numel * 1e9, on_ns = median_of(on_s) / rb.geo.numel * 1e9;
+            std::printf("  %-10s %-10s threads %-3d prefetch off %9.3f ns, on %9.3f ns: off/on %.2f\n",
+                        row.variant.c_str(), row.shape.c_str(), t, off_ns, on_ns, off_ns / on_ns);
+            out["prefetch_ab"].push_back({{"variant", row.variant}, {"shape", shape}, {"threads", t},
+                                          {"off_ns_per_element", off_ns}, {"on_ns_per_element", on_ns},
+                                          {"off_over_on", off_ns / on_ns}, {"pairs", on_s.size()}});
+          }
         }
       }
     }
