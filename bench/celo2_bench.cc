@@ -298,16 +298,16 @@ struct ElementCost {
 constexpr ElementCost kCostAdamW = {"adamw", 14, 2, 28, {14, 0, 0, 0}, {28, 0, 0, 0}};
 constexpr ElementCost kCostBase2d = {"celo2-base 2-D", 806, 4, 104, {21, 85, 697, 3}, {40, 24, 28, 12}};
 constexpr ElementCost kCostBase1d = {"celo2-base 1-D", 537, 16, 152, {28, 52, 454, 3}, {64, 36, 40, 12}};
-static_assert(kCostBase2d.phase_flop[0] + kCostBase2d.phase_flop[1] + kCostBase2d.phase_flop[2] +
-                      kCostBase2d.phase_flop[3] == kCostBase2d.flop &&
-                  kCostBase2d.phase_bytes[0] + kCostBase2d.phase_bytes[1] + kCostBase2d.phase_bytes[2] +
-                          kCostBase2d.phase_bytes[3] == kCostBase2d.bytes,
-              "2-D phases add up to the totals");
-static_assert(kCostBase1d.phase_flop[0] + kCostBase1d.phase_flop[1] + kCostBase1d.phase_flop[2] +
-                      kCostBase1d.phase_flop[3] == kCostBase1d.flop &&
-                  kCostBase1d.phase_bytes[0] + kCostBase1d.phase_bytes[1] + kCostBase1d.phase_bytes[2] +
-                          kCostBase1d.phase_bytes[3] == kCostBase1d.bytes,
-              "1-D phases add up to the totals");
+constexpr bool phases_add_up(const ElementCost& c) {
+  double f = 0, b = 0;
+  for (int k = 0; k < 4; ++k) {
+    f += c.phase_flop[k];
+    b += c.phase_bytes[k];
+  }
+  return f == c.flop && b == c.bytes;
+}
+static_assert(phases_add_up(kCostAdamW) && phases_add_up(kCostBase2d) && phases_add_up(kCostBase1d),
+              "the phases add up to the totals");
 
 double phase_sum_bound(const ElementCost& c, double fma_gflops, double triad_gbs) {
   double t = 0;
@@ -388,11 +388,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     celo2::set_cpu_isa(celo2::parse_cpu_isa(isa_name));
-    celo2::set_cpu_prefetch(!no_prefetch);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "celo2-bench: --isa: %s\n", e.what());
     return 2;
   }
+  celo2::set_cpu_prefetch(!no_prefetch);
   if (ns_gram_mode) {
     ng.json_path = o.json_path;
     if (!ng_shapes.empty()) ng.shapes.clear();

@@ -92,9 +92,16 @@ int64_t state_plane(int64_t n) {
 }
 
 RuleState RuleState::zeros(const Geometry& geo, bool packed) {
+  return zeros_for(geo, geo.numel, packed ? 0 : state_plane(geo.numel));
+}
+
+RuleState RuleState::zeros_for(const Geometry& geo, int64_t len, int64_t plane) {
+  if (plane < 0 || (plane > 0 && plane < len))
+    throw std::invalid_argument("RuleState: plane stride " + std::to_string(plane) + " below the " +
+                                std::to_string(len) + " elements it holds");
   RuleState s;
-  s.plane = packed ? 0 : state_plane(geo.numel);
-  const int64_t P = s.stride(geo.numel);
+  s.plane = plane;
+  const int64_t P = s.stride(len);
   s.m.assign(static_cast<size_t>(kMom * P), 0.0f);
   s.rms.assign(static_cast<size_t>(kRms * P), 0.0f);
   if (geo.factored) {
@@ -104,6 +111,13 @@ RuleState RuleState::zeros(const Geometry& geo, bool packed) {
     s.v_diag.assign(static_cast<size_t>(kFac * P), 0.0f);
   }
   return s;
+}
+
+void RuleState::point(Slice& s, int64_t len, int64_t at) {
+  s.m = m.data() + at;
+  s.rms = rms.data() + at;
+  s.v_diag = v_diag.empty() ? nullptr : v_diag.data() + at;
+  s.plane = stride(len);
 }
 
 StepConstants StepConstants::of(const RuleConfig& cfg, int64_t iteration) {

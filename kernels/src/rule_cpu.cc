@@ -748,10 +748,7 @@ Slice make_slice(const Geometry& geo, RuleState& st, const float* g, const float
   s.hi = hi;
   s.g = g + lo;
   s.p = p + lo;
-  s.m = st.m.data() + lo;
-  s.rms = st.rms.data() + lo;
-  s.v_diag = geo.factored ? nullptr : st.v_diag.data() + lo;
-  s.plane = st.stride(geo.numel);
+  st.point(s, geo.numel, lo);
   s.u = u + lo;
   return s;
 }

@@ -59,8 +59,10 @@ struct Geometry {
 // 3.6–3.8 ns per element with planes n apart and 2.6–2.8 with this skew (docs/PERF.md).
 int64_t state_plane(int64_t n);
 
-// Optimizer state of one tensor; planar layout (decay-major): m[k * stride + i], stride =
-// numel (packed) or state_plane(numel).
+struct Slice;
+
+// Optimizer state of one tensor (or of a slice of it: the engine's ranks); planar layout
+// (decay-major): m[k * stride + i], stride = the elements held (packed) or more.
 struct RuleState {
   std::vector<float> m;       // kMom * stride
   std::vector<float> rms;     // kRms * stride
@@ -72,6 +74,12 @@ struct RuleState {
   int64_t stride(int64_t numel) const { return plane > 0 ? plane : numel; }
   // packed: planes numel apart (the file and device layout); else state_plane(numel) apart.
   static RuleState zeros(const Geometry& geo, bool packed = true);
+  // Zeros for `len` elements of a tensor of geometry geo (its slice; the factored tables
+  // whole), the per-element planes `plane` apart (0: len, packed; else >= len).
+  static RuleState zeros_for(const Geometry& geo, int64_t len, int64_t plane);
+  // Points s's per-element state (m, rms, v_diag, plane) at element `at` of these planes,
+  // which hold `len` elements.
+  void point(Slice& s, int64_t len, int64_t at = 0);
 };
 
 // Decay-dependent constants of one update: clipped decays and bias corrections.

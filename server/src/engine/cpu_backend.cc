@@ -15,18 +15,7 @@ namespace celo2 {
 SliceState SliceState::zeros(Label label, const Geometry& geo, int64_t len, int64_t plane) {
   SliceState s;
   if (label == Label::kCelo2) {
-    if (plane < 0 || (plane > 0 && plane < len)) throw std::invalid_argument("SliceState: plane stride below the slice");
-    RuleState& r = s.rule;
-    r.plane = plane;
-    const int64_t P = r.stride(len);
-    r.m.assign(kMom * P, 0.0f);
-    r.rms.assign(kRms * P, 0.0f);
-    if (geo.factored) {
-      r.v_row.assign(kFac * geo.row_count, 0.0f);
-      r.v_col.assign(kFac * geo.col_count, 0.0f);
-    } else {
-      r.v_diag.assign(kFac * P, 0.0f);
-    }
+    s.rule = RuleState::zeros_for(geo, len, plane);
   } else if (label == Label::kAdamW) {
     s.mu.assign(len, 0.0f);
     s.nu.assign(len, 0.0f);

@@ -64,10 +64,7 @@ struct Engine::Entry {
     s.hi = hi;
     s.g = g_local + local_off;
     s.p = p_at(lo);
-    s.m = st.rule.m.data();
-    s.rms = st.rule.rms.data();
-    s.v_diag = st.rule.v_diag.empty() ? nullptr : st.rule.v_diag.data();
-    s.plane = st.rule.stride(len());
+    st.rule.point(s, len());
     s.u = u_local + local_off;
     return s;
   }

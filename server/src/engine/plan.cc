@@ -51,11 +51,13 @@ struct GroupTimes {
       std::vector<double> tg(W + 1, 0.0);
       for (int g = 1; g <= W; ++g) tg[g] = time(k.first[s], g);
       total += count[s] * tg[1];
+      shortest.push_back(*std::min_element(tg.begin() + 1, tg.end()));
       t.push_back(std::move(tg));
     }
   }
   std::vector<int> count;
   std::vector<std::vector<double>> t;
+  std::vector<double> shortest;  // per kind, min over g of t(g)
   double total = 0;  // Σ count · t(1)
   // The group size per kind for a makespan T: the g with t(g) <= T that holds the least
   // rank-time g·t(g); false if some kind has none or the rank-time passes W·T.
@@ -82,9 +84,7 @@ struct GroupTimes {
   // rest hold every other piece). Without such matrices this is sizes()'s area test.
   bool fits(double T, int W) const {
     const size_t K = t.size();
-    std::vector<double> d(K, std::numeric_limits<double>::infinity());
-    for (size_t s = 0; s < K; ++s)
-      for (int g = 1; g <= W; ++g) d[s] = std::min(d[s], t[s][g]);
+    const std::vector<double>& d = shortest;
     double ranks = 0;
     for (size_t s = 0; s < K; ++s) {
       double other = count[s] >= 2 ? d[s] : std::numeric_limits<double>::infinity();
