@@ -301,8 +301,13 @@ class NsPlanner {
     if (force_ == 0 && W_ > 1) {
       try_doublings();
       const Kinds kinds(mats_);
-      try_bound_sizes(kinds);
-      try_mixed_sizes(kinds);
+      std::vector<std::vector<int>> starts = {best_g_, std::vector<int>(n_, 1)};
+      try_bound_sizes(kinds, &starts);
+      // The mixed search is local, so it runs from several starts: the best so far, no
+      // splits at all, and each of the bound's candidates. (From the doublings' best alone it
+      // stayed at 1.29 for GPT-3 XL on 64 ranks of the H200 model, where starting from no
+      // splits finds 1.19: 8 qkv split in pairs; docs/DISTRIBUTED.md.)
+      for (const std::vector<int>& from : starts) try_mixed_sizes(kinds, from);
     }
     // Splits stay only where they cut the busiest rank's modelled time by 10 % or more:
     // below that the model's error is larger than the gain (measured on a 2-core CPU: a
@@ -454,7 +459,8 @@ class NsPlanner {
   // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
   // own way of forming each polynomial), at its least makespan and a little above it
   // (packing loses some of it), any group size, not only doublings.
-  void try_bound_sizes(const Kinds& kinds) {
+  // Each distinct candidate is also added to *starts (for try_mixed_sizes).
+  void try_bound_sizes(const Kinds& kinds, std::vector<std::vector<int>>* starts) {
     if (best_.imbalance <= 1.1) return;
     const GroupTimes gt(kinds, W_, [this](size_t i, int s) { return time_in(i, s); });
     const double T = gt.least_makespan(W_, false);
@@ -463,27 +469,29 @@ class NsPlanner {
       if (!gt.sizes(T * f, W_, &g_of)) continue;
       std::vector<int> gs(n_);
       for (size_t i = 0; i < n_; ++i) gs[i] = g_of[kinds.of[i]];
+      if (std::find(starts->begin(), starts->end(), gs) == starts->end()) starts->push_back(gs);
       offer(pack(gs), gs);
     }
   }
 
-  // Third candidates: mixed sizes within a kind. From the best sizes so far, the first k
+  // Third candidates: mixed sizes within a kind. From the sizes `from`, the first k
   // matrices of one kind (k = 1 .. all) take another group size (1-6, 8, 10, 12 or 16); the
   // best change is kept, and the search repeats while it improves (one size per kind cannot
   // express, say, some matrices of a kind split in pairs beside whole ones). At most 48
-  // values of k per kind and 4,000 packings in all, so that models with many shapes and
-  // ranks plan in seconds.
-  void try_mixed_sizes(const Kinds& kinds) {
+  // values of k per kind and 4,000 packings per start, so that models with many shapes and
+  // ranks plan in seconds (GPT-3 XL at 1,024 ranks: about 1 s for celo2-plan's table).
+  void try_mixed_sizes(const Kinds& kinds, std::vector<int> from) {
     int packings = 0;
     constexpr int kMaxPackings = 4000;
-    for (int round = 0; round < 4 && best_.imbalance > 1.1 && packings < kMaxPackings; ++round) {
+    double from_imb = pack(from).imbalance;
+    for (int round = 0; round < 4 && from_imb > 1.1 && packings < kMaxPackings; ++round) {
       OwnerPlan round_best;
       std::vector<int> round_g;
-      double round_imb = best_.imbalance;
+      double round_imb = from_imb;
       for (size_t kd = 0; kd < kinds.count.size(); ++kd)
         for (int gn : {1, 2, 3, 4, 5, 6, 8, 10, 12, 16}) {
           if (gn > W_) continue;
-          std::vector<int> gs = best_g_;
+          std::vector<int> gs = from;
           const size_t count = static_cast<size_t>(kinds.count[kd]);
           const size_t step = std::max<size_t>(1, count / 48);
           for (size_t i = 0, k = 0; i < n_ && k < count; ++i) {
@@ -502,8 +510,9 @@ class NsPlanner {
           }
         }
       if (round_g.empty()) break;
-      best_ = std::move(round_best);
-      best_g_ = std::move(round_g);
+      from = round_g;
+      from_imb = round_imb;
+      offer(std::move(round_best), round_g);
     }
   }
 
