@@ -31,10 +31,13 @@ constexpr int kMaxNV = 2;  // 4 × 2 + 2 (or 8 × 1 + 1) of 16 registers
 #else
 constexpr int kMaxNV = 2;
 #endif
-// Rows per register block: as many as the accumulators allow beside NV vectors of B.
+// Rows per register block: as many as the accumulators allow beside NV vectors of B and one
+// broadcast. With 16 registers (AVX2) and NV = 2 that is 6 rows (12 accumulators): 4 rows left
+// a Zen 3 core's two FMA pipes waiting on the 4-cycle FMA latency (8 chains), and 6 ran the
+// 64×32 batch 1.3–1.6× faster there (docs/METATRAIN.md).
 template <int NV>
 constexpr int rows_per_block() {
-  return kW >= 16 ? (NV <= 2 ? 8 : 6) : (NV <= 1 ? 8 : 4);
+  return kW >= 16 ? (NV <= 2 ? 8 : 6) : (NV <= 1 ? 8 : 6);
 }
 using simd::VF;
 using simd::vload;
@@ -73,6 +76,15 @@ void rows_of(int64_t m, int64_t k, const float* A, int64_t ars, int64_t aks, con
   for (; i + MR <= m; i += MR)
     block<MR, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
                    alpha, beta);
+  // The rest in blocks of 4 and 2 rows before single ones (one row is one FMA chain per
+  // vector: latency-bound).
+  if constexpr (MR > 4)
+    for (; i + 4 <= m; i += 4)
+      block<4, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
+                   alpha, beta);
+  for (; i + 2 <= m; i += 2)
+    block<2, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
+                 alpha, beta);
   for (; i < m; ++i)
     block<1, NV>(k, A + i * ars, ars, aks, B, ldb, C + i * ldc, ldc, D ? D + i * ldd : nullptr, ldd,
                  alpha, beta);
