@@ -10,6 +10,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <random>
 
 #include "../mpi/engine_test_model.h"
@@ -19,6 +21,7 @@
 #include "celo2/flax_msgpack.h"
 #include "celo2/lowp.h"
 #include "celo2/optimizer.h"
+#include "celo2/params.h"
 
 namespace celo2 {
 namespace {
@@ -82,6 +85,33 @@ TEST(CudaBackend, DataParallelEqualsCpuBackend) {
     dev.step();
     cpu.step();
     EXPECT_EQ(a.p, b.p) << "step " << s;
+  }
+}
+
+TEST(CudaBackend, RefusesNewtonSchulzGroupsByName) {
+  // The cuda backend runs whole tensors, where Newton–Schulz is not split: a request for
+  // groups (the option or CELO2_NS_SPLIT) is an error naming both, not silently ignored.
+  EngineOptions eo = on_cuda(options());
+  eo.ns_split = 2;
+  try {
+    Engine e(eo, g_comm);
+    ADD_FAILURE() << "ns_split = 2 accepted on the cuda backend";
+  } catch (const UnsupportedError& err) {
+    const std::string what = err.what();
+    EXPECT_NE(what.find("EngineOptions::ns_split"), std::string::npos) << what;
+    EXPECT_NE(what.find("'cuda'"), std::string::npos) << what;
+    EXPECT_NE(what.find("flat plan"), std::string::npos) << what;
+  }
+  eo.ns_split = -1;
+  ::setenv("CELO2_NS_SPLIT", "3", 1);
+  param::reload();
+  EXPECT_THROW(Engine(eo, g_comm), UnsupportedError);
+  ::unsetenv("CELO2_NS_SPLIT");
+  param::reload();
+  // One owner per matrix, or by cost, is what the plan does anyway: accepted.
+  for (int force : {0, 1}) {
+    eo.ns_split = force;
+    EXPECT_NO_THROW(Engine(eo, g_comm)) << "ns_split " << force;
   }
 }
 

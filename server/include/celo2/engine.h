@@ -65,7 +65,8 @@ struct EngineOptions {
   int64_t bucket_elements = int64_t{1} << 24;  // 64 MiB of float32
   // Newton–Schulz groups of the flat plan (celo2/plan.h plan_ns): -1, the CELO2_NS_SPLIT
   // tunable (unset: 0); 0, chosen by cost; 1, one owner per matrix; g >= 2, every matrix
-  // split over groups of g ranks.
+  // split over groups of g ranks. The whole-tensor plan (cuda, reference) has no groups:
+  // g >= 2 there, from either source, makes the constructor throw UnsupportedError.
   int ns_split = -1;
   // How a group forms the polynomial B = bA + cA² (celo2/split_ns.h split_poly): -1, the
   // CELO2_NS_SPLIT_POLY tunable (auto: where the cost model says it pays); 0, every member

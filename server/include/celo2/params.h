@@ -72,7 +72,9 @@ enum class Kind {
   X(ns_split, "CELO2_NS_SPLIT", kInt, "", "",                                                   \
     "Newton-Schulz groups of the flat plan: unset or 0, chosen by cost (a matrix is split over "  \
     "a group of ranks only where the largest matrices bound the step); 1, one owner per "        \
-    "matrix; g >= 2, every matrix split over groups of g ranks (tests)")                         \
+    "matrix; g >= 2, every matrix split over groups of g ranks (tests); g >= 2 is refused "      \
+    "with an error on the whole-tensor plan (the cuda and reference backends), which does not "  \
+    "split")                                                                                     \
   X(ns_split_poly, "CELO2_NS_SPLIT_POLY", kChoice, "auto", "auto|on|off",                      \
     "Newton-Schulz groups: the polynomial B = bA + cA^2 formed redundantly by every member "      \
     "(off) or split by rows and all-gathered (on); auto, where the cost model says it pays")      \

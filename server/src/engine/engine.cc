@@ -133,6 +133,19 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   backend_ = make_backend(opts_.backend);
   // Backends without slice kernels (the reference, CUDA) run whole tensors.
   if (!backend_->slice_phases()) opts_.plan = Plan::kWholeTensors;
+  // Newton–Schulz groups are the flat plan's (celo2/plan.h plan_ns); on whole tensors each
+  // matrix's Newton–Schulz runs inside the rule on the rank that holds it. A request for
+  // groups there is refused by name rather than ignored.
+  if (opts_.plan == Plan::kWholeTensors) {
+    const bool option = opts_.ns_split >= 0;
+    const int force = option ? opts_.ns_split : param::ns_split();
+    if (force >= 2)
+      throw UnsupportedError("Engine: Newton–Schulz split over groups of " + std::to_string(force) + " ranks (" +
+                             (option ? "EngineOptions::ns_split" : "CELO2_NS_SPLIT") +
+                             ") needs the flat plan; backend '" + backend_->name() +
+                             "' runs the whole-tensor plan, where each matrix's Newton–Schulz runs on the rank "
+                             "holding it (unset it, or use the cpu backend's flat plan)");
+  }
   grad_local_ = std::make_unique<BackendBuffer>(backend_.get());
   u_local_ = std::make_unique<BackendBuffer>(backend_.get());
   bucket_send_ = std::make_unique<BackendBuffer>(backend_.get());
