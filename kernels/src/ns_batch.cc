@@ -33,8 +33,9 @@ constexpr int kMaxNV = 2;
 #endif
 // Rows per register block: as many as the accumulators allow beside NV vectors of B and one
 // broadcast. With 16 registers (AVX2) and NV = 2 that is 6 rows (12 accumulators): 4 rows left
-// a Zen 3 core's two FMA pipes waiting on the 4-cycle FMA latency (8 chains), and 6 ran the
-// 64×32 batch 1.3–1.6× faster there (docs/METATRAIN.md).
+// a Zen 3 core's two FMA pipes waiting on the 4-cycle FMA latency (8 chains); with 6 (and the
+// leftover rows below in blocks) the 64×32 batch went from 36–42 to 71–73 GFLOP/s there
+// (docs/METATRAIN.md).
 template <int NV>
 constexpr int rows_per_block() {
   return kW >= 16 ? (NV <= 2 ? 8 : 6) : (NV <= 1 ? 8 : 6);

@@ -11,8 +11,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <random>
+#include <string>
 
 #include "../mpi/engine_test_model.h"
 #include "../mpi/mpi_test_main.h"
