@@ -112,6 +112,10 @@ Slice sub_slice(Slice s, int64_t lo, int64_t hi) {
   return s;
 }
 
+// The Newton–Schulz group request (EngineOptions::ns_split): the option, or the
+// CELO2_NS_SPLIT tunable where the option is unset (-1).
+int ns_split_request(const EngineOptions& o) { return o.ns_split >= 0 ? o.ns_split : param::ns_split(); }
+
 int64_t overlap(int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t* lo) {
   *lo = std::max(a0, b0);
   return std::max<int64_t>(0, std::min(a1, b1) - *lo);
@@ -138,7 +142,7 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   // groups there is refused by name rather than ignored.
   if (opts_.plan == Plan::kWholeTensors) {
     const bool option = opts_.ns_split >= 0;
-    const int force = option ? opts_.ns_split : param::ns_split();
+    const int force = ns_split_request(opts_);
     if (force >= 2)
       throw UnsupportedError("Engine: Newton–Schulz split over groups of " + std::to_string(force) + " ranks (" +
                              (option ? "EngineOptions::ns_split" : "CELO2_NS_SPLIT") +
@@ -339,7 +343,7 @@ void Engine::build_plan() {
   {
     std::vector<NsMatrix> ns;
     for (const auto& m : matrices_) ns.push_back({m.flat_lo, m.rows, m.cols});
-    const int force = opts_.ns_split >= 0 ? opts_.ns_split : param::ns_split();
+    const int force = ns_split_request(opts_);
     const int force_poly = opts_.ns_split_poly >= 0 ? opts_.ns_split_poly : parse_split_poly(param::ns_split_poly());
     owners_ = plan_ns(ns, cuts_, cfg, NsCostModel::cpu(), force, force_poly);
     ns_split_apply_ = parse_split_apply(param::ns_split_apply());

@@ -301,9 +301,11 @@ class NsPlanner {
     if (force_ == 0 && W_ > 1) {
       try_doublings();
       const Kinds kinds(mats_);
-      std::vector<std::vector<int>> starts = {best_g_, std::vector<int>(n_, 1)};
+      // Distinct starts only: where the doublings changed nothing their best is no splits.
+      std::vector<std::vector<int>> starts = {best_g_};
+      add_start(&starts, std::vector<int>(n_, 1));
       try_bound_sizes(kinds, &starts);
-      // The mixed search is local, so it runs from several starts: the best so far, no
+      // The mixed search is local, so it runs from several starts: the doublings' best, no
       // splits at all, and each of the bound's candidates. (From the doublings' best alone it
       // stayed at 1.29 for GPT-3 XL on 64 ranks of the H200 model, where starting from no
       // splits finds 1.19: 8 qkv split in pairs; docs/DISTRIBUTED.md.)
@@ -456,6 +458,10 @@ class NsPlanner {
     }
   }
 
+  static void add_start(std::vector<std::vector<int>>* starts, const std::vector<int>& g) {
+    if (std::find(starts->begin(), starts->end(), g) == starts->end()) starts->push_back(g);
+  }
+
   // Second candidates: the group sizes of ns_load_bound's area argument (with this plan's
   // own way of forming each polynomial), at its least makespan and a little above it
   // (packing loses some of it), any group size, not only doublings.
@@ -469,7 +475,7 @@ class NsPlanner {
       if (!gt.sizes(T * f, W_, &g_of)) continue;
       std::vector<int> gs(n_);
       for (size_t i = 0; i < n_; ++i) gs[i] = g_of[kinds.of[i]];
-      if (std::find(starts->begin(), starts->end(), gs) == starts->end()) starts->push_back(gs);
+      add_start(starts, gs);
       offer(pack(gs), gs);
     }
   }
