@@ -180,18 +180,44 @@ StreamRates measure_stream(const Options& o, int64_t n, int threads) {
   return {8.0 * n / copy.median_s / 1e9, 12.0 * n / triad.median_s / 1e9};
 }
 
-// FMA throughput: machine_rates.h's loop on every thread, native vector width.
-double measure_fma_gflops(const Options& o, int threads) {
-  set_threads(threads);
+// The vector width of the rule copy in use (--isa): the roofline's FMA rate is measured at
+// that width, so an AVX2 copy on an AVX-512 core is held to the 256-bit rate it can reach.
+// Never wider than this file is compiled for.
+int rule_vec_bytes() {
+  int bytes = celo2::bench::kNativeVecBytes;
+  switch (celo2::cpu_isa()) {
+    case celo2::CpuIsa::kAvx2: bytes = 32; break;
+    case celo2::CpuIsa::kBase: bytes = 16; break;
+    default: break;
+  }
+  return std::min(bytes, celo2::bench::kNativeVecBytes);
+}
+
+template <int Bytes>
+double fma_gflops_at(const Options& o, int threads) {
   const int64_t iters = o.quick ? 2'000'000 : 20'000'000;
   std::vector<float> sink(threads);
   const Timing t = time_median(o, [&] {
 #pragma omp parallel num_threads(threads)
-    sink[omp_get_thread_num()] = celo2::bench::fma_chains<celo2::bench::kNativeVecBytes>(iters, 1.0f + omp_get_thread_num());
+    sink[omp_get_thread_num()] = celo2::bench::fma_chains<Bytes>(iters, 1.0f + omp_get_thread_num());
   });
   for (float s : sink)
     if (!std::isfinite(s)) fail("FMA loop produced a non-finite value");
-  return celo2::bench::fma_chains_flop<celo2::bench::kNativeVecBytes>(iters) * threads / t.median_s / 1e9;
+  return celo2::bench::fma_chains_flop<Bytes>(iters) * threads / t.median_s / 1e9;
+}
+
+// FMA throughput: machine_rates.h's loop on every thread, at the rule copy's vector width.
+double measure_fma_gflops(const Options& o, int threads) {
+  set_threads(threads);
+  switch (rule_vec_bytes()) {
+#if CELO2_VEC_BYTES >= 64
+    case 64: return fma_gflops_at<64>(o, threads);
+#endif
+#if CELO2_VEC_BYTES >= 32
+    case 32: return fma_gflops_at<32>(o, threads);
+#endif
+    default: return fma_gflops_at<16>(o, threads);
+  }
 }
 
 double measure_sgemm_gflops(const Options& o, int m, int n, int k, int threads) {
@@ -445,16 +471,19 @@ int main(int argc, char** argv) {
   char corename[64] = "?";
   if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
-                   {"threads_all", all}, {"vector_bytes", celo2::bench::kNativeVecBytes},
+                   {"threads_all", all}, {"vector_bytes", rule_vec_bytes()},
                    {"openblas_core", corename}, {"blas_threading", celo2::blas_threading()},
                    {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())},
                    {"rule_prefetch", celo2::cpu_prefetch()}};
   std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s "
-              "(%s threads), %d-byte vectors, rule copy %s%s\n",
+              "(%s threads), %d-byte vectors (FMA rate and rule copy), rule copy %s%s\n",
               o.quick ? "quick" : "full", all, o.reps, corename, celo2::blas_threading(),
-              celo2::bench::kNativeVecBytes,
+              rule_vec_bytes(),
               celo2::cpu_isa_name(celo2::cpu_isa()), celo2::cpu_prefetch() ? "" : ", no prefetch");
+
+  if (const std::string note = celo2::blas_core_note(); !note.empty())
+    std::printf("  note: %s\n", note.c_str());
 
   // ----- 1. Machine rates -----------------------------------------------------------------
   print_rule('=');

@@ -8,12 +8,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
+#include "celo2/isa.h"
 #include "celo2/newton_schulz.h"
 
 extern "C" void openblas_set_num_threads(int);
 extern "C" int openblas_get_parallel(void);
+extern "C" char* openblas_get_corename(void);
 
 namespace celo2 {
 
@@ -28,6 +33,27 @@ const char* blas_threading() {
     case 2: return "openmp";
   }
   return "unknown";
+}
+
+std::string blas_core() {
+  const char* c = openblas_get_corename();
+  return c ? c : "unknown";
+}
+
+std::string blas_core_note(const std::string& core, const char* env, bool cpu_has_avx512) {
+  if (!env || !*env || !cpu_has_avx512) return "";
+  // OpenBLAS 0.3.21's x86-64 families with AVX-512 kernels (and later releases' names).
+  for (const char* wide : {"SkylakeX", "Cooperlake", "SapphireRapids", "Zen4", "Zen5"})
+    if (core == wide) return "";
+  return "OPENBLAS_CORETYPE=" + std::string(env) + " makes OpenBLAS run its '" + core +
+         "' kernels on a CPU with AVX-512: Newton-Schulz runs about half as fast as with the "
+         "family OpenBLAS would choose (unset OPENBLAS_CORETYPE, or set it to SkylakeX)";
+}
+
+std::string blas_core_note() {
+  const std::vector<CpuIsa> have = cpu_isas_available();
+  const bool avx512 = !have.empty() && have.back() == CpuIsa::kAvx512;
+  return blas_core_note(blas_core(), std::getenv("OPENBLAS_CORETYPE"), avx512);
 }
 
 const char* ns_method_name(NsMethod m) {

@@ -415,6 +415,8 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched, bool keep_de
               base ? "Celo2-base" : "Celo2", tasks, members, path);
   std::printf("  machine FMA rate      %8.1f GFLOP/s (%d-bit vectors; %.1f at 256-bit)\n", fma_w,
               kWidestVector * 8, fma_256);
+  std::printf("  BLAS                  OpenBLAS '%s' kernels\n", blas_core().c_str());
+  if (const std::string note = blas_core_note(); !note.empty()) std::printf("  note: %s\n", note.c_str());
   std::printf("  PES estimator         %8.0f inner steps/s (particle updates, data included; subnormals %s)\n",
               total_rate, keep_denormals ? "kept" : "flushed to zero");
   std::printf("  FLOP per inner step   %8.3f M (MLP %.3f, rule %.3f, Newton-Schulz %.3f, other %.3f)\n",

@@ -33,6 +33,22 @@ TEST(NewtonSchulz, TheLoadedBlasHasTheBuildsThreadPool) {
   }
 }
 
+// OPENBLAS_CORETYPE forcing AVX2 kernels on an AVX-512 CPU is named (docs/PERF.md "A fourth
+// CPU": Newton–Schulz 1.6-1.8x slower); a family with AVX-512 kernels, no override, or a CPU
+// without AVX-512 gives no note.
+TEST(NewtonSchulz, ABlasForcedOntoNarrowerKernelsIsNamed) {
+  const std::string note = blas_core_note("Haswell", "Haswell", true);
+  EXPECT_NE(note.find("OPENBLAS_CORETYPE=Haswell"), std::string::npos) << note;
+  EXPECT_NE(note.find("AVX-512"), std::string::npos) << note;
+  EXPECT_EQ(blas_core_note("Zen", "zen", true).empty(), false);
+  EXPECT_EQ(blas_core_note("SkylakeX", "SkylakeX", true), "");
+  EXPECT_EQ(blas_core_note("Cooperlake", "cooperlake", true), "");
+  EXPECT_EQ(blas_core_note("Haswell", nullptr, true), "");
+  EXPECT_EQ(blas_core_note("Haswell", "", true), "");
+  EXPECT_EQ(blas_core_note("Haswell", "Haswell", false), "");
+  EXPECT_FALSE(blas_core().empty());
+}
+
 TEST(NewtonSchulz, InsideAParallelRegionEqualsOutside) {
   // The engine runs whole matrices' Newton–Schulz on OpenMP threads (one matrix each); BLAS
   // called from inside the region must give the same result as from outside. Tolerance:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "celo2/config.h"
@@ -64,5 +65,17 @@ void set_blas_threads(int n);
 // The thread pool of the BLAS loaded at run time (OpenBLAS's openblas_get_parallel):
 // "openmp" (shares the rule's OpenMP pool), "pthread" (its own), or "sequential".
 const char* blas_threading();
+
+// The kernel family OpenBLAS chose at load time (openblas_get_corename: "Haswell",
+// "SkylakeX", "Cooperlake", ...).
+std::string blas_core();
+
+// Empty, or one line saying that OpenBLAS runs narrower kernels than this CPU has: the
+// OPENBLAS_CORETYPE environment variable names a family without AVX-512 (as "Haswell") on a
+// CPU whose best rule copy is avx512. Newton–Schulz then runs at about half speed (1.6–1.8×
+// slower measured on an AMD Zen 5, docs/PERF.md "A fourth CPU"). `core` and `env` default to
+// the process's; the arguments are for tests.
+std::string blas_core_note();
+std::string blas_core_note(const std::string& core, const char* env, bool cpu_has_avx512);
 
 }  // namespace celo2
