@@ -234,13 +234,24 @@ double measure_sgemm_gflops(const Options& o, int m, int n, int k, int threads) 
   return 2.0 * m * n * static_cast<double>(k) / t.median_s / 1e9;
 }
 
+// The system's transparent-huge-page mode ("always", "madvise", "never"; "?" if unreadable).
+std::string thp_mode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  std::getline(f, line);
+  const size_t a = line.find('['), b = line.find(']');
+  return a != std::string::npos && b != std::string::npos && b > a ? line.substr(a + 1, b - a - 1) : "?";
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. AdamW.
 // ---------------------------------------------------------------------------------------
 
 double measure_adamw_ns(const Options& o, int64_t n, int threads) {
   set_threads(threads);
-  std::vector<float> p(n), g(n), mu(n, 0.0f), nu(n, 0.0f);
+  // On huge pages as the rule's arrays are (RuleBench), so the ratio compares like with like.
+  std::vector<float> p, g, mu, nu;
+  for (std::vector<float>* v : {&p, &g, &mu, &nu}) celo2::assign_huge(*v, n);
   fill_uniform(p, 3, 0.05f);
   fill_uniform(g, 4, 0.01f);
   celo2::AdamWParams a;
@@ -268,12 +279,20 @@ struct RuleBench {
 
   explicit RuleBench(const std::vector<int64_t>& shape)
       : geo(celo2::Geometry::of(shape)), state(celo2::RuleState::zeros(geo, false)) {
-    g.resize(geo.numel);
-    p.resize(geo.numel);
-    u.resize(geo.numel);
+    // On huge pages, as the engine's host backend allocates its flat buffers and as a
+    // trainer's tensors are with PyTorch's THP_MEM_ALLOC_ENABLE=1 or glibc's
+    // GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (docs/PERF.md "A fourth CPU"); the state too
+    // (RuleState::zeros).
+    celo2::assign_huge(g, geo.numel);
+    celo2::assign_huge(p, geo.numel);
+    celo2::assign_huge(u, geo.numel);
     fill_uniform(g, 5, 0.01f);
     fill_uniform(p, 6, 0.05f);
   }
+  // The same arrays copied into plain std::vector storage: 4 KiB pages where the system's THP
+  // mode is "madvise" (--huge-ab's other side).
+  struct Plain {};
+  RuleBench(const RuleBench& src, Plain) : geo(src.geo), state(src.state), g(src.g), p(src.p), u(src.u) {}
   void step(const celo2::RuleConfig& cfg, const celo2::Theta& theta) {
     celo2::celo2_update(cfg, theta, geo, state, g.data(), p.data(), u.data(), ws);
   }
@@ -369,9 +388,11 @@ int main(int argc, char** argv) {
   app.add_flag("--no-ns", o.no_ns,
                "skip Newton-Schulz (section 4, the orthogonalized rule, the NS-shaped sgemm)");
   app.add_option("--json", o.json_path, "write every number to this JSON file");
-  bool no_prefetch = false, prefetch_ab = false;
+  bool no_prefetch = false, prefetch_ab = false, huge_ab = false;
   app.add_flag("--no-prefetch", no_prefetch,
                "the rule's passes without software prefetch (celo2/isa.h cpu_prefetch), to measure what it gives");
+  app.add_flag("--huge-ab", huge_ab,
+               "also time every Celo2-base case with its arrays on 4 KiB pages (plain std::vector) and on advised huge pages (celo2::assign_huge), call by call alternated, and print the ratio (section 3)");
   app.add_flag("--prefetch-ab", prefetch_ab,
                "also time every Celo2-base case with the software prefetch off and on, call by call "
                "alternated, and print the ratio (section 3)");
@@ -472,7 +493,7 @@ int main(int argc, char** argv) {
   if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
                    {"threads_all", all}, {"vector_bytes", rule_vec_bytes()},
-                   {"openblas_core", corename}, {"blas_threading", celo2::blas_threading()},
+                   {"openblas_core", corename}, {"thp_mode", thp_mode()}, {"blas_threading", celo2::blas_threading()},
                    {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())},
                    {"rule_prefetch", celo2::cpu_prefetch()}};
@@ -583,6 +604,24 @@ int main(int argc, char** argv) {
                                   {"melem_per_s", 1e3 / row.ns}, {"ratio_to_adamw", row.ratio},
                                   {"reps", tm.reps}});
           rule_rows.push_back(row);
+          if (huge_ab && !ortho) {
+            // Plain pages and huge pages alternated call by call, so that both see the same
+            // machine; each side steps its own copy of the same state.
+            RuleBench plain(rb, RuleBench::Plain{});
+            std::vector<double> small_s, huge_s;
+            for (int k = 0; k <= std::max(3, o.reps); ++k)  // k = 0 warms both up
+              for (RuleBench* b : {&plain, &rb}) {
+                const double s = seconds_of([&] { b->step(cfg, theta); });
+                if (k > 0) (b == &rb ? huge_s : small_s).push_back(s);
+              }
+            const double small_ns = median_of(small_s) / rb.geo.numel * 1e9, huge_ns = median_of(huge_s) / rb.geo.numel * 1e9;
+            std::printf("  %-10s %-10s threads %-3d 4 KiB pages %9.3f ns, huge pages %9.3f ns: 4k/huge %.2f (THP %s)\n",
+                        row.variant.c_str(), row.shape.c_str(), t, small_ns, huge_ns, small_ns / huge_ns, thp_mode().c_str());
+            out["huge_ab"].push_back({{"variant", row.variant}, {"shape", shape}, {"threads", t},
+                                      {"small_pages_ns_per_element", small_ns}, {"huge_pages_ns_per_element", huge_ns},
+                                      {"small_over_huge", small_ns / huge_ns}, {"pairs", huge_s.size()},
+                                      {"thp_mode", thp_mode()}});
+          }
           if (prefetch_ab && !ortho) {
             // Off and on alternated call by call, so that both see the same machine.
             std::vector<double> off_s, on_s;

@@ -102,13 +102,13 @@ RuleState RuleState::zeros_for(const Geometry& geo, int64_t len, int64_t plane) 
   RuleState s;
   s.plane = plane;
   const int64_t P = s.stride(len);
-  s.m.assign(static_cast<size_t>(kMom * P), 0.0f);
-  s.rms.assign(static_cast<size_t>(kRms * P), 0.0f);
+  assign_huge(s.m, static_cast<size_t>(kMom * P));
+  assign_huge(s.rms, static_cast<size_t>(kRms * P));
   if (geo.factored) {
     s.v_row.assign(static_cast<size_t>(kFac * geo.row_count), 0.0f);
     s.v_col.assign(static_cast<size_t>(kFac * geo.col_count), 0.0f);
   } else {
-    s.v_diag.assign(static_cast<size_t>(kFac * P), 0.0f);
+    assign_huge(s.v_diag, static_cast<size_t>(kFac * P));
   }
   return s;
 }

@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <sstream>
 #include <random>
 
 #include "unit/test_util.h"
@@ -194,6 +197,62 @@ TEST(Rule, PrefetchChangesNoBits) {
 // State planes skewed apart (state_plane: what the engine's host backends keep) give the
 // same bits as packed planes, for the fast path and the reference, 1-D and 2-D, and the
 // padding between planes is never written.
+// The kB of the mapping holding `p` that sit on transparent huge pages (/proc/self/smaps
+// AnonHugePages), or -1 when smaps cannot be read.
+long anon_huge_kb_at(const void* p) {
+  std::ifstream f("/proc/self/smaps");
+  if (!f) return -1;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  bool inside = false;
+  while (std::getline(f, line)) {
+    uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = a >= lo && a < hi;
+      continue;
+    }
+    if (inside && line.rfind("AnonHugePages:", 0) == 0) return std::stol(line.substr(14));
+  }
+  return -1;
+}
+
+std::string thp_mode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string line;
+  std::getline(f, line);
+  const size_t a = line.find('['), b = line.find(']');
+  return a != std::string::npos && b > a ? line.substr(a + 1, b - a - 1) : "";
+}
+
+// The state planes (RuleState::zeros) and the host backends' buffers (alloc_host_floats) are
+// asked onto huge pages before they are first touched, so that they land there also where
+// the system's THP mode is "madvise"; the values are zeros either way, and small arrays or
+// advice on unaligned edges are harmless.
+TEST(Rule, LargeStateArraysSitOnHugePages) {
+  std::vector<float> small;
+  assign_huge(small, 100, 2.5f);
+  EXPECT_EQ(small, std::vector<float>(100, 2.5f));
+  advise_huge_pages(small.data() + 1, 37);  // below a page: a no-op
+  advise_huge_pages(nullptr, 1 << 22);
+  float* h = alloc_host_floats(3 << 20);  // 12 MiB
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(h) % 64, 0u);
+  EXPECT_TRUE(std::all_of(h, h + (3 << 20), [](float x) { return x == 0.0f; }));
+  const Geometry geo = Geometry::of(std::vector<int64_t>{2048, 2048});
+  RuleState st = RuleState::zeros(geo, false);
+  EXPECT_TRUE(std::all_of(st.m.begin(), st.m.end(), [](float x) { return x == 0.0f; }));
+  const std::string mode = thp_mode();
+  if (mode != "always" && mode != "madvise") {
+    free_host_floats(h);
+    GTEST_SKIP() << "transparent huge pages are '" << mode << "' on this system: nothing to check";
+  }
+  EXPECT_GT(anon_huge_kb_at(h + (1 << 20)), 0) << "alloc_host_floats, THP " << mode;
+  EXPECT_GT(anon_huge_kb_at(st.m.data() + st.m.size() / 2), 0) << "RuleState::zeros m, THP " << mode;
+  EXPECT_GT(anon_huge_kb_at(st.rms.data() + st.rms.size() / 2), 0) << "RuleState::zeros rms, THP " << mode;
+  free_host_floats(h);
+}
+
 TEST(Rule, SkewedStatePlanesGiveTheSameBits) {
   EXPECT_EQ(state_plane(100), 100);
   EXPECT_GE(state_plane(1 << 24), (1 << 24) + 1024);

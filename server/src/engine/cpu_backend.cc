@@ -32,8 +32,10 @@ class HostBackend : public Backend {
   // Skewed planes (celo2/rule.h state_plane): both host backends' kernels take any stride.
   int64_t state_plane(int64_t len) const override { return celo2::state_plane(len); }
 
-  float* alloc(int64_t n) override { return new float[n > 0 ? n : 1](); }
-  void release(float* p) noexcept override { delete[] p; }
+  // Zeroed, and on huge pages from 2 MiB up (celo2/rule.h alloc_host_floats): the state
+  // planes, flat gradients and updates the rule's passes stream.
+  float* alloc(int64_t n) override { return alloc_host_floats(n); }
+  void release(float* p) noexcept override { free_host_floats(p); }
   void copy(float* dst, const float* src, int64_t n) override {
     if (n > 0 && dst != src) std::memcpy(dst, src, n * sizeof(float));
   }
