@@ -209,8 +209,11 @@ void gram_of(int n, int k, const T* M, T* S, T* B = nullptr, T scale = T(0)) {
 template <class T>
 void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = false) {
   const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
-  if (!b_scaled)
-    for (size_t i = 0; i < static_cast<size_t>(R) * R; ++i) B[i] = b * A[i];
+  const int64_t rr = static_cast<int64_t>(R) * R;
+  if (!b_scaled) {
+#pragma omp parallel for schedule(static) if (rr >= kParallelMin)
+    for (int64_t i = 0; i < rr; ++i) B[i] = b * A[i];
+  }
   gemm(R, R, R, cc, A, A, T(1), B);
 }
 template <class T>

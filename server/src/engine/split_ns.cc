@@ -10,6 +10,44 @@
 #include <cstring>
 
 namespace celo2 {
+namespace {
+// The element-wise passes run on the OpenMP threads, as in the unsplit newton_schulz (BLAS
+// runs on its own between them): the packing of A's triangle and its unpacking are O(r²)
+// per iteration, next to GEMMs of O(r²·c/g). The Frobenius sum goes in fixed lanes of
+// kNormLane elements, combined in order, so the result does not depend on the thread count.
+constexpr int64_t kNormLane = 1 << 16;
+constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
+
+double sum_of_squares(const float* x, int64_t n) {
+  const int64_t lanes = (n + kNormLane - 1) / kNormLane;
+  std::vector<double> part(static_cast<size_t>(lanes), 0.0);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t l = 0; l < lanes; ++l) {
+    double acc = 0.0;
+    const int64_t hi = std::min(n, (l + 1) * kNormLane);
+    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(x[i]) * x[i];
+    part[static_cast<size_t>(l)] = acc;
+  }
+  double s = 0.0;
+  for (double v : part) s += v;
+  return s;
+}
+
+// Where row i of the packed upper triangle of an R×R matrix starts.
+inline size_t tri_row(int64_t i, int64_t R) { return static_cast<size_t>(i * R - i * (i - 1) / 2); }
+
+// y[i] = a·x[i] (+ b·t[i] when t is set), threaded.
+void axpby(int64_t n, float a, const float* x, float b, const float* t, float* y) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) y[i] = t ? a * x[i] + b * t[i] : a * x[i];
+}
+
+void copy(int64_t n, const float* x, float* y) {
+  constexpr int64_t kChunk = 1 << 16;
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; i += kChunk) std::memcpy(y + i, x + i, static_cast<size_t>(std::min(kChunk, n - i)) * sizeof(float));
+}
+}  // namespace
 
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
                          std::vector<float>& scratch, bool rows_block, bool split_poly, int product) {
@@ -37,11 +75,10 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
   std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
-  double fro = 0.0;
-  for (size_t i = 0; i < rc; ++i) fro += static_cast<double>(x_local[i]) * x_local[i];
+  double fro = sum_of_squares(x_local, static_cast<int64_t>(rc));
   group.all_reduce_sum(&fro, 1);
   const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
-  for (size_t i = 0; i < rc; ++i) x_local[i] *= scale;
+  axpby(static_cast<int64_t>(rc), scale, x_local, 0.0f, nullptr, x_local);
   const int R = static_cast<int>(r), C = static_cast<int>(c_local);
   float* X = x_local;
   for (int it = 0; it < cfg.ns_iters; ++it) {
@@ -54,14 +91,20 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
       std::fill(A, A + rr, 0.0f);
     }
     // The upper triangle only (A is symmetric): r(r+1)/2 values on the wire.
-    size_t k = 0;
-    for (int i = 0; i < R; ++i)
-      for (int j = i; j < R; ++j) sum[k++] = A[static_cast<size_t>(i) * R + j];
+    const bool par_tri = static_cast<int64_t>(tri) >= kParallelMin;
+#pragma omp parallel for schedule(dynamic, 16) if (par_tri)
+    for (int i = 0; i < R; ++i) {
+      const size_t k0 = tri_row(i, R);
+      for (int j = i; j < R; ++j) sum[k0 + static_cast<size_t>(j - i)] = A[static_cast<size_t>(i) * R + j];
+    }
     group.all_reduce_sum(sum.data(), static_cast<int64_t>(tri));
-    k = 0;
-    for (int i = 0; i < R; ++i)
-      for (int j = i; j < R; ++j, ++k)
-        A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] = static_cast<float>(sum[k]);
+#pragma omp parallel for schedule(dynamic, 16) if (par_tri)
+    for (int i = 0; i < R; ++i) {
+      const size_t k0 = tri_row(i, R);
+      for (int j = i; j < R; ++j)
+        A[static_cast<size_t>(i) * R + j] = A[static_cast<size_t>(j) * R + i] =
+            static_cast<float>(sum[k0 + static_cast<size_t>(j - i)]);
+    }
     if (by_product) {
       // Y = a·X + b·(AX) + c·A(AX); for a block of rows (Xᵀ) the transpose: T = X·A, Y += c·T·A.
       const float a = static_cast<float>(cfg.ns_coeffs[0]), b = static_cast<float>(cfg.ns_coeffs[1]),
@@ -70,12 +113,12 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, A, R, 0.0f, T, R);
       else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, 1.0f, A, R, X, C, 0.0f, T, C);
-      for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i] + b * T[i];
+      axpby(static_cast<int64_t>(rc), a, X, b, T, Y);
       if (rows_block)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, c, T, R, A, R, 1.0f, Y, R);
       else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, c, A, R, T, C, 1.0f, Y, C);
-      std::memcpy(X, Y, rc * sizeof(float));
+      copy(static_cast<int64_t>(rc), Y, X);
       continue;
     }
     if (split_poly) {
@@ -83,7 +126,7 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
       const int64_t nr = row1 - row0;
       const float b = static_cast<float>(cfg.ns_coeffs[1]), c = static_cast<float>(cfg.ns_coeffs[2]);
       const float* Arows = A + row0 * r;
-      for (int64_t i = 0; i < nr * r; ++i) Bpart[i] = b * Arows[i];
+      axpby(nr * r, b, Arows, 0.0f, nullptr, Bpart);
       if (nr > 0)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nr), R, R, c, Arows, R, A, R,
                     1.0f, Bpart, R);
@@ -95,12 +138,12 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     if (rows_block) {
       // Y = a·X + X·B (B symmetric): the transpose of a·Xᵀ + B·Xᵀ.
       const float a = static_cast<float>(cfg.ns_coeffs[0]);
-      for (size_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+      axpby(static_cast<int64_t>(rc), a, X, 0.0f, nullptr, Y);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, B, R, 1.0f, Y, R);
     } else {
       ns_apply_polynomial(cfg, r, c_local, B, X, Y);
     }
-    std::memcpy(X, Y, rc * sizeof(float));
+    copy(static_cast<int64_t>(rc), Y, X);
   }
 }
 
