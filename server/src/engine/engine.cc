@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <mutex>
 #include <cstring>
 #include <numeric>
 #include <sstream>
@@ -135,10 +136,14 @@ Engine::Engine(EngineOptions options, std::shared_ptr<Communicator> comm)
   set_cpu_prefetch(param::cpu_prefetch());
   if (opts_.opt.use_reference) opts_.backend = "reference";
   backend_ = make_backend(opts_.backend);
-  // A BLAS forced onto narrower kernels than the CPU has halves Newton–Schulz: say so once.
-  if (comm_->rank() == 0 && std::string(backend_->name()) == "cpu")
-    if (const std::string note = blas_core_note(); !note.empty())
-      std::fprintf(stderr, "celo2: %s\n", note.c_str());
+  // A BLAS forced onto narrower kernels than the CPU has halves Newton–Schulz: say so, once
+  // per process (meta-training builds an engine per particle).
+  if (comm_->rank() == 0 && std::string(backend_->name()) == "cpu") {
+    static std::once_flag said;
+    std::call_once(said, [] {
+      if (const std::string note = blas_core_note(); !note.empty()) std::fprintf(stderr, "celo2: %s\n", note.c_str());
+    });
+  }
   // Backends without slice kernels (the reference, CUDA) run whole tensors.
   if (!backend_->slice_phases()) opts_.plan = Plan::kWholeTensors;
   // Newton–Schulz groups are the flat plan's (celo2/plan.h plan_ns); on whole tensors each
