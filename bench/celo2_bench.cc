@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -494,6 +495,7 @@ int main(int argc, char** argv) {
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
                    {"threads_all", all}, {"vector_bytes", rule_vec_bytes()},
                    {"openblas_core", corename}, {"thp_mode", thp_mode()}, {"blas_threading", celo2::blas_threading()},
+                   {"openblas_coretype_env", std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : ""},
                    {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())},
                    {"rule_prefetch", celo2::cpu_prefetch()}};
