@@ -71,8 +71,8 @@ int64_t state_plane(int64_t n);
 void advise_huge_pages(void* p, size_t bytes);
 // v = n copies of `value`, the storage advised before it is written (reserve, advise, fill).
 void assign_huge(std::vector<float>& v, size_t n, float value = 0.0f);
-// Zeroed floats for a host backend: 64-byte aligned, on 2 MiB-aligned advised pages from
-// 2 MiB up; release with free_host_floats.
+// Zeroed floats for a host backend: 64-byte aligned, the whole 2 MiB pages inside advised
+// (no rounding up: no memory beyond the request); release with free_host_floats.
 float* alloc_host_floats(int64_t n);
 void free_host_floats(float* p) noexcept;
 
