@@ -235,15 +235,6 @@ double measure_sgemm_gflops(const Options& o, int m, int n, int k, int threads) 
   return 2.0 * m * n * static_cast<double>(k) / t.median_s / 1e9;
 }
 
-// The system's transparent-huge-page mode ("always", "madvise", "never"; "?" if unreadable).
-std::string thp_mode() {
-  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
-  std::string line;
-  std::getline(f, line);
-  const size_t a = line.find('['), b = line.find(']');
-  return a != std::string::npos && b != std::string::npos && b > a ? line.substr(a + 1, b - a - 1) : "?";
-}
-
 // ---------------------------------------------------------------------------------------
 // 2. AdamW.
 // ---------------------------------------------------------------------------------------
@@ -490,18 +481,17 @@ int main(int argc, char** argv) {
               : std::vector<std::pair<int64_t, int64_t>>{{1024, 1024}, {2048, 8192}};
 
   Json out;
-  char corename[64] = "?";
-  if (const char* cn = openblas_get_corename()) std::snprintf(corename, sizeof corename, "%s", cn);
+  const std::string corename = celo2::blas_core(), thp = celo2::thp_mode();
   out["config"] = {{"quick", o.quick}, {"reps", o.reps}, {"budget_s", o.case_budget_s},
                    {"threads_all", all}, {"vector_bytes", rule_vec_bytes()},
-                   {"openblas_core", corename}, {"thp_mode", thp_mode()}, {"blas_threading", celo2::blas_threading()},
-                   {"openblas_coretype_env", std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : ""},
+                   {"openblas_core", corename}, {"thp_mode", thp}, {"blas_threading", celo2::blas_threading()},
+                   {"openblas_coretype_env", celo2::blas_coretype_env()},
                    {"statistic", "median"},
                    {"rule_isa", celo2::cpu_isa_name(celo2::cpu_isa())},
                    {"rule_prefetch", celo2::cpu_prefetch()}};
   std::printf("celo2-bench: %s, threads 1 and %d, median of %d (warm-up 1), OpenBLAS core %s "
               "(%s threads), %d-byte vectors (FMA rate and rule copy), rule copy %s%s\n",
-              o.quick ? "quick" : "full", all, o.reps, corename, celo2::blas_threading(),
+              o.quick ? "quick" : "full", all, o.reps, corename.c_str(), celo2::blas_threading(),
               rule_vec_bytes(),
               celo2::cpu_isa_name(celo2::cpu_isa()), celo2::cpu_prefetch() ? "" : ", no prefetch");
 
@@ -618,11 +608,11 @@ int main(int argc, char** argv) {
               }
             const double small_ns = median_of(small_s) / rb.geo.numel * 1e9, huge_ns = median_of(huge_s) / rb.geo.numel * 1e9;
             std::printf("  %-10s %-10s threads %-3d 4 KiB pages %9.3f ns, huge pages %9.3f ns: 4k/huge %.2f (THP %s)\n",
-                        row.variant.c_str(), row.shape.c_str(), t, small_ns, huge_ns, small_ns / huge_ns, thp_mode().c_str());
+                        row.variant.c_str(), row.shape.c_str(), t, small_ns, huge_ns, small_ns / huge_ns, thp.c_str());
             out["huge_ab"].push_back({{"variant", row.variant}, {"shape", shape}, {"threads", t},
                                       {"small_pages_ns_per_element", small_ns}, {"huge_pages_ns_per_element", huge_ns},
                                       {"small_over_huge", small_ns / huge_ns}, {"pairs", huge_s.size()},
-                                      {"thp_mode", thp_mode()}});
+                                      {"thp_mode", thp}});
           }
           if (prefetch_ab && !ortho) {
             // Off and on alternated call by call, so that both see the same machine.

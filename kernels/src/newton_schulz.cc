@@ -40,6 +40,11 @@ std::string blas_core() {
   return c ? c : "unknown";
 }
 
+std::string blas_coretype_env() {
+  const char* e = std::getenv("OPENBLAS_CORETYPE");
+  return e ? e : "";
+}
+
 std::string blas_core_note(const std::string& core, const char* env, bool cpu_has_avx512) {
   if (!env || !*env || !cpu_has_avx512) return "";
   // OpenBLAS 0.3.21's x86-64 families with AVX-512 kernels (and later releases' names).
@@ -53,7 +58,8 @@ std::string blas_core_note(const std::string& core, const char* env, bool cpu_ha
 std::string blas_core_note() {
   const std::vector<CpuIsa> have = cpu_isas_available();
   const bool avx512 = !have.empty() && have.back() == CpuIsa::kAvx512;
-  return blas_core_note(blas_core(), std::getenv("OPENBLAS_CORETYPE"), avx512);
+  const std::string env = blas_coretype_env();
+  return blas_core_note(blas_core(), env.c_str(), avx512);
 }
 
 const char* ns_method_name(NsMethod m) {
@@ -133,7 +139,23 @@ void syrk(int n, int k, const double* M, double* S) {
 // them). The Frobenius norm is summed in fixed lanes of kNormLane elements, combined in
 // order, so it does not depend on the thread count.
 constexpr int64_t kNormLane = 1 << 16;
-constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
+constexpr int64_t kParallelMin = kNsParallelMin;
+
+template <class T>
+double sum_squares(const T* x, int64_t n) {
+  const int64_t lanes = (n + kNormLane - 1) / kNormLane;
+  std::vector<double> part(lanes, 0.0);
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t l = 0; l < lanes; ++l) {
+    double acc = 0.0;
+    const int64_t hi = std::min(n, (l + 1) * kNormLane);
+    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(x[i]) * x[i];
+    part[l] = acc;
+  }
+  double s = 0.0;
+  for (double v : part) s += v;
+  return s;
+}
 
 // out = inᵀ (in: rows×cols, row-major), in 32×32 tiles that keep both sides in cache; or a
 // plain copy.
@@ -161,17 +183,7 @@ bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T*
   const int64_t rc = rows * cols;
   const bool par = rc >= kParallelMin;
   transpose_or_copy(transpose, rows, cols, x, X);
-  const int64_t lanes = (rc + kNormLane - 1) / kNormLane;
-  std::vector<double> part(lanes, 0.0);
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t l = 0; l < lanes; ++l) {
-    double acc = 0.0;
-    const int64_t hi = std::min(rc, (l + 1) * kNormLane);
-    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(X[i]) * X[i];
-    part[l] = acc;
-  }
-  double fro = 0.0;
-  for (double v : part) fro += v;
+  const double fro = sum_squares(X, rc);
   const T scale = static_cast<T>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < rc; ++i) X[i] *= scale;
@@ -310,6 +322,8 @@ void newton_schulz_f64(const RuleConfig& cfg, int64_t rows, int64_t cols, double
   standard(cfg, static_cast<int>(r), static_cast<int>(c), X, Y, Y + rc, Y + rc + rr);
   store_wide(rows, cols, transpose, X, x);
 }
+
+double ns_sum_squares(const float* x, int64_t n) { return sum_squares(x, n); }
 
 void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
   polynomial(cfg, static_cast<int>(r), A, B);

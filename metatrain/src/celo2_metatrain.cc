@@ -396,7 +396,7 @@ int run_bench(double seconds, bool base, int tasks, bool unbatched, bool keep_de
                       {"path", unbatched ? "unbatched" : "batched"},
                       {"flush_denormals", !keep_denormals},
                       {"openblas_core", blas_core()},
-                      {"openblas_coretype_env", std::getenv("OPENBLAS_CORETYPE") ? std::getenv("OPENBLAS_CORETYPE") : ""},
+                      {"openblas_coretype_env", blas_coretype_env()},
                       {"tasks", tasks},
                       {"inner_steps_per_s_per_core", total_rate},
                       {"flop_per_inner_step", fl.total()},

@@ -218,14 +218,6 @@ long anon_huge_kb_at(const void* p) {
   return -1;
 }
 
-std::string thp_mode() {
-  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
-  std::string line;
-  std::getline(f, line);
-  const size_t a = line.find('['), b = line.find(']');
-  return a != std::string::npos && b > a ? line.substr(a + 1, b - a - 1) : "";
-}
-
 // The state planes (RuleState::zeros) and the host backends' buffers (alloc_host_floats) are
 // asked onto huge pages before they are first touched, so that they land there also where
 // the system's THP mode is "madvise"; the values are zeros either way, and small arrays or

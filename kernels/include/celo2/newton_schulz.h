@@ -59,6 +59,15 @@ double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols);
 double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols, NsMethod method,
                            int gram_restart = -1);
 
+// Element counts below which Newton–Schulz's element-wise passes stay on one thread (they
+// run on the OpenMP threads above it, BLAS on its own between them).
+constexpr int64_t kNsParallelMin = int64_t{1} << 15;
+
+// Σ x² in double, summed in fixed lanes of 65,536 elements on the OpenMP threads and combined
+// in order: the same bits at any thread count. The Frobenius norm of newton_schulz and of
+// newton_schulz_split (celo2/split_ns.h).
+double ns_sum_squares(const float* x, int64_t n);
+
 // Limit BLAS to `n` threads (0 = leave as is). OpenBLAS threads otherwise fight OpenMP's.
 void set_blas_threads(int n);
 
@@ -69,6 +78,8 @@ const char* blas_threading();
 // The kernel family OpenBLAS chose at load time (openblas_get_corename: "Haswell",
 // "SkylakeX", "Cooperlake", ...).
 std::string blas_core();
+// The OPENBLAS_CORETYPE this process was started with ("" when unset).
+std::string blas_coretype_env();
 
 // Empty, or one line saying that OpenBLAS runs narrower kernels than this CPU has: the
 // OPENBLAS_CORETYPE environment variable names a family without AVX-512 (as "Haswell") on a

@@ -75,6 +75,9 @@ void assign_huge(std::vector<float>& v, size_t n, float value = 0.0f);
 // (no rounding up: no memory beyond the request); release with free_host_floats.
 float* alloc_host_floats(int64_t n);
 void free_host_floats(float* p) noexcept;
+// The system's transparent-huge-page mode: "always", "madvise", "never", or "" where
+// /sys/kernel/mm/transparent_hugepage/enabled cannot be read.
+std::string thp_mode();
 
 struct Slice;
 

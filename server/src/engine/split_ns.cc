@@ -13,25 +13,9 @@ namespace celo2 {
 namespace {
 // The element-wise passes run on the OpenMP threads, as in the unsplit newton_schulz (BLAS
 // runs on its own between them): the packing of A's triangle and its unpacking are O(r²)
-// per iteration, next to GEMMs of O(r²·c/g). The Frobenius sum goes in fixed lanes of
-// kNormLane elements, combined in order, so the result does not depend on the thread count.
-constexpr int64_t kNormLane = 1 << 16;
-constexpr int64_t kParallelMin = 1 << 15;  // elements below which a pass stays serial
-
-double sum_of_squares(const float* x, int64_t n) {
-  const int64_t lanes = (n + kNormLane - 1) / kNormLane;
-  std::vector<double> part(static_cast<size_t>(lanes), 0.0);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t l = 0; l < lanes; ++l) {
-    double acc = 0.0;
-    const int64_t hi = std::min(n, (l + 1) * kNormLane);
-    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(x[i]) * x[i];
-    part[static_cast<size_t>(l)] = acc;
-  }
-  double s = 0.0;
-  for (double v : part) s += v;
-  return s;
-}
+// per iteration, next to GEMMs of O(r²·c/g); the Frobenius sum is ns_sum_squares (fixed
+// lanes, the same bits at any thread count).
+constexpr int64_t kParallelMin = kNsParallelMin;
 
 // Where row i of the packed upper triangle of an R×R matrix starts.
 inline size_t tri_row(int64_t i, int64_t R) { return static_cast<size_t>(i * R - i * (i - 1) / 2); }
@@ -75,7 +59,7 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   const size_t tri = static_cast<size_t>(r * (r + 1) / 2);
   std::vector<double> sum(tri);
   // Frobenius normalization over the whole matrix.
-  double fro = sum_of_squares(x_local, static_cast<int64_t>(rc));
+  double fro = ns_sum_squares(x_local, static_cast<int64_t>(rc));
   group.all_reduce_sum(&fro, 1);
   const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
   axpby(static_cast<int64_t>(rc), scale, x_local, 0.0f, nullptr, x_local);
