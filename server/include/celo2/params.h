@@ -66,6 +66,10 @@ enum class Kind {
     "Control-plane bearer token when no token or token file is given (trainer and celo2ctl)")   \
   X(control_addr, "CELO2_CONTROL_ADDR", kString, "", "",                                         \
     "celo2ctl's server address (host:port) when --addr is not given")                            \
+  X(mpi_reduce_scatter, "CELO2_MPI_REDUCE_SCATTER", kChoice, "ring", "ring|mpi",                 \
+    "The MPI transport's reduce-scatter (the gradients): celo2's ring of MPI_Sendrecv in "       \
+    "windows of 4 MiB (ring), or MPI_Reduce_scatter (mpi), which in Open MPI 4.1 took about "    \
+    "5x as long on 2 ranks of one node (docs/PERF.md)")                                          \
   X(ns_method, "CELO2_NS_METHOD", kChoice, "auto", "auto|standard|gram",                          \
     "Newton-Schulz on the CPU: standard (auto) or gram (the Gram iteration with restarts every " \
     "2 iterations, for every matrix; fewer FLOPs on wide matrices, docs/PERF.md)")               \

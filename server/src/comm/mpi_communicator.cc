@@ -8,6 +8,7 @@
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -15,9 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "celo2/communicator.h"
+#include "celo2/params.h"
 #include "mpi_runtime.h"
 
 #define CELO2_MPI_CHECK(call)                                                          \
@@ -108,6 +112,7 @@ class MpiCommunicator final : public Communicator {
     if (watchdog_.joinable()) watchdog_.join();
     int fin = 0;
     MPI_Finalized(&fin);
+    if (!fin && p2p_ != MPI_COMM_NULL) MPI_Comm_free(&p2p_);
     if (owned_ && !fin) MPI_Comm_free(&comm_);
   }
   std::unique_ptr<Communicator> split(int color, int key) override {
@@ -140,13 +145,16 @@ class MpiCommunicator final : public Communicator {
   void reduce_scatter_sum(const float* send, float* recv,
                           const std::vector<int64_t>& counts) override {
     Guard g(this, "reduce_scatter");
-    const std::vector<int> c = ints(counts, "reduce_scatter");
-    CELO2_MPI_CHECK(MPI_Reduce_scatter(send, recv, c.data(), MPI_FLOAT, MPI_SUM, comm_));
+    const std::vector<int> c = rank_counts(counts, "reduce_scatter");
+    if (ring_reduce_scatter() && size_ > 1)
+      ring_reduce_scatter(send, recv, counts);
+    else
+      CELO2_MPI_CHECK(MPI_Reduce_scatter(send, recv, c.data(), MPI_FLOAT, MPI_SUM, comm_));
     count("reduce_scatter", ring_bytes(total(counts) * 4));
   }
   void all_gather(const float* send, float* recv, const std::vector<int64_t>& counts) override {
     Guard g(this, "all_gather");
-    const std::vector<int> c = ints(counts, "all_gather");
+    const std::vector<int> c = rank_counts(counts, "all_gather");
     const std::vector<int> d = displs_of(c);
     CELO2_MPI_CHECK(MPI_Allgatherv(send, c[rank_], MPI_FLOAT, recv, c.data(), d.data(),
                                    MPI_FLOAT, comm_));
@@ -155,7 +163,7 @@ class MpiCommunicator final : public Communicator {
   void all_to_all_v(const float* send, const std::vector<int64_t>& send_counts, float* recv,
                     const std::vector<int64_t>& recv_counts) override {
     Guard g(this, "all_to_all");
-    const std::vector<int> sc = ints(send_counts, "all_to_all"), rc = ints(recv_counts, "all_to_all");
+    const std::vector<int> sc = rank_counts(send_counts, "all_to_all"), rc = rank_counts(recv_counts, "all_to_all");
     const std::vector<int> sd = displs_of(sc), rd = displs_of(rc);
     CELO2_MPI_CHECK(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_FLOAT, recv, rc.data(),
                                   rd.data(), MPI_FLOAT, comm_));
@@ -173,6 +181,13 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  // One count per rank, each within int (MPI's counts), or a CommError naming the collective.
+  std::vector<int> rank_counts(const std::vector<int64_t>& counts, const char* op) const {
+    if (static_cast<int>(counts.size()) != size_)
+      throw CommError(std::string("mpi ") + op + ": " + std::to_string(counts.size()) + " counts for " +
+                      std::to_string(size_) + " ranks");
+    return ints(counts, op);
+  }
   static int64_t total(const std::vector<int64_t>& v) {
     int64_t s = 0;
     for (int64_t x : v) s += x;
@@ -215,7 +230,55 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
+  // The reduce-scatter as a ring of MPI_Sendrecv (the algorithm NCCL and Horovod use for
+  // large buffers): rank r passes the partial sum of chunk (r − 1 − s) to rank r + 1 at step
+  // s and adds its own part to the one it receives from r − 1, so after W − 1 steps it holds
+  // the sum of its own chunk. Each rank sends Σ counts − counts[r] floats, the volume
+  // ring_bytes counts. In windows of kRingWindow floats of every chunk, so the scratch is two
+  // windows whatever the gradient size. The sum of chunk k is ((g_{k+1} + g_{k+2}) + …) + g_k
+  // (ranks mod W): one fixed order, the same bits on every run.
+  static bool ring_reduce_scatter() { return param::mpi_reduce_scatter() == "ring"; }
+  static constexpr int64_t kRingWindow = int64_t{1} << 20;
+  void ring_reduce_scatter(const float* send, float* recv, const std::vector<int64_t>& counts) {
+    const int W = size_, r = rank_;
+    if (p2p_ == MPI_COMM_NULL) {  // our own context: no tag can meet the trainer's messages
+      CELO2_MPI_CHECK(MPI_Comm_dup(comm_, &p2p_));
+      CELO2_MPI_CHECK(MPI_Comm_set_errhandler(p2p_, MPI_ERRORS_RETURN));
+    }
+    std::vector<int64_t> displ(W, 0);
+    int64_t maxc = 0;
+    for (int k = 0; k < W; ++k) {
+      if (k) displ[k] = displ[k - 1] + counts[k - 1];
+      maxc = std::max(maxc, counts[k]);
+    }
+    const int64_t win = std::min(maxc, kRingWindow);
+    if (static_cast<int64_t>(ring_tmp_.size()) < win) {
+      ring_tmp_.resize(win);
+      ring_acc_.resize(win);
+    }
+    float* tmp = ring_tmp_.data();
+    float* acc = ring_acc_.data();
+    const int right = (r + 1) % W, left = (r + W - 1) % W;
+    auto part = [&](int k, int64_t o) { return static_cast<int>(std::clamp<int64_t>(counts[k] - o, 0, win)); };
+    for (int64_t o = 0; o < maxc; o += win) {
+      for (int s = 0; s + 1 < W; ++s) {
+        const int cs = ((r - 1 - s) % W + W) % W, cr = ((r - 2 - s) % W + W) % W;
+        const int ns = part(cs, o), nr = part(cr, o);
+        const float* sbuf = s == 0 ? send + displ[cs] + o : acc;
+        CELO2_MPI_CHECK(MPI_Sendrecv(sbuf, ns, MPI_FLOAT, right, 0, tmp, nr, MPI_FLOAT, left, 0, p2p_,
+                                     MPI_STATUS_IGNORE));
+        float* __restrict out = s + 2 == W ? recv + o : acc;  // the last step receives chunk r
+        const float* __restrict own = send + displ[cr] + o;
+        const float* __restrict in = tmp;
+#pragma omp simd
+        for (int i = 0; i < nr; ++i) out[i] = in[i] + own[i];
+      }
+    }
+  }
+
   MPI_Comm comm_ = MPI_COMM_WORLD;
+  MPI_Comm p2p_ = MPI_COMM_NULL;
+  std::vector<float> ring_tmp_, ring_acc_;
   bool owned_ = false;
   int rank_ = 0, size_ = 1;
   double timeout_ = 0;
