@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "celo2/adamw.h"
+#include "celo2/lane_sum.h"
 
 namespace celo2 {
 
@@ -19,21 +20,29 @@ void adamw_reference(const AdamWParams& a, int64_t n, float* p, const float* g, 
   }
 }
 
+namespace {
+// The fused update of one element, the constants of one call.
+struct AdamWStep {
+  float b1, b2, eps, lr, wd, ic1, ic2;
+  explicit AdamWStep(const AdamWParams& a)
+      : b1(a.b1), b2(a.b2), eps(a.eps), lr(a.lr), wd(a.wd),
+        ic1(static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(a.b1), static_cast<double>(a.count))))),
+        ic2(static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(a.b2), static_cast<double>(a.count))))) {}
+  // Updates mu, nu and returns the new parameter.
+  float operator()(float p, float gi, float& mu, float& nu) const {
+    const float m = b1 * mu + (1.0f - b1) * gi;
+    const float v = b2 * nu + (1.0f - b2) * gi * gi;
+    mu = m;
+    nu = v;
+    return p - lr * ((m * ic1) / (std::sqrt(v * ic2) + eps) + wd * p);
+  }
+};
+}  // namespace
+
 void adamw_update(const AdamWParams& a, int64_t n, float* __restrict p, const float* __restrict g,
                   float* __restrict mu, float* __restrict nu) {
-  const float ic1 = static_cast<float>(
-      1.0 / (1.0 - std::pow(static_cast<double>(a.b1), static_cast<double>(a.count))));
-  const float ic2 = static_cast<float>(
-      1.0 / (1.0 - std::pow(static_cast<double>(a.b2), static_cast<double>(a.count))));
-  const float b1 = a.b1, b2 = a.b2, eps = a.eps, lr = a.lr, wd = a.wd;
-  auto one = [&](int64_t i) {
-    const float gi = g[i];
-    const float m = b1 * mu[i] + (1.0f - b1) * gi;
-    const float v = b2 * nu[i] + (1.0f - b2) * gi * gi;
-    mu[i] = m;
-    nu[i] = v;
-    p[i] -= lr * ((m * ic1) / (std::sqrt(v * ic2) + eps) + wd * p[i]);
-  };
+  const AdamWStep st(a);
+  auto one = [&](int64_t i) { p[i] = st(p[i], g[i], mu[i], nu[i]); };
   if (n > 32768) {
 #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; ++i) one(i);
@@ -41,6 +50,17 @@ void adamw_update(const AdamWParams& a, int64_t n, float* __restrict p, const fl
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) one(i);
   }
+}
+
+double adamw_update_sumsq(const AdamWParams& a, int64_t n, float* __restrict p, const float* __restrict g,
+                          float* __restrict mu, float* __restrict nu) {
+  const AdamWStep st(a);
+  return lane_sum(n, [&](int64_t i) {
+    const float old = p[i];
+    p[i] = st(old, g[i], mu[i], nu[i]);
+    const double d = static_cast<double>(old) - p[i];
+    return d * d;
+  });
 }
 
 }  // namespace celo2

@@ -21,5 +21,10 @@ void adamw_reference(const AdamWParams& a, int64_t n, float* p, const float* g, 
 // Fused, vectorized, multi-threaded.
 void adamw_update(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu,
                   float* nu);
+// adamw_update's arithmetic (the same p, μ, ν bits), returning Σ (p_old − p_new)² in double
+// (celo2/lane_sum.h's partition) from the same pass: what the recipe reports as the AdamW
+// branch's update RMS.
+double adamw_update_sumsq(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu,
+                          float* nu);
 
 }  // namespace celo2

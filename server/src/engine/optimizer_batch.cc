@@ -5,6 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "celo2/lane_sum.h"
 #include "recipe_internal.h"
 
 namespace celo2 {
@@ -17,29 +18,17 @@ int64_t count_nonfinite(const float* x, int64_t n) {
   return bad;
 }
 
-// The sum of squares of the finite entries (in double, in 8 partial sums: the report's norm,
-// not the same last bits as the engine's one-chain sum) and the count of the others.
+// The sum of squares of the finite entries (double, celo2/lane_sum.h's partition, as the
+// engine's backends) and the count of the others.
 struct GradStats {
   double sumsq = 0;
   int64_t nonfinite = 0;
 };
 GradStats grad_stats(const float* g, int64_t n) {
   GradStats s;
-  double part[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) {
-      const float v = g[i + l];
-      const bool ok = std::isfinite(v);
-      part[l] += ok ? static_cast<double>(v) * v : 0.0;
-      s.nonfinite += !ok;
-    }
-  for (; i < n; ++i) {
-    const bool ok = std::isfinite(g[i]);
-    part[0] += ok ? static_cast<double>(g[i]) * g[i] : 0.0;
-    s.nonfinite += !ok;
-  }
-  for (double p : part) s.sumsq += p;
+  double bad = 0;
+  finite_sumsq(g, n, &bad, &s.sumsq);
+  s.nonfinite = static_cast<int64_t>(bad);
   return s;
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "celo2/lane_sum.h"
 #include "recipe_internal.h"
 
 namespace celo2 {
@@ -106,27 +107,19 @@ AdamWParams adamw_params(const OptimizerOptions& o, double lr, int64_t count, co
 }
 
 double apply_update(float lr, float wd, int64_t n, float* p, const float* u) {
-  double sq = 0.0;
-  auto one = [&](int64_t i) {
+  return lane_sum(n, [=](int64_t i) {
     const float d = ew::applied_step(lr, wd, p[i], u[i]);
     p[i] -= d;
     return static_cast<double>(d) * d;
-  };
-  if (n > 65536) {
-#pragma omp parallel for simd reduction(+ : sq) schedule(static)
-    for (int64_t i = 0; i < n; ++i) sq += one(i);
-  } else {  // no OpenMP region for small tensors (an `if` clause still enters one)
-#pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < n; ++i) sq += one(i);
-  }
-  return sq;
+  });
 }
 
 double adamw_apply(const AdamWParams& a, int64_t n, float* p, const float* g, float* mu, float* nu,
                    bool reference, std::vector<float>& scratch) {
+  if (!reference) return adamw_update_sumsq(a, n, p, g, mu, nu);
+  // The reference: the plain update, then the squares of the parameters' change, one by one.
   scratch.assign(p, p + n);
-  if (reference) adamw_reference(a, n, p, g, mu, nu);
-  else adamw_update(a, n, p, g, mu, nu);
+  adamw_reference(a, n, p, g, mu, nu);
   double sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double d = static_cast<double>(scratch[i]) - p[i];
