@@ -50,6 +50,7 @@
 #include "celo2/newton_schulz.h"
 #include "machine_rates.h"
 #include "ns_bench.h"
+#include "celo2/host_memory.h"
 #include "celo2/rule.h"
 
 namespace {

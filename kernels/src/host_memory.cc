@@ -1,4 +1,4 @@
-// Host memory on transparent huge pages (celo2/rule.h advise_huge_pages): where the rule's
+// Host memory on transparent huge pages (celo2/host_memory.h): where the rule's
 // streamed arrays live, not what they hold.
 #include <cstdint>
 #include <cstdlib>
@@ -12,7 +12,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "celo2/rule.h"
+#include "celo2/host_memory.h"
 
 namespace celo2 {
 namespace {

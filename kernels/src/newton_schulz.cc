@@ -157,6 +157,19 @@ double sum_squares(const T* x, int64_t n) {
   return s;
 }
 
+// y = a·x (+ b·t where t is set), on the OpenMP threads from kParallelMin elements: every
+// element-wise pass of the iteration (the Frobenius scaling, bA, a·X) and of the split one.
+template <class T>
+void scale_add(int64_t n, T a, const T* x, T b, const T* t, T* y) {
+  if (t) {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) y[i] = a * x[i] + b * t[i];
+  } else {
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+  }
+}
+
 // out = inᵀ (in: rows×cols, row-major), in 32×32 tiles that keep both sides in cache; or a
 // plain copy.
 template <class T>
@@ -181,12 +194,10 @@ template <class T>
 bool load_wide(const RuleConfig& cfg, int64_t rows, int64_t cols, const T* x, T* X) {
   const bool transpose = rows > cols;
   const int64_t rc = rows * cols;
-  const bool par = rc >= kParallelMin;
   transpose_or_copy(transpose, rows, cols, x, X);
   const double fro = sum_squares(X, rc);
   const T scale = static_cast<T>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t i = 0; i < rc; ++i) X[i] *= scale;
+  scale_add<T>(rc, scale, X, T(0), nullptr, X);
   return transpose;
 }
 
@@ -222,18 +233,13 @@ template <class T>
 void polynomial(const RuleConfig& cfg, int R, const T* A, T* B, bool b_scaled = false) {
   const T b = cfg.ns_coeffs[1], cc = cfg.ns_coeffs[2];
   const int64_t rr = static_cast<int64_t>(R) * R;
-  if (!b_scaled) {
-#pragma omp parallel for schedule(static) if (rr >= kParallelMin)
-    for (int64_t i = 0; i < rr; ++i) B[i] = b * A[i];
-  }
+  if (!b_scaled) scale_add<T>(rr, b, A, T(0), nullptr, B);
   gemm(R, R, R, cc, A, A, T(1), B);
 }
 template <class T>
 void apply_poly(const RuleConfig& cfg, int R, int C, const T* B, const T* X, T* Y) {
   const T a = cfg.ns_coeffs[0];
-  const int64_t rc = static_cast<int64_t>(R) * C;
-#pragma omp parallel for schedule(static) if (rc >= kParallelMin)
-  for (int64_t i = 0; i < rc; ++i) Y[i] = a * X[i];
+  scale_add<T>(static_cast<int64_t>(R) * C, a, X, T(0), nullptr, Y);
   gemm(R, C, R, T(1), B, X, T(1), Y);
 }
 
@@ -324,6 +330,10 @@ void newton_schulz_f64(const RuleConfig& cfg, int64_t rows, int64_t cols, double
 }
 
 double ns_sum_squares(const float* x, int64_t n) { return sum_squares(x, n); }
+
+void ns_axpby(int64_t n, float a, const float* x, float b, const float* t, float* y) {
+  scale_add<float>(n, a, x, b, t, y);
+}
 
 void ns_polynomial(const RuleConfig& cfg, int64_t r, const float* A, float* B) {
   polynomial(cfg, static_cast<int>(r), A, B);

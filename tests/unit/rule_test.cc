@@ -15,6 +15,7 @@
 #include "celo2/adamw.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/isa.h"
+#include "celo2/host_memory.h"
 #include "celo2/rule.h"
 
 namespace celo2 {

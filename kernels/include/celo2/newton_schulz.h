@@ -67,6 +67,9 @@ constexpr int64_t kNsParallelMin = int64_t{1} << 15;
 // in order: the same bits at any thread count. The Frobenius norm of newton_schulz and of
 // newton_schulz_split (celo2/split_ns.h).
 double ns_sum_squares(const float* x, int64_t n);
+// y = a·x (+ b·t where t is not null), n elements, on the OpenMP threads from
+// kNsParallelMin: the iterations' element-wise passes (newton_schulz's and the split one's).
+void ns_axpby(int64_t n, float a, const float* x, float b, const float* t, float* y);
 
 // Limit BLAS to `n` threads (0 = leave as is). OpenBLAS threads otherwise fight OpenMP's.
 void set_blas_threads(int n);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "celo2/config.h"
+#include "celo2/host_memory.h"
 #include "celo2/elementwise.h"
 
 namespace celo2 {
@@ -59,25 +60,6 @@ struct Geometry {
 // 3.6–3.8 ns per element with planes n apart and 2.6–2.8 with this skew (docs/PERF.md).
 int64_t state_plane(int64_t n);
 
-// Host memory for large per-element arrays on transparent huge pages. The rule's passes
-// stream six to thirteen arrays at once; on 4 KiB pages a 16M-element matrix's walk misses
-// the TLB every 1,024 elements of every stream (docs/PERF.md "A fourth CPU": the rule 4–5 %
-// faster on 2 MiB pages on an AMD Zen 5). Linux's default THP mode on many distributions is
-// "madvise", so the advice has to be asked for, before the memory is first touched.
-//
-// advise_huge_pages: madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [p, p + bytes);
-// a no-op below 2 MiB, off Linux, or where the kernel refuses (never an error: it changes
-// where memory lives, not what it holds).
-void advise_huge_pages(void* p, size_t bytes);
-// v = n copies of `value`, the storage advised before it is written (reserve, advise, fill).
-void assign_huge(std::vector<float>& v, size_t n, float value = 0.0f);
-// Zeroed floats for a host backend: 64-byte aligned, the whole 2 MiB pages inside advised
-// (no rounding up: no memory beyond the request); release with free_host_floats.
-float* alloc_host_floats(int64_t n);
-void free_host_floats(float* p) noexcept;
-// The system's transparent-huge-page mode: "always", "madvise", "never", or "" where
-// /sys/kernel/mm/transparent_hugepage/enabled cannot be read.
-std::string thp_mode();
 
 struct Slice;
 

@@ -7,8 +7,9 @@
 #include <mutex>
 
 #include "backend.h"
-#include "celo2/lane_sum.h"
 #include "celo2/communicator.h"
+#include "celo2/host_memory.h"
+#include "celo2/lane_sum.h"
 #include "celo2/recipe.h"
 
 namespace celo2 {
@@ -33,7 +34,7 @@ class HostBackend : public Backend {
   // Skewed planes (celo2/rule.h state_plane): both host backends' kernels take any stride.
   int64_t state_plane(int64_t len) const override { return celo2::state_plane(len); }
 
-  // Zeroed, and on huge pages from 2 MiB up (celo2/rule.h alloc_host_floats): the state
+  // Zeroed, and on huge pages from 2 MiB up (celo2/host_memory.h alloc_host_floats): the state
   // planes, flat gradients and updates the rule's passes stream.
   float* alloc(int64_t n) override { return alloc_host_floats(n); }
   void release(float* p) noexcept override { free_host_floats(p); }

@@ -20,17 +20,6 @@ constexpr int64_t kParallelMin = kNsParallelMin;
 // Where row i of the packed upper triangle of an R×R matrix starts.
 inline size_t tri_row(int64_t i, int64_t R) { return static_cast<size_t>(i * R - i * (i - 1) / 2); }
 
-// y[i] = a·x[i] (+ b·t[i] when t is set), threaded.
-void axpby(int64_t n, float a, const float* x, float b, const float* t, float* y) {
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; ++i) y[i] = t ? a * x[i] + b * t[i] : a * x[i];
-}
-
-void copy(int64_t n, const float* x, float* y) {
-  constexpr int64_t kChunk = 1 << 16;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t i = 0; i < n; i += kChunk) std::memcpy(y + i, x + i, static_cast<size_t>(std::min(kChunk, n - i)) * sizeof(float));
-}
 }  // namespace
 
 void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, float* x_local, Communicator& group,
@@ -62,7 +51,7 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
   double fro = ns_sum_squares(x_local, static_cast<int64_t>(rc));
   group.all_reduce_sum(&fro, 1);
   const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
-  axpby(static_cast<int64_t>(rc), scale, x_local, 0.0f, nullptr, x_local);
+  ns_axpby(static_cast<int64_t>(rc), scale, x_local, 0.0f, nullptr, x_local);
   const int R = static_cast<int>(r), C = static_cast<int>(c_local);
   float* X = x_local;
   for (int it = 0; it < cfg.ns_iters; ++it) {
@@ -97,12 +86,12 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, A, R, 0.0f, T, R);
       else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, 1.0f, A, R, X, C, 0.0f, T, C);
-      axpby(static_cast<int64_t>(rc), a, X, b, T, Y);
+      ns_axpby(static_cast<int64_t>(rc), a, X, b, T, Y);
       if (rows_block)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, c, T, R, A, R, 1.0f, Y, R);
       else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, C, R, c, A, R, T, C, 1.0f, Y, C);
-      copy(static_cast<int64_t>(rc), Y, X);
+      ns_axpby(static_cast<int64_t>(rc), 1.0f, Y, 0.0f, nullptr, X);  // X = Y
       continue;
     }
     if (split_poly) {
@@ -110,7 +99,7 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
       const int64_t nr = row1 - row0;
       const float b = static_cast<float>(cfg.ns_coeffs[1]), c = static_cast<float>(cfg.ns_coeffs[2]);
       const float* Arows = A + row0 * r;
-      axpby(nr * r, b, Arows, 0.0f, nullptr, Bpart);
+      ns_axpby(nr * r, b, Arows, 0.0f, nullptr, Bpart);
       if (nr > 0)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(nr), R, R, c, Arows, R, A, R,
                     1.0f, Bpart, R);
@@ -122,12 +111,12 @@ void newton_schulz_split(const RuleConfig& cfg, int64_t r, int64_t c_local, floa
     if (rows_block) {
       // Y = a·X + X·B (B symmetric): the transpose of a·Xᵀ + B·Xᵀ.
       const float a = static_cast<float>(cfg.ns_coeffs[0]);
-      axpby(static_cast<int64_t>(rc), a, X, 0.0f, nullptr, Y);
+      ns_axpby(static_cast<int64_t>(rc), a, X, 0.0f, nullptr, Y);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, C, R, R, 1.0f, X, R, B, R, 1.0f, Y, R);
     } else {
       ns_apply_polynomial(cfg, r, c_local, B, X, Y);
     }
-    copy(static_cast<int64_t>(rc), Y, X);
+    ns_axpby(static_cast<int64_t>(rc), 1.0f, Y, 0.0f, nullptr, X);  // X = Y
   }
 }
 
