@@ -27,25 +27,39 @@ void check_half(DType d, const char* what) {
 }
 }  // namespace
 
+namespace {
+// The loops, one copy per format (the format a compile-time constant, so each vectorizes).
+template <bool kBf>
+void store_t(uint16_t* dst, const float* src, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) dst[i] = kBf ? lowp::to_bf16(src[i]) : lowp::to_f16(src[i]);
+}
+// Branch-free (a select and a count): every element is written, with its own value where the
+// parameter still equals round(master).
+template <bool kBf>
+int64_t reseed_t(float* master, const uint16_t* lowp, int64_t n) {
+  int64_t changed = 0;
+#pragma omp parallel for simd reduction(+ : changed) schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t r = kBf ? lowp::to_bf16(master[i]) : lowp::to_f16(master[i]);
+    const bool differs = r != lowp[i];
+    const float seeded = kBf ? lowp::from_bf16(lowp[i]) : lowp::from_f16(lowp[i]);
+    master[i] = differs ? seeded : master[i];
+    changed += differs ? 1 : 0;
+  }
+  return changed;
+}
+}  // namespace
+
 void store_lowp(DType dtype, uint16_t* dst, const float* src, int64_t n) {
   check_half(dtype, "store_lowp");
-  const bool bf = dtype == DType::kBFloat16;
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) dst[i] = lowp::to_half(bf, src[i]);
+  if (dtype == DType::kBFloat16) store_t<true>(dst, src, n);
+  else store_t<false>(dst, src, n);
 }
 
 int64_t reseed_master(DType dtype, float* master, const uint16_t* lowp, int64_t n) {
   check_half(dtype, "reseed_master");
-  const bool bf = dtype == DType::kBFloat16;
-  int64_t changed = 0;
-#pragma omp parallel for simd reduction(+ : changed) schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) {
-    if (lowp::to_half(bf, master[i]) != lowp[i]) {
-      master[i] = lowp::from_half(bf, lowp[i]);
-      ++changed;
-    }
-  }
-  return changed;
+  return dtype == DType::kBFloat16 ? reseed_t<true>(master, lowp, n) : reseed_t<false>(master, lowp, n);
 }
 
 }  // namespace celo2

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 
 #include "celo2/lowp.h"
@@ -120,6 +121,47 @@ TEST(LowP, MasterLoops) {
   float m = 1.0f;
   uint16_t h = 0;
   EXPECT_THROW(reseed_master(DType::kFloat32, &m, &h, 1), std::invalid_argument);
+}
+
+// The vectorized, threaded loops (one copy per format, branch-free reseed) against the
+// element-by-element conversions on a large slice with every kind of value: normal, subnormal
+// in the half format, overflowing, infinite, NaN, signed zeros; a share of the parameters
+// written by the trainer. Equal bits.
+TEST(LowP, MasterLoopsOnALargeSliceMatchElementByElement) {
+  const int64_t n = 200003;  // above the threading threshold, not a multiple of any vector
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> master(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = nd(rng) * std::ldexp(1.0f, static_cast<int>(i % 60) - 40);  // 2^-40 .. 2^19
+    master[i] = v;
+  }
+  master[5] = std::numeric_limits<float>::quiet_NaN();
+  master[6] = std::numeric_limits<float>::infinity();
+  master[7] = -std::numeric_limits<float>::infinity();
+  master[8] = -0.0f;
+  master[9] = 70000.0f;  // above float16's range
+  for (DType d : {DType::kBFloat16, DType::kFloat16}) {
+    const bool bf = d == DType::kBFloat16;
+    std::vector<uint16_t> half(static_cast<size_t>(n));
+    store_lowp(d, half.data(), master.data(), n);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; ++i) wrong += half[i] != lowp::to_half(bf, master[i]);
+    EXPECT_EQ(wrong, 0) << dtype_name(d) << ": store_lowp";
+    // The trainer writes every 97th parameter.
+    std::vector<uint16_t> written = half;
+    for (int64_t i = 0; i < n; i += 97) written[i] = lowp::to_half(bf, 0.25f + static_cast<float>(i % 13));
+    std::vector<float> want = master;
+    int64_t want_changed = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (lowp::to_half(bf, want[i]) != written[i]) {
+        want[i] = lowp::from_half(bf, written[i]);
+        ++want_changed;
+      }
+    std::vector<float> got = master;
+    EXPECT_EQ(reseed_master(d, got.data(), written.data(), n), want_changed) << dtype_name(d);
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << dtype_name(d);
+  }
 }
 
 }  // namespace
