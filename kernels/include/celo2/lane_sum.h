@@ -48,24 +48,18 @@ double lane_sum(int64_t n, F f) {
   return s;
 }
 
-// All ones where x is not finite (its exponent bits all set), else 0: integer operations, so
-// the loops below vectorize (GCC 12 left the branchy form with a float select scalar).
-inline uint32_t nonfinite_mask(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return (b & 0x7f800000u) == 0x7f800000u ? 0xffffffffu : 0u;
-}
-
 // Adds the number of non-finite entries of x to *nonfinite and Σ x² over the finite ones to
 // *sumsq, in lane_sum's partition, in one read of x (the count is exact: whole numbers in
 // double).
 inline void finite_sumsq_range(const float* x, int64_t i0, int64_t i1, double* nonfinite, double* sumsq) {
   double sq[kSumLanes] = {};
   int32_t bad[kSumLanes] = {};  // at most kSumChunk / kSumLanes per lane
+  // nf: all ones where x[i] is not finite (its exponent bits all set), else 0. Integer
+  // operations, so the loop vectorizes (GCC 12 left a float select's form scalar).
   auto term = [x](int64_t i, uint32_t& nf) {
     uint32_t b;
     std::memcpy(&b, &x[i], sizeof b);
-    nf = nonfinite_mask(x[i]);
+    nf = (b & 0x7f800000u) == 0x7f800000u ? 0xffffffffu : 0u;
     b &= ~nf;  // a non-finite entry counts as 0.0f
     float w;
     std::memcpy(&w, &b, sizeof w);

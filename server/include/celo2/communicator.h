@@ -70,6 +70,9 @@ class Communicator {
     c.calls += 1;
     c.bytes += bytes;
   }
+  // One count per rank and none negative, or a CommError naming the transport and the
+  // collective: what every transport checks before a collective that takes counts.
+  void check_counts(const std::vector<int64_t>& counts, const char* op) const;
   [[noreturn]] void unsupported(const char* op) const {
     throw UnsupportedError("communicator backend '" + backend() + "' does not support " + op);
   }

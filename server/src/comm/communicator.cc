@@ -23,6 +23,14 @@ void Communicator::all_to_all_v(const float*, const std::vector<int64_t>&, float
 }
 void Communicator::broadcast(void*, int64_t, int) { unsupported("broadcast"); }
 void Communicator::barrier() { unsupported("barrier"); }
+
+void Communicator::check_counts(const std::vector<int64_t>& counts, const char* op) const {
+  if (static_cast<int>(counts.size()) != size())
+    throw CommError(backend() + " " + op + ": " + std::to_string(counts.size()) + " counts for " +
+                    std::to_string(size()) + " ranks");
+  for (int64_t c : counts)
+    if (c < 0) throw CommError(backend() + " " + op + ": negative count");
+}
 std::unique_ptr<Communicator> Communicator::split(int, int) { unsupported("split"); }
 
 namespace {

@@ -181,11 +181,9 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  // One count per rank, each within int (MPI's counts), or a CommError naming the collective.
+  // One count per rank (check_counts), each within int (MPI's counts).
   std::vector<int> rank_counts(const std::vector<int64_t>& counts, const char* op) const {
-    if (static_cast<int>(counts.size()) != size_)
-      throw CommError(std::string("mpi ") + op + ": " + std::to_string(counts.size()) + " counts for " +
-                      std::to_string(size_) + " ranks");
+    check_counts(counts, op);
     return ints(counts, op);
   }
   static int64_t total(const std::vector<int64_t>& v) {

@@ -248,14 +248,6 @@ class Nccl final : public NcclCommunicator {
   }
   int64_t ring_all_reduce_bytes(int64_t bytes) const { return 2 * ring_bytes(bytes); }
 
-  void check_counts(const std::vector<int64_t>& counts, const char* op) const {
-    if (static_cast<int>(counts.size()) != info_.size)
-      throw CommError(std::string("nccl ") + op + ": " + std::to_string(counts.size()) +
-                      " counts for " + std::to_string(info_.size) + " ranks");
-    for (int64_t c : counts)
-      if (c < 0) throw CommError(std::string("nccl ") + op + ": negative count");
-  }
-
   static bool on_device(const void* p) {
     if (!p) return false;
     cudaPointerAttributes a{};
