@@ -63,14 +63,17 @@ void celo2_update_batch(const RuleConfig& cfg, std::span<const RuleBatchItem> it
     if (cfg.normalize_input) phase_feature_sumsq(cfg, geo, sc, s, ws.tables, ws.sumsq.data(), 0, local);
 
     double mag_sum = 0.0;
-    phase_mlp(cfg, *it.theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag_sum);
+    const bool ns = takes_ns(cfg, geo);
+    // Without Newton–Schulz the MLP pass also sums the output's squares (as celo2_update).
+    ws.out_sumsq.assign(static_cast<size_t>(geo.norm_groups), 0.0);
+    phase_mlp(cfg, *it.theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag_sum,
+              !ns && cfg.normalize_output ? ws.out_sumsq.data() : nullptr);
     const float factor = magnitude_factor(cfg, mag_sum, p2_sum, n);
-    if (takes_ns(cfg, geo)) {
+    if (ns) {
       phase_scale(s, factor);  // Newton–Schulz and the finish below
       continue;
     }
     // Without Newton–Schulz the factor only scales the sums of squares.
-    output_sumsq(cfg, geo, s, ws.out_sumsq);
     for (double& v : ws.out_sumsq) v *= static_cast<double>(factor) * factor;
     phase_scale(s, factor);
     phase_finish(cfg, geo, sc, s, ws.out_sumsq.data());

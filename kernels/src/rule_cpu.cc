@@ -508,12 +508,13 @@ void input_scales(const RuleConfig& cfg, const Geometry& geo, const double* sums
 // normalization; for a matrix, the table channels folded into per-row and per-column biases.
 void fast_mlp_slice(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                     const StepConstants& sc, const Slice& s, const FacTables& tables,
-                    const double* sumsq, double* mag_acc) {
+                    const double* sumsq, double* mag_acc, double* out_sumsq) {
   constexpr int H = 8;
   const DenseLayer& l0 = theta.layers[0];
   float inv[kChannels];
   input_scales(cfg, geo, sumsq, 0, inv);
   fast::Mlp m = fast_mlp_of(cfg, theta);
+  m.out_sumsq = out_sumsq;
   MlpScratch& sc_ = mlp_scratch();
   auto wn = [&](int c, int o) { return l0.w[c * H + o] * inv[c]; };
   if (geo.ndim == 2) {
@@ -576,12 +577,14 @@ void fast_mlp_slice(const RuleConfig& cfg, const Theta& theta, const Geometry& g
 
 void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                const StepConstants& sc, const Slice& s, const FacTables& tables,
-               const double* sumsq, double* mag_sum) {
+               const double* sumsq, double* mag_sum, double* out_sumsq, int64_t group_base) {
   if (s.hi <= s.lo) return;
   const bool fast_fits = fast_mlp_fits(cfg, theta);
   double mag_acc = 0.0;
   if (fast_fits && (geo.ndim == 2 || !geo.factored)) {
-    fast_mlp_slice(cfg, theta, geo, sc, s, tables, sumsq, &mag_acc);
+    // One normalization group (0): its Σ u² from the MLP's registers.
+    fast_mlp_slice(cfg, theta, geo, sc, s, tables, sumsq, &mag_acc,
+                   out_sumsq ? out_sumsq + (0 - group_base) : nullptr);
     if (mag_sum) *mag_sum += mag_acc;
     return;
   }
@@ -662,6 +665,7 @@ void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
       for (int j = 0; j < cnt; ++j) mag_acc += mag[j];
   });
   if (mag_sum) *mag_sum += mag_acc;
+  if (out_sumsq) phase_output_sumsq(geo, s, out_sumsq, group_base);  // many groups: from memory
 }
 
 float magnitude_factor(const RuleConfig& cfg, double mag_sum, double p2_sum, int64_t numel) {
@@ -830,21 +834,28 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
     }, ws.sumsq.data());
   }
 
-  // Phase 4: MLP.
-  std::vector<double> mag(lanes, 0.0);
+  // Phase 4: MLP. Without Newton–Schulz a tensor of one normalization group (a matrix, a 1-D
+  // tensor) also sums its output's squares there, per lane (added in lane order below).
+  const bool ns = cfg.orthogonalize && geo.factored;
+  const bool fused_out = !ns && cfg.normalize_output && geo.norm_groups == 1;
+  std::vector<double> mag(lanes, 0.0), out_part(fused_out ? lanes : 0, 0.0);
 #pragma omp parallel for schedule(static, 1) if (lanes > 1)
   for (int l = 0; l < lanes; ++l) {
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-    phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l]);
+    phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l],
+              fused_out ? &out_part[l] : nullptr);
   }
   double mag_sum = 0.0;
   for (double v : mag) mag_sum += v;
   const float factor = magnitude_factor(cfg, mag_sum, p2_sum, n);
   Slice whole = make_slice(geo, st, g, p, u, 0, n);
-  const bool ns = cfg.orthogonalize && geo.factored;
   auto output_sumsq = [&]() {
     ws.out_sumsq.assign(geo.norm_groups, 0.0);
     if (!cfg.normalize_output) return;
+    if (fused_out) {
+      for (double v : out_part) ws.out_sumsq[0] += v;
+      return;
+    }
     group_partials(geo, lanes, 1, ws, [&](int l, double* part, int64_t gbase) {
       Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
       phase_output_sumsq(geo, s, part, gbase);

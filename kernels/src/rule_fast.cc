@@ -584,6 +584,27 @@ inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
   g[1] = g1;
 }
 
+// Σ u² of the blocks mlp_core wrote (Mlp::out_sumsq): full blocks in double vector lanes,
+// a partial block's elements one by one; total() adds the lanes once at the end.
+struct OutSq {
+  VD acc{};
+  double tail = 0.0;
+  void add(const float* u, int cnt) {
+    if (cnt == kBlk) {
+      constexpr int H = kV / 2;
+      const VD x0 = vload_d(u), x1 = vload_d(u + H), x2 = vload_d(u + 2 * H), x3 = vload_d(u + 3 * H);
+      acc += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+    } else {
+      for (int j = 0; j < cnt; ++j) tail += static_cast<double>(u[j]) * u[j];
+    }
+  }
+  double total() const {
+    double v = 0.0;
+    for (int k = 0; k < kV / 2; ++k) v += acc[k];
+    return v + tail;
+  }
+};
+
 // The MLP on one block; f[c * S + j] its features, bias[o * S + j] the first-layer bias of
 // each lane (the layer's own bias plus the folded table channels of its row and column).
 // bias_stride: bias[o * bias_stride + j] (default S); row: when set, row[o] + bias (a wide
@@ -592,7 +613,8 @@ inline void net_staged(const Wide& w, bool mag_out, const float* __restrict f,
 template <int S = kBlk, int kCh = 0>
 inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
                      const float* __restrict bias, int cnt, float* __restrict u,
-                     double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr) {
+                     double* mag_sum, int64_t bias_stride = S, const VF* row = nullptr,
+                     OutSq* osq = nullptr) {
   static_assert(kBlk == 2 * kV, "the networks below take a block as two vectors");
   alignas(64) float dir[kBlk], mag[kBlk];
   const bool mag_out = m.use_exp || m.want_mag;
@@ -619,6 +641,7 @@ inline void mlp_core(const Mlp& m, const Wide& w, const float* __restrict f,
       for (int j = 0; j < cnt; ++j) u[j] = dir[j];
     }
   }
+  if (osq) osq->add(u, cnt);
   if (m.want_mag) {
     vstore(mag, g0);
     vstore(mag + kV, g1);
@@ -741,6 +764,8 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
   alignas(64) float f[kElem2d * kBlk];
   Wide w;
   widen(m, w);
+  OutSq out;
+  OutSq* osq = m.out_sumsq ? &out : nullptr;
   if (mx.cols >= kBlk) {
     VF row[8];
     int64_t row_of = -1;
@@ -754,7 +779,7 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
       float* u = e.u + (a * mx.cols + j - e.lo);
       if (e.prefetch)
         for (int h = 0; h < kBlk; h += kLine) prefetch_write(u + h);
-      mlp_core<kBlk, kElem2d>(m, w, f, m.col_bias + j, cnt, u, mag_sum, m.col_stride, row);
+      mlp_core<kBlk, kElem2d>(m, w, f, m.col_bias + j, cnt, u, mag_sum, m.col_stride, row, osq);
     });
   } else {
     // Narrower than a block: a chunk of consecutive elements across rows at a time, features
@@ -776,9 +801,10 @@ void mlp_2d_t(const Elems& e, const Matrix& mx, const Mlp& m, double* mag_sum) {
       zero_lanes<kChunkStride>(bc, 8, n, len);
       for (int k = 0; k < len; k += kBlk)
         mlp_core<kChunkStride, kElem2d>(m, w, fc + k, bc + k, n - k < kBlk ? n - k : kBlk,
-                               e.u + li + k, mag_sum);
+                               e.u + li + k, mag_sum, kChunkStride, nullptr, osq);
     }
   }
+  if (osq) *m.out_sumsq += out.total();
 }
 
 void sumsq_2d(const Elems& e, const Matrix& mx, bool table_only, double* sumsq) {
@@ -824,14 +850,17 @@ void mlp_1d(const Elems& e, const Mlp& m, double* mag_sum) {
   Wide w;
   widen(m, w);
   splat_bias(m.row_bias, bias);
+  OutSq out;
+  OutSq* osq = m.out_sumsq ? &out : nullptr;
   for (int64_t i = e.lo; i < e.hi; i += kBlk) {
     const int cnt = static_cast<int>(e.hi - i < kBlk ? e.hi - i : kBlk);
     fill_1d<kBlk>(e, i - e.lo, cnt, f);
     float* u = e.u + (i - e.lo);
     if (e.prefetch)
       for (int h = 0; h < kBlk; h += kLine) prefetch_write(u + h);
-    mlp_core<kBlk, kElem1d>(m, w, f, bias, cnt, u, mag_sum);
+    mlp_core<kBlk, kElem1d>(m, w, f, bias, cnt, u, mag_sum, kBlk, nullptr, osq);
   }
+  if (osq) *m.out_sumsq += out.total();
 }
 
 void mlp_block(const Mlp& m, const float* f, int cnt, float* u, double* mag_sum) {

@@ -70,6 +70,9 @@ struct Mlp {
   bool use_exp = false;                   // u = dir * exp(mag * exp_mult)
   float exp_mult = 0;
   bool want_mag = false;                  // add sum(mag) into *mag_sum
+  // When set (mlp_2d, mlp_1d): add Σ u² (double) of the u written, as phase_output_sumsq
+  // would from memory afterwards (a slice of one normalization group).
+  double* out_sumsq = nullptr;
 };
 
 // Phase 1 of a 1-D slice or of one matrix row segment (rule.h phase_accumulate with

@@ -158,6 +158,71 @@ TEST(Rule, FastPathMatchesReference) {
   set_cpu_isa(before);
 }
 
+// The MLP pass's sums of the output's squares (phase_mlp's out_sumsq, what celo2_update and the
+// engine use for tensors without Newton–Schulz) equal the separate pass over u
+// (phase_output_sumsq) up to the order of the double additions: relative 1e-12 (the sums of
+// ~1e5 float squares in double differ by ~1e-15 by order alone; a lane left out or added
+// twice moves them by ~1e-5). Every copy of the loops, 1-D, wide and narrower-than-a-block
+// matrices, whole tensors and slices cut inside rows and blocks, the exp magnitude path, and
+// the u written is the same either way.
+TEST(Rule, MlpPassSumsTheOutputAsTheSeparatePass) {
+  const CpuIsa before = cpu_isa();
+  RuleConfig with_exp = RuleConfig::celo2_base();
+  with_exp.exp_mult = 0.2f;
+  for (CpuIsa isa : cpu_isas_available()) {
+    set_cpu_isa(isa);
+    for (const RuleConfig& cfg : {RuleConfig::celo2_base(), with_exp}) {
+      const Theta theta = Theta::random(cfg, 17);
+      for (const std::vector<int64_t>& shape : {std::vector<int64_t>{70001}, std::vector<int64_t>{96, 1000},
+                                                std::vector<int64_t>{300, 7}, std::vector<int64_t>{37, 45}}) {
+        const Geometry geo = Geometry::of(shape);
+        const int64_t n = geo.numel;
+        RuleState st = RuleState::zeros(geo);
+        const std::vector<float> g = randn(n, 21, 1.0f), p = randn(n, 22, 0.5f);
+        st.iteration = 1;
+        const StepConstants sc = StepConstants::of(cfg, st.iteration);
+        Slice whole;
+        whole.lo = 0;
+        whole.hi = n;
+        whole.g = g.data();
+        whole.p = p.data();
+        std::vector<float> u(n);
+        whole.u = u.data();
+        st.point(whole, n, 0);
+        std::vector<double> row(geo.row_count), col(geo.col_count), sumsq(geo.norm_groups * geo.channels());
+        double p2 = 0.0;
+        const bool local = local_sumsq_fits(cfg, geo);
+        phase_accumulate(cfg, geo, sc, whole, row.data(), col.data(), &p2, local ? sumsq.data() : nullptr);
+        FacTables tables;
+        if (geo.factored) phase_update_factored(cfg, geo, sc, row.data(), col.data(), st.v_row.data(),
+                                                st.v_col.data(), tables);
+        phase_feature_sumsq(cfg, geo, sc, whole, tables, sumsq.data(), 0, local);
+        for (auto [lo, hi] : {std::pair<int64_t, int64_t>{0, n}, {n / 3 + 5, n - n / 5 - 3}, {1, 2}}) {
+          Slice s = whole;
+          s.lo = lo;
+          s.hi = hi;
+          s.g = g.data() + lo;
+          s.p = p.data() + lo;
+          st.point(s, n, lo);
+          std::vector<float> ua(n, -1.0f), ub(n, -1.0f);
+          double fused = 0.0, separate = 0.0, mag_a = 0.0, mag_b = 0.0;
+          s.u = ua.data() + lo;
+          phase_mlp(cfg, theta, geo, sc, s, tables, sumsq.data(), &mag_a, &fused);
+          s.u = ub.data() + lo;
+          phase_mlp(cfg, theta, geo, sc, s, tables, sumsq.data(), &mag_b);
+          phase_output_sumsq(geo, s, &separate);
+          SCOPED_TRACE(std::string(cpu_isa_name(isa)) + " " + geo.shape_str() + " [" + std::to_string(lo) +
+                       ", " + std::to_string(hi) + ") exp_mult " + std::to_string(cfg.exp_mult));
+          ASSERT_EQ(ua, ub);
+          ASSERT_GT(separate, 0.0);
+          EXPECT_LE(std::abs(fused - separate), 1e-12 * separate);
+        }
+      }
+    }
+  }
+  set_cpu_isa(before);
+}
+
 // The software prefetch (celo2/isa.h cpu_prefetch) changes no bit: every copy of the hot loops,
 // 1-D and 2-D tensors large enough for several prefetch distances, skewed planes as the engine
 // keeps them, three steps with prefetch on and off side by side.

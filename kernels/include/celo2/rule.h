@@ -155,10 +155,15 @@ void phase_feature_sumsq(const RuleConfig& cfg, const Geometry& geo, const StepC
                          int64_t group_base = 0, bool local_done = false);
 
 // Phase 4: normalize features with the summed sumsq, run the MLP, write direction*mag into
-// s.u (or the bare direction if aggregate_mag; mag is then added into *mag_sum).
+// s.u (or the bare direction if aggregate_mag; mag is then added into *mag_sum). With
+// out_sumsq, also phase_output_sumsq's sums of what it wrote (out_sumsq[group - group_base]
+// += Σ u²), for tensors whose output is normalized as written (no Newton–Schulz): a matrix's
+// or a 1-D tensor's from the MLP's registers (no pass over u), other tensors' from memory.
+// Equal to the separate pass up to the order of the double additions.
 void phase_mlp(const RuleConfig& cfg, const Theta& theta, const Geometry& geo,
                const StepConstants& sc, const Slice& s, const FacTables& tables,
-               const double* sumsq, double* mag_sum);
+               const double* sumsq, double* mag_sum, double* out_sumsq = nullptr,
+               int64_t group_base = 0);
 
 // The tensor-wide factor of spec §3.8: exp(mean(mag)·exp_mult) if aggregate_mag, times
 // sqrt(mean(p²) + 1e-9) if param_scale_mult (mag_sum, p2_sum: sums over the whole tensor).

@@ -901,8 +901,8 @@ bool Engine::step_phases(double lr, StepReport& rep, double* usq0_out) {
       const auto [g0, g1] = group_range(e, w);
       const bool out = !e.ns(cfg) && cfg.normalize_output;
       part[it].assign(1 + (out ? g1 - g0 : 0), 0.0);
-      phase_mlp(cfg, o.theta, e.geo, sc[w.k], s, e.tables, sq.data() + e.sq_off, &part[it][0]);
-      if (out) phase_output_sumsq(e.geo, s, &part[it][1], g0);
+      phase_mlp(cfg, o.theta, e.geo, sc[w.k], s, e.tables, sq.data() + e.sq_off, &part[it][0],
+                out ? &part[it][1] : nullptr, g0);
     }
     for (size_t it = 0; it < items.size(); ++it) {
       const Entry& e = *celo[items[it].k];
