@@ -15,6 +15,7 @@
 
 #include "celo2/isa.h"
 #include "celo2/newton_schulz.h"
+#include "celo2/lane_sum.h"
 
 extern "C" void openblas_set_num_threads(int);
 extern "C" int openblas_get_parallel(void);
@@ -136,25 +137,13 @@ void syrk(int n, int k, const double* M, double* S) {
 }
 
 // The element-wise passes below run on the OpenMP threads (BLAS runs on its own between
-// them). The Frobenius norm is summed in fixed lanes of kNormLane elements, combined in
-// order, so it does not depend on the thread count.
-constexpr int64_t kNormLane = 1 << 16;
+// them). The Frobenius norm is lane_sum's fixed partition (celo2/lane_sum.h), so it does not
+// depend on the thread count.
 constexpr int64_t kParallelMin = kNsParallelMin;
 
 template <class T>
 double sum_squares(const T* x, int64_t n) {
-  const int64_t lanes = (n + kNormLane - 1) / kNormLane;
-  std::vector<double> part(lanes, 0.0);
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-  for (int64_t l = 0; l < lanes; ++l) {
-    double acc = 0.0;
-    const int64_t hi = std::min(n, (l + 1) * kNormLane);
-    for (int64_t i = l * kNormLane; i < hi; ++i) acc += static_cast<double>(x[i]) * x[i];
-    part[l] = acc;
-  }
-  double s = 0.0;
-  for (double v : part) s += v;
-  return s;
+  return lane_sum(n, [x](int64_t i) { return static_cast<double>(x[i]) * x[i]; });
 }
 
 // y = a·x (+ b·t where t is set), on the OpenMP threads from kParallelMin elements: every

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "celo2/newton_schulz.h"
+#include "celo2/lane_sum.h"
 #include "celo2/rule_batch.h"
 #include "simd.h"
 
@@ -139,12 +140,8 @@ void newton_schulz_batch(const RuleConfig& cfg, int64_t rows, int64_t cols, std:
       for (int64_t j = 0; j < c; ++j)
         for (int64_t i = 0; i < r; ++i) T[j * lr + i] = x[i * cols + j];
     }
-    // ‖X‖² in double, in kW independent partial sums over the padded rows (zeros add nothing).
-    double part[kW] = {};
-    for (int64_t i = 0; i < c * lr; i += kW)
-      for (int l = 0; l < kW; ++l) part[l] += static_cast<double>(T[i + l]) * T[i + l];
-    double fro = 0.0;
-    for (int l = 0; l < kW; ++l) fro += part[l];
+    // ‖X‖² in double in lane_sum's partition, over the padded rows (zeros add nothing).
+    const double fro = lane_sum(c * lr, [T](int64_t i) { return static_cast<double>(T[i]) * T[i]; });
     const float scale = static_cast<float>(1.0 / (std::sqrt(fro) + cfg.ns_eps));
     for (int64_t i = 0; i < c * lr; ++i) T[i] *= scale;
     for (int it = 0; it < cfg.ns_iters; ++it) {

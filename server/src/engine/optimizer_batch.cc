@@ -11,15 +11,9 @@
 namespace celo2 {
 namespace {
 
-// Non-finite entries, counted without a floating-point dependency chain (vectorizes).
-int64_t count_nonfinite(const float* x, int64_t n) {
-  int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
-  return bad;
-}
-
 // The sum of squares of the finite entries (double, celo2/lane_sum.h's partition, as the
-// engine's backends) and the count of the others.
+// engine's backends) and the count of the others: of the gradients, and (the count only) of
+// the Celo2 updates for the update gate, as the engine's Backend::grad_stats.
 struct GradStats {
   double sumsq = 0;
   int64_t nonfinite = 0;
@@ -158,7 +152,7 @@ void OptimizerBatch::step() {
     StepReport& rep = mb.report;
     int64_t bad = 0;
     for (size_t t = 0; t < T; ++t)
-      if (tensors_[t].label == Label::kCelo2) bad += count_nonfinite(mb.state[t].u.data(), tensors_[t].geo.numel);
+      if (tensors_[t].label == Label::kCelo2) bad += grad_stats(mb.state[t].u.data(), tensors_[t].geo.numel).nonfinite;
     rep.nonfinite_update = bad;
     if (decide_nan(o.nan_policy, rep.nonfinite_update, mb.step,
                    "in the Celo2 update, from finite gradients: the MLP weights give non-finite output") !=
