@@ -19,6 +19,7 @@
 #include <omp.h>
 
 #include "celo2/elementwise.h"
+#include "celo2/lane_sum.h"
 #include "celo2/newton_schulz.h"
 #include "celo2/rule.h"
 #include "rule_fast.h"
@@ -271,9 +272,10 @@ fast::Accum accum_at(fast::Accum a, int64_t off) {
 
 void p2_of(const RuleConfig& cfg, const Slice& s, double* p2_sum) {
   if (!cfg.param_scale_mult || !p2_sum) return;
-  double acc = 0.0;
-  for (int64_t i = 0; i < s.hi - s.lo; ++i) acc += static_cast<double>(s.p[i]) * s.p[i];
-  *p2_sum += acc;
+  // lane_sum's lanes on this thread (the callers already run slices on the threads).
+  const float* p = s.p;
+  auto sq = [p](int64_t i) { return static_cast<double>(p[i]) * p[i]; };
+  *p2_sum += lane_sum_range(0, s.hi - s.lo, sq);
 }
 
 }  // namespace

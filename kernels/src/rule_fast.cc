@@ -98,6 +98,22 @@ inline void pad(float* f, int channels, int cnt) {
   zero_lanes<S>(f, channels, cnt, kBlk);
 }
 
+// One element's six table-dependent channels, g·R·C (spec 11-13) into fg[k * S] and m̂·R̂·Ĉ
+// (spec 27-29) into fm[k * S], in ew::features_factored's product order; fs/fsh the fixed
+// table's scale and scale_hat, v/vh the varying table's. The MLP pass's fill (element_2d) and
+// phase 3's (fill_2d_table_n) both form them here.
+template <bool kColVaries, int S>
+CELO2_HD void table_2d(float g, float mh0, float mh1, float mh2, float fs0, float fs1, float fs2,
+                       float fsh0, float fsh1, float fsh2, float v0, float v1, float v2, float vh0,
+                       float vh1, float vh2, float* __restrict fg, float* __restrict fm) {
+  fg[0 * S] = kColVaries ? g * fs0 * v0 : g * v0 * fs0;
+  fg[1 * S] = kColVaries ? g * fs1 * v1 : g * v1 * fs1;
+  fg[2 * S] = kColVaries ? g * fs2 * v2 : g * v2 * fs2;
+  fm[0 * S] = kColVaries ? mh0 * fsh0 * vh0 : mh0 * vh0 * fsh0;
+  fm[1 * S] = kColVaries ? mh1 * fsh1 * vh1 : mh1 * vh1 * fsh1;
+  fm[2 * S] = kColVaries ? mh2 * fsh2 * vh2 : mh2 * vh2 * fsh2;
+}
+
 // One matrix element's 18 channels into f[c * S] (compact order: spec channels 0-14, then
 // 27-29); fs/fsh: the fixed table's scale and scale_hat, v/vh the varying table's. Product
 // orders follow ew::features_factored (g * R * C, m̂ * R̂ * Ĉ).
@@ -121,13 +137,9 @@ CELO2_HD void element_2d(const Elems& e, float graw, float p, float m0, float m1
   f[8 * S] = mh1 * rho;
   f[9 * S] = mh2 * rho;
   f[10 * S] = rho;
-  f[11 * S] = kColVaries ? g * fs0 * v0 : g * v0 * fs0;
-  f[12 * S] = kColVaries ? g * fs1 * v1 : g * v1 * fs1;
-  f[13 * S] = kColVaries ? g * fs2 * v2 : g * v2 * fs2;
   f[14 * S] = g * rho;
-  f[15 * S] = kColVaries ? mh0 * fsh0 * vh0 : mh0 * vh0 * fsh0;
-  f[16 * S] = kColVaries ? mh1 * fsh1 * vh1 : mh1 * vh1 * fsh1;
-  f[17 * S] = kColVaries ? mh2 * fsh2 * vh2 : mh2 * vh2 * fsh2;
+  table_2d<kColVaries, S>(g, mh0, mh1, mh2, fs0, fs1, fs2, fsh0, fsh1, fsh2, v0, v1, v2, vh0, vh1, vh2,
+                          f + 11 * S, f + 15 * S);
 }
 
 
@@ -663,8 +675,8 @@ inline void for_row_blocks(const Elems& e, int64_t cols, F fn) {
   }
 }
 
-// The six table-dependent channels of a matrix block (element_2d's 11-13 and 15-17, the same
-// products in the same order) into f[c * S + jj], zeros up to kBlk.
+// The six table-dependent channels of a matrix block (table_2d, as element_2d forms them)
+// into f[c * S + jj], zeros up to kBlk.
 template <bool kColVaries, int S, int N>
 inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t j, int cnt,
                             float* __restrict f) {
@@ -684,14 +696,9 @@ inline void fill_2d_table_n(const Elems& e, const Matrix& mx, int64_t a, int64_t
   for (int jj = 0; jj < cnt; ++jj) {
     const float g = ew::clip_grad(gp[jj]);
     const float mh0 = m0[jj] * b0, mh1 = m0[P + jj] * b1, mh2 = m0[2 * P + jj] * b2;
-    const float v0 = vs[jj], v1 = vs[vn + jj], v2 = vs[2 * vn + jj];
-    const float vh0 = vsh[jj], vh1 = vsh[vn + jj], vh2 = vsh[2 * vn + jj];
-    f[0 * S + jj] = kColVaries ? g * fs[0] * v0 : g * v0 * fs[0];
-    f[1 * S + jj] = kColVaries ? g * fs[1] * v1 : g * v1 * fs[1];
-    f[2 * S + jj] = kColVaries ? g * fs[2] * v2 : g * v2 * fs[2];
-    f[3 * S + jj] = kColVaries ? mh0 * fsh[0] * vh0 : mh0 * vh0 * fsh[0];
-    f[4 * S + jj] = kColVaries ? mh1 * fsh[1] * vh1 : mh1 * vh1 * fsh[1];
-    f[5 * S + jj] = kColVaries ? mh2 * fsh[2] * vh2 : mh2 * vh2 * fsh[2];
+    table_2d<kColVaries, S>(g, mh0, mh1, mh2, fs[0], fs[1], fs[2], fsh[0], fsh[1], fsh[2], vs[jj],
+                            vs[vn + jj], vs[2 * vn + jj], vsh[jj], vsh[vn + jj], vsh[2 * vn + jj], f + jj,
+                            f + 3 * S + jj);
   }
   if (N == 0) zero_lanes<S>(f, 6, cnt, kBlk);
 }
