@@ -312,6 +312,9 @@ struct RuleBench {
 //                      bytes: g, p, m×3, rms, write u                                = 28 B
 //   phase_output_sumsq + phase_finish: u² fma 2, u·scale 1                           =  3
 //                      bytes: read u, read u, write u                                = 12 B
+//                      (since 2026-12-03 the MLP pass sums u² from registers, so the code
+//                      reads u once here, 8 B; the model keeps the 12 B, so the
+//                      targets are read against the same bound as before)
 //   total: 806 FLOP + 2 sqrt + 2 div, 104 B.
 // Celo2-base, vector (15 features):
 //   phase_accumulate  15 + (clip 2, q 2, v_diag 3 EMAs × 3) = 28; bytes 36 + g 4 + v_diag 24 = 64 B
