@@ -836,28 +836,24 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
     }, ws.sumsq.data());
   }
 
-  // Phase 4: MLP. Without Newton–Schulz a tensor of one normalization group (a matrix, a 1-D
-  // tensor) also sums its output's squares there, per lane (added in lane order below).
+  // Phase 4: MLP. Without Newton–Schulz it also sums the output's squares per normalization
+  // group (phase_mlp's out_sumsq), per lane, combined in lane order.
   const bool ns = cfg.orthogonalize && geo.factored;
-  const bool fused_out = !ns && cfg.normalize_output && geo.norm_groups == 1;
-  std::vector<double> mag(lanes, 0.0), out_part(fused_out ? lanes : 0, 0.0);
-#pragma omp parallel for schedule(static, 1) if (lanes > 1)
-  for (int l = 0; l < lanes; ++l) {
+  const bool out_in_mlp = !ns && cfg.normalize_output;
+  std::vector<double> mag(lanes, 0.0);
+  ws.out_sumsq.assign(geo.norm_groups, 0.0);
+  group_partials(geo, lanes, 1, ws, [&](int l, double* part, int64_t gbase) {
     Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
-    phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l],
-              fused_out ? &out_part[l] : nullptr);
-  }
+    phase_mlp(cfg, theta, geo, sc, s, ws.tables, ws.sumsq.data(), &mag[l], out_in_mlp ? part : nullptr, gbase);
+  }, ws.out_sumsq.data());
   double mag_sum = 0.0;
   for (double v : mag) mag_sum += v;
   const float factor = magnitude_factor(cfg, mag_sum, p2_sum, n);
   Slice whole = make_slice(geo, st, g, p, u, 0, n);
+  // After Newton–Schulz: the output's squares from memory.
   auto output_sumsq = [&]() {
     ws.out_sumsq.assign(geo.norm_groups, 0.0);
     if (!cfg.normalize_output) return;
-    if (fused_out) {
-      for (double v : out_part) ws.out_sumsq[0] += v;
-      return;
-    }
     group_partials(geo, lanes, 1, ws, [&](int l, double* part, int64_t gbase) {
       Slice s = make_slice(geo, st, g, p, u, lane_lo(l), lane_lo(l + 1));
       phase_output_sumsq(geo, s, part, gbase);
@@ -884,8 +880,7 @@ void celo2_update(const RuleConfig& cfg, const Theta& theta, const Geometry& geo
     }
     output_sumsq();
   } else {
-    // Without Newton–Schulz the factor only scales the sums of squares.
-    output_sumsq();
+    // Without Newton–Schulz the factor only scales the sums of squares (phase 4's).
     for (double& v : ws.out_sumsq) v *= static_cast<double>(factor) * factor;
     phase_scale(whole, factor);
   }

@@ -64,8 +64,8 @@ double newton_schulz_flops(const RuleConfig& cfg, int64_t rows, int64_t cols, Ns
 constexpr int64_t kNsParallelMin = int64_t{1} << 15;
 
 // Σ x² in double in lane_sum's fixed partition (celo2/lane_sum.h: chunks on the OpenMP
-// threads, 16 lanes in each, combined in order): the same bits at any thread count. The Frobenius norm of newton_schulz and of
-// newton_schulz_split (celo2/split_ns.h).
+// threads, 16 lanes in each, combined in order): the same bits at any thread count. The
+// Frobenius norm of newton_schulz and of newton_schulz_split (celo2/split_ns.h).
 double ns_sum_squares(const float* x, int64_t n);
 // y = a·x (+ b·t where t is not null), n elements, on the OpenMP threads from
 // kNsParallelMin: the iterations' element-wise passes (newton_schulz's and the split one's).
